@@ -1,0 +1,363 @@
+"""TOML → typed, frozen config sections; env overrides; fingerprint.
+
+One config system for nmoe. Each section is a frozen dataclass whose fields carry
+`metadata={"help": ..., "range": (lo, hi) | "choices": (...), "operational": bool}`.
+`operational` keys (paths, logging cadence) do not enter the fingerprint: changing them
+never changes the numbers a run produces, so a run may resume with them changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from nmoe.model.config import ModelConfig
+
+ENV_PREFIX = "NMOE_"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says what to change."""
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", *, range: tuple | None = None,
+       choices: tuple | None = None, operational: bool = False) -> Any:
+    meta: dict[str, Any] = {"help": help, "operational": operational}
+    if range is not None:
+        meta["range"] = range
+    if choices is not None:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = _f(help="dataset name: shards live in {data_dir}/{name}")
+    tokenizer: str = _f(help="tokenizer file (tokenizer.json or tiktoken); trained from the input if missing and tokenizer_vocab_size > 0")
+    data_dir: str = _f("data", "root folder of prepared datasets", operational=True)
+    source: str = _f("files", "where prep reads text from", choices=("files", "hf"))
+    input: str = _f("", "glob of local .txt/.jsonl/.jsonl.gz/.parquet files (source = files)")
+    dataset: str = _f("", "Hugging Face dataset id (source = hf)")
+    dataset_config: str = _f("", "Hugging Face dataset config name (source = hf)")
+    dataset_split: str = _f("train", "Hugging Face split (source = hf)")
+    text_field: str = _f("text", "column / JSON key holding the text")
+    tokenizer_vocab_size: int = _f(0, "vocab size when training the tokenizer (0: the file must exist)", range=(0, 1 << 22))
+    shard_tokens: int = _f(1 << 24, "tokens per shard file", range=(1024, 1 << 32))
+    val_tokens: int = _f(1 << 20, "tokens held out for validation", range=(0, None))
+    max_docs: int = _f(0, "read at most this many documents (0: all)", range=(0, None))
+    mixture: str = _f("", "mixture TOML (several prepared datasets with weights); overrides name/source")
+    workers: int = _f(0, "prep worker processes (0: one per core)", range=(0, 1024), operational=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = _f(help="optimizer steps in the run", range=(1, None))
+    seq_len: int = _f(help="tokens per sequence", range=(8, 1 << 20))
+    batch_size: int = _f(help="sequences per micro-batch per rank", range=(1, 1 << 16))
+    grad_accum: int = _f(1, "micro-batches per optimizer step", range=(1, 4096))
+    grad_clip: float = _f(1.0, "global grad-norm clip (0: off)", range=(0.0, None))
+    seed: int = _f(0, "seed for weights and data order", range=(0, (1 << 63) - 1))
+    log_every: int = _f(10, "console/metrics line every N steps", range=(1, None), operational=True)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = _f(help="peak learning rate", range=(0.0, 10.0))
+    weight_decay: float = _f(0.1, "AdamW decoupled weight decay on matrices", range=(0.0, 10.0))
+    beta1: float = _f(0.9, "AdamW beta1", range=(0.0, 1.0))
+    beta2: float = _f(0.95, "AdamW beta2", range=(0.0, 1.0))
+    eps: float = _f(1e-8, "AdamW epsilon", range=(0.0, 1.0))
+    schedule: str = _f("wsd", "wsd: warmup → constant → linear warmdown; cosine: warmup → cosine", choices=("wsd", "cosine"))
+    warmup: int = _f(0, "warmup steps", range=(0, None))
+    warmdown: int = _f(0, "final linear-decay steps (wsd)", range=(0, None))
+    min_lr_ratio: float = _f(0.0, "final lr as a fraction of lr", range=(0.0, 1.0))
+    decay_embeddings: bool = _f(False, "apply weight decay to embeddings and the output head")
+    embed_lr_scale: float = _f(1.0, "lr multiplier for embeddings", range=(0.0, 100.0))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str = _f("runs/checkpoints", "checkpoint root; a run writes {dir}/{run_name}/step_XXXXXXXX", operational=True)
+    save_every: int = _f(0, "save every N steps (0: only at the end and on SIGTERM/SIGINT)", range=(0, None), operational=True)
+    keep_last: int = _f(3, "checkpoints kept (older ones deleted)", range=(1, None), operational=True)
+    resume: str = _f("auto", "'auto': continue from the latest checkpoint; 'never': start fresh (refuses if one exists); or a checkpoint path", operational=True)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    dir: str = _f("runs/metrics", "DuckDB metrics root", operational=True)
+    experiments_db: str = _f("runs/experiments.sqlite", "SQLite experiment registry", operational=True)
+    flush_every_s: float = _f(2.0, "background flush period", range=(0.05, 3600.0), operational=True)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eval_every: int = _f(0, "validation loss every N steps (0: only at the end)", range=(0, None), operational=True)
+    eval_batches: int = _f(8, "validation batches per evaluation (fixed set)", range=(1, None))
+    target_loss: float = _f(0.0, "stop when validation loss ≤ this (0: off)", range=(0.0, None))
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    run_name: str = _f("", "run name (default: the config file's stem)", operational=True)
+    device: str = _f("auto", "auto: cuda if available else cpu", choices=("auto", "cpu", "cuda"))
+    dtype: str = _f("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=("auto", "bf16", "fp32"))
+    compile: bool = _f(False, "torch.compile the model")
+    nvtx: bool = _f(False, "emit NVTX ranges (forward, backward, optimizer, comm)", operational=True)
+    progress: bool = _f(True, "show a progress bar", operational=True)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "optim": OptimConfig,
+    "checkpoint": CheckpointConfig,
+    "metrics": MetricsConfig,
+    "eval": EvalConfig,
+    "runtime": RuntimeConfig,
+}
+REQUIRED_SECTIONS = ("model", "data", "train", "optim")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    optim: OptimConfig
+    checkpoint: CheckpointConfig
+    metrics: MetricsConfig
+    eval: EvalConfig
+    runtime: RuntimeConfig
+    source: str = ""  # the file it came from (not part of the fingerprint)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Resolved config as {section: {key: value}} (defaults filled in)."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def to_toml(self) -> str:
+        """Resolved config as TOML text (round-trips through load_config)."""
+        return dump_toml(self.to_dict())
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the canonical resolved config, operational keys excluded."""
+        return hashlib.sha256(_canonical_json(fingerprint_items(self)).encode()).hexdigest()
+
+    @property
+    def name(self) -> str:
+        return self.runtime.run_name or (Path(self.source).stem if self.source else "run")
+
+
+def fingerprint_items(cfg: Config) -> dict[str, Any]:
+    """Flat {section.key: value} of everything that changes a run's numbers."""
+    items = {}
+    for section, cls in SECTIONS.items():
+        values = getattr(cfg, section)
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("operational", False):
+                items[f"{section}.{f.name}"] = getattr(values, f.name)
+    return items
+
+
+def _canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, str] | None = None) -> Config:
+    """Read a TOML file, apply `NMOE_<SECTION>__<KEY>` env overrides, validate, freeze."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file. Configs shipped with nmoe live in configs/ (e.g. configs/tiny.toml).")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return build_config(raw, str(path), os.environ if env is None else env, overrides or {})
+
+
+def build_config(raw: dict[str, Any], where: str, env: Mapping[str, str] | None = None,
+                 overrides: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed TOML mapping (plus string overrides `section.key=value`) into a Config."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for key, value in raw.items():
+        if key not in SECTIONS:
+            raise ConfigError(_unknown(where, key, list(SECTIONS), "section"))
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: `{key}` must be a [{key}] table, got {type(value).__name__}")
+    for origin, section, key, text in _override_items(env or {}, overrides or {}):
+        if section not in SECTIONS:
+            raise ConfigError(_unknown(origin, section, list(SECTIONS), "section"))
+        cls = SECTIONS[section]
+        names = [f.name for f in dataclasses.fields(cls)]
+        if key not in names:
+            raise ConfigError(_unknown(origin, f"{section}.{key}", [f"{section}.{n}" for n in names], "key"))
+        ftype = _field_types(cls)[key]
+        raw.setdefault(section, {})[key] = _parse_text(text, ftype, f"{origin}", f"{section}.{key}")
+    for section in REQUIRED_SECTIONS:
+        if section not in raw:
+            raise ConfigError(f"{where}: missing required section [{section}]")
+    built = {name: _build_section(name, cls, raw.get(name, {}), where) for name, cls in SECTIONS.items()}
+    cfg = Config(**built, source=where)
+    _cross_checks(cfg, where)
+    return cfg
+
+
+def _override_items(env: Mapping[str, str], overrides: Mapping[str, str]):
+    for name, text in sorted(env.items()):
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            section, key = name[len(ENV_PREFIX):].split("__", 1)
+            yield f"environment variable {name}", section.lower(), key.lower(), text
+    for dotted, text in overrides.items():
+        if "." not in dotted:
+            raise ConfigError(f"override `{dotted}`: write it as section.key=value, e.g. train.steps=100")
+        section, key = dotted.split(".", 1)
+        yield f"override {dotted}", section, key, text
+
+
+def _unknown(where: str, key: str, valid: list[str], what: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean `{close[0]}`?" if close else ""
+    return f"{where}: unknown {what} `{key}`.{hint} Valid {what}s: {', '.join(valid)}"
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    types_ = _field_types(cls)
+    for key in values:
+        if key not in fields:
+            raise ConfigError(_unknown(where, f"{name}.{key}", [f"{name}.{k}" for k in fields], "key"))
+    kwargs = {}
+    for key, f in fields.items():
+        if key in values:
+            kwargs[key] = _check_value(values[key], types_[key], f.metadata, where, f"{name}.{key}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required key `{name}.{key}` ({f.metadata.get('help', '')}). Add it under [{name}].")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: [{name}] {e}") from None
+
+
+def _base_types(ftype: Any) -> tuple[type, ...]:
+    if isinstance(ftype, types.UnionType) or typing.get_origin(ftype) is typing.Union:
+        return tuple(t for t in typing.get_args(ftype))
+    return (ftype,)
+
+
+def _check_value(value: Any, ftype: Any, meta: Mapping[str, Any], where: str, dotted: str) -> Any:
+    allowed = _base_types(ftype)
+    if value is None and type(None) in allowed:
+        return None
+    ok = False
+    for t in allowed:
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value, ok = float(value), True
+        elif t is int and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        elif t in (str, bool) and isinstance(value, t):
+            ok = True
+        if ok:
+            break
+    if not ok:
+        names = " or ".join(t.__name__ for t in allowed if t is not type(None))
+        raise ConfigError(f"{where}: `{dotted}` must be {names}, got {value!r} ({type(value).__name__}). {meta.get('help', '')}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{where}: `{dotted}` = {value!r} is not allowed; choose one of {', '.join(map(repr, meta['choices']))}")
+    if "range" in meta and isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo, hi = meta["range"]
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            span = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            raise ConfigError(f"{where}: `{dotted}` = {value!r} is out of range; allowed range is {span}")
+    return value
+
+
+def _parse_text(text: str, ftype: Any, origin: str, dotted: str) -> Any:
+    allowed = _base_types(ftype)
+    if type(None) in allowed and text.strip().lower() in ("", "none", "null"):
+        return None
+    for t in allowed:
+        try:
+            if t is bool:
+                low = text.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                continue
+            if t is int:
+                return int(text.replace("_", ""))
+            if t is float:
+                return float(text)
+            if t is str:
+                return text
+        except ValueError:
+            continue
+    names = " or ".join(t.__name__ for t in allowed if t is not type(None))
+    raise ConfigError(f"{origin}: `{dotted}` expects {names}, got {text!r}")
+
+
+def _cross_checks(cfg: Config, where: str) -> None:
+    if cfg.train.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"{where}: train.seq_len ({cfg.train.seq_len}) > model.max_seq_len ({cfg.model.max_seq_len}); lower train.seq_len or raise model.max_seq_len")
+    if cfg.optim.schedule == "wsd" and cfg.optim.warmup + cfg.optim.warmdown > cfg.train.steps:
+        raise ConfigError(f"{where}: optim.warmup + optim.warmdown ({cfg.optim.warmup} + {cfg.optim.warmdown}) > train.steps ({cfg.train.steps}); shorten them or raise train.steps")
+    if not cfg.data.mixture and cfg.data.source == "files" and not cfg.data.input:
+        raise ConfigError(f"{where}: data.source = 'files' needs data.input (a glob of text files)")
+    if not cfg.data.mixture and cfg.data.source == "hf" and not cfg.data.dataset:
+        raise ConfigError(f"{where}: data.source = 'hf' needs data.dataset (e.g. 'HuggingFaceFW/fineweb-edu')")
+
+
+def dump_toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
+    """Minimal TOML writer for flat sections of scalars (what Config holds)."""
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if value is None:
+                continue
+            lines.append(f"{key} = {_toml_scalar(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def describe_keys() -> str:
+    """Every section and key with type, default and help (for --help-config)."""
+    out = []
+    for section, cls in SECTIONS.items():
+        out.append(f"[{section}]")
+        types_ = _field_types(cls)
+        for f in dataclasses.fields(cls):
+            default = "required" if f.default is dataclasses.MISSING else repr(f.default)
+            extra = ""
+            if "choices" in f.metadata:
+                extra = f" one of {f.metadata['choices']}"
+            elif "range" in f.metadata:
+                extra = f" range {f.metadata['range']}"
+            tname = getattr(types_[f.name], "__name__", str(types_[f.name]))
+            out.append(f"  {f.name:<24} {tname:<6} {default:<22} {f.metadata.get('help', '')}{extra}")
+        out.append("")
+    return "\n".join(out)

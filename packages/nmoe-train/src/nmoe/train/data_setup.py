@@ -1,0 +1,51 @@
+"""From a config's [data] section to prepared shards: the same code as `nmoe-data prep`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nmoe.data import PrepOptions, SourceUnavailableError, is_prepared, prep_command, prepare, dataset_dir
+
+from nmoe.train.config import Config, DataConfig
+
+
+class DataNotReady(RuntimeError):
+    """The data a config names is missing and cannot be prepared here; the message has the command."""
+
+
+def prep_options(data: DataConfig) -> PrepOptions:
+    """The PrepOptions equivalent to a config's [data] section."""
+    return PrepOptions(
+        source=data.source,
+        input=data.input,
+        dataset=data.dataset,
+        dataset_config=data.dataset_config,
+        dataset_split=data.dataset_split,
+        text_field=data.text_field,
+        output=data.data_dir,
+        name=data.name,
+        tokenizer=data.tokenizer,
+        tokenizer_vocab_size=data.tokenizer_vocab_size,
+        shard_tokens=data.shard_tokens,
+        val_tokens=data.val_tokens,
+        workers=data.workers or None,
+        max_docs=data.max_docs or None,
+    )
+
+
+def ensure_data(cfg: Config, log=print) -> Path:
+    """Path of the prepared dataset (or mixture) for cfg, preparing it first if missing."""
+    if cfg.data.mixture:
+        mixture = Path(cfg.data.mixture)
+        if not mixture.exists():
+            raise DataNotReady(f"data.mixture = {mixture} does not exist. Write the mixture TOML, then run:\n  uv run nmoe-data prep-mixture --mixture {mixture}")
+        return mixture
+    opts = prep_options(cfg.data)
+    if is_prepared(opts):
+        return dataset_dir(opts)
+    log(f"[nmoe] data '{cfg.data.name}' is not prepared under {cfg.data.data_dir}; preparing it now:\n  {prep_command(opts)}")
+    try:
+        prepare(opts)
+    except SourceUnavailableError as e:
+        raise DataNotReady(f"{e}\nThe data for this config could not be prepared here. Prepare it where the source is reachable, then copy {dataset_dir(opts)} here:\n  {prep_command(opts)}") from None
+    return dataset_dir(opts)
