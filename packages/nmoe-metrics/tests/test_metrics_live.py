@@ -86,3 +86,13 @@ def test_flush_times_out_under_a_long_lock_and_loses_nothing(tmp_path):
     assert holder.wait() == 0
     w.close()
     assert sorted(r.tag for r in read_metrics(tmp_path, "r")) == ["a", "b"]
+
+
+def test_reader_in_the_writing_process_retries_instead_of_failing(tmp_path):
+    w = MetricsWriter(tmp_path, "r", flush_every_s=0.01)
+    for step in range(200):
+        w.log(step, {"a": float(step)})
+        if step % 20 == 0:
+            latest(tmp_path, "r")  # may race the writer thread's connection: must retry, not raise
+    w.close()
+    assert latest(tmp_path, "r") == {"a": (199, 199.0)}

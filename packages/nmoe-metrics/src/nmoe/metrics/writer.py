@@ -137,7 +137,10 @@ class MetricsWriter:
                 if not self._thread.is_alive():
                     break
                 self._cond.wait(0.1 if remaining is None else min(remaining, 0.1))
+            unwritten = target - self._written_rows
         self._raise_background_error()
+        if unwritten > 0:
+            raise RuntimeError(f"MetricsWriter for {self.path} stopped with {unwritten} rows unwritten")
 
     def close(self, timeout: float | None = None) -> None:
         """Flush (TimeoutError after `timeout` s), stop the thread, unregister from atexit; idempotent."""
