@@ -1,1 +1,30 @@
-"""nmoe.rdep"""
+"""nmoe.rdep: expert-parallel dispatch/combine by direct writes into peers' symmetric buffers.
+
+`Rdep(config, transport).dispatch(x, topk_ids, topk_weights) -> (expert_x, expert_offsets, handle)`
+and `.combine(expert_y, handle) -> y`, both autograd-aware, no collective on the expert path.
+Transports: `SimulatedWorld` (W ranks in one process, CPU tests) and `NvshmemTransport` (GPU).
+"""
+
+from nmoe.rdep.config import RdepCapacityError, RdepConfig
+from nmoe.rdep.rdep import Rdep, RdepHandle, SimulatedWorld
+from nmoe.rdep.transport import SymmetricTensor, Transport
+
+__all__ = [
+    "Rdep",
+    "RdepConfig",
+    "RdepCapacityError",
+    "RdepHandle",
+    "SimulatedWorld",
+    "SymmetricTensor",
+    "Transport",
+    "NvshmemTransport",
+]
+
+
+def __getattr__(name: str):
+    # Imported lazily: the NVSHMEM transport needs CUDA and the optional nvshmem4py extra.
+    if name == "NvshmemTransport":
+        from nmoe.rdep.nvshmem import NvshmemTransport
+
+        return NvshmemTransport
+    raise AttributeError(f"module 'nmoe.rdep' has no attribute {name!r}")

@@ -1,0 +1,81 @@
+"""RdepConfig: everything that sizes the symmetric buffers, fixed for the life of an `Rdep`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+class RdepCapacityError(RuntimeError):
+    """A receive buffer would overflow; the message names the sizes and the config key to raise."""
+
+
+@dataclass(frozen=True)
+class RdepConfig:
+    """Sizes of one expert-parallel MoE transport (shared by every MoE layer that uses it).
+
+    hidden: D, the row width moved. n_routed_experts: E, sharded evenly over the world.
+    top_k: K. max_tokens_per_rank: the largest T any rank passes to `dispatch`.
+    capacity_margin: each owner's receive buffer holds ceil(max_tokens_per_rank * top_k *
+      capacity_margin) rows; a step that routes more rows to one owner raises RdepCapacityError
+      (a margin >= world can never overflow).
+    capacity_factor: when set, each source sends at most ceil(capacity_factor * T * K / E) rows
+      to each expert (later tokens first to go); excess rows are dropped and counted instead of
+      raising, and the receive buffer is sized for that bound exactly.
+    dtype: element type of the rows moved (x, expert outputs and their gradients).
+    """
+
+    hidden: int
+    n_routed_experts: int
+    top_k: int
+    max_tokens_per_rank: int
+    capacity_margin: float = 2.0
+    capacity_factor: float | None = None
+    dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self) -> None:
+        for key in ("hidden", "n_routed_experts", "top_k", "max_tokens_per_rank"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"RdepConfig.{key} must be >= 1, got {getattr(self, key)}")
+        if self.top_k > self.n_routed_experts:
+            raise ValueError(f"RdepConfig.top_k={self.top_k} exceeds n_routed_experts={self.n_routed_experts}")
+        if self.capacity_margin <= 0:
+            raise ValueError(f"RdepConfig.capacity_margin must be > 0, got {self.capacity_margin}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"RdepConfig.capacity_factor must be > 0 or None, got {self.capacity_factor}")
+
+    def experts_per_rank(self, world: int) -> int:
+        """E // world; raises ValueError naming both numbers when E is not divisible by world."""
+        if world < 1 or self.n_routed_experts % world != 0:
+            raise ValueError(
+                f"n_routed_experts={self.n_routed_experts} is not divisible by the expert-parallel world "
+                f"size {world}: RDEP shards experts evenly, so choose a world size that divides it "
+                f"(or change model.n_routed_experts)."
+            )
+        return self.n_routed_experts // world
+
+    def expert_capacity(self, tokens: int) -> int | None:
+        """Rows one source may send to one expert for a T-token batch (None: unlimited)."""
+        if self.capacity_factor is None:
+            return None
+        return max(1, math.ceil(self.capacity_factor * tokens * self.top_k / self.n_routed_experts))
+
+    def receive_rows(self, world: int) -> int:
+        """Rows of each owner's receive buffer."""
+        everything = world * self.max_tokens_per_rank * self.top_k
+        cap = self.expert_capacity(self.max_tokens_per_rank)
+        if cap is not None:
+            return min(everything, world * self.experts_per_rank(world) * cap)
+        return min(everything, math.ceil(self.max_tokens_per_rank * self.top_k * self.capacity_margin))
+
+    def return_rows(self) -> int:
+        """Rows of each source's return buffer: one per (token, k) slot."""
+        return self.max_tokens_per_rank * self.top_k
+
+    def symmetric_bytes(self, world: int) -> int:
+        """Bytes of symmetric memory one rank allocates (receive + return + metadata + counts + flags)."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        rows = self.receive_rows(world)
+        return (rows + self.return_rows()) * self.hidden * elem + rows * 4 + (2 * world * self.n_routed_experts + world) * 4

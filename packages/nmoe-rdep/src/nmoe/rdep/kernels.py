@@ -1,0 +1,200 @@
+"""Triton kernels that move rows and raise flags through peer pointers.
+
+Every kernel takes the peers' symmetric buffers as a pointer table: an int64 tensor [W] of base
+addresses (device addresses mapped through NVSHMEM on the GPU; CPU addresses of ordinary tensors in
+the simulated world). CPU launches run the very same kernel source through Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+
+class _Kernel:
+    """One kernel source, compiled for CUDA tensors and interpreted for CPU tensors."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.jit = triton.jit(fn)
+
+    @functools.cached_property
+    def interpreted(self):
+        return self.jit if isinstance(self.jit, InterpretedFunction) else InterpretedFunction(self.fn)
+
+    def on(self, device: torch.device):
+        return self.interpreted if device.type == "cpu" else self.jit
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _block_d(hidden: int) -> int:
+    return min(triton.next_power_of_2(hidden), 4096)
+
+
+def _scatter_rows(
+    x_ptr, scale_ptr, dest_rank_ptr, dest_slot_ptr, buf_table, tag_table,
+    x_stride, hidden, tag_base,
+    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SCALE: tl.constexpr, WRITE_TAG: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    # Program (t, d-block): read token t's row once, store it (times scale[t,k]) into each of its
+    # K destinations' receive buffers; block 0 also writes the row's tag (source, t*K+k).
+    t = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    cols = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_row = cols < hidden
+    row = tl.load(x_ptr + t * x_stride + cols, mask=in_row)
+    for k in tl.static_range(TOP_K):
+        i = t * TOP_K + k
+        slot = tl.load(dest_slot_ptr + i)
+        if slot >= 0:
+            dest = tl.load(dest_rank_ptr + i)
+            buf = tl.load(buf_table + dest).to(tl.pointer_type(x_ptr.dtype.element_ty))
+            value = row
+            if HAS_SCALE:
+                value = (row.to(ACC) * tl.load(scale_ptr + i).to(ACC)).to(x_ptr.dtype.element_ty)
+            tl.store(buf + slot.to(tl.int64) * hidden + cols, value, mask=in_row)
+            if WRITE_TAG:
+                if block == 0:
+                    tags = tl.load(tag_table + dest).to(tl.pointer_type(tl.int32))
+                    tl.store(tags + slot, (tag_base + i).to(tl.int32))
+
+
+def _return_rows(y_ptr, tag_ptr, ret_table, y_stride, hidden, slots_per_rank, BLOCK_D: tl.constexpr):
+    # Program (m, d-block): received row m goes back to its source's return buffer at slot t*K+k.
+    m = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_row = cols < hidden
+    tag = tl.load(tag_ptr + m)
+    source = tag // slots_per_rank
+    slot = (tag % slots_per_rank).to(tl.int64)
+    ret = tl.load(ret_table + source).to(tl.pointer_type(y_ptr.dtype.element_ty))
+    tl.store(ret + slot * hidden + cols, tl.load(y_ptr + m * y_stride + cols, mask=in_row), mask=in_row)
+
+
+def _sum_slots(
+    ret_ptr, weight_ptr, dest_slot_ptr, out_ptr, hidden,
+    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
+):
+    # Program (t, d-block): out[t] = sum_k weight[t,k] * ret[t*K+k] over the slots that were sent.
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_row = cols < hidden
+    acc = tl.full([BLOCK_D], 0.0, ACC)  # tl.full, not the jit-defined tl.zeros: see _Kernel
+    for k in tl.static_range(TOP_K):
+        i = t * TOP_K + k
+        width = tl.where(tl.load(dest_slot_ptr + i) >= 0, hidden, 0)  # 0: dropped slot, read nothing
+        row = tl.load(ret_ptr + i * hidden + cols, mask=cols < width, other=0.0).to(ACC)
+        if HAS_WEIGHT:
+            row = row * tl.load(weight_ptr + i).to(ACC)
+        acc += row
+    tl.store(out_ptr + t * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=in_row)
+
+
+def _signal(counts_ptr, counts_table, flag_table, src_rank, epoch, counts_offset, n_experts,
+            HAS_COUNTS: tl.constexpr, BLOCK_E: tl.constexpr):
+    # Program `dest`: optionally put this source's counts row into dest's counts area, then raise
+    # dest's flag[src_rank] to `epoch` with release semantics (orders every earlier write).
+    dest = tl.program_id(0)
+    if HAS_COUNTS:
+        cols = tl.arange(0, BLOCK_E)
+        area = tl.load(counts_table + dest).to(tl.pointer_type(tl.int32))
+        counts = tl.load(counts_ptr + cols, mask=cols < n_experts)
+        tl.store(area + counts_offset + src_rank * n_experts + cols, counts, mask=cols < n_experts)
+        tl.debug_barrier()
+    flags = tl.load(flag_table + dest).to(tl.pointer_type(tl.int32))
+    tl.atomic_xchg(flags + src_rank, epoch, sem="release", scope="sys")
+
+
+def _wait(flag_ptr, epoch, world):
+    # One program: spin until every peer's flag reached `epoch` (flags only grow).
+    for peer in range(world):
+        seen = tl.atomic_add(flag_ptr + peer, 0, sem="acquire", scope="sys")
+        while seen < epoch:
+            seen = tl.atomic_add(flag_ptr + peer, 0, sem="acquire", scope="sys")
+
+
+scatter_rows_kernel = _Kernel(_scatter_rows)
+return_rows_kernel = _Kernel(_return_rows)
+sum_slots_kernel = _Kernel(_sum_slots)
+signal_kernel = _Kernel(_signal)
+wait_kernel = _Kernel(_wait)
+
+
+def scatter_rows(
+    x: torch.Tensor,
+    dest_rank: torch.Tensor,
+    dest_slot: torch.Tensor,
+    buf_table: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    tag_table: torch.Tensor | None = None,
+    tag_base: int = 0,
+) -> None:
+    """x[T,D] -> peers' buffers: row (t,k) = x[t] (* scale[t,k]) at dest_slot[t*K+k] of dest_rank's buffer."""
+    n_tokens, hidden = x.shape
+    top_k = dest_slot.numel() // max(n_tokens, 1)
+    if n_tokens == 0:
+        return
+    block = _block_d(hidden)
+    scatter_rows_kernel.on(x.device)[(n_tokens, triton.cdiv(hidden, block))](
+        x, scale if scale is not None else x, dest_rank, dest_slot, buf_table,
+        tag_table if tag_table is not None else buf_table,
+        x.stride(0), hidden, tag_base,
+        TOP_K=top_k, BLOCK_D=block, HAS_SCALE=scale is not None, WRITE_TAG=tag_table is not None,
+        ACC=_acc_dtype(x.dtype),
+    )
+
+
+def return_rows(y: torch.Tensor, tags: torch.Tensor, ret_table: torch.Tensor, slots_per_rank: int) -> None:
+    """y[M,D] -> sources' return buffers: row m to source tags[m] // R, slot tags[m] % R."""
+    n_rows, hidden = y.shape
+    if n_rows == 0:
+        return
+    block = _block_d(hidden)
+    return_rows_kernel.on(y.device)[(n_rows, triton.cdiv(hidden, block))](
+        y, tags, ret_table, y.stride(0), hidden, slots_per_rank, BLOCK_D=block
+    )
+
+
+def sum_slots(
+    ret: torch.Tensor, dest_slot: torch.Tensor, n_tokens: int, out_dtype: torch.dtype,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ret[>=T*K, D] -> out[T,D] = sum_k weight[t,k] * ret[t*K+k] over sent slots (weight 1 if None)."""
+    hidden = ret.shape[1]
+    out = torch.empty(n_tokens, hidden, dtype=out_dtype, device=ret.device)
+    if n_tokens == 0:
+        return out
+    top_k = dest_slot.numel() // n_tokens
+    block = _block_d(hidden)
+    sum_slots_kernel.on(ret.device)[(n_tokens, triton.cdiv(hidden, block))](
+        ret, weight if weight is not None else ret, dest_slot, out, hidden,
+        TOP_K=top_k, BLOCK_D=block, HAS_WEIGHT=weight is not None, ACC=_acc_dtype(out_dtype),
+    )
+    return out
+
+
+def signal(
+    flag_table: torch.Tensor, src_rank: int, epoch: int,
+    counts: torch.Tensor | None = None, counts_table: torch.Tensor | None = None, counts_offset: int = 0,
+) -> None:
+    """Raise flag[src_rank] to epoch on every peer, after putting counts[E] into their counts area."""
+    world = flag_table.numel()
+    n_experts = counts.numel() if counts is not None else 1
+    signal_kernel.on(flag_table.device)[(world,)](
+        counts if counts is not None else flag_table, counts_table if counts_table is not None else flag_table,
+        flag_table, src_rank, epoch, counts_offset, n_experts,
+        HAS_COUNTS=counts is not None, BLOCK_E=triton.next_power_of_2(n_experts),
+    )
+
+
+def wait(flags: torch.Tensor, epoch: int) -> None:
+    """Block the stream until every entry of the local flags[W] reached epoch."""
+    wait_kernel.on(flags.device)[(1,)](flags, epoch, flags.numel())

@@ -1,0 +1,327 @@
+"""Rdep: expert-parallel dispatch and combine by direct writes into peers' symmetric buffers.
+
+Per rank, four symmetric buffers (sized once from RdepConfig):
+- recv [C, D]: rows arriving at this owner, grouped by local expert (see plan.py);
+- tags [C] int32: for each received row, source * R + (t*K + k), R = max_tokens_per_rank * K;
+- ret  [R, D]: rows coming back to this source, at their (t*K + k) slot;
+- counts [2, W, E] int32: every source's per-expert counts (double-buffered by epoch parity);
+- flags [W] int32: flag[s] = the last epoch source s signalled to this rank (only grows).
+
+Every phase is: signal peers -> wait for their signals (a device-side spin on the dedicated
+stream) -> move rows with one Triton kernel -> signal -> wait. No collective is ever called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from nmoe.rdep import kernels
+from nmoe.rdep.config import RdepCapacityError, RdepConfig
+from nmoe.rdep.plan import owner_layout, plan_source, source_slots
+from nmoe.rdep.transport import (
+    SimulatedTransport,
+    SimulatedWorldBuffers,
+    Steps,
+    Transport,
+    run_lockstep,
+    run_straight,
+)
+
+
+@dataclass
+class RdepHandle:
+    """What `combine` (and both backwards) need from one `dispatch`, on one rank."""
+
+    n_tokens: int
+    n_received: int  # M: rows this rank received as an owner
+    dest_rank: torch.Tensor  # [T*K] int32: owner of slot (t,k)
+    dest_slot: torch.Tensor  # [T*K] int32: row in the owner's receive buffer, -1 if dropped
+    expert_offsets: torch.Tensor  # [El] int32: cumulative end row of each local expert
+    topk_weights: torch.Tensor  # [T,K]
+    dropped: torch.Tensor  # [] int64: (t,k) slots this source dropped (capacity_factor only)
+    tags: torch.Tensor | None = None  # [M] int32: source * R + slot of each received row
+
+
+class Rdep:
+    """One rank's RDEP transport: `dispatch` tokens to expert owners, `combine` results back."""
+
+    def __init__(self, config: RdepConfig, transport: Transport):
+        self.config = config
+        self.transport = transport
+        self.rank, self.world = transport.rank, transport.world
+        self.experts_per_rank = config.experts_per_rank(self.world)
+        self.capacity = config.receive_rows(self.world)
+        self.slots_per_rank = config.return_rows()
+        if self.world * self.slots_per_rank >= 2**31:
+            raise ValueError(
+                f"world x max_tokens_per_rank x top_k = {self.world * self.slots_per_rank} overflows the int32 "
+                "row tags: lower RdepConfig.max_tokens_per_rank"
+            )
+        self.recv = transport.symmetric("rdep.recv", (self.capacity, config.hidden), config.dtype)
+        self.tags = transport.symmetric("rdep.tags", (self.capacity,), torch.int32)
+        self.ret = transport.symmetric("rdep.ret", (self.slots_per_rank, config.hidden), config.dtype)
+        self.counts = transport.symmetric("rdep.counts", (2, self.world, config.n_routed_experts), torch.int32)
+        self.flags = transport.symmetric("rdep.flags", (self.world,), torch.int32)
+        transport.ready()
+        self._epoch = 0
+        self.dropped_rows = torch.zeros((), dtype=torch.int64, device=transport.device)
+        self._group: _Group = _Group([self], lockstep=False)
+
+    # ---- public surface -------------------------------------------------------------------
+
+    def dispatch(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, RdepHandle]:
+        """x[T,D], topk_ids[T,K] int, topk_weights[T,K] -> (expert_x[M,D], expert_offsets[El] int32, handle)."""
+        self._require_single()
+        (out,) = dispatch_group(self._group, [x], [topk_ids], [topk_weights])
+        return out
+
+    def combine(self, expert_y: torch.Tensor, handle: RdepHandle) -> torch.Tensor:
+        """expert_y[M,D] (rows of dispatch's expert_x order) -> y[T,D] = sum_k w_tk * y_tk, token order."""
+        self._require_single()
+        (y,) = combine_group(self._group, [expert_y], [handle])
+        return y
+
+    def _require_single(self) -> None:
+        if len(self._group.members) != 1:
+            raise RuntimeError(
+                "this Rdep is a rank of a SimulatedWorld: its ranks share one process, so drive them "
+                "together with SimulatedWorld.dispatch_all / combine_all"
+            )
+
+    # ---- synchronisation ------------------------------------------------------------------
+
+    def _signal_all(self, counts: torch.Tensor | None = None) -> int:
+        self._epoch += 1
+        parity_offset = (self._epoch % 2) * self.world * self.config.n_routed_experts
+        kernels.signal(self.flags.peers, self.rank, self._epoch, counts, self.counts.peers, parity_offset)
+        return self._epoch
+
+    def _wait_all(self, epoch: int) -> None:
+        self.transport.before_wait(self.flags.local, epoch)
+        kernels.wait(self.flags.local, epoch)
+
+    def _barrier(self) -> Steps:
+        epoch = self._signal_all()
+        yield
+        self._wait_all(epoch)
+
+    # ---- phases (generators: `yield` = wait for the peers) --------------------------------
+
+    def _plan_steps(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Steps:
+        self._check_inputs(x, topk_ids, topk_weights)
+        n_tokens = x.shape[0]
+        capacity = self.config.expert_capacity(n_tokens)
+        plan = plan_source(topk_ids, self.config.n_routed_experts, capacity)
+        epoch = self._signal_all(counts=plan.sent)
+        yield
+        self._wait_all(epoch)
+        layout = owner_layout(self.counts.local[epoch % 2], self.world)
+        totals = layout.totals.tolist()  # the one host sync of a dispatch: M and the overflow check
+        self._check_capacity(totals)
+        dest_rank, dest_slot = source_slots(plan, layout, self.rank, capacity)
+        dropped = (plan.counts - plan.sent).sum().to(torch.int64)
+        self.dropped_rows += dropped
+        return RdepHandle(
+            n_tokens=n_tokens,
+            n_received=totals[self.rank],
+            dest_rank=dest_rank,
+            dest_slot=dest_slot,
+            expert_offsets=layout.expert_offsets[self.rank].clone(),
+            topk_weights=topk_weights,
+            dropped=dropped,
+        )
+
+    def _send_steps(
+        self, handle: RdepHandle, rows: torch.Tensor, scale: torch.Tensor | None, first_send: bool
+    ) -> Steps:
+        """Source rows[T,D] -> owners' recv; returns this owner's received rows [M,D]."""
+        if not first_send:  # a dispatch's count exchange already proved every recv buffer free
+            yield from self._barrier()
+        kernels.scatter_rows(
+            rows.to(self.config.dtype).contiguous(), handle.dest_rank, handle.dest_slot, self.recv.peers, scale=scale,
+            tag_table=self.tags.peers if first_send else None, tag_base=self.rank * self.slots_per_rank,
+        )
+        yield from self._barrier()
+        if first_send:
+            handle.tags = self.tags.local[: handle.n_received].clone()
+        return self.recv.local[: handle.n_received].clone()
+
+    def _return_steps(
+        self, handle: RdepHandle, rows: torch.Tensor, weight: torch.Tensor | None, keep_returned: bool
+    ) -> Steps:
+        """Owner rows[M,D] -> sources' ret; returns (sum_k weight * ret [T,D], ret copy or None)."""
+        yield from self._barrier()  # every source finished reading its previous return buffer
+        rows = rows.to(self.config.dtype).contiguous()
+        kernels.return_rows(rows, handle.tags, self.ret.peers, self.slots_per_rank)
+        yield from self._barrier()
+        n_slots = handle.dest_slot.numel()
+        returned = self.ret.local[:n_slots]
+        out = kernels.sum_slots(returned, handle.dest_slot, handle.n_tokens, rows.dtype, weight=weight)
+        return out, (returned.clone() if keep_returned else None)
+
+    # ---- checks -----------------------------------------------------------------------------
+
+    def _check_inputs(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+        cfg = self.config
+        if x.dim() != 2 or x.shape[1] != cfg.hidden or x.dtype != cfg.dtype:
+            raise ValueError(f"x must be [T, {cfg.hidden}] {cfg.dtype} (RdepConfig), got {tuple(x.shape)} {x.dtype}")
+        if x.shape[0] > cfg.max_tokens_per_rank:
+            raise RdepCapacityError(
+                f"rank {self.rank} dispatches {x.shape[0]} tokens but the buffers were sized for "
+                f"RdepConfig.max_tokens_per_rank={cfg.max_tokens_per_rank}: raise it"
+            )
+        expected = (x.shape[0], cfg.top_k)
+        if tuple(topk_ids.shape) != expected or tuple(topk_weights.shape) != expected:
+            raise ValueError(
+                f"topk_ids and topk_weights must be {expected} (T, RdepConfig.top_k), got "
+                f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}"
+            )
+        if topk_ids.dtype.is_floating_point:
+            raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+
+    def _check_capacity(self, totals: Sequence[int]) -> None:
+        worst = max(totals)
+        if worst <= self.capacity:
+            return
+        owner = totals.index(worst)
+        cfg = self.config
+        needed = worst / (cfg.max_tokens_per_rank * cfg.top_k)
+        raise RdepCapacityError(
+            f"RDEP receive buffer overflow: owner rank {owner} would receive {worst} rows but each receive "
+            f"buffer holds {self.capacity} rows (max_tokens_per_rank={cfg.max_tokens_per_rank} x "
+            f"top_k={cfg.top_k} x capacity_margin={cfg.capacity_margin}). Raise RdepConfig.capacity_margin "
+            f"to at least {needed:.2f} (runtime.rdep_capacity_margin in a training config), or set "
+            f"capacity_factor to drop and count the excess rows instead."
+        )
+
+
+class _Group:
+    """The ranks this process drives: one real rank, or every rank of a simulated world."""
+
+    def __init__(self, members: list[Rdep], lockstep: bool):
+        self.members = members
+        self.lockstep = lockstep
+
+    def run(self, all_steps: list[Steps]) -> list:
+        if self.lockstep:
+            return run_lockstep(all_steps)
+        (member,), (steps,) = self.members, all_steps
+        with member.transport.steps():
+            return [run_straight(steps)]
+
+
+class _SendRows(torch.autograd.Function):
+    """Forward: dispatch's row movement. Backward: return the gradient rows and sum them over k."""
+
+    @staticmethod
+    def forward(ctx, group: _Group, handles: list[RdepHandle], *xs: torch.Tensor):
+        steps = [m._send_steps(h, x, None, first_send=True) for m, h, x in zip(group.members, handles, xs)]
+        outs = group.run(steps)
+        ctx.group, ctx.handles = group, handles
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        steps = [
+            m._return_steps(h, g, None, keep_returned=False)
+            for m, h, g in zip(ctx.group.members, ctx.handles, grads)
+        ]
+        grad_xs = [out for out, _ in ctx.group.run(steps)]
+        return (None, None, *grad_xs)
+
+
+class _ReturnRows(torch.autograd.Function):
+    """Forward: combine's row movement and weighted sum. Backward: dispatch w * dy, plus dw."""
+
+    @staticmethod
+    def forward(ctx, group: _Group, handles: list[RdepHandle], *tensors: torch.Tensor):
+        n = len(handles)
+        ys, weights = tensors[:n], tensors[n:]
+        need_dw = [ctx.needs_input_grad[2 + n + i] for i in range(n)]
+        steps = [
+            m._return_steps(h, y, w, keep_returned=keep)
+            for m, h, y, w, keep in zip(group.members, handles, ys, weights, need_dw)
+        ]
+        results = group.run(steps)
+        ctx.group, ctx.handles = group, handles
+        ctx.returned = [returned for _, returned in results]
+        ctx.save_for_backward(*weights)
+        return tuple(out for out, _ in results)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        weights = ctx.saved_tensors
+        steps = [
+            m._send_steps(h, g, w.reshape(-1), first_send=False)
+            for m, h, g, w in zip(ctx.group.members, ctx.handles, grads, weights)
+        ]
+        grad_ys = ctx.group.run(steps)
+        grad_ws = [
+            None if returned is None else _weight_grad(g, returned, h, w)
+            for g, returned, h, w in zip(grads, ctx.returned, ctx.handles, weights)
+        ]
+        return (None, None, *grad_ys, *grad_ws)
+
+
+def _weight_grad(grad_y: torch.Tensor, returned: torch.Tensor, handle: RdepHandle, weight: torch.Tensor) -> torch.Tensor:
+    """dL/dw[t,k] = <dy[t], y_tk> for sent slots, 0 for dropped ones."""
+    n_tokens, top_k = weight.shape
+    acc = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
+    per_slot = returned.view(n_tokens, top_k, -1).to(acc) * grad_y.to(acc)[:, None, :]
+    sent = (handle.dest_slot >= 0).view(n_tokens, top_k)
+    return (per_slot.sum(-1) * sent).to(weight.dtype)
+
+
+def dispatch_group(
+    group: _Group, xs: Sequence[torch.Tensor], ids: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor, RdepHandle]]:
+    """Dispatch for every rank this process drives (one, or all of a simulated world)."""
+    handles = group.run([m._plan_steps(x, i, w) for m, x, i, w in zip(group.members, xs, ids, weights)])
+    expert_xs = _SendRows.apply(group, handles, *xs)
+    return [(ex, h.expert_offsets, h) for ex, h in zip(expert_xs, handles)]
+
+
+def combine_group(group: _Group, expert_ys: Sequence[torch.Tensor], handles: Sequence[RdepHandle]) -> list[torch.Tensor]:
+    """Combine for every rank this process drives."""
+    for member, y, h in zip(group.members, expert_ys, handles):
+        if tuple(y.shape) != (h.n_received, member.config.hidden):
+            raise ValueError(
+                f"rank {member.rank}: expert_y must be [M={h.n_received}, D={member.config.hidden}] "
+                f"(dispatch's expert_x shape), got {tuple(y.shape)}"
+            )
+    return list(_ReturnRows.apply(group, list(handles), *expert_ys, *(h.topk_weights for h in handles)))
+
+
+class SimulatedWorld:
+    """W RDEP ranks in one process (CPU tests): peer buffers are ordinary tensors, same kernels."""
+
+    def __init__(self, world: int, config: RdepConfig, device: torch.device | str = "cpu"):
+        self.world = world
+        self.config = config
+        self.buffers = SimulatedWorldBuffers(world, torch.device(device))
+        self.ranks = [Rdep(config, SimulatedTransport(self.buffers, rank)) for rank in range(world)]
+        self._group = _Group(self.ranks, lockstep=True)
+        for rank in self.ranks:
+            rank._group = self._group
+
+    def dispatch_all(
+        self, xs: Sequence[torch.Tensor], topk_ids: Sequence[torch.Tensor], topk_weights: Sequence[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, RdepHandle]]:
+        """Per rank r: xs[r][T_r,D], ids/weights[T_r,K] -> [(expert_x[M_r,D], expert_offsets[El], handle)]."""
+        self._check_world(xs, topk_ids, topk_weights)
+        return dispatch_group(self._group, xs, topk_ids, topk_weights)
+
+    def combine_all(self, expert_ys: Sequence[torch.Tensor], handles: Sequence[RdepHandle]) -> list[torch.Tensor]:
+        """Per rank r: expert_ys[r][M_r,D] -> y_r[T_r,D]."""
+        self._check_world(expert_ys, handles)
+        return combine_group(self._group, expert_ys, handles)
+
+    def _check_world(self, *per_rank: Sequence) -> None:
+        for values in per_rank:
+            if len(values) != self.world:
+                raise ValueError(f"expected one entry per rank ({self.world}), got {len(values)}")
