@@ -11,6 +11,14 @@ EPILOGUE_SWIGLU_BWD = 2  # G = A @ B; dA = w * G; dw += <G, a>; C = [dHg | dHu]
 
 
 @triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b; UPCAST (interpreter only, whose bf16 dot is wrong) multiplies in fp32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _locate_tile(pid_m, offsets_ptr, M, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """Map a row-tile index to (expert, first row, end row); tiles past the groups cover rows >= offsets[-1]."""
     e_idx = tl.arange(0, BLOCK_E)
@@ -34,7 +42,7 @@ def gmm_kernel(
     a_ptr, a_idx_ptr, b_ptr, c_ptr, h_ptr, w_ptr, w_idx_ptr, dw_ptr, offsets_ptr,
     M, N, K, E,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_hm,
-    GATHER_A: tl.constexpr, EPILOGUE: tl.constexpr,
+    GATHER_A: tl.constexpr, EPILOGUE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """Grouped C[rows of e] = A[rows] @ B[e] with an optional row gather of A and a fused epilogue.
@@ -69,10 +77,10 @@ def gmm_kernel(
         k_ok = (k0 + ks) < K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = _dot(a, b, acc, UPCAST)
         if EPILOGUE == 1:
             b_up = tl.load(b_ptrs + N * stride_bn, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up)
+            acc_up = _dot(a, b_up, acc_up, UPCAST)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     out_ok = row_ok[:, None] & col_ok[None, :]
@@ -110,7 +118,7 @@ def gmm_dw_kernel(
     a_ptr, a_idx_ptr, b_ptr, b_idx_ptr, s_ptr, s_idx_ptr, out_ptr, offsets_ptr,
     KA, N, E,
     stride_am, stride_ak, stride_bm, stride_bn, stride_oe, stride_ok,
-    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_B: tl.constexpr,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_KA: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Per-expert out[e] = A[rows of e]^T @ (s * B[rows of e]); rows optionally gathered; empty groups give 0."""
@@ -147,7 +155,7 @@ def gmm_dw_kernel(
             s_idx = tl.load(s_idx_ptr + rows, mask=row_ok, other=0)
             s = tl.load(s_ptr + s_idx, mask=row_ok, other=0.0).to(tl.float32)
             b = (b.to(tl.float32) * s[:, None]).to(b_ptr.dtype.element_ty)
-        acc = tl.dot(a_t, b, acc)
+        acc = _dot(a_t, b, acc, UPCAST)
     out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + kas[:, None].to(tl.int64) * stride_ok + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=ka_ok[:, None] & col_ok[None, :])
 

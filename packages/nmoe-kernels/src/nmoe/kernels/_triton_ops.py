@@ -57,7 +57,7 @@ def _launch_gmm(a, b, b_strides, offsets, out, n, k, *, a_idx=None, mode=K.EPILO
         dummy if w_idx is None else w_idx, dummy if dw is None else dw, offsets,
         m, n, k, n_experts,
         a.stride(0), a.stride(1), *b_strides, out.stride(0), 0 if h is None else h.stride(0),
-        GATHER_A=a_idx is not None, EPILOGUE=mode, BLOCK_E=triton.next_power_of_2(n_experts),
+        GATHER_A=a_idx is not None, EPILOGUE=mode, UPCAST=INTERPRET, BLOCK_E=triton.next_power_of_2(n_experts),
     )
     return out
 
@@ -74,7 +74,7 @@ def _launch_dw(a, b, offsets, out, *, a_idx=None, b_idx=None, scale=None, scale_
         a, dummy if a_idx is None else a_idx, b, dummy if b_idx is None else b_idx,
         dummy if scale is None else scale, dummy if scale_idx is None else scale_idx, out, offsets,
         ka, n, n_experts, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        GATHER_A=a_idx is not None, GATHER_B=b_idx is not None, SCALE_B=scale is not None,
+        GATHER_A=a_idx is not None, GATHER_B=b_idx is not None, SCALE_B=scale is not None, UPCAST=INTERPRET,
     )
     return out
 

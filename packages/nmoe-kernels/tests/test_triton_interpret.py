@@ -1,0 +1,141 @@
+"""Every Triton kernel, run on CPU by the Triton interpreter, against the float64 reference."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nmoe.kernels as nk
+from nmoe.kernels import reference
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(autouse=True)
+def force_triton(monkeypatch):
+    monkeypatch.setenv("NMOE_KERNELS_FORCE_TRITON", "1")
+    from nmoe.kernels import _triton_ops
+
+    assert _triton_ops.INTERPRET, "nmoe.kernels._triton_ops was imported before TRITON_INTERPRET=1 was set"
+
+
+def rel_err(got, want):
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def float64_leaf(t):
+    return t.detach().double().requires_grad_()
+
+
+# Group-size layouts: random (with empty groups), all rows in one expert, everything empty.
+layouts = st.sampled_from(["random", "one_huge", "sparse"])
+
+
+def group_sizes(layout, n_experts, g):
+    if layout == "one_huge":
+        sizes = torch.zeros(n_experts, dtype=torch.int64)
+        sizes[int(torch.randint(0, n_experts, (1,), generator=g))] = 70
+        return sizes
+    high = 2 if layout == "sparse" else 20
+    return torch.randint(0, high, (n_experts,), generator=g)
+
+
+@settings(max_examples=20, deadline=None)
+@given(layouts, st.integers(1, 6), st.sampled_from([16, 48]), st.sampled_from([16, 32]), st.integers(0, 20),
+       st.integers(0, 2**31 - 1))
+def test_grouped_mm_forward_and_grads(layout, n_experts, k, n, tail, seed):
+    g = torch.Generator().manual_seed(seed)
+    sizes = group_sizes(layout, n_experts, g)
+    offsets = torch.cumsum(sizes, 0).to(torch.int32)
+    m = int(sizes.sum()) + tail
+    x = torch.randn(m, k, generator=g, requires_grad=True)
+    w = torch.randn(n_experts, k, n, generator=g, requires_grad=True)
+    out = nk.grouped_mm(x, w, offsets)
+    grad = torch.randn(out.shape, generator=g)
+    out.backward(grad)
+    x64, w64 = float64_leaf(x), float64_leaf(w)
+    want = reference.grouped_mm(x64, w64, offsets)
+    want.backward(grad.double())
+    assert out.shape == (m, n) and torch.isfinite(out).all()
+    assert rel_err(out, want) < 1e-5 and out[m - tail:].eq(0).all()
+    if m:
+        assert rel_err(x.grad, x64.grad) < 1e-5
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-4)  # empty groups: exactly 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 300), st.integers(1, 8), st.sampled_from([1, 8, 64, 256]), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_sort_by_expert_matches_reference(n_tokens, top_k, n_experts, skewed, seed):
+    g = torch.Generator().manual_seed(seed)
+    high = 1 if skewed else n_experts
+    ids = torch.randint(0, high, (n_tokens, top_k), generator=g, dtype=torch.int32)
+    got = nk.sort_by_expert(ids, n_experts)
+    want = reference.sort_by_expert(ids, n_experts)
+    for name, a, b in zip(("counts", "offsets", "order"), got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def routing(n_tokens, top_k, n_experts, layout, g):
+    if layout == "one_huge":
+        ids = torch.zeros(n_tokens, top_k, dtype=torch.int64)
+        ids[:, 1:] = torch.randint(0, n_experts, (n_tokens, top_k - 1), generator=g)
+        return ids  # every token hits expert 0
+    return torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(n_tokens)]) \
+        if n_tokens else torch.zeros(0, top_k, dtype=torch.int64)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 40), st.integers(1, 4), st.integers(4, 8), st.sampled_from([16, 32]),
+       st.sampled_from([16, 48]), st.sampled_from(["random", "one_huge"]), st.integers(0, 2**31 - 1))
+def test_moe_experts_forward_and_grads(n_tokens, top_k, n_experts, d, h, layout, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tokens, d, generator=g, requires_grad=True)
+    ids = routing(n_tokens, top_k, n_experts, layout, g)
+    weights = torch.rand(n_tokens, top_k, generator=g, requires_grad=True)
+    w_up = (torch.randn(n_experts, d, 2 * h, generator=g) / d**0.5).requires_grad_()
+    w_down = (torch.randn(n_experts, h, d, generator=g) / h**0.5).requires_grad_()
+    y = nk.moe_experts(x, ids, weights, w_up, w_down)
+    grad = torch.randn(y.shape, generator=g)
+    y.backward(grad)
+    leaves64 = [float64_leaf(t) for t in (x, weights, w_up, w_down)]
+    want = reference.moe_experts(leaves64[0], ids, *leaves64[1:])
+    want.backward(grad.double())
+    assert y.shape == (n_tokens, d)
+    if n_tokens == 0:
+        return
+    assert rel_err(y, want) < 1e-5
+    for name, got, ref in zip(("x", "weights", "w_up", "w_down"), (x, weights, w_up, w_down), leaves64):
+        assert rel_err(got.grad, ref.grad) < 1e-5, name
+
+
+def test_bf16_expert_path_within_bf16_rounding():
+    g = torch.Generator().manual_seed(0)
+    n_tokens, top_k, n_experts, d, h = 24, 2, 4, 32, 16
+    ids = routing(n_tokens, top_k, n_experts, "random", g)
+    fp32 = [torch.randn(n_tokens, d, generator=g), torch.rand(n_tokens, top_k, generator=g),
+            torch.randn(n_experts, d, 2 * h, generator=g) / d**0.5, torch.randn(n_experts, h, d, generator=g) / h**0.5]
+    bf16 = [t.bfloat16().requires_grad_() for t in fp32]
+    leaves64 = [float64_leaf(t) for t in bf16]
+    got = nk.moe_experts(bf16[0], ids, *bf16[1:])
+    want = reference.moe_experts(leaves64[0], ids, *leaves64[1:])
+    grad = torch.randn(got.shape, generator=g)
+    got.backward(grad.bfloat16())
+    want.backward(grad.double())
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) < 2e-2
+    for name, t, ref in zip(("x", "weights", "w_up", "w_down"), bf16, leaves64):
+        assert t.grad.dtype == torch.bfloat16 and rel_err(t.grad, ref.grad) < 3e-2, name
+
+
+def test_gpu_path_refuses_misaligned_dims_and_fp16():
+    offsets = torch.tensor([3], dtype=torch.int32)
+    with pytest.raises(nk.UnsupportedInput, match="multiple of 16"):
+        nk.grouped_mm(torch.randn(3, 24), torch.randn(1, 24, 16), offsets)
+    with pytest.raises(nk.UnsupportedInput, match="float16"):
+        nk.grouped_mm(torch.randn(3, 16).half(), torch.randn(1, 16, 16).half(), offsets)
+    with pytest.raises(nk.UnsupportedInput, match="expected torch.float32"):
+        nk.grouped_mm(torch.randn(3, 16), torch.randn(1, 16, 16).bfloat16(), offsets)
