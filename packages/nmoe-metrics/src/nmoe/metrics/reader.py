@@ -7,7 +7,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
-from nmoe.metrics._duckdb_lock import LOCK_TIMEOUT_S, connect_with_retry
+from nmoe.metrics._duckdb_lock import LOCK_TIMEOUT_S, open_duckdb
 from nmoe.metrics.writer import rank_path, validate_run_id
 
 _RANK_FILE = re.compile(r"^rank_(\d+)\.duckdb$")
@@ -96,8 +96,5 @@ def _ranks_to_read(metrics_dir: str | Path, run_id: str, rank: int | None) -> li
 
 
 def _query(path: Path, query: str, params: list, timeout_s: float) -> list[tuple]:
-    con = connect_with_retry(path, read_only=True, timeout_s=timeout_s)
-    try:
+    with open_duckdb(path, read_only=True, timeout_s=timeout_s) as con:
         return con.execute(query, params).fetchall()
-    finally:
-        con.close()

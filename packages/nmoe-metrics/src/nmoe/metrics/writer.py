@@ -17,7 +17,7 @@ from numbers import Integral
 from pathlib import Path
 from typing import Any, Mapping
 
-from nmoe.metrics._duckdb_lock import LOCK_TIMEOUT_S, connect_with_retry
+from nmoe.metrics._duckdb_lock import LOCK_TIMEOUT_S, open_duckdb
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS metrics (
@@ -175,8 +175,7 @@ class MetricsWriter:
     # ------------------------------------------------------------------ disk side
 
     def _init_file(self, meta: Mapping[str, Any], resume_step: int | None) -> None:
-        con = connect_with_retry(self.path, read_only=False, timeout_s=self._lock_timeout_s)
-        try:
+        with open_duckdb(self.path, read_only=False, timeout_s=self._lock_timeout_s) as con:
             con.execute(SCHEMA)
             if resume_step is not None:
                 con.execute("DELETE FROM metrics WHERE step > ?", [int(resume_step)])
@@ -184,8 +183,6 @@ class MetricsWriter:
                 "INSERT INTO runs VALUES (?, ?, make_timestamp(?), ?, ?, ?)",
                 [self.run_id, self.rank, time.time_ns() // 1000, socket.gethostname(), os.getpid(), json.dumps(dict(meta))],
             )
-        finally:
-            con.close()
 
     def _run(self) -> None:
         while True:
@@ -218,7 +215,7 @@ class MetricsWriter:
                 self._queue.extendleft(reversed(batch))
                 self._queued_rows += sum(len(rows) for _, _, rows in batch)
                 self._lock_error = str(exc)
-            self._wake.set()  # retry at once; connect_with_retry already waited
+            self._wake.set()  # retry at once; open_duckdb already waited
             return
         with self._cond:
             self._written_rows += n_rows
@@ -235,13 +232,10 @@ class MetricsWriter:
                 tags.append(tag)
                 values.append(value)
                 ts_us.append(ts)
-        con = connect_with_retry(self.path, read_only=False, timeout_s=self._lock_timeout_s)
-        try:
+        with open_duckdb(self.path, read_only=False, timeout_s=self._lock_timeout_s) as con:
             con.execute(
                 INSERT_BATCH, {"run_id": self.run_id, "steps": steps, "tags": tags, "values": values, "ts_us": ts_us}
             )
-        finally:
-            con.close()
         return len(steps)
 
 
