@@ -1,1 +1,21 @@
-"""nmoe.model"""
+"""nmoe.model: the DeepSeek-shaped MoE transformer (MLA/SDPA/SWA attention, routed + shared experts)."""
+
+from nmoe.model.config import ModelConfig
+from nmoe.model.model import NO_DECAY_KINDS, PARAM_KINDS, ModelOutput, Transformer
+from nmoe.model.presets import PRESETS, preset
+from nmoe.model.stats import LayerRouterStats, RouterStats
+from nmoe.model.summary import ModelSummary, model_summary
+
+__all__ = [
+    "LayerRouterStats",
+    "ModelConfig",
+    "ModelOutput",
+    "ModelSummary",
+    "NO_DECAY_KINDS",
+    "PARAM_KINDS",
+    "PRESETS",
+    "RouterStats",
+    "Transformer",
+    "model_summary",
+    "preset",
+]

@@ -1,0 +1,198 @@
+"""Transformer: embedding -> blocks (pre-norm attention + dense/MoE FFN) -> norm -> untied head."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from nmoe.model.attention import make_attention, sliding_window_block_mask
+from nmoe.model.config import ModelConfig
+from nmoe.model.layers import RMSNorm, SwiGLU, rope_tables
+from nmoe.model.moe import MoE
+from nmoe.model.stats import LayerRouterStats, RouterStats
+
+PARAM_KINDS = ("embedding", "head", "norm", "bias", "router", "matrix", "expert")
+NO_DECAY_KINDS = frozenset({"embedding", "norm", "bias"})
+# matrices that write into the residual stream: init std scaled by 1/sqrt(2 * n_layers)
+_OUTPUT_PROJECTIONS = ("wo.weight", "w2.weight", "w_down")
+
+
+class ModelOutput(NamedTuple):
+    """Result of Transformer.forward."""
+
+    logits: torch.Tensor  # [B,S,V] float32
+    aux_loss: torch.Tensor  # scalar float32: routing losses with their coefficients (0 when off)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = make_attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, cfg.inter_dim) if layer < cfg.n_dense_layers else MoE(cfg)
+
+    def forward(self, x, cos, sin, block_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x[B,S,D] -> (x[B,S,D], aux loss scalar or None for dense blocks)."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, block_mask)
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoE):
+            y, aux = self.ffn(h)
+            return x + y, aux
+        return x + self.ffn(h), None
+
+
+class Transformer(nn.Module):
+    """DeepSeek-shaped MoE (or dense) decoder. Construct under `torch.device("meta")` to size without memory."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(self.rope_dim, cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._block_masks: dict = {}
+
+    @property
+    def rope_dim(self) -> int:
+        """Width of the rotary part of each query/key head."""
+        return self.cfg.qk_rope_head_dim if self.cfg.attn == "mla" else self.cfg.sdpa_head_dim
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        """The MoE FFN modules in block order."""
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, idx: torch.Tensor) -> ModelOutput:
+        """idx[B,S] int64 token ids -> ModelOutput(logits[B,S,V] float32, aux_loss scalar float32)."""
+        seq = idx.shape[1]
+        if seq > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {seq} > model.max_seq_len ({self.cfg.max_seq_len}): raise "
+                             "model.max_seq_len or shorten the batch")
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        block_mask = self._local_block_mask(seq, idx.device)
+        x = self.tok_emb(idx)
+        aux = torch.zeros((), dtype=torch.float32, device=idx.device)
+        for block in self.blocks:
+            x, block_aux = block(x, cos, sin, block_mask)
+            if block_aux is not None:
+                aux = aux + block_aux
+        logits = self.head(self.norm(x))
+        return ModelOutput(logits.float(), aux)
+
+    def _local_block_mask(self, seq: int, device: torch.device):
+        """Flex block mask shared by the sliding-window layers; None when there are none or on CPU autograd."""
+        if all(self.cfg.is_global_layer(i) for i in range(self.cfg.n_layers)):
+            return None
+        if device.type == "cpu" and torch.is_grad_enabled():
+            return None  # FlexAttention has no CPU backward: attend() falls back to a dense window mask
+        if torch.compiler.is_compiling():
+            return sliding_window_block_mask(seq, self.cfg.attn_local_window, device)
+        key = (seq, str(device))
+        if key not in self._block_masks:
+            self._block_masks[key] = sliding_window_block_mask(seq, self.cfg.attn_local_window, device)
+        return self._block_masks[key]
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic init: each parameter drawn from its own generator seeded by (seed, name); buffers reset."""
+        std, out_std = self.cfg.init_std, self.cfg.init_std / (2 * self.cfg.n_layers) ** 0.5
+        kinds = self.param_kinds()
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if kinds[name] == "norm":
+                p.fill_(1.0)
+                continue
+            gen = torch.Generator(device=p.device)
+            gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            p.normal_(0.0, out_std if name.endswith(_OUTPUT_PROJECTIONS) else std, generator=gen)
+        self._reset_buffers()
+
+    def _reset_buffers(self) -> None:
+        if self.rope_cos.device.type == "meta":
+            return
+        cos, sin = rope_tables(self.rope_dim, self.cfg, self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        for moe in self.moe_layers:
+            for buf in (moe.expert_bias, moe.load_since_update, moe.stat_counts, moe.stat_sums):
+                buf.zero_()
+        self._block_masks.clear()
+
+    # ------------------------------------------------------------------ optimizer grouping
+    def param_kinds(self) -> dict[str, str]:
+        """{parameter name: kind}, kind in PARAM_KINDS (embedding, head, norm, bias, router, matrix, expert)."""
+        kinds = {}
+        norm_params = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        for name, p in self.named_parameters():
+            if p is self.tok_emb.weight:
+                kinds[name] = "embedding"
+            elif p is self.head.weight:
+                kinds[name] = "head"
+            elif id(p) in norm_params:
+                kinds[name] = "norm"
+            elif name.endswith(".gate"):
+                kinds[name] = "router"
+            elif name.endswith((".w_up", ".w_down")):
+                kinds[name] = "expert"
+            elif p.dim() == 1:
+                kinds[name] = "bias"
+            else:
+                kinds[name] = "matrix"
+        return kinds
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW-ready groups, one per kind: {"kind", "params", "weight_decay"} (0 for embedding/norm/bias)."""
+        kinds = self.param_kinds()
+        named = dict(self.named_parameters())
+        groups = []
+        for kind in PARAM_KINDS:
+            params = [named[n] for n, k in kinds.items() if k == kind]
+            if params:
+                groups.append({"kind": kind, "params": params,
+                               "weight_decay": 0.0 if kind in NO_DECAY_KINDS else weight_decay})
+        return groups
+
+    # ------------------------------------------------------------------ routing control & diagnostics
+    @torch.no_grad()
+    def update_expert_bias(self, reduce_fn: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Aux-loss-free balancing step for every MoE layer from the load since the last call.
+
+        `reduce_fn(load[E])` may sum the load across data-parallel ranks in place (e.g. dist.all_reduce)
+        so every rank applies the same bias update. No-op when model.bias_update_rate == 0.
+        """
+        if self.cfg.bias_update_rate == 0:
+            return
+        for moe in self.moe_layers:
+            moe.update_bias(reduce_fn)
+
+    @torch.no_grad()
+    def router_stats(self) -> RouterStats:
+        """Read (one host sync) and reset the router accumulators of every MoE layer."""
+        mods = [(b.layer, b.ffn) for b in self.blocks if isinstance(b.ffn, MoE)]
+        if not mods:
+            return RouterStats(layers=())
+        packed = torch.stack([m.take_stats() for _, m in mods]).double().cpu().tolist()
+        n_exp = self.cfg.n_routed_experts
+        return RouterStats(layers=tuple(LayerRouterStats.from_packed(layer, row, n_exp)
+                                        for (layer, _), row in zip(mods, packed)))
+
+    def attention_kinds(self) -> list[str]:
+        """Per block: 'mla', 'sdpa', 'mla+swa' or 'sdpa+swa' (windowed local layers)."""
+        return [self.cfg.attn + ("" if self.cfg.is_global_layer(i) else "+swa") for i in range(self.cfg.n_layers)]
+
+
+__all__ = ["Block", "ModelOutput", "NO_DECAY_KINDS", "PARAM_KINDS", "Transformer"]
