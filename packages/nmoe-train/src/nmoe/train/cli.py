@@ -43,7 +43,8 @@ def _parse_overrides(items: list[str]) -> dict[str, str]:
 def dry_run(cfg) -> str:
     """The --dry-run report: config identity and the model summary table."""
     from nmoe.model import model_summary
-    summary = model_summary(cfg.model, cfg.train.seq_len)
+    summary = model_summary(cfg.model, cfg.train.seq_len, batch_size=cfg.train.batch_size,
+                            act_bytes=4 if cfg.runtime.dtype == "fp32" or cfg.runtime.device == "cpu" else 2)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum
     lines = [
         f"config       {cfg.source}",
@@ -53,7 +54,7 @@ def dry_run(cfg) -> str:
         f"total tokens {tokens_per_step * cfg.train.steps:,} over {cfg.train.steps:,} steps",
         f"train FLOPs  {summary.flops_per_token * tokens_per_step * cfg.train.steps:.3e}",
         "",
-        summary.table(batch_size=cfg.train.batch_size),
+        summary.table(),
     ]
     return "\n".join(lines)
 

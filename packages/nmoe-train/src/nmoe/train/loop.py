@@ -24,7 +24,7 @@ from nmoe.train import checkpoint as ckpt
 from nmoe.train.config import Config, fingerprint_items
 from nmoe.train.data_setup import ensure_data
 from nmoe.train.mfu import mfu, peak_tflops
-from nmoe.train.optim import build_optimizer, is_expert_param
+from nmoe.train.optim import build_optimizer, expert_names
 from nmoe.train.schedule import lr_at
 
 
@@ -98,7 +98,7 @@ class Trainer:
         self.world_size = 1
         self.rank = 0
         self.ckpt_root = Path(cfg.checkpoint.dir) / cfg.name
-        self.summary = model_summary(cfg.model, cfg.train.seq_len)
+        self.summary = model_summary(cfg.model, cfg.train.seq_len, batch_size=cfg.train.batch_size)
         self.peak = peak_tflops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum * self.world_size
 
@@ -126,6 +126,7 @@ class Trainer:
         self.model.init_weights(cfg.train.seed)
         self.model.to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=self.device.type == "cuda")
+        self.expert_names = expert_names(self.model)
         self.forward = torch.compile(self.model) if cfg.runtime.compile else self.model
         self.val_set = [self._to_device(b) for b in self.val_loader.val_batches(cfg.eval.eval_batches)]
 
@@ -245,7 +246,7 @@ class Trainer:
 
     def save(self, step: int) -> Path:
         path = ckpt.save_checkpoint(self.ckpt_root, step, self.model, self.optimizer, self._meta(step),
-                                    is_expert=lambda n: is_expert_param(self.model, n),
+                                    is_expert=self.expert_names.__contains__,
                                     keep_last=self.cfg.checkpoint.keep_last)
         self.last_checkpoint = path
         self.registry.checkpoint(self.run_id, step, {"train/loss": self.last_loss} if self.last_loss is not None else {})
@@ -269,6 +270,7 @@ class Trainer:
         self.last_checkpoint: Path | None = ckpt.find_latest(self.ckpt_root)
         meta = self._resume()
         start = meta["step"] if meta else 0
+        self.step_reached = start
         self.tokens_seen = meta["tokens_seen"] if meta else 0
         self.run_id = meta["run_id"] if meta else f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.fingerprint[:6]}"
         self.log(f"[nmoe] run {self.run_id} | config {cfg.source} | fingerprint {cfg.fingerprint[:16]} | device {self._device_name()}")
@@ -277,20 +279,22 @@ class Trainer:
         self.registry = Registry(cfg.metrics.experiments_db)
         self.registry.start(self.run_id, name=cfg.name, config_toml=cfg.to_toml(), fingerprint=cfg.fingerprint,
                             git_rev=self.git_rev, world_size=self.world_size, device=self._device_name())
-        self.metrics = MetricsWriter(cfg.metrics.dir, self.run_id, rank=self.rank, flush_every_s=cfg.metrics.flush_every_s)
+        self.metrics = MetricsWriter(cfg.metrics.dir, self.run_id, rank=self.rank, flush_every_s=cfg.metrics.flush_every_s,
+                                     resume_step=start if meta else None,
+                                     meta={"config": cfg.source, "fingerprint": cfg.fingerprint, "git_rev": self.git_rev})
         result = RunResult(self.run_id, "failed", start)
         try:
             with _StopFlag() as stop:
                 result = self._loop(start, stop)
-        except NonFiniteError as e:
-            self.registry.finish(self.run_id, "failed", {"error": str(e)})
+        except KeyboardInterrupt:
+            self.registry.finish(self.run_id, "interrupted", {}, step=self.step_reached)
             raise
         except BaseException:
-            self.registry.finish(self.run_id, "failed", {})
+            self.registry.finish(self.run_id, "failed", {}, step=self.step_reached)
             raise
         finally:
             self.metrics.close()
-        self.registry.finish(self.run_id, result.status, _final_metrics(result))
+        self.registry.finish(self.run_id, result.status, _final_metrics(result), step=result.step)
         return result
 
     def _device_name(self) -> str:
@@ -314,6 +318,7 @@ class Trainer:
                     f"Last good checkpoint: {self.last_checkpoint or 'none'} — lower optim.lr or raise optim.warmup, then resume from it.")
             self._apply()
             step += 1
+            self.step_reached = step
             self.tokens_seen += self.tokens_per_step
             window_tokens += self.tokens_per_step
             self.last_loss = loss
@@ -335,9 +340,11 @@ class Trainer:
             reached = cfg.eval.target_loss > 0 and result.val_loss is not None and result.val_loss <= cfg.eval.target_loss
             if reached:
                 _write(bar, self.log, f"[nmoe] target val loss {cfg.eval.target_loss} reached at step {step} ({self.tokens_seen:,} tokens)")
+            self._inject_fault(step, "TERM")
             if (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0) or is_last or reached or stop.signal:
                 result.checkpoint = self.save(step)
             result.step = step
+            self._inject_fault(step, "KILL")
             if reached:
                 break
             if stop.signal:
@@ -348,6 +355,15 @@ class Trainer:
         if bar is not None:
             bar.close()
         return result
+
+    def _inject_fault(self, step: int, kind: str) -> None:
+        """Fault injection for the resume tests: NMOE_FAULT_AT_STEP='N:KILL' (after step N's
+        checkpoint, no cleanup at all) or 'N:TERM' (a SIGTERM arriving during step N)."""
+        at, _, sig = os.environ.get("NMOE_FAULT_AT_STEP", "").partition(":")
+        if at and int(at) == step and sig.upper() == kind:
+            if kind == "KILL":
+                self.metrics.flush()
+            os.kill(os.getpid(), signal.SIGKILL if kind == "KILL" else signal.SIGTERM)
 
     def _window_metrics(self, step, loss, lr, window_t, window_tokens, run_t0, run_tokens0, bar) -> dict[str, float]:
         if self.device.type == "cuda":

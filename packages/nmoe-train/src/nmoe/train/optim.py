@@ -10,30 +10,27 @@ NO_DECAY_KINDS = ("norm", "bias")
 EMBED_KINDS = ("embedding", "head")
 
 
-def param_kind(model: torch.nn.Module, name: str, param: torch.Tensor) -> str:
-    """One of embedding, head, norm, bias, expert, matrix (the model's own answer when it has one)."""
-    if hasattr(model, "param_kind"):
-        return model.param_kind(name)
-    if param.ndim < 2:
-        return "bias" if name.endswith(".bias") else "norm"
-    return "matrix"
+def param_kinds(model: torch.nn.Module) -> dict[str, str]:
+    """{name: kind}: the model's own answer (embedding, head, norm, bias, router, matrix, expert) when it has one."""
+    if hasattr(model, "param_kinds"):
+        return model.param_kinds()
+    return {n: ("matrix" if p.ndim >= 2 else "bias" if n.endswith(".bias") else "norm")
+            for n, p in model.named_parameters()}
 
 
-def is_expert_param(model: torch.nn.Module, name: str) -> bool:
-    """True for routed-expert tensors (sharded over expert-parallel ranks in checkpoints)."""
-    params = dict(model.named_parameters())
-    if name in params:
-        return param_kind(model, name, params[name]) == "expert"
-    return False
+def expert_names(model: torch.nn.Module) -> frozenset[str]:
+    """Names of routed-expert tensors (sharded over expert-parallel ranks in checkpoints)."""
+    return frozenset(n for n, kind in param_kinds(model).items() if kind == "expert")
 
 
 def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     """Groups: decayed matrices/experts, undecayed norms+biases, embeddings (decay per config, lr scale)."""
     decay, no_decay, embed = [], [], []
+    kinds = param_kinds(model)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        kind = param_kind(model, name, p)
+        kind = kinds[name]
         if kind in EMBED_KINDS:
             embed.append(p)
         elif kind in NO_DECAY_KINDS:
