@@ -195,7 +195,7 @@ class Rdep:
             f"RDEP receive buffer overflow: owner rank {owner} would receive {worst} rows but each receive "
             f"buffer holds {self.capacity} rows (max_tokens_per_rank={cfg.max_tokens_per_rank} x "
             f"top_k={cfg.top_k} x capacity_margin={cfg.capacity_margin}). Raise RdepConfig.capacity_margin "
-            f"to at least {needed:.2f} (runtime.rdep_capacity_margin in a training config), or set "
+            f"to at least {needed:.2f}, or set RdepConfig."
             f"capacity_factor to drop and count the excess rows instead."
         )
 
@@ -272,7 +272,7 @@ def _weight_grad(grad_y: torch.Tensor, returned: torch.Tensor, handle: RdepHandl
     """dL/dw[t,k] = <dy[t], y_tk> for sent slots, 0 for dropped ones."""
     n_tokens, top_k = weight.shape
     acc = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
-    per_slot = returned.view(n_tokens, top_k, -1).to(acc) * grad_y.to(acc)[:, None, :]
+    per_slot = returned.view(n_tokens, top_k, grad_y.shape[1]).to(acc) * grad_y.to(acc)[:, None, :]
     sent = (handle.dest_slot >= 0).view(n_tokens, top_k)
     return (per_slot.sum(-1) * sent).to(weight.dtype)
 
