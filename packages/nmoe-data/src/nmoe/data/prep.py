@@ -200,7 +200,8 @@ def prepare(opts: PrepOptions, progress: bool = True) -> Manifest:
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob("*.tmp"):
         tmp.unlink()
-    state = _PrepState.load(out, fingerprint, progress) or _PrepState(fingerprint)
+    dtype = token_dtype(tok.vocab_size).name
+    state = _PrepState.load(out, fingerprint, dtype, progress) or _PrepState(fingerprint, dtype)
     t0 = time.perf_counter()
     resumed_from = state.docs_consumed
     _run(opts, tok, out, state, progress)
@@ -226,6 +227,7 @@ class _SplitState:
 @dataclass
 class _PrepState:
     fingerprint: dict
+    dtype: str
     docs_consumed: int = 0
     empty_documents: int = 0
     splits: dict[str, _SplitState] = field(default_factory=lambda: {s: _SplitState() for s in SPLITS})
@@ -237,7 +239,7 @@ class _PrepState:
         pending_files = {}
         for split, st in self.splits.items():
             name = f"pending_{split}_{self.docs_consumed}.npy"
-            atomic_save_npy(sdir / name, _concat(st.pending))
+            atomic_save_npy(sdir / name, _concat(st.pending, self.dtype))
             pending_files[split] = name
         doc = {
             "fingerprint": self.fingerprint,
@@ -254,7 +256,7 @@ class _PrepState:
                 f.unlink()
 
     @classmethod
-    def load(cls, out: Path, fingerprint: dict, progress: bool) -> _PrepState | None:
+    def load(cls, out: Path, fingerprint: dict, dtype: str, progress: bool) -> _PrepState | None:
         """The saved state of an interrupted prep of the same options, or None (start afresh)."""
         sdir = out / STATE_DIR
         try:
@@ -267,20 +269,22 @@ class _PrepState:
                 print(f"nmoe-data: discarding an interrupted prep of {out} made with other options", flush=True)
             shutil.rmtree(sdir)
             return None
-        state = cls(fingerprint, doc["docs_consumed"], doc["empty_documents"], {})
+        state = cls(fingerprint, dtype, doc["docs_consumed"], doc["empty_documents"], {})
         for split, sd in doc["splits"].items():
             shards = [ShardInfo(**s) for s in sd["shards"]]
             if any(not (out / s.file).is_file() or (out / s.file).stat().st_size != s.bytes for s in shards):
                 shutil.rmtree(sdir)
                 return None
-            pending = np.load(sdir / sd["pending"], allow_pickle=False)
+            pending = np.load(sdir / sd["pending"], allow_pickle=False).astype(dtype, copy=False)
             state.splits[split] = _SplitState(shards, sd["documents"], [pending], int(pending.size))
         if progress:
             print(f"nmoe-data: resuming {out} after {state.docs_consumed} documents", flush=True)
         return state
 
 
-def _concat(parts: list[np.ndarray]) -> np.ndarray:
+def _concat(parts: list[np.ndarray], dtype: str) -> np.ndarray:
+    if not parts:
+        return np.zeros(0, dtype=dtype)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
@@ -386,7 +390,7 @@ def _add(out: Path, split: str, st: _SplitState, doc: np.ndarray, shard_tokens: 
     st.pending_tokens += doc.size
     if st.pending_tokens < shard_tokens:
         return False
-    buf = _concat(st.pending)
+    buf = _concat(st.pending, doc.dtype)
     start = 0
     while buf.size - start >= shard_tokens:
         st.shards.append(write_shard(out, split, len(st.shards), buf[start:start + shard_tokens]))
@@ -400,7 +404,7 @@ def _finish(opts: PrepOptions, tok: Tokenizer, out: Path, state: _PrepState) -> 
     """Write the last partial shards, the tokenizer copy and manifest.json; drop stale files."""
     for split, st in state.splits.items():
         if st.pending_tokens:
-            st.shards.append(write_shard(out, split, len(st.shards), _concat(st.pending)))
+            st.shards.append(write_shard(out, split, len(st.shards), _concat(st.pending, state.dtype)))
             st.pending, st.pending_tokens = [], 0
     tok_file = "tokenizer.json" if tok.kind == "hf" else "tokenizer.tiktoken"
     tok.save(out / tok_file)
