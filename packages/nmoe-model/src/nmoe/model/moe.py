@@ -22,11 +22,11 @@ from nmoe.model.layers import SwiGLU
 class Routing(NamedTuple):
     """Router decision for T tokens."""
 
-    logits: torch.Tensor  # [T,E] float32 router logits
-    scores: torch.Tensor  # [T,E] float32 sigmoid/softmax scores (differentiable)
+    logits: torch.Tensor  # [T,E] router logits (float32, or float64 for float64 input)
+    scores: torch.Tensor  # [T,E] sigmoid/softmax scores (differentiable)
     topk_ids: torch.Tensor  # [T,K] int64 distinct experts per token
-    gates: torch.Tensor  # [T,K] float32 top-k scores, normalised when route_norm (before route_scale)
-    weights: torch.Tensor  # [T,K] float32 combine weights = gates * route_scale * kept
+    gates: torch.Tensor  # [T,K] top-k scores, normalised when route_norm (before route_scale)
+    weights: torch.Tensor  # [T,K] combine weights = gates * route_scale * kept
     kept: torch.Tensor  # [T,K] bool: False where the capacity limit dropped the (token, k) pair
 
 
@@ -65,11 +65,12 @@ def expert_capacity(cfg: ModelConfig, tokens: int) -> int:
 
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor, cfg: ModelConfig) -> Routing:
-    """Router for x[T,D] with gate_weight[E,D] and expert_bias[E] (selection only) in float32."""
+    """Router for x[T,D] with gate_weight[E,D] and expert_bias[E] (selection only), in at least float32."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):
-        logits = F.linear(x.float(), gate_weight.float())
+        logits = F.linear(x.to(dtype), gate_weight.to(dtype))
     scores = torch.sigmoid(logits) if cfg.score_func == "sigmoid" else torch.softmax(logits, dim=-1)
-    topk_ids = _select_experts(scores.detach() + expert_bias.float(), cfg)
+    topk_ids = _select_experts(scores.detach() + expert_bias.to(dtype), cfg)
     gates = scores.gather(1, topk_ids)
     if cfg.route_norm:
         gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
@@ -90,7 +91,7 @@ def balance_loss(scores: torch.Tensor, topk_ids: torch.Tensor, batch: int, n_exp
     probs = scores / scores.sum(dim=-1, keepdim=True)
     mean_prob = probs.view(batch, seq, n_experts).mean(dim=1)
     ids = topk_ids.view(batch, seq * top_k)
-    counts = torch.zeros(batch, n_experts, device=scores.device).scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    counts = scores.new_zeros(batch, n_experts).scatter_add_(1, ids, torch.ones_like(ids, dtype=scores.dtype))
     frac = counts * (n_experts / (top_k * seq))
     return (frac * mean_prob).sum(dim=-1).mean()
 
@@ -118,7 +119,7 @@ class MoE(nn.Module):
         self.register_buffer("stat_sums", torch.zeros(4), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x[B,S,D] -> (y[B,S,D], aux_loss scalar float32 incl. coefficients)."""
+        """x[B,S,D] -> (y[B,S,D], aux_loss scalar (router precision) incl. coefficients)."""
         bsz, seq, dim = x.shape
         flat = x.reshape(bsz * seq, dim)
         r = route(flat, self.gate, self.expert_bias, self.cfg)

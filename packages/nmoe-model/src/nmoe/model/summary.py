@@ -130,28 +130,35 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
-def activation_bytes_per_token(cfg: ModelConfig, act_bytes: int = 2) -> float:
-    """Estimated bytes saved for backward per token (bf16 autocast over an fp32 residual stream)."""
-    d, h, v = cfg.dim, cfg.n_heads, cfg.vocab_size
-    norm_in = 4 * d + act_bytes * d  # fp32 norm input + low-precision copy fed to the next matmul
+def _attention_activation_bytes(cfg: ModelConfig, act: int) -> float:
+    """Saved bytes per token of one attention module (projection outputs kept alive, q/k/v, output, lse)."""
+    h = cfg.n_heads
     if cfg.attn == "sdpa":
         hd, kv = cfg.sdpa_head_dim, cfg.kv_heads
-        attn = act_bytes * ((h + 2 * kv) * hd + h * hd) + 4 * h
-    else:
-        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-        latent = act_bytes * (cfg.kv_lora_rank * 2 + cfg.q_lora_rank * 2 + h * (cfg.qk_nope_head_dim + cfg.v_head_dim))
-        attn = latent + act_bytes * (2 * h * qk + 2 * h * cfg.v_head_dim) + 4 * h
+        # fused qkv output (v is a view of it), roped q and k, attention output, fp32 logsumexp
+        return act * ((h + 2 * kv) * hd + (h + kv) * hd + h * hd) + 4 * h
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    latent = cfg.q_lora_rank + cfg.kv_lora_rank  # latent norms: fp32 input under autocast + low-precision output
+    kv_b = h * (cfg.qk_nope_head_dim + cfg.v_head_dim)  # v is a view of it
+    return (4 + act) * latent + act * (kv_b + 2 * h * qk + h * cfg.v_head_dim) + 4 * h
+
+
+def activation_bytes_per_token(cfg: ModelConfig, act_bytes: int = 2) -> float:
+    """Estimated bytes alive for backward per token: bf16 autocast over an fp32 residual stream, fused
+    RMSNorm and flash-style attention (no S x S matrix), fp32 logits + loss softmax; no checkpointing."""
+    d, v, act = cfg.dim, cfg.vocab_size, act_bytes
+    norm = 4 * d + 4 + act * d  # fp32 input + rstd, low-precision copy saved by the next matmul
     total = 0.0
     for layer in range(cfg.n_layers):
-        total += 2 * norm_in + attn
+        total += 2 * norm + _attention_activation_bytes(cfg, act)
         if layer < cfg.n_dense_layers:
-            total += act_bytes * 4 * cfg.inter_dim
+            total += act * 4 * cfg.inter_dim  # gate|up output, silu(gate), product
             continue
         k, hid, e = cfg.top_k, cfg.moe_inter_dim, cfg.n_routed_experts
-        total += 4 * d + 8 * e  # fp32 router input, logits/scores
-        total += act_bytes * k * (2 * d + 4 * hid)  # gathered input, gate|up, swiglu, per-slot output
-        total += act_bytes * 4 * cfg.n_shared_experts * hid
-    total += norm_in + act_bytes * v + 8 * v  # final norm, logits, fp32 logits + loss softmax
+        total += 4 * d + 8 * e  # fp32 router input, scores (+ logits)
+        total += act * k * (2 * d + 4 * hid)  # gathered input, gate|up, swiglu, per-slot output
+        total += act * 4 * cfg.n_shared_experts * hid
+    total += norm + 8 * v  # final norm, fp32 logits and the loss's fp32 softmax
     return total
 
 

@@ -1,0 +1,234 @@
+"""MoE layer vs a naive per-token loop; routing invariants; bias balancing; losses and diagnostics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nmoe.model import ModelConfig
+from nmoe.model.moe import MoE, balance_loss, route, z_loss
+
+
+def moe_config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=16, dim=12, n_layers=2, n_heads=2, n_dense_layers=1, inter_dim=16, n_routed_experts=8,
+                moe_inter_dim=6, top_k=2)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def build_moe(cfg: ModelConfig, seed: int, dtype=torch.float64) -> MoE:
+    torch.manual_seed(seed)
+    moe = MoE(cfg).to(dtype)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.5)
+        moe.expert_bias.normal_(0.0, 0.3)
+    return moe
+
+
+def naive_select(biased: list[float], cfg: ModelConfig) -> list[int]:
+    """Top-k ids by explicit sorting, honouring grouped routing."""
+    n_exp = len(biased)
+    allowed = set(range(n_exp))
+    if cfg.n_groups > 1:
+        size = n_exp // cfg.n_groups
+        group_scores = []
+        for g in range(cfg.n_groups):
+            members = sorted(biased[g * size:(g + 1) * size], reverse=True)
+            group_scores.append((sum(members[:min(2, size)]), g))
+        best = [g for _, g in sorted(group_scores, reverse=True)[:cfg.topk_groups]]
+        allowed = {g * size + i for g in best for i in range(size)}
+    ranked = sorted(allowed, key=lambda e: biased[e], reverse=True)
+    return ranked[:cfg.top_k]
+
+
+def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """y[T,D] computed token by token, expert by expert (the oracle)."""
+    cfg = moe.cfg
+    tokens, hidden = x.shape[0], cfg.moe_inter_dim
+    choices, gates = [], []
+    for t in range(tokens):
+        logits = moe.gate @ x[t]
+        scores = torch.sigmoid(logits) if cfg.score_func == "sigmoid" else torch.softmax(logits, dim=0)
+        biased = (scores.detach() + moe.expert_bias).tolist()
+        ids = naive_select(biased, cfg)
+        g = torch.stack([scores[e] for e in ids])
+        if cfg.route_norm:
+            g = g / g.sum()
+        choices.append(ids)
+        gates.append(g * cfg.route_scale)
+    kept = [[True] * cfg.top_k for _ in range(tokens)]
+    if cfg.capacity_factor > 0:
+        cap = math.ceil(cfg.capacity_factor * tokens * cfg.top_k / cfg.n_routed_experts)
+        used = [0] * cfg.n_routed_experts
+        for k in range(cfg.top_k):
+            for t in range(tokens):
+                e = choices[t][k]
+                kept[t][k] = used[e] < cap
+                used[e] += kept[t][k]
+    out = []
+    for t in range(tokens):
+        y = torch.zeros_like(x[t])
+        for k, e in enumerate(choices[t]):
+            if kept[t][k]:
+                h = x[t] @ moe.w_up[e]
+                y = y + gates[t][k] * ((F.silu(h[:hidden]) * h[hidden:]) @ moe.w_down[e])
+        if moe.shared is not None:
+            h = moe.shared.w13.weight @ x[t]
+            half = h.shape[0] // 2
+            y = y + moe.shared.w2.weight @ (F.silu(h[:half]) * h[half:])
+        out.append(y)
+    return torch.stack(out)
+
+
+ROUTING_CASES = st.fixed_dictionaries({
+    "score_func": st.sampled_from(["sigmoid", "softmax"]),
+    "route_norm": st.booleans(),
+    "route_scale": st.sampled_from([1.0, 2.5]),
+    "groups": st.sampled_from([(1, 1), (4, 2), (2, 1)]),
+    "capacity_factor": st.sampled_from([0.0, 0.5, 1.0]),
+    "n_shared_experts": st.integers(0, 2),
+    "top_k": st.integers(1, 3),
+    "seed": st.integers(0, 2**16),
+})
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=ROUTING_CASES)
+def test_moe_matches_naive_loop_forward_and_grads(case):
+    n_groups, topk_groups = case.pop("groups")
+    seed = case.pop("seed")
+    cfg = moe_config(n_groups=n_groups, topk_groups=topk_groups, **case)
+    moe = build_moe(cfg, seed)
+    x = torch.randn(2, 9, cfg.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    probe = torch.randn(2, 9, cfg.dim, dtype=torch.float64)
+
+    x1 = x.clone().requires_grad_(True)
+    y, _ = moe(x1)
+    grads = torch.autograd.grad((y * probe).sum(), [x1, *moe.parameters()])
+
+    x2 = x.clone().requires_grad_(True)
+    y_ref = naive_moe(moe, x2.view(-1, cfg.dim)).view_as(y)
+    grads_ref = torch.autograd.grad((y_ref * probe).sum(), [x2, *moe.parameters()], allow_unused=True)
+
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for (name, _), g, g_ref in zip([("x", None), *moe.named_parameters()], grads, grads_ref):
+        g_ref = torch.zeros_like(g) if g_ref is None else g_ref
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"grad of {n}: {m}")
+
+
+@settings(max_examples=40, deadline=None)
+@given(score_func=st.sampled_from(["sigmoid", "softmax"]), route_norm=st.booleans(),
+       route_scale=st.floats(0.5, 3.0), top_k=st.integers(1, 8), seed=st.integers(0, 2**16))
+def test_routing_distinct_experts_and_weight_sums(score_func, route_norm, route_scale, top_k, seed):
+    cfg = moe_config(score_func=score_func, route_norm=route_norm, route_scale=route_scale, top_k=top_k)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, cfg.dim, generator=gen, dtype=torch.float64)
+    gate = torch.randn(cfg.n_routed_experts, cfg.dim, generator=gen, dtype=torch.float64)
+    bias = torch.randn(cfg.n_routed_experts, generator=gen, dtype=torch.float64)
+    r = route(x, gate, bias, cfg)
+    assert r.topk_ids.shape == (64, top_k)
+    assert all(len(set(row)) == top_k for row in r.topk_ids.tolist())
+    assert r.kept.all()
+    picked = r.scores.gather(1, r.topk_ids)
+    expected = picked / picked.sum(-1, keepdim=True) * route_scale if route_norm else picked * route_scale
+    torch.testing.assert_close(r.weights, expected.float() if r.weights.dtype == torch.float32 else expected)
+    if route_norm:
+        torch.testing.assert_close(r.weights.sum(-1), torch.full_like(r.weights[:, 0], route_scale))
+    # the bias steers selection: chosen biased scores dominate every unchosen one
+    biased = r.scores + bias
+    chosen_min = biased.gather(1, r.topk_ids).min(-1).values
+    unchosen = biased.scatter(1, r.topk_ids, float("-inf")).max(-1).values
+    assert (chosen_min >= unchosen).all()
+
+
+def test_capacity_limits_every_expert_and_counts_drops():
+    cfg = moe_config(capacity_factor=0.5, top_k=2)
+    moe = build_moe(cfg, seed=3)
+    x = torch.randn(4, 16, cfg.dim, dtype=torch.float64)
+    r = route(x.view(-1, cfg.dim), moe.gate, moe.expert_bias, cfg)
+    cap = math.ceil(0.5 * 64 * 2 / cfg.n_routed_experts)
+    kept_ids = r.topk_ids[r.kept]
+    assert torch.bincount(kept_ids, minlength=cfg.n_routed_experts).max() <= cap
+    assert (~r.kept).sum() > 0  # 50% capacity must drop something
+    assert (r.weights[~r.kept] == 0).all()
+    moe(x)
+    stats = moe.take_stats()
+    assert stats[cfg.n_routed_experts + 3].item() == (~r.kept).sum().item()
+
+
+def test_bias_updates_move_load_towards_balance():
+    cfg = moe_config(n_routed_experts=16, top_k=2, bias_update_rate=0.02, n_shared_experts=0)
+    moe = build_moe(cfg, seed=0, dtype=torch.float32)
+    with torch.no_grad():
+        moe.expert_bias.zero_()
+        moe.gate[:4] += 1.5 * moe.gate[:4].sign()  # a few experts with much larger gate norms: skewed router
+    gen = torch.Generator().manual_seed(1)
+
+    def load_cv() -> float:
+        counts = moe.load_since_update
+        return (counts.std(unbiased=False) / counts.mean()).item()
+
+    cvs = []
+    with torch.no_grad():
+        for _ in range(150):
+            moe(torch.randn(4, 32, cfg.dim, generator=gen))
+            cvs.append(load_cv())
+            moe.update_bias()
+    assert cvs[0] > 0.5, f"synthetic router not skewed enough: initial cv {cvs[0]:.3f}"
+    assert sum(cvs[-20:]) / 20 < 0.4 * cvs[0], f"load cv {cvs[0]:.3f} -> {cvs[-20:]}"
+    assert abs(moe.expert_bias.mean().item()) < 1e-5  # kept centred
+    assert (moe.load_since_update == 0).all()
+
+
+def test_balance_and_z_loss_match_formulas():
+    cfg = moe_config(balance_loss_coef=0.1, z_loss_coef=0.01, score_func="sigmoid")
+    moe = build_moe(cfg, seed=5)
+    x = torch.randn(3, 10, cfg.dim, dtype=torch.float64)
+    _, aux = moe(x)
+    r = route(x.view(-1, cfg.dim), moe.gate, moe.expert_bias, cfg)
+    n_exp, k = cfg.n_routed_experts, cfg.top_k
+    expected_balance = 0.0
+    for b in range(3):
+        s = r.scores[b * 10:(b + 1) * 10]
+        p = (s / s.sum(-1, keepdim=True)).mean(0)
+        f = torch.bincount(r.topk_ids[b * 10:(b + 1) * 10].reshape(-1), minlength=n_exp) * n_exp / (k * 10)
+        expected_balance += (f * p).sum() / 3
+    expected_z = torch.stack([torch.log(torch.exp(row).sum()) ** 2 for row in r.logits]).mean()
+    torch.testing.assert_close(balance_loss(r.scores, r.topk_ids, 3, n_exp), expected_balance)
+    torch.testing.assert_close(z_loss(r.logits), expected_z)
+    torch.testing.assert_close(aux, 0.1 * expected_balance + 0.01 * expected_z)
+    aux.backward()
+    assert moe.gate.grad is not None and moe.gate.grad.abs().sum() > 0
+
+
+def test_balanced_router_balance_loss_is_one():
+    # uniform scores and perfectly spread assignments give f = 1 and P = 1/E for every expert: loss = 1
+    scores = torch.full((8, 4), 0.5)
+    ids = torch.tensor([[0, 1], [2, 3]] * 4)
+    assert balance_loss(scores, ids, 2, 4).item() == pytest.approx(1.0)
+
+
+def test_stats_accumulate_counts_entropy_and_reset():
+    cfg = moe_config(score_func="softmax")
+    moe = build_moe(cfg, seed=7)
+    x = torch.randn(2, 5, cfg.dim, dtype=torch.float64)
+    r = route(x.view(-1, cfg.dim), moe.gate, moe.expert_bias, cfg)
+    moe(x)
+    moe(x)
+    packed = moe.take_stats()
+    n_exp = cfg.n_routed_experts
+    counts = torch.bincount(r.topk_ids.reshape(-1), minlength=n_exp).double() * 2
+    torch.testing.assert_close(packed[:n_exp], counts)
+    entropy = -(r.scores * r.scores.log()).sum(-1).sum() * 2
+    tokens, ent, max_gate, dropped = packed[n_exp:n_exp + 4].tolist()
+    assert tokens == 20 and dropped == 0
+    assert ent == pytest.approx(entropy.item())
+    assert max_gate == pytest.approx(2 * r.gates.max(-1).values.sum().item())
+    assert (moe.take_stats()[:n_exp + 4] == 0).all()  # reset on read
+    assert (moe.load_since_update == counts).all()  # bias-update window is separate from the stats window
