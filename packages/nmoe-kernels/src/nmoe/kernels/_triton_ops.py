@@ -19,26 +19,39 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, names=("BLOCK_M", "
 
 _DW_NAMES = ("BLOCK_M", "BLOCK_KA", "BLOCK_N")
 if INTERPRET:
-    _GMM_CONFIGS = {mode: [_cfg(16, 16, 16, 4, 1)] for mode in (0, 1, 2)}
-    _DW_CONFIGS = [_cfg(16, 16, 16, 4, 1, _DW_NAMES)]
+    _GMM_CONFIGS = {(mode, wide): [_cfg(16, 16, 16, 4, 1)] for mode in (0, 1, 2) for wide in (False, True)}
+    _DW_CONFIGS = {wide: [_cfg(16, 16, 16, 4, 1, _DW_NAMES)] for wide in (False, True)}
 else:
+    # bf16 tiles (measured on H100, bench/kernels.py); fp32 ("wide") halves BLOCK_K to fit shared memory
     _GMM_CONFIGS = {
-        K.EPILOGUE_STORE: [
-            _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4), _cfg(64, 128, 64, 4, 4)],
-        K.EPILOGUE_SWIGLU: [
-            _cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 3)],
-        K.EPILOGUE_SWIGLU_BWD: [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4)],
+        (K.EPILOGUE_STORE, False): [
+            _cfg(128, 256, 64, 8, 3), _cfg(128, 256, 64, 8, 4), _cfg(256, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4),
+            _cfg(128, 128, 64, 4, 4), _cfg(64, 128, 64, 4, 4)],
+        (K.EPILOGUE_SWIGLU, False): [
+            _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 8, 4), _cfg(128, 64, 64, 4, 4),
+            _cfg(64, 128, 64, 4, 3)],
+        (K.EPILOGUE_SWIGLU_BWD, False): [
+            _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4)],
     }
-    _DW_CONFIGS = [
-        _cfg(64, 128, 128, 8, 3, _DW_NAMES), _cfg(64, 128, 256, 8, 3, _DW_NAMES), _cfg(64, 64, 128, 4, 4, _DW_NAMES)]
+    for mode in (0, 1, 2):
+        _GMM_CONFIGS[(mode, True)] = [_cfg(128, 64, 32, 4, 3), _cfg(64, 64, 32, 4, 3)]
+    _DW_CONFIGS = {
+        False: [_cfg(64, 128, 128, 8, 3, _DW_NAMES), _cfg(64, 128, 128, 8, 4, _DW_NAMES),
+                _cfg(128, 128, 128, 8, 3, _DW_NAMES), _cfg(64, 128, 256, 8, 3, _DW_NAMES),
+                _cfg(64, 64, 128, 4, 4, _DW_NAMES)],
+        True: [_cfg(32, 128, 64, 4, 3, _DW_NAMES), _cfg(32, 64, 64, 4, 3, _DW_NAMES)],
+    }
 
 _GMM = {
-    mode: triton.autotune(
-        configs, key=["N", "K", "E", "GATHER_A"], restore_value=["dw_ptr"] if mode == K.EPILOGUE_SWIGLU_BWD else [])(
+    key: triton.autotune(
+        configs, key=["N", "K", "E", "GATHER_A"], restore_value=["dw_ptr"] if key[0] == K.EPILOGUE_SWIGLU_BWD else [])(
         K.gmm_kernel)
-    for mode, configs in _GMM_CONFIGS.items()
+    for key, configs in _GMM_CONFIGS.items()
 }
-_GMM_DW = triton.autotune(_DW_CONFIGS, key=["KA", "N", "E", "GATHER_A", "GATHER_B", "SCALE_B"])(K.gmm_dw_kernel)
+_GMM_DW = {
+    wide: triton.autotune(configs, key=["KA", "N", "E", "GATHER_A", "GATHER_B", "SCALE_B"])(K.gmm_dw_kernel)
+    for wide, configs in _DW_CONFIGS.items()
+}
 
 
 def _launch_gmm(a, b, b_strides, offsets, out, n, k, *, a_idx=None, mode=K.EPILOGUE_STORE, h=None,
@@ -52,7 +65,7 @@ def _launch_gmm(a, b, b_strides, offsets, out, n, k, *, a_idx=None, mode=K.EPILO
         return ((triton.cdiv(m, meta["BLOCK_M"]) + n_experts + 1) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     dummy = offsets
-    _GMM[mode][grid](
+    _GMM[(mode, a.element_size() > 2)][grid](
         a, dummy if a_idx is None else a_idx, b, out, dummy if h is None else h, dummy if w is None else w,
         dummy if w_idx is None else w_idx, dummy if dw is None else dw, offsets,
         m, n, k, n_experts,
@@ -70,7 +83,7 @@ def _launch_dw(a, b, offsets, out, *, a_idx=None, b_idx=None, scale=None, scale_
         return (n_experts * triton.cdiv(ka, meta["BLOCK_KA"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     dummy = offsets
-    _GMM_DW[grid](
+    _GMM_DW[a.element_size() > 2][grid](
         a, dummy if a_idx is None else a_idx, b, dummy if b_idx is None else b_idx,
         dummy if scale is None else scale, dummy if scale_idx is None else scale_idx, out, offsets,
         ka, n, n_experts, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
