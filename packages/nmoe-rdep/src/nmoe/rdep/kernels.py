@@ -18,13 +18,16 @@ from triton.runtime.interpreter import InterpretedFunction
 class _Kernel:
     """One kernel source, compiled for CUDA tensors and interpreted for CPU tensors."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, do_not_specialize: tuple[str, ...] = ()):
         self.fn = fn
-        self.jit = triton.jit(fn)
+        self.options = {"do_not_specialize": list(do_not_specialize)}  # values that change every call
+        self.jit = triton.jit(fn, **self.options)
 
     @functools.cached_property
     def interpreted(self):
-        return self.jit if isinstance(self.jit, InterpretedFunction) else InterpretedFunction(self.fn)
+        if isinstance(self.jit, InterpretedFunction):
+            return self.jit
+        return InterpretedFunction(self.fn, **self.options)
 
     def on(self, device: torch.device):
         return self.interpreted if device.type == "cpu" else self.jit
@@ -121,11 +124,11 @@ def _wait(flag_ptr, epoch, world):
             seen = tl.atomic_add(flag_ptr + peer, 0, sem="acquire", scope="sys")
 
 
-scatter_rows_kernel = _Kernel(_scatter_rows)
+scatter_rows_kernel = _Kernel(_scatter_rows, do_not_specialize=("tag_base",))
 return_rows_kernel = _Kernel(_return_rows)
 sum_slots_kernel = _Kernel(_sum_slots)
-signal_kernel = _Kernel(_signal)
-wait_kernel = _Kernel(_wait)
+signal_kernel = _Kernel(_signal, do_not_specialize=("src_rank", "epoch", "counts_offset"))
+wait_kernel = _Kernel(_wait, do_not_specialize=("epoch",))
 
 
 def scatter_rows(
