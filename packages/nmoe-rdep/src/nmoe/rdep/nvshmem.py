@@ -77,10 +77,22 @@ def _cuda_device(index: int):
     return Device(index)
 
 
+_INITIALISED = False  # NVSHMEM is initialised once per process; its heap size is fixed then
+
+
 class NvshmemTransport:
-    """One GPU rank: NVSHMEM symmetric tensors, peer pointers, a dedicated transport stream."""
+    """One GPU rank: NVSHMEM symmetric tensors, peer pointers, a dedicated transport stream.
+
+    Create one per process and share it among every Rdep (size it with `for_config(*configs)`).
+    """
 
     def __init__(self, heap_bytes: int | None = None, group: dist.ProcessGroup | None = None):
+        global _INITIALISED
+        if _INITIALISED:
+            raise RuntimeError(
+                "NVSHMEM is already initialised in this process: create one NvshmemTransport and share it "
+                "among Rdep instances (NvshmemTransport.for_config(*configs) sizes the heap for all of them)"
+            )
         if not dist.is_initialized():
             raise RuntimeError("NvshmemTransport: call torch.distributed.init_process_group first")
         if not torch.cuda.is_available():
@@ -95,6 +107,7 @@ class NvshmemTransport:
         broadcast_bytes(uid._data.view(np.uint8), group)
         self._nvshmem.init(device=_cuda_device(self.device.index), uid=uid, rank=self.rank, nranks=self.world,
                            initializer_method="uid")
+        _INITIALISED = True
         if self._nvshmem.my_pe() != self.rank or self._nvshmem.n_pes() != self.world:
             raise RuntimeError(
                 f"NVSHMEM PE {self._nvshmem.my_pe()}/{self._nvshmem.n_pes()} does not match torch.distributed "
@@ -104,9 +117,10 @@ class NvshmemTransport:
         self._tensors: list[torch.Tensor] = []
 
     @classmethod
-    def for_config(cls, config: RdepConfig, group: dist.ProcessGroup | None = None) -> NvshmemTransport:
-        """A transport whose symmetric heap fits one Rdep of `config` over the group's world size."""
-        return cls(heap_bytes=required_heap_bytes(config, dist.get_world_size(group)), group=group)
+    def for_config(cls, *configs: RdepConfig, group: dist.ProcessGroup | None = None) -> NvshmemTransport:
+        """A transport whose symmetric heap fits one Rdep of each config over the group's world size."""
+        world = dist.get_world_size(group)
+        return cls(heap_bytes=sum(required_heap_bytes(c, world) for c in configs), group=group)
 
     def symmetric(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> SymmetricTensor:
         """Collectively allocate a zero-filled symmetric tensor and the table of peers' addresses."""
@@ -129,6 +143,10 @@ class NvshmemTransport:
                 "peer-pointer kernels need every rank on one NVLink/P2P domain"
             ) from cause
         return address
+
+    def peer_view(self, tensor: torch.Tensor, peer: int) -> torch.Tensor:
+        """`tensor` (a symmetric tensor of this transport) as mapped from `peer`'s copy: loads and stores go there."""
+        return self._nvshmem.get_peer_tensor(tensor, peer)
 
     def ready(self) -> None:
         """Every rank zeroed its buffers before anyone may signal (initialisation only)."""
@@ -157,3 +175,5 @@ class NvshmemTransport:
             self._nvshmem.free_tensor(tensor)
         self._tensors.clear()
         self._nvshmem.finalize()
+        global _INITIALISED
+        _INITIALISED = False
