@@ -205,3 +205,15 @@ def test_option_validation():
         PrepOptions(output="o", name="n", tokenizer="t", input="x", val_tokens=1, val_fraction=0.1)
     with pytest.raises(DataError, match="needs dataset"):
         PrepOptions(output="o", name="n", tokenizer="t", source="hf")
+
+
+def test_bad_inputs_name_the_file_and_line(tmp_path, tokenizer_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2 is not JSON"):
+        prepare(_opts(tmp_path, tokenizer_path, tmp_path / "bad.jsonl"), progress=False)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.txt is not UTF-8"):
+        prepare(_opts(tmp_path, tokenizer_path, tmp_path / "latin1.txt", name="l"), progress=False)
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported file type"):
+        prepare(_opts(tmp_path, tokenizer_path, tmp_path / "data.csv", name="c"), progress=False)

@@ -58,11 +58,18 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
         with opener(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
-                    yield _text_of(json.loads(line), text_field, f"{path}:{lineno}")
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: line is not JSON ({e}); each line must be one JSON object") from e
+                    yield _text_of(_json_line(line, f"{path}:{lineno}"), text_field, f"{path}:{lineno}")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 ({e}); convert it, e.g. `iconv -t utf-8`") from e
     except (OSError, EOFError) as e:
         raise SourceUnavailableError(f"cannot read {path}: {e}") from e
+
+
+def _json_line(line: str, where: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where} is not JSON ({e}); each line must be one JSON object") from e
 
 
 def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
