@@ -10,7 +10,7 @@ simulated world advances all ranks' generators in lockstep inside one process.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -128,8 +128,3 @@ class SimulatedWorldBuffers:
         """All ranks' copies of buffer `name` (tests inspect them)."""
         return self._buffers[name][0]
 
-
-def iterate(steps: Iterator[None]) -> None:
-    """Drain an iterator (helper for step generators that return nothing)."""
-    for _ in steps:
-        pass
