@@ -213,9 +213,16 @@ def test_world_must_divide_experts():
 def test_bad_inputs_fail_loud():
     sim = SimulatedWorld(2, config(2, 1, 1, 4, 3))
     x, ids, w = torch.zeros(3, 4, dtype=F64), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1, dtype=F64)
+    too_many = ([torch.zeros(4, 4, dtype=F64), x], [torch.zeros(4, 1, dtype=torch.long), ids],
+                [torch.ones(4, 1, dtype=F64), w])
     with pytest.raises(RdepCapacityError, match="max_tokens_per_rank=3"):
-        sim.dispatch_all([torch.zeros(4, 4, dtype=F64), x], [torch.zeros(4, 1, dtype=torch.long), ids],
-                         [torch.ones(4, 1, dtype=F64), w])
+        sim.dispatch_all(*too_many)
+    steps = [rank._plan_steps(*args) for rank, args in zip(sim.ranks, zip(*too_many))]
+    for rank_steps in steps:
+        next(rank_steps)  # every rank signals its counts (rank 0 a -1 row)
+    for rank_steps in steps:  # and every rank, not only rank 0, raises instead of waiting forever
+        with pytest.raises(RdepCapacityError, match=r"ranks \[0\] dispatch more tokens"):
+            next(rank_steps)
     with pytest.raises(ValueError, match=r"x must be \[T, 4\]"):
         sim.dispatch_all([x.float(), x.float()], [ids, ids], [w, w])
     with pytest.raises(ValueError, match="topk_ids and topk_weights must be"):

@@ -115,13 +115,22 @@ class Rdep:
     def _plan_steps(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Steps:
         self._check_inputs(x, topk_ids, topk_weights)
         n_tokens = x.shape[0]
+        too_many = n_tokens > self.config.max_tokens_per_rank
         capacity = self.config.expert_capacity(n_tokens)
-        plan = plan_source(topk_ids, self.config.n_routed_experts, capacity)
-        epoch = self._signal_all(counts=plan.sent)
+        if too_many:  # still take part in the exchange, with a -1 row, so every rank raises together
+            plan, sent = None, torch.full((self.config.n_routed_experts,), -1, dtype=torch.int32, device=x.device)
+        else:
+            plan = plan_source(topk_ids, self.config.n_routed_experts, capacity)
+            sent = plan.sent
+        epoch = self._signal_all(counts=sent)
         yield
         self._wait_all(epoch)
-        layout = owner_layout(self.counts.local[epoch % 2], self.world)
-        totals = layout.totals.tolist()  # the one host sync of a dispatch: M and the overflow check
+        count_matrix = self.counts.local[epoch % 2]
+        layout = owner_layout(count_matrix.clamp(min=0), self.world)
+        # the one host sync of a dispatch: output size M, overflow and too-many-tokens checks
+        synced = torch.cat([layout.totals, (count_matrix[:, 0] < 0).to(torch.int64)]).tolist()
+        totals, flagged = synced[: self.world], synced[self.world :]
+        self._check_tokens([rank for rank, bad in enumerate(flagged) if bad], n_tokens)
         self._check_capacity(totals)
         dest_rank, dest_slot = source_slots(plan, layout, self.rank, capacity)
         dropped = (plan.counts - plan.sent).sum().to(torch.int64)
@@ -170,11 +179,6 @@ class Rdep:
         cfg = self.config
         if x.dim() != 2 or x.shape[1] != cfg.hidden or x.dtype != cfg.dtype:
             raise ValueError(f"x must be [T, {cfg.hidden}] {cfg.dtype} (RdepConfig), got {tuple(x.shape)} {x.dtype}")
-        if x.shape[0] > cfg.max_tokens_per_rank:
-            raise RdepCapacityError(
-                f"rank {self.rank} dispatches {x.shape[0]} tokens but the buffers were sized for "
-                f"RdepConfig.max_tokens_per_rank={cfg.max_tokens_per_rank}: raise it"
-            )
         expected = (x.shape[0], cfg.top_k)
         if tuple(topk_ids.shape) != expected or tuple(topk_weights.shape) != expected:
             raise ValueError(
@@ -183,6 +187,13 @@ class Rdep:
             )
         if topk_ids.dtype.is_floating_point:
             raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+
+    def _check_tokens(self, ranks_over: list[int], n_tokens: int) -> None:
+        if ranks_over:
+            raise RdepCapacityError(
+                f"ranks {ranks_over} dispatch more tokens than the buffers were sized for "
+                f"(RdepConfig.max_tokens_per_rank={self.config.max_tokens_per_rank}; this rank: {n_tokens}): raise it"
+            )
 
     def _check_capacity(self, totals: Sequence[int]) -> None:
         worst = max(totals)
