@@ -129,6 +129,7 @@ def test_val_set_is_fixed_finite_and_rank_disjoint(root, world, batch, seq_len, 
         assert len(per_rank[0]) == ((VAL - 1) // seq_len) // (batch * world)
         assert all(s >= 1_000_000 for s in starts)  # val tokens, not train
     again = vals[0].val_batches(max_batches=2)
+    assert len(again) == min(2, len(per_rank[0]))
     for (a, _), (b, _) in zip(again, per_rank[0]):
         np.testing.assert_array_equal(a, b)
     assert vals[0].state_dict()["step"] == 0

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from nmoe.data.errors import DataError
-from nmoe.data.prep import DEFAULT_SHARD_TOKENS, PrepOptions, default_workers, prep_command, prepare
+from nmoe.data.prep import DEFAULT_SHARD_TOKENS, PrepOptions, default_workers, prepare
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
