@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nmoe.data import open_loader
+from nmoe.data import Tokenizer, open_loader
 from nmoe.metrics import MetricsWriter, Registry
 from nmoe.model import Transformer, model_summary
 
@@ -113,8 +113,10 @@ class Trainer:
     def _build(self) -> None:
         cfg = self.cfg
         self.data_path = ensure_data(cfg, log=self.log)
+        # The loader refuses shards written by another tokenizer than the one the config names.
+        expect_sha = Tokenizer.load(cfg.data.tokenizer).sha256 if not cfg.data.mixture else None
         common = dict(seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, rank=self.rank,
-                      world_size=self.world_size, seed=cfg.train.seed)
+                      world_size=self.world_size, seed=cfg.train.seed, expect_tokenizer_sha256=expect_sha)
         self.loader = open_loader(self.data_path, split="train", **common)
         self.val_loader = open_loader(self.data_path, split="val", **common)
         if self.loader.vocab_size > cfg.model.vocab_size:
@@ -395,8 +397,11 @@ def _final_metrics(result: RunResult) -> dict[str, float]:
 def _progress(cfg: Config, start: int):
     if not cfg.runtime.progress:
         return None
+    import sys
     from tqdm.auto import tqdm
-    return tqdm(total=cfg.train.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True, leave=True)
+    # On a terminal: a live bar. In a log file: no carriage-return spam; the console lines carry progress.
+    return tqdm(total=cfg.train.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True, leave=True,
+                disable=not sys.stderr.isatty())
 
 
 def _write(bar, log, text: str) -> None:
