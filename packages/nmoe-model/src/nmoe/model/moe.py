@@ -19,6 +19,11 @@ from nmoe.model.config import ModelConfig
 from nmoe.model.layers import SwiGLU
 
 
+# torch.compile keeps the expert kernels out of the traced graph (a graph break at the one call site):
+# inductor cannot yet lower nmoe.kernels' Triton autograd function, and the CPU reference syncs (.tolist()).
+_moe_experts_opaque = torch.compiler.disable(moe_experts)
+
+
 class Routing(NamedTuple):
     """Router decision for T tokens."""
 
@@ -134,7 +139,7 @@ class MoE(nn.Module):
         dtype = flat.dtype
         if torch.is_autocast_enabled(flat.device.type):
             dtype = torch.get_autocast_dtype(flat.device.type)
-        return moe_experts(flat.to(dtype), r.topk_ids, r.weights, w_up.to(dtype), w_down.to(dtype))
+        return _moe_experts_opaque(flat.to(dtype), r.topk_ids, r.weights, w_up.to(dtype), w_down.to(dtype))
 
     def _aux_loss(self, r: Routing, batch: int) -> torch.Tensor:
         aux = r.logits.new_zeros(())
