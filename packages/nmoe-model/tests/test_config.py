@@ -7,7 +7,7 @@ import typing
 
 import pytest
 
-from nmoe.model import PRESETS, ModelConfig
+from nmoe.model import ModelConfig
 
 REQUIRED = dict(vocab_size=64, dim=32, n_layers=4, n_heads=4, inter_dim=64)
 ALLOWED_TYPES = {int, float, str, bool, int | None, float | None, str | None, bool | None}
@@ -77,7 +77,10 @@ def test_local_global_layer_pattern():
     assert all(everywhere.is_global_layer(i) for i in range(4))
 
 
-def test_presets_are_valid_configs():
-    assert {"tiny", "moonlet", "moonlight", "speedrun-dense", "speedrun-moe64", "speedrun-moe256"} <= set(PRESETS)
-    assert PRESETS["speedrun-dense"].n_dense_layers == PRESETS["speedrun-dense"].n_layers
-    assert PRESETS["speedrun-moe256"].top_k == 8 and PRESETS["speedrun-moe256"].n_routed_experts == 256
+def test_shipped_shapes_cover_dense_moe64_and_moe256(shapes):
+    assert {"tiny", "moonlet", "moonlight", "speedrun/small_dense_sdpa", "speedrun/small_moe",
+            "speedrun/small_moe_ultra", "speedrun/super"} <= set(shapes)
+    dense = shapes["speedrun/small_dense_sdpa"]
+    assert dense.n_dense_layers == dense.n_layers and not dense.has_moe
+    assert shapes["speedrun/small_moe"].n_routed_experts == 64
+    assert shapes["speedrun/small_moe_ultra"].top_k == 8 and shapes["speedrun/small_moe_ultra"].n_routed_experts == 256

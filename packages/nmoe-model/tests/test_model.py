@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nmoe.model import NO_DECAY_KINDS, PARAM_KINDS, PRESETS, ModelConfig, Transformer, model_summary
+from nmoe.model import NO_DECAY_KINDS, PARAM_KINDS, ModelConfig, Transformer, model_summary
 
 
 def small_config(**overrides) -> ModelConfig:
@@ -23,9 +23,8 @@ def build(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> Transformer:
     return model.to(dtype)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_presets_build_on_meta_with_formula_param_counts(name):
-    cfg = PRESETS[name]
+def test_shipped_configs_build_on_meta_with_formula_param_counts(config_name, shapes):
+    cfg = shapes[config_name]
     with torch.device("meta"):
         model = Transformer(cfg)
     count = sum(p.numel() for p in model.parameters())
@@ -36,7 +35,9 @@ def test_presets_build_on_meta_with_formula_param_counts(name):
 
 
 def test_tiny_param_count_by_hand():
-    cfg = PRESETS["tiny"]  # dim 128, 4 layers (1 dense), 8 experts of 128 + 1 shared, sdpa 4 heads, vocab 4096
+    cfg = ModelConfig(vocab_size=4096, dim=128, n_layers=4, n_heads=4, attn="sdpa", attn_local="swa",
+                      attn_global_every=2, attn_local_window=128, n_dense_layers=1, inter_dim=512,
+                      n_routed_experts=8, n_shared_experts=1, moe_inter_dim=128, top_k=2)
     attn = 128 * 3 * 128 + 128 * 128
     dense_ffn = 3 * 128 * 512
     moe = 8 * 128 + 8 * 3 * 128 * 128 + 3 * 128 * 128
@@ -45,8 +46,8 @@ def test_tiny_param_count_by_hand():
         assert sum(p.numel() for p in Transformer(cfg).parameters()) == expected
 
 
-def test_moonlight_is_16b_total_3b_active():
-    summary = model_summary(PRESETS["moonlight"], 4096)
+def test_moonlight_is_16b_total_3b_active(shapes):
+    summary = model_summary(shapes["moonlight"], 4096)
     assert 15.9e9 < summary.total_params < 16.0e9
     assert 2.8e9 < summary.active_params < 3.0e9
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from nmoe.model import PRESETS, ModelConfig, Transformer, model_summary
+from nmoe.model import ModelConfig, Transformer, model_summary
 from nmoe.model.summary import activation_bytes_per_token, attended_keys_mean
 
 FLOP_CONFIGS = {
@@ -60,8 +60,8 @@ def test_causal_attention_flops_are_half_the_square_plus_diagonal():
     assert s.flops_per_token == s.matmul_flops_per_token + s.attention_flops_per_token
 
 
-def test_active_params_scale_routed_experts_by_top_k():
-    cfg = PRESETS["moonlet"]
+def test_active_params_scale_routed_experts_by_top_k(shapes):
+    cfg = shapes["moonlet"]
     with torch.device("meta"):
         model = Transformer(cfg)
     kinds = model.param_kinds()
@@ -72,8 +72,8 @@ def test_active_params_scale_routed_experts_by_top_k():
     assert s.embedding_params == s.head_params == cfg.vocab_size * cfg.dim
 
 
-def test_memory_estimates():
-    cfg = PRESETS["moonlet"]
+def test_memory_estimates(shapes):
+    cfg = shapes["moonlet"]
     fp32 = model_summary(cfg, 2048, batch_size=4)
     assert fp32.param_bytes == fp32.grad_bytes == 4 * fp32.total_params
     assert fp32.optimizer_bytes == 8 * fp32.total_params  # m, v; the fp32 params are the master copy
@@ -113,14 +113,14 @@ def test_activation_estimate_tracks_saved_tensors(name):
     assert activation_bytes_per_token(cfg) == pytest.approx(per_token, rel=0.25)
 
 
-def test_table_lists_every_quantity():
-    table = model_summary(PRESETS["moonlight"], 4096, batch_size=2).table()
+def test_table_lists_every_quantity(shapes):
+    table = model_summary(shapes["moonlight"], 4096, batch_size=2).table()
     for label in ("total params", "active params / token", "embedding params", "train FLOPs / token",
                   "memory: params", "memory: grads", "memory: optimizer", "memory: activations", "memory: total"):
         assert label in table
     assert "15.960B" in table and "mla x27" in table
 
 
-def test_mfu_helper():
-    s = model_summary(PRESETS["speedrun-dense"], 1024)
+def test_mfu_helper(shapes):
+    s = model_summary(shapes["speedrun/small_dense_sdpa"], 1024)
     assert s.mfu(tokens_per_second=1e6, peak_flops=s.flops_per_token * 2e6) == pytest.approx(0.5)

@@ -2,7 +2,6 @@
 
 from nmoe.model.config import ModelConfig
 from nmoe.model.model import NO_DECAY_KINDS, PARAM_KINDS, ModelOutput, Transformer
-from nmoe.model.presets import PRESETS, preset
 from nmoe.model.stats import LayerRouterStats, RouterStats
 from nmoe.model.summary import ModelSummary, model_summary
 
@@ -13,9 +12,7 @@ __all__ = [
     "ModelSummary",
     "NO_DECAY_KINDS",
     "PARAM_KINDS",
-    "PRESETS",
     "RouterStats",
     "Transformer",
     "model_summary",
-    "preset",
 ]

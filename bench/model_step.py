@@ -1,7 +1,8 @@
-"""GPU smoke + throughput of one training step (fwd+bwd, bf16 autocast) per preset: eager vs torch.compile.
+"""GPU smoke + throughput of one model step (fwd+bwd, bf16 autocast) per config: eager vs torch.compile,
+plus the host-sync sites of a step. No optimizer, no data: the model alone.
 
-Run on a CUDA machine: PYTHONPATH=packages/nmoe-kernels/src:packages/nmoe-model/src python3 \
-    packages/nmoe-model/bench/gpu_step.py tiny:8x512 moonlet:2x4096
+Run on a CUDA machine: PYTHONPATH=$(ls -d packages/*/src | tr '\n' ':') python3 \
+    bench/model_step.py configs/tiny.toml:8x512 configs/moonlet.toml:2x4096
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from nmoe.model import Transformer, model_summary, preset
+from nmoe.model import Transformer, model_summary
+from nmoe.train.config import load_config
+from nmoe.train.mfu import peak_tflops
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 
 
 def step(model, idx):
@@ -53,9 +55,9 @@ def sync_sites(model, idx):
 
 
 def run(name, bsz, seq, compile_too=True):
-    cfg = preset(name)
+    cfg = load_config(name).model
     summary = model_summary(cfg, seq, bsz)
-    peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), 989e12)
+    peak = (peak_tflops(torch.cuda.get_device_name()) or 989.4) * 1e12
     model = Transformer(cfg).cuda()
     model.init_weights(0)
     idx = torch.randint(0, cfg.vocab_size, (bsz, seq), device="cuda")
@@ -82,7 +84,7 @@ def run(name, bsz, seq, compile_too=True):
 
 if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name())
-    for arg in sys.argv[1:] or ["tiny:8x512"]:
+    for arg in sys.argv[1:] or ["configs/tiny.toml:8x512"]:
         name, shape, *mode = arg.split(":")
         b, s = shape.split("x")
         try:
