@@ -1,0 +1,64 @@
+"""A NaN/Inf loss or gradient stops the run: the step, the layer, the last good checkpoint; no bad update."""
+
+import sqlite3
+import tomllib
+
+import pytest
+import torch
+
+from nmoe.train.config import build_config
+from nmoe.train.loop import NonFiniteError, Trainer
+
+
+def make_trainer(tmp_path, text_corpus, make_config, **sections) -> Trainer:
+    raw = tomllib.loads(make_config(tmp_path, text_corpus, **sections))
+    return Trainer(build_config(raw, "test", env={}), log=lambda s: None)
+
+
+def poison_after_build(trainer: Trainer, step_to_poison: int, poison) -> None:
+    """Run poison(model) right before optimizer step `step_to_poison` (1-based) starts."""
+    original = trainer.train_step
+
+    def train_step(step):
+        if step + 1 == step_to_poison:
+            poison(trainer.model)
+        return original(step)
+
+    trainer.train_step = train_step
+
+
+def test_nan_in_forward_names_step_layer_and_last_checkpoint(tmp_path, text_corpus, make_config):
+    trainer = make_trainer(tmp_path, text_corpus, make_config, checkpoint={"dir": str(tmp_path / "ckpt"), "save_every": 2, "keep_last": 3})
+
+    def poison(model):
+        with torch.no_grad():
+            model.blocks[1].attn_norm.weight.fill_(float("nan"))
+
+    poison_after_build(trainer, 3, poison)
+    with pytest.raises(NonFiniteError) as e:
+        trainer.run()
+    msg = str(e.value)
+    assert "non-finite loss at step 3" in msg
+    assert "blocks.1" in msg, msg
+    assert "step_00000002" in msg
+    row = sqlite3.connect(tmp_path / "runs.sqlite").execute("SELECT status, last_step FROM runs").fetchone()
+    assert row == ("failed", 2)
+
+
+def test_inf_gradient_skips_the_update(tmp_path, text_corpus, make_config):
+    trainer = make_trainer(tmp_path, text_corpus, make_config)
+    snapshot = {}
+
+    def poison(model):
+        snapshot.update({n: p.detach().clone() for n, p in model.named_parameters()})
+        # The forward stays finite; only the head's gradient becomes inf.
+        def hook(grad):
+            return grad * float("inf")
+        model.head.weight.register_hook(hook)
+
+    poison_after_build(trainer, 2, poison)
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient norm at step 2") as e:
+        trainer.run()
+    assert "gradient of `head.weight` (forward was finite)" in str(e.value)
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), snapshot[name]), f"{name} was updated by a non-finite step"
