@@ -92,3 +92,24 @@ def test_console_script_runs(run_dirs):
     result = subprocess.run([exe, "runs"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "tiny-1" in result.stdout and "old-run" in result.stdout
+
+
+def test_damaged_files_and_bad_arguments_give_one_line_errors(run_dirs, tmp_path, capsys):
+    db, metrics = run_dirs
+    (metrics / "broken").mkdir()
+    (metrics / "broken" / "rank_0.duckdb").write_bytes(b"not a database")
+    assert main(["show", "broken"]) == 2
+    err = capsys.readouterr().err
+    assert "rank_0.duckdb" in err and "Traceback" not in err
+
+    bad_db = tmp_path / "bad.sqlite"
+    bad_db.write_bytes(b"garbage" * 100)
+    assert main(["runs", "--db", str(bad_db)]) == 2
+    assert str(bad_db) in capsys.readouterr().err
+
+    assert main(["export", "tiny-1", "--csv", str(tmp_path / "missing-dir" / "out.csv")]) == 2
+    assert "pass --csv with a writable path" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exc:
+        main(["show", "tiny-1", "--width", "0"])
+    assert exc.value.code == 2 and "must be >= 1" in capsys.readouterr().err

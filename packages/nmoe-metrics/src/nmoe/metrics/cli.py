@@ -6,10 +6,13 @@ import argparse
 import csv
 import math
 import os
+import sqlite3
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
+
+import duckdb
 
 from nmoe.metrics.reader import MetricRow, list_metric_runs, list_ranks, read_metrics
 from nmoe.metrics.registry import Registry
@@ -33,6 +36,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"nmoe-metrics: error: {exc}", file=sys.stderr)
         return 2
+    except duckdb.Error as exc:  # its messages name the file
+        print(f"nmoe-metrics: error: cannot read the metrics file: {exc}\n"
+              "  it is damaged or not an nmoe metrics file; move it out of the run's metrics directory", file=sys.stderr)
+        return 2
+    except TimeoutError as exc:  # a live run's writer kept the file locked
+        print(f"nmoe-metrics: error: {exc}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # e.g. `nmoe-metrics show X | head`
         return 0
 
@@ -45,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="list runs in the experiment registry, newest first")
     runs.add_argument("--db", default=None, help=db_help)
-    runs.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
+    runs.add_argument("--limit", type=_positive_int, default=50, help="at most this many runs (default 50)")
     runs.set_defaults(func=cmd_runs)
 
     show = sub.add_parser("show", help="latest value and a sparkline of the whole history per tag")
@@ -53,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--metrics-dir", default=None, help=dir_help)
     show.add_argument("--db", default=None, help=db_help)
     show.add_argument("--rank", type=int, default=None, help="only this rank (default: every rank)")
-    show.add_argument("--width", type=int, default=40, help="sparkline width in characters (default 40)")
+    show.add_argument("--width", type=_positive_int, default=40, help="sparkline width in characters (default 40)")
     show.add_argument("--tag", action="append", default=None, help="only tags starting with this prefix (repeatable)")
     show.set_defaults(func=cmd_show)
 
@@ -168,7 +178,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CliError(_unknown_run_message(args.run_id, metrics_dir, None))
     rows = read_metrics(metrics_dir, args.run_id, rank=args.rank)
     rows.sort(key=lambda r: (r.step, r.rank, r.tag, r.ts))
-    out = sys.stdout if str(args.csv) == "-" else open(args.csv, "w", newline="")
+    try:
+        out = sys.stdout if str(args.csv) == "-" else open(args.csv, "w", newline="")
+    except OSError as exc:
+        raise CliError(f"cannot write {args.csv}: {exc.strerror}; pass --csv with a writable path") from exc
     try:
         writer = csv.writer(out)
         writer.writerow(MetricRow._fields)
@@ -184,13 +197,24 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- helpers
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _open_registry(db: str | None, *, must_exist: bool) -> Registry | None:
     path = Path(db or os.environ.get("NMOE_EXPERIMENTS_DB") or DEFAULT_DB)
     if not path.exists():
         if must_exist:
             raise CliError(f"no experiment registry at {path}; pass --db PATH or set NMOE_EXPERIMENTS_DB")
         return None
-    return Registry(path)
+    try:
+        return Registry(path)
+    except sqlite3.DatabaseError as exc:
+        raise CliError(f"{path} is not a readable experiment registry ({exc}); "
+                       "pass --db with the right file or move this one aside") from exc
 
 
 def _metrics_dir(metrics_dir: str | None) -> Path:
