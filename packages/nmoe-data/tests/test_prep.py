@@ -110,6 +110,20 @@ def test_prepare_is_idempotent_and_refuses_other_options(tmp_path, tokenizer_pat
         prepare(other, progress=False)
 
 
+def test_rerun_rewrites_a_missing_or_truncated_shard_of_a_finished_prep(tmp_path, tokenizer_path, docs, h):
+    glob = _write_inputs("jsonl", tmp_path / "in", docs, h)
+    opts = _opts(tmp_path, tokenizer_path, glob)
+    first = prepare(opts, progress=False)
+    shards = [s for split in first.splits.values() for s in split.shards]
+    original = {s.file: (first.dir / s.file).read_bytes() for s in shards}
+    (first.dir / shards[0].file).unlink()
+    with open(first.dir / shards[-1].file, "r+b") as f:
+        f.truncate(shards[-1].bytes - 2)
+    assert not is_prepared(opts)
+    assert prepare(opts, progress=False) == first and is_prepared(opts)
+    assert {s.file: (first.dir / s.file).read_bytes() for s in shards} == original
+
+
 def test_interrupted_prep_resumes_and_matches_a_clean_run(tmp_path, tokenizer_path, docs, h, monkeypatch):
     glob = _write_inputs("jsonl", tmp_path / "in", docs, h)
     clean = prepare(_opts(tmp_path, tokenizer_path, glob, name="clean"), progress=False)

@@ -151,13 +151,25 @@ def _existing_manifest(out: Path) -> Manifest | None:
     return Manifest.load(out) if (out / MANIFEST).is_file() else None
 
 
+def _damaged_shards(m: Manifest) -> list[str]:
+    """Shard files of a finished prep that are missing or have the wrong size (a cheap stat, no hashing)."""
+    damaged = []
+    for split in m.splits.values():
+        for info in split.shards:
+            path = m.dir / info.file
+            if not path.is_file() or path.stat().st_size != info.bytes:
+                damaged.append(info.file)
+    return damaged
+
+
 def is_prepared(opts: PrepOptions) -> bool:
-    """True when dataset_dir(opts) holds a finished prep of exactly these options and tokenizer."""
+    """True when dataset_dir(opts) holds a finished prep of exactly these options and tokenizer, every shard present."""
     out = dataset_dir(opts)
     if not (out / MANIFEST).is_file() or not Path(opts.tokenizer).is_file():
         return False
     try:
-        return Manifest.load(out).prep_options == _fingerprint(opts, Tokenizer.load(opts.tokenizer))
+        m = Manifest.load(out)
+        return m.prep_options == _fingerprint(opts, Tokenizer.load(opts.tokenizer)) and not _damaged_shards(m)
     except DataError:
         return False
 
@@ -184,14 +196,22 @@ def ensure_tokenizer(opts: PrepOptions, progress: bool = True) -> Tokenizer:
 
 
 def prepare(opts: PrepOptions, progress: bool = True) -> Manifest:
-    """Tokenize the source into shards + manifest.json; idempotent, resumes an interrupted run."""
+    """Tokenize the source into shards + manifest.json; idempotent, resumes an interrupted run, and
+    prepares again when a shard of a finished run is missing or has the wrong size."""
     out = dataset_dir(opts)
     tok = ensure_tokenizer(opts, progress)
     fingerprint = _fingerprint(opts, tok)
     existing = _existing_manifest(out)
-    if existing is not None:
-        if existing.prep_options == fingerprint:
+    if existing is not None and existing.prep_options == fingerprint:
+        damaged = _damaged_shards(existing)
+        if not damaged:
             return existing
+        if progress:
+            print(f"nmoe-data: {len(damaged)} shard(s) of {out} missing or damaged ({', '.join(damaged[:3])}"
+                  f"{', ...' if len(damaged) > 3 else ''}); preparing again", flush=True)
+        (out / MANIFEST).unlink()  # the shards are deterministic: a fresh prep rewrites identical bytes
+        existing = None
+    if existing is not None:
         changed = sorted(k for k in fingerprint if existing.prep_options.get(k) != fingerprint[k])
         raise DataError(
             f"{out} already holds a dataset prepared with different {', '.join(changed)}; "

@@ -61,7 +61,7 @@ def write_shard(directory: Path, split: str, index: int, tokens: np.ndarray):
 def open_shard(directory: Path, info, dtype: str, *, verify: bool) -> np.ndarray:
     """Memory-map a shard after checking presence, dtype, size (and sha256 when `verify`)."""
     path = Path(directory) / info.file
-    fix = f"re-run the same `nmoe-data prep` command to rewrite it (or delete {directory} and prep again)"
+    fix = f"delete {path} and re-run the same `nmoe-data prep` command to rewrite it"
     if not path.is_file():
         raise ShardCorruptError(f"shard {path} is missing; {fix}")
     try:
