@@ -190,13 +190,16 @@ class Trainer:
                 ((ce + aux) / cfg.train.grad_accum).backward()
             total += ce.detach() / cfg.train.grad_accum
         with self._nvtx("optimizer"):
-            clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         self.last_batch = (x, y)
         return total, grad_norm
 
-    def _apply(self) -> None:
+    def _apply(self, grad_norm: torch.Tensor) -> None:
+        """Clip (only now that the norm is known finite, so the locator saw raw gradients) and step."""
         with self._nvtx("optimizer"):
+            if self.cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.train.grad_clip, grad_norm, foreach=True)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.model.update_expert_bias()
@@ -318,7 +321,7 @@ class Trainer:
                     f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step + 1} "
                     f"(loss {loss}, grad norm {norm}); first seen in the {where}. The optimizer step was not applied. "
                     f"Last good checkpoint: {self.last_checkpoint or 'none'} — lower optim.lr or raise optim.warmup, then resume from it.")
-            self._apply()
+            self._apply(norm_t)
             step += 1
             self.step_reached = step
             self.tokens_seen += self.tokens_per_step
