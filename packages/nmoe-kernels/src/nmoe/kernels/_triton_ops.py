@@ -115,13 +115,17 @@ def gmm_dw(x, dy, offsets, n_experts):
 
 
 class GroupedMM(torch.autograd.Function):
+    """grouped_mm with Triton forward, dX (grouped, transposed w) and per-expert dW kernels."""
+
     @staticmethod
     def forward(ctx, x, w, offsets):
+        """x[M,K], w[E,K,N], offsets[E] int32 -> [M,N] (x.dtype)."""
         ctx.save_for_backward(x, w, offsets)
         return gmm_forward(x, w, offsets)
 
     @staticmethod
     def backward(ctx, dy):
+        """dy[M,N] -> (dx[M,K], dw[E,K,N], None)."""
         x, w, offsets = ctx.saved_tensors
         dy = dy.contiguous()
         dx = gmm_dx(dy, w, offsets) if ctx.needs_input_grad[0] else None
@@ -176,6 +180,7 @@ class MoEExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_up, w_down):
+        """x[T,D], topk_ids[T,K], topk_weights[T,K] float, w_up[E,D,2H], w_down[E,H,D] -> y[T,D] (x.dtype)."""
         n_tokens, top_k = topk_ids.shape
         n_experts, d, h2 = w_up.shape
         hdim = h2 // 2
@@ -196,6 +201,7 @@ class MoEExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        """dy[T,D] -> (dx[T,D], None, d_topk_weights[T,K] (weights' dtype), dw_up, dw_down)."""
         x, weights, w_up, w_down, offsets, order, token, pos, pre, act = ctx.saved_tensors
         dy = dy.contiguous()
         n_tokens, d = x.shape
