@@ -112,6 +112,7 @@ class SimulatedWorldBuffers:
         self._buffers: dict[str, tuple[list[torch.Tensor], torch.Tensor]] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(per-rank copies [W] of `shape`/`dtype`, their data pointers [W] int64), created once per name."""
         if name not in self._buffers:
             copies = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.world)]
             table = torch.tensor([c.data_ptr() for c in copies], dtype=torch.int64, device=self.device)
