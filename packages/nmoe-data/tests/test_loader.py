@@ -116,6 +116,14 @@ def test_mixture_probabilities_formula():
         mixture_probabilities([(0, 1)])
 
 
+@pytest.mark.parametrize("line", ['weight = "3"', "temperature = 0", "weight = -1.5", "weight = true"])
+def test_mixture_toml_with_a_bad_weight_or_temperature_is_refused(tmp_path, line):
+    toml = tmp_path / "mix.toml"
+    toml.write_text(f'[[dataset]]\npath = "a"\n[[dataset]]\npath = "b"\n{line}\n')
+    with pytest.raises(DataError, match=r"#2 has .* must be a number > 0"):
+        open_loader(toml, split="train", seq_len=4, batch_size=1)
+
+
 @SETTINGS
 @given(world=st.integers(1, 4), batch=st.integers(1, 5), seq_len=st.integers(1, 40), mixture=st.booleans())
 def test_val_set_is_fixed_finite_and_rank_disjoint(root, world, batch, seq_len, mixture):

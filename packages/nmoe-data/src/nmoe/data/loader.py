@@ -257,6 +257,12 @@ def read_mixture(path: str | Path) -> tuple[dict, list[dict]]:
     entries = doc.get("dataset")
     if not isinstance(entries, list) or not entries:
         raise DataError(f"mixture file {path} needs at least one [[dataset]] table")
+    for i, entry in enumerate(entries):
+        for key in ("weight", "temperature"):
+            value = entry.get(key, 1.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise DataError(f"mixture file {path}: [[dataset]] #{i + 1} has {key} = {value!r}; "
+                                f"{key} must be a number > 0 (e.g. {key} = 1.0)")
     return doc, entries
 
 
