@@ -56,6 +56,8 @@ class DataConfig:
     max_docs: int = _f(0, "read at most this many documents (0: all)", range=(0, None))
     mixture: str = _f("", "mixture TOML (several prepared datasets with weights); overrides name/source")
     workers: int = _f(0, "prep worker processes (0: one per core)", range=(0, 1024), operational=True)
+    verify_shards: bool = _f(True, "sha256-check every shard at start (sizes and dtypes are always checked); "
+                             "turn off for very large datasets on trusted storage", operational=True)
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,8 @@ class Trainer:
         # The loader refuses shards written by another tokenizer than the one the config names.
         expect_sha = Tokenizer.load(cfg.data.tokenizer).sha256 if not cfg.data.mixture else None
         common = dict(seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, rank=self.rank,
-                      world_size=self.world_size, seed=cfg.train.seed, expect_tokenizer_sha256=expect_sha)
+                      world_size=self.world_size, seed=cfg.train.seed, expect_tokenizer_sha256=expect_sha,
+                      verify=cfg.data.verify_shards)
         self.loader = open_loader(self.data_path, split="train", **common)
         self.val_loader = open_loader(self.data_path, split="val", **common)
         if self.loader.vocab_size > cfg.model.vocab_size:
