@@ -1,4 +1,4 @@
-"""A NaN/Inf loss or gradient stops the run: the step, the layer, the last good checkpoint; no bad update."""
+"""Stopping rules: a NaN/Inf loss or gradient (step, layer, last good checkpoint, no bad update); target_loss."""
 
 import sqlite3
 import tomllib
@@ -62,3 +62,10 @@ def test_inf_gradient_skips_the_update(tmp_path, text_corpus, make_config):
     assert "gradient of `head.weight` (forward was finite)" in str(e.value)
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p.detach(), snapshot[name]), f"{name} was updated by a non-finite step"
+
+
+def test_target_loss_stops_the_run_at_the_first_eval_that_reaches_it(tmp_path, text_corpus, make_config):
+    trainer = make_trainer(tmp_path, text_corpus, make_config, eval={"eval_every": 3, "eval_batches": 2, "target_loss": 50.0})
+    result = trainer.run()
+    assert (result.status, result.step) == ("completed", 3)
+    assert result.val_loss <= 50.0 and result.checkpoint.name == "step_00000003"
