@@ -5,7 +5,7 @@ and `.combine(expert_y, handle) -> y`, both autograd-aware, no collective on the
 Transports: `SimulatedWorld` (W ranks in one process, CPU tests) and `NvshmemTransport` (GPU).
 """
 
-from nmoe.rdep.config import RdepCapacityError, RdepConfig
+from nmoe.rdep.config import RdepCapacityError, RdepConfig, RdepTimeoutError
 from nmoe.rdep.rdep import Rdep, RdepHandle, SimulatedWorld
 from nmoe.rdep.transport import SymmetricTensor, Transport
 
@@ -13,6 +13,7 @@ __all__ = [
     "Rdep",
     "RdepConfig",
     "RdepCapacityError",
+    "RdepTimeoutError",
     "RdepHandle",
     "SimulatedWorld",
     "SymmetricTensor",

@@ -12,6 +12,10 @@ class RdepCapacityError(RuntimeError):
     """A receive buffer would overflow; the message names the sizes and the config key to raise."""
 
 
+class RdepTimeoutError(RuntimeError):
+    """A device-side wait gave up on a peer (crashed, raised alone, or out of step): the world is broken."""
+
+
 @dataclass(frozen=True)
 class RdepConfig:
     """Sizes of one expert-parallel MoE transport (shared by every MoE layer that uses it).
@@ -25,6 +29,8 @@ class RdepConfig:
       to each expert (later tokens first to go); excess rows are dropped and counted instead of
       raising, and the receive buffer is sized for that bound exactly.
     dtype: element type of the rows moved (x, expert outputs and their gradients).
+    wait_timeout_s: a device-side wait for peers gives up after this long (GPU only) and the next
+      host sync of the Rdep raises RdepTimeoutError instead of hanging forever.
     """
 
     hidden: int
@@ -34,6 +40,7 @@ class RdepConfig:
     capacity_margin: float = 2.0
     capacity_factor: float | None = None
     dtype: torch.dtype = torch.bfloat16
+    wait_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         for key in ("hidden", "n_routed_experts", "top_k", "max_tokens_per_rank"):
@@ -43,6 +50,8 @@ class RdepConfig:
             raise ValueError(f"RdepConfig.top_k={self.top_k} exceeds n_routed_experts={self.n_routed_experts}")
         if self.capacity_margin <= 0:
             raise ValueError(f"RdepConfig.capacity_margin must be > 0, got {self.capacity_margin}")
+        if not 0 < self.wait_timeout_s <= 86400:
+            raise ValueError(f"RdepConfig.wait_timeout_s must be in (0, 86400], got {self.wait_timeout_s}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"RdepConfig.capacity_factor must be > 0 or None, got {self.capacity_factor}")
 

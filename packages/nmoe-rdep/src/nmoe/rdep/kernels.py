@@ -33,6 +33,9 @@ class _Kernel:
         return self.interpreted if device.type == "cpu" else self.jit
 
 
+EPOCH_PERIOD = 1 << 30  # flags hold epoch % EPOCH_PERIOD (even: the parity of the counts area survives the wrap)
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -116,19 +119,46 @@ def _signal(counts_ptr, counts_table, flag_table, src_rank, epoch, counts_offset
     tl.atomic_xchg(flags + src_rank, epoch, sem="release", scope="sys")
 
 
-def _wait(flag_ptr, epoch, world):
-    # One program: spin until every peer's flag reached `epoch` (flags only grow).
+def _wait(flag_ptr, status_ptr, epoch, world, timeout, PERIOD: tl.constexpr, ON_GPU: tl.constexpr):
+    # One program: spin until every peer's flag shows `epoch` or the one after it (mod PERIOD; a
+    # peer is never further ahead, see Rdep._signal_all), acquiring at system scope so the rows
+    # the peer stored before its release are visible to every later kernel of this stream.
+    # Gives up after `timeout` (ns of %globaltimer on the GPU, polls in the interpreter) and then
+    # records (late peers, epoch, a late peer, its flag) in status[4] for the host to raise on.
+    after = (epoch + 1) % PERIOD
+    if ON_GPU:
+        start = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+    else:
+        start = 0
+    n_late = 0
+    late_peer = -1
+    late_seen = 0
     for peer in range(world):
         seen = tl.atomic_add(flag_ptr + peer, 0, sem="acquire", scope="sys")
-        while seen < epoch:
+        elapsed = start - start
+        while ((seen != epoch) & (seen != after)) & (elapsed <= timeout):
             seen = tl.atomic_add(flag_ptr + peer, 0, sem="acquire", scope="sys")
+            if ON_GPU:
+                elapsed = tl.inline_asm_elementwise(
+                    "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1) - start
+            else:
+                elapsed = elapsed + 1
+        late = (seen != epoch) & (seen != after)
+        n_late += late.to(tl.int32)
+        late_peer = tl.where(late, peer, late_peer)
+        late_seen = tl.where(late, seen, late_seen)
+    if n_late > 0:
+        tl.store(status_ptr + 0, n_late)
+        tl.store(status_ptr + 1, epoch)
+        tl.store(status_ptr + 2, late_peer)
+        tl.store(status_ptr + 3, late_seen)
 
 
 scatter_rows_kernel = _Kernel(_scatter_rows, do_not_specialize=("tag_base",))
 return_rows_kernel = _Kernel(_return_rows)
 sum_slots_kernel = _Kernel(_sum_slots)
 signal_kernel = _Kernel(_signal, do_not_specialize=("src_rank", "epoch", "counts_offset"))
-wait_kernel = _Kernel(_wait, do_not_specialize=("epoch",))
+wait_kernel = _Kernel(_wait, do_not_specialize=("epoch", "timeout"))
 
 
 def scatter_rows(
@@ -198,6 +228,11 @@ def signal(
     )
 
 
-def wait(flags: torch.Tensor, epoch: int) -> None:
-    """Block the stream until every entry of the local flags[W] reached epoch."""
-    wait_kernel.on(flags.device)[(1,)](flags, epoch, flags.numel())
+def wait(flags: torch.Tensor, epoch: int, status: torch.Tensor, timeout_s: float, polls: int = 1000) -> None:
+    """Block the stream until every entry of the local flags[W] int32 shows epoch or epoch + 1 (mod
+    EPOCH_PERIOD); past timeout_s (GPU) or `polls` polls (interpreter) give up and fill status[4] int32."""
+    on_gpu = flags.device.type != "cpu"
+    timeout = int(timeout_s * 1e9) if on_gpu else polls
+    wait_kernel.on(flags.device)[(1,)](
+        flags, status, epoch, flags.numel(), timeout, PERIOD=EPOCH_PERIOD, ON_GPU=on_gpu
+    )

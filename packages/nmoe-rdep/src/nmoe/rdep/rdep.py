@@ -5,10 +5,16 @@ Per rank, four symmetric buffers (sized once from RdepConfig):
 - tags [C] int32: for each received row, source * R + (t*K + k), R = max_tokens_per_rank * K;
 - ret  [R, D]: rows coming back to this source, at their (t*K + k) slot;
 - counts [2, W, E] int32: every source's per-expert counts (double-buffered by epoch parity);
-- flags [W] int32: flag[s] = the last epoch source s signalled to this rank (only grows).
+- flags [W] int32: flag[s] = the last epoch source s signalled to this rank (mod EPOCH_PERIOD).
 
 Every phase is: signal peers -> wait for their signals (a device-side spin on the dedicated
 stream) -> move rows with one Triton kernel -> signal -> wait. No collective is ever called.
+
+Why a peer's flag is always `epoch - 1`, `epoch` or `epoch + 1` when this rank waits for `epoch`:
+a rank signals e + 2 only after its wait for e + 1 passed, which needs this rank's signal e + 1,
+sent after this wait. So the wait accepts exactly {epoch, epoch + 1} (wrap-safe, and a world that
+fell out of step times out instead of reading a buffer early), and a buffer is written only after
+a wait on an epoch its reader signals once it finished reading it (see each phase below).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from nmoe.rdep import kernels
-from nmoe.rdep.config import RdepCapacityError, RdepConfig
+from nmoe.rdep.config import RdepCapacityError, RdepConfig, RdepTimeoutError
 from nmoe.rdep.plan import owner_layout, plan_source, source_slots
 from nmoe.rdep.transport import (
     SimulatedTransport,
@@ -29,6 +35,9 @@ from nmoe.rdep.transport import (
     run_lockstep,
     run_straight,
 )
+
+# codes a source puts in its counts row instead of counts, so that every rank raises together
+TOO_MANY_TOKENS, BAD_INPUT, BAD_EXPERT_ID = -1, -2, -3
 
 
 @dataclass
@@ -67,6 +76,7 @@ class Rdep:
         self.flags = transport.symmetric("rdep.flags", (self.world,), torch.int32)
         transport.ready()
         self._epoch = 0
+        self._status = torch.zeros(4, dtype=torch.int32, device=transport.device)  # see kernels.wait
         self.dropped_rows = torch.zeros((), dtype=torch.int64, device=transport.device)
         self._group: _Group = _Group([self], lockstep=False)
 
@@ -86,6 +96,10 @@ class Rdep:
         (y,) = combine_group(self._group, [expert_y], [handle])
         return y
 
+    def check(self) -> None:
+        """Host sync; raise RdepTimeoutError if any device-side wait of this Rdep gave up on a peer."""
+        self._raise_if_timed_out(self._status.tolist())
+
     def _require_single(self) -> None:
         if len(self._group.members) != 1:
             raise RuntimeError(
@@ -97,13 +111,14 @@ class Rdep:
 
     def _signal_all(self, counts: torch.Tensor | None = None) -> int:
         self._epoch += 1
-        parity_offset = (self._epoch % 2) * self.world * self.config.n_routed_experts
-        kernels.signal(self.flags.peers, self.rank, self._epoch, counts, self.counts.peers, parity_offset)
-        return self._epoch
+        epoch = self._epoch % kernels.EPOCH_PERIOD  # EPOCH_PERIOD is even: parity is unchanged
+        parity_offset = (epoch % 2) * self.world * self.config.n_routed_experts
+        kernels.signal(self.flags.peers, self.rank, epoch, counts, self.counts.peers, parity_offset)
+        return epoch
 
     def _wait_all(self, epoch: int) -> None:
         self.transport.before_wait(self.flags.local, epoch)
-        kernels.wait(self.flags.local, epoch)
+        kernels.wait(self.flags.local, epoch, self._status, self.config.wait_timeout_s)
 
     def _barrier(self) -> Steps:
         epoch = self._signal_all()
@@ -113,24 +128,31 @@ class Rdep:
     # ---- phases (generators: `yield` = wait for the peers) --------------------------------
 
     def _plan_steps(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Steps:
-        self._check_inputs(x, topk_ids, topk_weights)
-        n_tokens = x.shape[0]
-        too_many = n_tokens > self.config.max_tokens_per_rank
+        # Any problem with this rank's inputs still takes part in the count exchange, as a code
+        # row, so that every rank raises together instead of its peers spinning forever.
+        n_experts = self.config.n_routed_experts
+        problem = self._input_problem(x, topk_ids, topk_weights)
+        n_tokens = x.shape[0] if problem is None else 0
         capacity = self.config.expert_capacity(n_tokens)
-        if too_many:  # still take part in the exchange, with a -1 row, so every rank raises together
-            plan, sent = None, torch.full((self.config.n_routed_experts,), -1, dtype=torch.int32, device=x.device)
-        else:
-            plan = plan_source(topk_ids, self.config.n_routed_experts, capacity)
-            sent = plan.sent
+        plan = None
+        if problem is not None:
+            sent = self._code_row(BAD_INPUT)
+        elif n_tokens > self.config.max_tokens_per_rank:
+            sent = self._code_row(TOO_MANY_TOKENS)
+        else:  # ids outside [0, E) would make the planning kernels index out of bounds: clamp, flag
+            bad_ids = ((topk_ids < 0) | (topk_ids >= n_experts)).any()
+            plan = plan_source(topk_ids.clamp(0, n_experts - 1), n_experts, capacity)
+            sent = torch.where(bad_ids, BAD_EXPERT_ID, plan.sent)
         epoch = self._signal_all(counts=sent)
         yield
         self._wait_all(epoch)
         count_matrix = self.counts.local[epoch % 2]
         layout = owner_layout(count_matrix.clamp(min=0), self.world)
-        # the one host sync of a dispatch: output size M, overflow and too-many-tokens checks
-        synced = torch.cat([layout.totals, (count_matrix[:, 0] < 0).to(torch.int64)]).tolist()
-        totals, flagged = synced[: self.world], synced[self.world :]
-        self._check_tokens([rank for rank, bad in enumerate(flagged) if bad], n_tokens)
+        # the one host sync of a dispatch: output size M, error codes, wait status
+        synced = torch.cat([layout.totals, count_matrix[:, 0].to(torch.int64), self._status.to(torch.int64)]).tolist()
+        totals, codes, status = synced[: self.world], synced[self.world : 2 * self.world], synced[2 * self.world :]
+        self._raise_if_timed_out(status)
+        self._check_codes(codes, problem, n_tokens)
         self._check_capacity(totals)
         dest_rank, dest_slot = source_slots(plan, layout, self.rank, capacity)
         dropped = (plan.counts - plan.sent).sum().to(torch.int64)
@@ -175,18 +197,53 @@ class Rdep:
 
     # ---- checks -----------------------------------------------------------------------------
 
-    def _check_inputs(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
-        cfg = self.config
+    def _code_row(self, code: int) -> torch.Tensor:
+        return torch.full((self.config.n_routed_experts,), code, dtype=torch.int32, device=self.transport.device)
+
+    def _input_problem(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> str | None:
+        cfg, device = self.config, self.transport.device
+        if not all(isinstance(t, torch.Tensor) for t in (x, topk_ids, topk_weights)):
+            return "x, topk_ids and topk_weights must be tensors"
         if x.dim() != 2 or x.shape[1] != cfg.hidden or x.dtype != cfg.dtype:
-            raise ValueError(f"x must be [T, {cfg.hidden}] {cfg.dtype} (RdepConfig), got {tuple(x.shape)} {x.dtype}")
+            return f"x must be [T, {cfg.hidden}] {cfg.dtype} (RdepConfig), got {tuple(x.shape)} {x.dtype}"
         expected = (x.shape[0], cfg.top_k)
         if tuple(topk_ids.shape) != expected or tuple(topk_weights.shape) != expected:
-            raise ValueError(
+            return (
                 f"topk_ids and topk_weights must be {expected} (T, RdepConfig.top_k), got "
                 f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}"
             )
-        if topk_ids.dtype.is_floating_point:
-            raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+        if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+            return f"topk_ids must be an integer tensor, got {topk_ids.dtype}"
+        if any(t.device != device for t in (x, topk_ids, topk_weights)):
+            return f"x, topk_ids and topk_weights must be on {device} (the transport's device)"
+        return None
+
+    def _check_codes(self, codes: Sequence[int], problem: str | None, n_tokens: int) -> None:
+        if problem is not None:
+            raise ValueError(f"rank {self.rank}: {problem} (every rank's dispatch raises with it)")
+        bad_input = [rank for rank, code in enumerate(codes) if code == BAD_INPUT]
+        if bad_input:
+            raise ValueError(
+                f"ranks {bad_input} passed invalid inputs to dispatch (their ValueError names the problem); "
+                "every rank raises so that none waits forever"
+            )
+        bad_ids = [rank for rank, code in enumerate(codes) if code == BAD_EXPERT_ID]
+        if bad_ids:
+            raise ValueError(
+                f"topk_ids on ranks {bad_ids} hold expert ids outside [0, n_routed_experts="
+                f"{self.config.n_routed_experts})"
+            )
+        self._check_tokens([rank for rank, code in enumerate(codes) if code == TOO_MANY_TOKENS], n_tokens)
+
+    def _raise_if_timed_out(self, status: Sequence[int]) -> None:
+        n_late, epoch, peer, seen = status
+        if n_late:
+            raise RdepTimeoutError(
+                f"RDEP rank {self.rank}: waited more than RdepConfig.wait_timeout_s={self.config.wait_timeout_s} s "
+                f"for {n_late} peer(s) to signal epoch {epoch} (e.g. rank {peer}, whose flag shows {seen}). A peer "
+                "stopped (crashed, raised alone) or ran RDEP operations in a different order; the buffers of this "
+                "world are no longer consistent: restart the job"
+            )
 
     def _check_tokens(self, ranks_over: list[int], n_tokens: int) -> None:
         if ranks_over:

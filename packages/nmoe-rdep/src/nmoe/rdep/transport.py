@@ -90,7 +90,10 @@ class SimulatedTransport:
 
     def before_wait(self, flags: torch.Tensor, epoch: int) -> None:
         """Fail loud instead of spinning forever when a peer never signalled."""
-        behind = [peer for peer, value in enumerate(flags.tolist()) if value < epoch]
+        from nmoe.rdep.kernels import EPOCH_PERIOD
+
+        accepted = (epoch, (epoch + 1) % EPOCH_PERIOD)  # what the device-side wait accepts
+        behind = [peer for peer, value in enumerate(flags.tolist()) if value not in accepted]
         if behind:
             raise RuntimeError(
                 f"simulated rank {self.rank} waits for epoch {epoch} but ranks {behind} never signalled it: "
