@@ -6,6 +6,7 @@ import socket
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -16,6 +17,7 @@ from nmoe.rdep.nvshmem import (
     broadcast_bytes,
     ensure_heap_size,
     parse_bytes,
+    require_same_allocation,
     required_heap_bytes,
 )
 
@@ -73,3 +75,26 @@ def test_unique_id_broadcast_reaches_every_rank_in_place():
         mp.start_processes(_broadcast_worker, args=(world, _free_port(), results), nprocs=world, join=True,
                            start_method="fork")  # fork: the worker lives in a test module
         assert [results[r] for r in range(world)] == [bytes(range(7, 23))] * world
+
+
+def _allocation_worker(rank: int, world: int, port: int, results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        require_same_allocation("rdep.recv", (8, 4), torch.bfloat16)  # everyone agrees
+        rows = 8 if rank != 2 else 9  # rank 2 was built from another config
+        try:
+            require_same_allocation("rdep.recv", (rows, 4), torch.bfloat16)
+        except ValueError as err:
+            results[rank] = str(err)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_symmetric_allocation_mismatch_raises_on_every_rank():
+    world = 3
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_allocation_worker, args=(world, _free_port(), results), nprocs=world, join=True,
+                           start_method="fork")
+        assert sorted(results.keys()) == [0, 1, 2]
+        assert all("rank 2: ('rdep.recv', (9, 4), 'torch.bfloat16')" in results[r] for r in range(world))

@@ -59,6 +59,24 @@ def broadcast_bytes(payload: np.ndarray, group: dist.ProcessGroup | None = None)
     payload[...] = staged.cpu().numpy()
 
 
+def require_same_allocation(name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                            group: dist.ProcessGroup | None = None) -> None:
+    """Raise on every rank unless every rank of the group asks for the same symmetric buffer now.
+
+    nvshmem_malloc is a collective that does not check its size: ranks built from different
+    configs (or in a different order) would silently get overlapping, mis-sized buffers.
+    """
+    mine = (name, tuple(int(n) for n in shape), str(dtype))
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    if len(set(everyone)) > 1:  # the same verdict on every rank
+        listing = "; ".join(f"rank {rank}: {value}" for rank, value in enumerate(everyone))
+        raise ValueError(
+            f"ranks disagree on the symmetric buffer to allocate ({listing}): every rank must build the same "
+            "RdepConfig's Rdep instances in the same order"
+        )
+
+
 def _import_nvshmem():
     try:
         import nvshmem.core as nvshmem
@@ -124,6 +142,7 @@ class NvshmemTransport:
 
     def symmetric(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> SymmetricTensor:
         """Collectively allocate a zero-filled symmetric tensor and the table of peers' addresses."""
+        require_same_allocation(name, tuple(shape), dtype, self._group)
         local = self._nvshmem.tensor(tuple(shape), dtype=dtype)
         local.zero_()
         self._tensors.append(local)
