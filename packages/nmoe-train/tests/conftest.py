@@ -48,3 +48,15 @@ def tiny_config(tmp: Path, corpus: Path, **sections) -> str:
 def make_config():
     """tiny_config(tmp, corpus, **section_overrides) -> TOML text."""
     return tiny_config
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory, text_corpus) -> dict:
+    """[data] overrides pointing at one prepared copy of text_corpus shared by the session's tests."""
+    from nmoe.train.config import build_config
+    from nmoe.train.data_setup import ensure_data
+    import tomllib
+    root = tmp_path_factory.mktemp("prepared")
+    data = {"data_dir": str(root / "data"), "tokenizer": str(root / "tok.json")}
+    ensure_data(build_config(tomllib.loads(tiny_config(root, text_corpus, data=data)), "prep", env={}), log=lambda s: None)
+    return data

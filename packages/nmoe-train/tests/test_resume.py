@@ -51,15 +51,19 @@ def run_id_of(tmp: Path, name: str) -> str:
     return ids[0]
 
 
-@pytest.mark.parametrize("fault", ["4:KILL", "4:TERM", "5:TERM"])
-def test_resume_is_bitwise(tmp_path, text_corpus, fault, make_config):
+# "2:KILL" with eval_every = save_every = 2: the checkpoint follows an evaluation, whose forward passes
+# must not leak router load into the next expert-bias update.
+@pytest.mark.parametrize("fault,every", [("4:KILL", 4), ("2:KILL", 2), ("4:TERM", 4), ("5:TERM", 4)])
+def test_resume_is_bitwise(tmp_path, text_corpus, fault, every, make_config):
+    cadence = dict(eval={"eval_every": every, "eval_batches": 2},
+                   checkpoint={"dir": str(tmp_path / "ckpt"), "save_every": every, "keep_last": 5})
     straight = tmp_path / "straight.toml"
-    straight.write_text(make_config(tmp_path, text_corpus, runtime={"run_name": "straight", "device": "cpu", "progress": False}))
+    straight.write_text(make_config(tmp_path, text_corpus, runtime={"run_name": "straight", "device": "cpu", "progress": False}, **cadence))
     done = train(straight)
     assert done.returncode == 0, done.stderr[-3000:]
 
     crashed = tmp_path / "crashed.toml"
-    crashed.write_text(make_config(tmp_path, text_corpus, runtime={"run_name": "crashed", "device": "cpu", "progress": False}))
+    crashed.write_text(make_config(tmp_path, text_corpus, runtime={"run_name": "crashed", "device": "cpu", "progress": False}, **cadence))
     first = train(crashed, fault=fault)
     expected_rc = -9 if fault.endswith("KILL") else 143
     assert first.returncode == expected_rc, (first.returncode, first.stdout[-2000:], first.stderr[-3000:])

@@ -207,10 +207,21 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean cross-entropy over the fixed validation set."""
+        """Mean cross-entropy over the fixed validation set; leaves every model buffer as it was.
+
+        The MoE routers count their load on every forward (eval too) into non-persistent buffers that
+        the next expert-bias update reads; validation must not feed them, or a run resumed from a
+        checkpoint taken right after an evaluation would update the bias differently (no bitwise resume)
+        and the router diagnostics would mix in validation batches.
+        """
+        saved = [(b, b.clone()) for b in self.model.buffers()]
         self.model.eval()
-        losses = [self._loss(x, y)[0] for x, y in self.val_set]
-        self.model.train()
+        try:
+            losses = [self._loss(x, y)[0] for x, y in self.val_set]
+        finally:
+            self.model.train()
+            for buf, value in saved:
+                buf.copy_(value)
         return float(torch.stack(losses).mean())
 
     def _locate_nonfinite(self) -> str:
