@@ -44,11 +44,16 @@ def _block_d(hidden: int) -> int:
     return min(triton.next_power_of_2(hidden), 4096)
 
 
+def _rows_aligned(aligned_table: bool, hidden: int, dtype: torch.dtype) -> bool:
+    """Every row of every peer buffer starts on 16 bytes: peer stores may be 16-byte vectors."""
+    return aligned_table and hidden * torch.empty((), dtype=dtype).element_size() % 16 == 0
+
+
 def _scatter_rows(
     x_ptr, scale_ptr, dest_rank_ptr, dest_slot_ptr, buf_table, tag_table,
     x_stride, hidden, tag_base,
     TOP_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SCALE: tl.constexpr, WRITE_TAG: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     # Program (t, d-block): read token t's row once, store it (times scale[t,k]) into each of its
     # K destinations' receive buffers; block 0 also writes the row's tag (source, t*K+k).
@@ -66,14 +71,18 @@ def _scatter_rows(
             value = row
             if HAS_SCALE:
                 value = (row.to(ACC) * tl.load(scale_ptr + i).to(ACC)).to(x_ptr.dtype.element_ty)
-            tl.store(buf + slot.to(tl.int64) * hidden + cols, value, mask=in_row)
+            dst = buf + slot.to(tl.int64) * hidden + cols
+            if ALIGNED:  # a pointer loaded from the table has no known alignment: 2-byte stores otherwise
+                dst = tl.multiple_of(dst, 16)
+            tl.store(dst, value, mask=in_row)
             if WRITE_TAG:
                 if block == 0:
                     tags = tl.load(tag_table + dest).to(tl.pointer_type(tl.int32))
                     tl.store(tags + slot, (tag_base + i).to(tl.int32))
 
 
-def _return_rows(y_ptr, tag_ptr, ret_table, y_stride, hidden, slots_per_rank, BLOCK_D: tl.constexpr):
+def _return_rows(y_ptr, tag_ptr, ret_table, y_stride, hidden, slots_per_rank, BLOCK_D: tl.constexpr,
+                 ALIGNED: tl.constexpr):
     # Program (m, d-block): received row m goes back to its source's return buffer at slot t*K+k.
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -82,7 +91,10 @@ def _return_rows(y_ptr, tag_ptr, ret_table, y_stride, hidden, slots_per_rank, BL
     source = tag // slots_per_rank
     slot = (tag % slots_per_rank).to(tl.int64)
     ret = tl.load(ret_table + source).to(tl.pointer_type(y_ptr.dtype.element_ty))
-    tl.store(ret + slot * hidden + cols, tl.load(y_ptr + m * y_stride + cols, mask=in_row), mask=in_row)
+    dst = ret + slot * hidden + cols
+    if ALIGNED:
+        dst = tl.multiple_of(dst, 16)
+    tl.store(dst, tl.load(y_ptr + m * y_stride + cols, mask=in_row), mask=in_row)
 
 
 def _sum_slots(
@@ -169,6 +181,7 @@ def scatter_rows(
     scale: torch.Tensor | None = None,
     tag_table: torch.Tensor | None = None,
     tag_base: int = 0,
+    aligned_table: bool = False,
 ) -> None:
     """x[T,D] -> peers' buffers: row (t,k) = x[t] (* scale[t,k]) at dest_slot[t*K+k] of dest_rank's buffer."""
     n_tokens, hidden = x.shape
@@ -181,18 +194,21 @@ def scatter_rows(
         tag_table if tag_table is not None else buf_table,
         x.stride(0), hidden, tag_base,
         TOP_K=top_k, BLOCK_D=block, HAS_SCALE=scale is not None, WRITE_TAG=tag_table is not None,
-        ACC=_acc_dtype(x.dtype),
+        ACC=_acc_dtype(x.dtype), ALIGNED=_rows_aligned(aligned_table, hidden, x.dtype),
     )
 
 
-def return_rows(y: torch.Tensor, tags: torch.Tensor, ret_table: torch.Tensor, slots_per_rank: int) -> None:
+def return_rows(
+    y: torch.Tensor, tags: torch.Tensor, ret_table: torch.Tensor, slots_per_rank: int, aligned_table: bool = False
+) -> None:
     """y[M,D] -> sources' return buffers: row m to source tags[m] // R, slot tags[m] % R."""
     n_rows, hidden = y.shape
     if n_rows == 0:
         return
     block = _block_d(hidden)
     return_rows_kernel.on(y.device)[(n_rows, triton.cdiv(hidden, block))](
-        y, tags, ret_table, y.stride(0), hidden, slots_per_rank, BLOCK_D=block
+        y, tags, ret_table, y.stride(0), hidden, slots_per_rank, BLOCK_D=block,
+        ALIGNED=_rows_aligned(aligned_table, hidden, y.dtype),
     )
 
 

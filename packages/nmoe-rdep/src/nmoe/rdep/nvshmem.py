@@ -147,7 +147,8 @@ class NvshmemTransport:
         local.zero_()
         self._tensors.append(local)
         addresses = [local.data_ptr() if p == self.rank else self._peer_address(local, p, name) for p in range(self.world)]
-        return SymmetricTensor(local, torch.tensor(addresses, dtype=torch.int64, device=self.device))
+        table = torch.tensor(addresses, dtype=torch.int64, device=self.device)
+        return SymmetricTensor(local, table, all(address % 16 == 0 for address in addresses))
 
     def _peer_address(self, local: torch.Tensor, peer: int, name: str) -> int:
         try:

@@ -176,6 +176,7 @@ class Rdep:
         kernels.scatter_rows(
             rows.to(self.config.dtype).contiguous(), handle.dest_rank, handle.dest_slot, self.recv.peers, scale=scale,
             tag_table=self.tags.peers if first_send else None, tag_base=self.rank * self.slots_per_rank,
+            aligned_table=self.recv.aligned16,
         )
         yield from self._barrier()
         if first_send:
@@ -188,7 +189,7 @@ class Rdep:
         """Owner rows[M,D] -> sources' ret; returns (sum_k weight * ret [T,D], ret copy or None)."""
         yield from self._barrier()  # every source finished reading its previous return buffer
         rows = rows.to(self.config.dtype).contiguous()
-        kernels.return_rows(rows, handle.tags, self.ret.peers, self.slots_per_rank)
+        kernels.return_rows(rows, handle.tags, self.ret.peers, self.slots_per_rank, aligned_table=self.ret.aligned16)
         yield from self._barrier()
         n_slots = handle.dest_slot.numel()
         returned = self.ret.local[:n_slots]

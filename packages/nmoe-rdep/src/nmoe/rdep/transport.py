@@ -23,6 +23,7 @@ class SymmetricTensor:
 
     local: torch.Tensor
     peers: torch.Tensor  # [W] int64 base addresses, peers[rank] == local.data_ptr()
+    aligned16: bool = False  # every base address is a multiple of 16 bytes (kernels may store 16 B at once)
 
 
 class Transport(Protocol):
@@ -83,7 +84,7 @@ class SimulatedTransport:
     def symmetric(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> SymmetricTensor:
         """Rank r's copy of buffer `name` (all W copies are allocated on first use)."""
         copies, table = self._buffers.get(name, tuple(shape), dtype)
-        return SymmetricTensor(copies[self.rank], table)
+        return SymmetricTensor(copies[self.rank], table, all(c.data_ptr() % 16 == 0 for c in copies))
 
     def ready(self) -> None:
         """Nothing to wait for: allocation is synchronous in one process."""
