@@ -162,7 +162,8 @@ def main() -> None:
     token_counts = [int(t) for t in args.tokens.split(",") if t]
     configs = {
         name: RdepConfig(hidden=SHAPES[name][0], n_routed_experts=SHAPES[name][1], top_k=SHAPES[name][2],
-                         max_tokens_per_rank=max(token_counts), capacity_margin=args.capacity_margin)
+                         max_tokens_per_rank=max(token_counts), capacity_margin=args.capacity_margin,
+                         wait_timeout_s=120.0)  # a lost signal fails the run instead of hanging it
         for name in shapes
     }
     heap = sum(required_heap_bytes(c, world) for c in configs.values()) + PEER_COPY_BYTES + HEAP_SLACK_BYTES
@@ -173,6 +174,7 @@ def main() -> None:
         rdep = Rdep(configs[name], transport)
         for n_tokens in token_counts:
             rows += bench_one(name, rdep, n_tokens, peer_GBps, args.iters)
+        rdep.check()  # raises RdepTimeoutError if a device-side wait gave up
     if rank == 0:
         write_results(Path(args.out), world, peer_GBps, rows)
         print(markdown(world, peer_GBps, rows), flush=True)

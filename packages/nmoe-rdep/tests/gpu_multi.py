@@ -8,7 +8,10 @@ Checks, on every rank (N = 2, 4 or 8, one NVLink domain, nvshmem4py installed):
 3. no torch.distributed collective (all_to_all*, all_reduce, ...) runs on the expert path: they
    are replaced by functions that raise for the whole dispatch -> experts -> combine -> backward;
 4. overflow raises RdepCapacityError on every rank and the transport keeps working afterwards;
-   capacity_factor drops and counts.
+   capacity_factor drops and counts; invalid input on one rank raises ValueError on every rank;
+5. skew: back-to-back fwd+bwd round trips with random GPU sleeps on random ranks (fast ranks run
+   ahead into the next phase), exact every time: the flag protocol under real concurrency.
+Every wait gives up after WAIT_S seconds and raises RdepTimeoutError instead of hanging the run.
 Prints one PASS line per check on rank 0; any failure raises (non-zero exit).
 """
 
@@ -24,6 +27,8 @@ from nmoe.kernels import grouped_mm
 from nmoe.kernels.reference import moe_experts as reference_moe_experts
 
 from nmoe.rdep import NvshmemTransport, Rdep, RdepCapacityError, RdepConfig
+
+WAIT_S = 60.0  # a lost signal fails the run in a minute (RdepTimeoutError) instead of hanging it
 
 COLLECTIVES = (
     "all_to_all", "all_to_all_single", "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object",
@@ -98,7 +103,7 @@ def routing(gen: torch.Generator, n_tokens: int, n_experts: int, top_k: int, dev
 
 def exact_config(world: int) -> RdepConfig:
     return RdepConfig(hidden=512, n_routed_experts=4 * world, top_k=4, max_tokens_per_rank=2048,
-                      capacity_margin=float(world), dtype=torch.float32)
+                      capacity_margin=float(world), dtype=torch.float32, wait_timeout_s=WAIT_S)
 
 
 def check_exact_transport(rank: int, world: int, device, transport) -> None:
@@ -119,6 +124,7 @@ def check_exact_transport(rank: int, world: int, device, transport) -> None:
         y = rdep.combine(expert_y, handle)
         y.backward(torch.ones_like(y))
         torch.cuda.synchronize()
+    rdep.check()
 
     want = x.detach() * (w.detach() * scale[ids]).sum(1, keepdim=True)
     torch.testing.assert_close(y.detach(), want, rtol=1e-5, atol=1e-5)
@@ -128,7 +134,8 @@ def check_exact_transport(rank: int, world: int, device, transport) -> None:
 
 
 def moe_config(world: int) -> RdepConfig:
-    return RdepConfig(hidden=1024, n_routed_experts=8 * world, top_k=6, max_tokens_per_rank=4096, capacity_margin=2.0)
+    return RdepConfig(hidden=1024, n_routed_experts=8 * world, top_k=6, max_tokens_per_rank=4096, capacity_margin=2.0,
+                      wait_timeout_s=WAIT_S)
 
 
 def check_moe_layer(rank: int, world: int, device, transport) -> None:
@@ -155,6 +162,7 @@ def check_moe_layer(rank: int, world: int, device, transport) -> None:
         y = rdep.combine(expert_y, handle)
         y.backward(dy)
         torch.cuda.synchronize()
+    rdep.check()
 
     xs, idss, ws, dys = (gather_all(t.detach()) for t in (x, ids, w, dy))
     ref_x = torch.cat(xs).float().requires_grad_()
@@ -187,7 +195,8 @@ def check_guard_works() -> None:
 
 
 def overflow_configs(world: int) -> tuple[RdepConfig, RdepConfig]:
-    common = dict(hidden=256, n_routed_experts=2 * world, top_k=2, max_tokens_per_rank=512, dtype=torch.float32)
+    common = dict(hidden=256, n_routed_experts=2 * world, top_k=2, max_tokens_per_rank=512, dtype=torch.float32,
+                  wait_timeout_s=WAIT_S)
     return RdepConfig(capacity_margin=1.0, **common), RdepConfig(capacity_factor=0.5, **common)
 
 
@@ -214,6 +223,55 @@ def check_overflow_and_drop(rank: int, world: int, device, transport) -> None:
     y = dropper.combine(expert_x, handle)
     torch.testing.assert_close(y[:cap], 2 * x[:cap])
     torch.testing.assert_close(y[cap:], torch.zeros_like(y[cap:]))
+    dropper.check()
+
+    wrong = x.double() if rank == 0 else x  # only rank 0 passes a wrong dtype
+    try:
+        rdep.dispatch(wrong, spread, w)
+    except ValueError as err:
+        assert ("rank 0: x must be" if rank == 0 else "ranks [0] passed invalid inputs") in str(err), str(err)
+    else:
+        raise AssertionError("invalid input on rank 0 did not raise on every rank")
+    expert_x, _, handle = rdep.dispatch(x, spread, w)
+    torch.testing.assert_close(rdep.combine(expert_x, handle), 2 * x)
+    rdep.check()
+
+
+def check_skewed_round_trips(rank: int, world: int, device, transport, rounds: int = 40) -> None:
+    cfg = exact_config(world)
+    rdep = Rdep(cfg, transport)
+    gen = torch.Generator(device).manual_seed(500 + rank)
+    dice = torch.Generator().manual_seed(900 + rank)  # host-side: sizes and delays differ per rank
+    worst = torch.zeros((), device=device)
+
+    def maybe_sleep():
+        if float(torch.rand((), generator=dice)) < 0.5:
+            torch.cuda._sleep(int(torch.randint(0, 4_000_000, (), generator=dice)))  # up to ~2 ms of GPU time
+
+    with forbid_collectives():
+        for step in range(rounds):
+            n_tokens = int(torch.randint(0, cfg.max_tokens_per_rank + 1, (), generator=dice))
+            x = torch.randn(n_tokens, cfg.hidden, generator=gen, device=device, requires_grad=True)
+            ids, w = routing(gen, n_tokens, cfg.n_routed_experts, cfg.top_k, device)
+            w.requires_grad_()
+            scale = float(step + 1)
+            maybe_sleep()
+            expert_x, _, handle = rdep.dispatch(x, ids, w)
+            maybe_sleep()
+            y = rdep.combine(expert_x * scale, handle)
+            maybe_sleep()
+            y.backward(torch.ones_like(y))
+            if n_tokens == 0:  # an empty rank still takes part in every phase; nothing to compare
+                continue
+            errors = [
+                (y - scale * x * w.sum(1, keepdim=True)).abs().amax(),
+                (x.grad - scale * w.sum(1, keepdim=True)).abs().amax(),
+                (w.grad - scale * x.sum(1, keepdim=True)).abs().amax() / cfg.hidden,
+            ]
+            worst = torch.maximum(worst, torch.stack([e.detach() for e in errors] + [worst]).amax())
+        torch.cuda.synchronize()
+    rdep.check()
+    assert float(worst) < 1e-3, f"rank {rank}: skewed round trips off by {float(worst):.3e}"
 
 
 def main() -> None:
@@ -223,13 +281,15 @@ def main() -> None:
     device = torch.device("cuda", local_rank)
     dist.init_process_group("nccl", device_id=device)
     rank, world = dist.get_rank(), dist.get_world_size()
-    transport = NvshmemTransport.for_config(exact_config(world), moe_config(world), *overflow_configs(world))
+    transport = NvshmemTransport.for_config(exact_config(world), exact_config(world), moe_config(world),
+                                            *overflow_configs(world))
     checks = [
         ("collective guard intercepts", check_guard_works),
         ("exact fp32 transport fwd+bwd", lambda: check_exact_transport(rank, world, device, transport)),
         ("bf16 MoE layer == single-GPU reference fwd+bwd", lambda: check_moe_layer(rank, world, device, transport)),
-        ("overflow raises, capacity_factor drops and counts",
+        ("overflow raises, capacity_factor drops and counts, one rank's bad input raises everywhere",
          lambda: check_overflow_and_drop(rank, world, device, transport)),
+        ("40 skewed back-to-back fwd+bwd round trips exact", lambda: check_skewed_round_trips(rank, world, device, transport)),
     ]
     for name, check in checks:
         check()
