@@ -132,8 +132,23 @@ def test_env_override_errors(tmp_path):
         load_config(path, env={"NMOE_TRAIN__STEPS": "lots"})
     with pytest.raises(ConfigError, match=r"unknown key `train.stepz`.*Did you mean `train.steps`"):
         load_config(path, env={"NMOE_TRAIN__STEPZ": "3"})
-    with pytest.raises(ConfigError, match=r"out of range"):
+    with pytest.raises(ConfigError, match=r"c.toml with environment variable NMOE_TRAIN__STEPS: `train.steps` = 0 is out of range"):
         load_config(path, env={"NMOE_TRAIN__STEPS": "0"})
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf"])
+def test_non_finite_floats_are_refused_in_toml_and_overrides(tmp_path, text):
+    with pytest.raises(ConfigError, match=r"c.toml: `optim.lr` = nan must be a finite number") if text == "nan" else \
+            pytest.raises(ConfigError, match=r"`optim.lr` = -?inf must be a finite number"):
+        load_config(write(tmp_path, MINIMAL.replace("lr = 1e-3", f"lr = {text}")), env={})
+    with pytest.raises(ConfigError, match=r"c.toml with override eval.target_loss: `eval.target_loss` = .* must be a finite number"):
+        load_config(write(tmp_path, MINIMAL), env={}, overrides={"eval.target_loss": text})
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "x\\y", " padded"])
+def test_run_name_must_be_one_folder_name(tmp_path, name):
+    with pytest.raises(ConfigError, match=r"runtime.run_name .* without slashes"):
+        load_config(write(tmp_path, MINIMAL), env={}, overrides={"runtime.run_name": name})
 
 
 def test_cli_style_overrides_win_over_env(tmp_path):

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import tomllib
 import types
@@ -198,6 +199,7 @@ def build_config(raw: dict[str, Any], where: str, env: Mapping[str, str] | None 
             raise ConfigError(_unknown(where, key, list(SECTIONS), "section"))
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: `{key}` must be a [{key}] table, got {type(value).__name__}")
+    origins: dict[str, str] = {}  # section.key -> the override that set it (errors name it, not the file)
     for origin, section, key, text in _override_items(env or {}, overrides or {}):
         if section not in SECTIONS:
             raise ConfigError(_unknown(origin, section, list(SECTIONS), "section"))
@@ -207,10 +209,11 @@ def build_config(raw: dict[str, Any], where: str, env: Mapping[str, str] | None 
             raise ConfigError(_unknown(origin, f"{section}.{key}", [f"{section}.{n}" for n in names], "key"))
         ftype = _field_types(cls)[key]
         raw.setdefault(section, {})[key] = _parse_text(text, ftype, f"{origin}", f"{section}.{key}")
+        origins[f"{section}.{key}"] = f"{where} with {origin}"
     for section in REQUIRED_SECTIONS:
         if section not in raw:
             raise ConfigError(f"{where}: missing required section [{section}]")
-    built = {name: _build_section(name, cls, raw.get(name, {}), where) for name, cls in SECTIONS.items()}
+    built = {name: _build_section(name, cls, raw.get(name, {}), where, origins) for name, cls in SECTIONS.items()}
     cfg = Config(**built, source=where)
     _cross_checks(cfg, where)
     return cfg
@@ -238,7 +241,7 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _build_section(name: str, cls: type, values: dict[str, Any], where: str) -> Any:
+def _build_section(name: str, cls: type, values: dict[str, Any], where: str, origins: Mapping[str, str]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     types_ = _field_types(cls)
     for key in values:
@@ -247,7 +250,8 @@ def _build_section(name: str, cls: type, values: dict[str, Any], where: str) -> 
     kwargs = {}
     for key, f in fields.items():
         if key in values:
-            kwargs[key] = _check_value(values[key], types_[key], f.metadata, where, f"{name}.{key}")
+            dotted = f"{name}.{key}"
+            kwargs[key] = _check_value(values[key], types_[key], f.metadata, origins.get(dotted, where), dotted)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: missing required key `{name}.{key}` ({f.metadata.get('help', '')}). Add it under [{name}].")
     try:
@@ -279,6 +283,8 @@ def _check_value(value: Any, ftype: Any, meta: Mapping[str, Any], where: str, do
     if not ok:
         names = " or ".join(t.__name__ for t in allowed if t is not type(None))
         raise ConfigError(f"{where}: `{dotted}` must be {names}, got {value!r} ({type(value).__name__}). {meta.get('help', '')}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: `{dotted}` = {value!r} must be a finite number. {meta.get('help', '')}")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{where}: `{dotted}` = {value!r} is not allowed; choose one of {', '.join(map(repr, meta['choices']))}")
     if "range" in meta and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -315,6 +321,10 @@ def _parse_text(text: str, ftype: Any, origin: str, dotted: str) -> Any:
 
 
 def _cross_checks(cfg: Config, where: str) -> None:
+    name = cfg.runtime.run_name
+    if name in (".", "..") or any(c in name for c in "/\\") or name != name.strip():
+        raise ConfigError(f"{where}: runtime.run_name = {name!r} names one folder under checkpoint.dir and metrics.dir; "
+                          "use a plain name without slashes or surrounding spaces, e.g. 'tiny-lr3e-3'")
     if cfg.train.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"{where}: train.seq_len ({cfg.train.seq_len}) > model.max_seq_len ({cfg.model.max_seq_len}); lower train.seq_len or raise model.max_seq_len")
     if cfg.optim.schedule == "wsd" and cfg.optim.warmup + cfg.optim.warmdown > cfg.train.steps:
