@@ -8,7 +8,8 @@ Layout of one checkpoint (`{root}/step_00001000/`):
   experts_ep{r}.pt         routed-expert parameters owned by expert-parallel rank r
   experts_ep{r}_optim.pt   their optimizer state
 `{root}/latest` holds the name of the newest complete checkpoint. Everything is written into a
-temporary directory that is renamed into place, so a crash never leaves a half checkpoint.
+temporary directory that is renamed into place, so a crash never leaves a half checkpoint; the
+temporaries a crash leaves behind are removed when the next run on that root starts.
 """
 
 from __future__ import annotations
@@ -37,6 +38,28 @@ class CheckpointError(RuntimeError):
 
 def step_dir_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
+
+
+def _step_of(path: Path) -> int:
+    """The step of a step_XXXXXXXX directory (numeric, so step 100000000 sorts after 99999999)."""
+    try:
+        return int(path.name[len(PREFIX):])
+    except ValueError:
+        return -1
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Checkpoint directories under root (complete or not), oldest step first."""
+    return sorted((p for p in root.glob(f"{PREFIX}*") if p.is_dir() and _step_of(p) >= 0), key=_step_of)
+
+
+def remove_stale_temporaries(root: str | Path) -> list[Path]:
+    """Delete the temporary dirs/files a crashed save left under root; call once when a run starts."""
+    root = Path(root)
+    stale = [p for p in root.glob(".*") if ".tmp-" in p.name or ".old-" in p.name]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale
 
 
 def git_revision(cwd: str | Path | None = None) -> str:
@@ -96,6 +119,18 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    try:
+        _write_files(tmp, step, model, optimizer, meta, is_expert, ep_rank)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace_dir(tmp, final)
+    _write_latest(root, final.name)
+    _prune(root, keep_last, final)
+    return final
+
+
+def _write_files(tmp: Path, step: int, model, optimizer, meta, is_expert, ep_rank: int) -> None:
     tensors = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
     dense, experts = _split(tensors, is_expert)
     opt_dense, opt_experts = _split(_optimizer_state_by_name(model, optimizer), is_expert)
@@ -106,30 +141,46 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     full_meta = dict(meta, step=step, saved_at=time.time(),
                      param_groups=[{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups])
     (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1, sort_keys=True))
-    _fsync_dir(tmp)
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or a directory (its entries) so a rename that follows survives a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename tmp to final; an existing final is moved aside first and only deleted once tmp is in place."""
+    aside = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
-        shutil.rmtree(final)
+        os.rename(final, aside)
     os.rename(tmp, final)
-    _write_latest(root, final.name)
-    _prune(root, keep_last)
-    return final
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    _fsync(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _write_latest(root: Path, name: str) -> None:
     tmp = root / f".{LATEST}.tmp-{os.getpid()}"
     tmp.write_text(name + "\n")
+    _fsync(tmp)
     os.replace(tmp, root / LATEST)
+    _fsync(root)
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir())
-    for old in done[:-keep_last]:
+def _prune(root: Path, keep_last: int, newest: Path) -> None:
+    """Keep `newest` (what `latest` names) and the keep_last - 1 checkpoints before it; delete older ones.
+
+    Checkpoints of later steps (left by a run that this one rolled back from, via checkpoint.resume =
+    PATH) are not touched here; this run overwrites them as it reaches their steps.
+    """
+    older = [p for p in _step_dirs(root) if _step_of(p) < _step_of(newest)]
+    for old in older[:max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -141,12 +192,16 @@ def find_latest(root: str | Path) -> Path | None:
         candidate = root / pointer.read_text().strip()
         if (candidate / "meta.json").is_file():
             return candidate
-    done = sorted(p for p in root.glob(f"{PREFIX}*") if (p / "meta.json").is_file())
+    done = [p for p in _step_dirs(root) if (p / "meta.json").is_file()]
     return done[-1] if done else None
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
+    """meta.json of the checkpoint at path; CheckpointError saying what is wrong if it is not one."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist. Set checkpoint.resume to an existing step_XXXXXXXX "
+                              "directory, to 'auto' (continue this run's latest) or to 'never'.")
     meta_file = path / "meta.json"
     if not meta_file.is_file():
         raise CheckpointError(f"{path} is not a checkpoint (no meta.json). Point checkpoint.resume at a step_XXXXXXXX directory, or use 'auto'.")
@@ -188,11 +243,16 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         raise CheckpointError(f"checkpoint {path} holds other tensors than this model: missing {sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
     model.load_state_dict(state, strict=True)
     opt_by_name = {**torch.load(path / "dense_optim.pt", weights_only=True), **torch.load(path / files[3], weights_only=True)}
-    _load_optimizer_by_name(model, optimizer, opt_by_name, meta.get("param_groups"))
+    _load_optimizer_by_name(model, optimizer, opt_by_name)
     return meta
 
 
-def _load_optimizer_by_name(model, optimizer, by_name: Mapping[str, dict], groups_meta) -> None:
+def _load_optimizer_by_name(model, optimizer, by_name: Mapping[str, dict]) -> None:
+    """Per-parameter state (moments, step counts) from the checkpoint; group settings stay this run's.
+
+    The hyperparameters are fingerprinted (so equal) and lr is set every step, while the kernel
+    choice (fused / foreach) belongs to this run's device, not to the one that wrote the checkpoint.
+    """
     names = {id(p): n for n, p in model.named_parameters()}
     state, index = {}, 0
     for group in optimizer.param_groups:
@@ -201,10 +261,9 @@ def _load_optimizer_by_name(model, optimizer, by_name: Mapping[str, dict], group
             if name in by_name:
                 state[index] = by_name[name]
             index += 1
-    groups = []
-    for i, group in enumerate(optimizer.param_groups):
-        saved = dict(groups_meta[i]) if groups_meta and i < len(groups_meta) else {k: v for k, v in group.items() if k != "params"}
-        start = sum(len(g["params"]) for g in optimizer.param_groups[:i])
-        saved["params"] = list(range(start, start + len(group["params"])))
-        groups.append(saved)
+    groups, start = [], 0
+    for group in optimizer.param_groups:
+        current = {k: v for k, v in group.items() if k != "params"}
+        groups.append(dict(current, params=list(range(start, start + len(group["params"])))))
+        start += len(group["params"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -92,7 +92,7 @@ class CheckpointConfig:
     dir: str = _f("runs/checkpoints", "checkpoint root; a run writes {dir}/{run_name}/step_XXXXXXXX", operational=True)
     save_every: int = _f(0, "save every N steps (0: only at the end and on SIGTERM/SIGINT)", range=(0, None), operational=True)
     keep_last: int = _f(3, "checkpoints kept (older ones deleted)", range=(1, None), operational=True)
-    resume: str = _f("auto", "'auto': continue from the latest checkpoint; 'never': start fresh (refuses if one exists); or a checkpoint path", operational=True)
+    resume: str = _f("auto", "'auto': continue from the latest checkpoint; 'never': start fresh (refuses if one exists); or a path: a step_XXXXXXXX checkpoint or a run's folder (its latest)", operational=True)
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,8 @@ class Trainer:
                     "Use resume = 'auto' to continue that run, or choose another runtime.run_name / checkpoint.dir.")
             return None
         path = ckpt.find_latest(self.ckpt_root) if mode == "auto" else Path(mode)
+        if mode != "auto" and path.is_dir() and not (path / "meta.json").exists():
+            path = ckpt.find_latest(path) or path  # a run's folder: its latest checkpoint
         if path is None:
             return None
         meta = ckpt.read_meta(path)
@@ -262,9 +264,15 @@ class Trainer:
         }
 
     def save(self, step: int) -> Path:
-        path = ckpt.save_checkpoint(self.ckpt_root, step, self.model, self.optimizer, self._meta(step),
-                                    is_expert=self.expert_names.__contains__,
-                                    keep_last=self.cfg.checkpoint.keep_last)
+        try:
+            path = ckpt.save_checkpoint(self.ckpt_root, step, self.model, self.optimizer, self._meta(step),
+                                        is_expert=self.expert_names.__contains__,
+                                        keep_last=self.cfg.checkpoint.keep_last)
+        except OSError as e:
+            raise ckpt.CheckpointError(
+                f"could not write the step {step} checkpoint under {self.ckpt_root}: {e}. "
+                f"Last good checkpoint: {self.last_checkpoint or 'none'}. Free space or fix checkpoint.dir, "
+                "then rerun the same command to resume from it.") from None
         self.last_checkpoint = path
         self.registry.checkpoint(self.run_id, step, {"train/loss": self.last_loss} if self.last_loss is not None else {})
         return path
@@ -278,8 +286,26 @@ class Trainer:
                 f"{mfu_txt} | {mem_txt}ETA {_fmt_time(eta_s)}")
 
     # ---------------------------------------------------------------- run
+    def _check_outputs(self) -> None:
+        """Fail before data prep and training, not at the first save, when an output folder cannot be written."""
+        cfg = self.cfg
+        outputs = (("checkpoint.dir", cfg.checkpoint.dir, self.ckpt_root),
+                   ("metrics.dir", cfg.metrics.dir, Path(cfg.metrics.dir)),
+                   ("metrics.experiments_db", cfg.metrics.experiments_db, Path(cfg.metrics.experiments_db).parent))
+        for key, value, folder in outputs:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / f".nmoe-write-probe-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as e:
+                raise SetupError(f"{key} = {value!r}: cannot write to {folder} ({e.strerror or e}). "
+                                 f"Point {key} at a writable location (--set {key}=...).") from None
+
     def run(self) -> RunResult:
         cfg = self.cfg
+        self._check_outputs()
+        ckpt.remove_stale_temporaries(self.ckpt_root)
         self._build()
         self.git_rev = ckpt.git_revision(Path(__file__).parent)
         self.tokens_seen = 0
@@ -296,11 +322,12 @@ class Trainer:
         self.registry = Registry(cfg.metrics.experiments_db)
         self.registry.start(self.run_id, name=cfg.name, config_toml=cfg.to_toml(), fingerprint=cfg.fingerprint,
                             git_rev=self.git_rev, world_size=self.world_size, device=self._device_name())
-        self.metrics = MetricsWriter(cfg.metrics.dir, self.run_id, rank=self.rank, flush_every_s=cfg.metrics.flush_every_s,
-                                     resume_step=start if meta else None,
-                                     meta={"config": cfg.source, "fingerprint": cfg.fingerprint, "git_rev": self.git_rev})
+        self.metrics: MetricsWriter | None = None
         result = RunResult(self.run_id, "failed", start)
-        try:
+        try:  # from here on every exit gives the registry row a final status
+            self.metrics = MetricsWriter(cfg.metrics.dir, self.run_id, rank=self.rank, flush_every_s=cfg.metrics.flush_every_s,
+                                         resume_step=start if meta else None,
+                                         meta={"config": cfg.source, "fingerprint": cfg.fingerprint, "git_rev": self.git_rev})
             with _StopFlag() as stop:
                 result = self._loop(start, stop)
         except KeyboardInterrupt:
@@ -310,7 +337,8 @@ class Trainer:
             self.registry.finish(self.run_id, "failed", {}, step=self.step_reached)
             raise
         finally:
-            self.metrics.close()
+            if self.metrics is not None:
+                self.metrics.close()
         self.registry.finish(self.run_id, result.status, _final_metrics(result), step=result.step)
         return result
 
