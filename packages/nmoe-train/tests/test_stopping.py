@@ -69,3 +69,13 @@ def test_target_loss_stops_the_run_at_the_first_eval_that_reaches_it(tmp_path, t
     result = trainer.run()
     assert (result.status, result.step) == ("completed", 3)
     assert result.val_loss <= 50.0 and result.checkpoint.name == "step_00000003"
+    # Rerunning the same command does not train past the target: the checkpoint remembers it was reached.
+    logs = []
+    again = Trainer(trainer.cfg, log=logs.append).run()
+    assert (again.status, again.step, again.val_loss) == ("completed", 3, result.val_loss)
+    assert again.losses == {} and any("already finished at step 3" in line and "target val loss" in line for line in logs)
+    assert ckpt_steps(tmp_path) == ["step_00000003"]
+
+
+def ckpt_steps(tmp_path):
+    return sorted(p.name for p in (tmp_path / "ckpt").rglob("step_*"))

@@ -260,6 +260,8 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "rng": ckpt.capture_rng(),
             "git_rev": self.git_rev,
+            "target_reached": self.target_reached,
+            "val_loss": self.last_val_loss,
             "config_toml": self.cfg.to_toml(),
         }
 
@@ -315,6 +317,8 @@ class Trainer:
         start = meta["step"] if meta else 0
         self.step_reached = start
         self.tokens_seen = meta["tokens_seen"] if meta else 0
+        self.target_reached = bool(meta.get("target_reached", False)) if meta else False
+        self.last_val_loss: float | None = meta.get("val_loss") if meta else None
         self.run_id = meta["run_id"] if meta else f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.fingerprint[:6]}"
         self.log(f"[nmoe] run {self.run_id} | config {cfg.source} | fingerprint {cfg.fingerprint[:16]} | device {self._device_name()}")
         self.log(f"[nmoe] {self.summary.total_params / 1e6:.1f}M params ({self.summary.active_params / 1e6:.1f}M active), "
@@ -347,7 +351,12 @@ class Trainer:
 
     def _loop(self, start: int, stop: _StopFlag) -> RunResult:
         cfg = self.cfg
-        result = RunResult(self.run_id, "completed", start)
+        result = RunResult(self.run_id, "completed", start, val_loss=self.last_val_loss)
+        if self.target_reached or start >= cfg.train.steps:
+            why = f"its target val loss {cfg.eval.target_loss} was reached" if self.target_reached else "all steps are done"
+            self.log(f"[nmoe] run {self.run_id} already finished at step {start} ({why}); nothing to train. "
+                     "To train more, start a new run under another runtime.run_name.")
+            return result
         bar = _progress(cfg, start)
         window_t, window_tokens = time.perf_counter(), 0
         run_t0, run_tokens0 = window_t, self.tokens_seen
@@ -375,7 +384,7 @@ class Trainer:
                 window_t, window_tokens = time.perf_counter(), 0
             is_last = step == cfg.train.steps
             if (cfg.eval.eval_every and step % cfg.eval.eval_every == 0) or is_last:
-                result.val_loss = self.evaluate()
+                result.val_loss = self.last_val_loss = self.evaluate()
                 values["val/loss"] = result.val_loss
                 _write(bar, self.log, f"step {step}/{cfg.train.steps} | val loss {result.val_loss:.4f}")
             self.metrics.log(step, values)
@@ -384,6 +393,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.3f}")
             reached = cfg.eval.target_loss > 0 and result.val_loss is not None and result.val_loss <= cfg.eval.target_loss
             if reached:
+                self.target_reached = True
                 _write(bar, self.log, f"[nmoe] target val loss {cfg.eval.target_loss} reached at step {step} ({self.tokens_seen:,} tokens)")
             self._inject_fault(step, "TERM")
             if (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0) or is_last or reached or stop.signal:
