@@ -49,3 +49,12 @@ def test_unreachable_source_prints_the_prep_command(tmp_path, make_config, text_
 def test_missing_config_file(capsys):
     assert main(["does/not/exist.toml"]) == 2
     assert "no such config file" in capsys.readouterr().err
+
+
+def test_missing_tokenizer_without_vocab_size_names_the_config_keys(tmp_path, make_config, text_corpus, capsys):
+    cfg = tmp_path / "notok.toml"
+    cfg.write_text(make_config(tmp_path, text_corpus, data={"tokenizer": str(tmp_path / "missing.json"), "tokenizer_vocab_size": 0}))
+    assert main([str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "data.tokenizer = " in err and "missing.json' does not exist and data.tokenizer_vocab_size = 0" in err
+    assert "--set data.tokenizer_vocab_size=" in err and not (tmp_path / "data").exists()

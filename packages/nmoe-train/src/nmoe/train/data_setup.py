@@ -43,6 +43,11 @@ def ensure_data(cfg: Config, log=print) -> Path:
     opts = prep_options(cfg.data)
     if is_prepared(opts):
         return dataset_dir(opts)
+    if cfg.data.tokenizer_vocab_size == 0 and not Path(cfg.data.tokenizer).is_file():
+        raise DataNotReady(
+            f"data.tokenizer = {cfg.data.tokenizer!r} does not exist and data.tokenizer_vocab_size = 0, so the data "
+            f"'{cfg.data.name}' cannot be prepared. Point data.tokenizer at an existing tokenizer file, or set "
+            "data.tokenizer_vocab_size = N to train one from data.input (e.g. --set data.tokenizer_vocab_size=32768).")
     log(f"[nmoe] data '{cfg.data.name}' is not prepared under {cfg.data.data_dir}; preparing it now:\n  {prep_command(opts)}")
     try:
         prepare(opts)
