@@ -53,7 +53,7 @@ def run_id_of(tmp: Path, name: str) -> str:
 
 # "2:KILL" with eval_every = save_every = 2: the checkpoint follows an evaluation, whose forward passes
 # must not leak router load into the next expert-bias update.
-@pytest.mark.parametrize("fault,every", [("4:KILL", 4), ("2:KILL", 2), ("4:TERM", 4), ("5:TERM", 4)])
+@pytest.mark.parametrize("fault,every", [("4:KILL", 4), ("2:KILL", 2), ("4:TERM", 4), ("5:TERM", 4), ("3:INT", 4)])
 def test_resume_is_bitwise(tmp_path, text_corpus, fault, every, make_config):
     cadence = dict(eval={"eval_every": every, "eval_batches": 2},
                    checkpoint={"dir": str(tmp_path / "ckpt"), "save_every": every, "keep_last": 5})
@@ -65,7 +65,7 @@ def test_resume_is_bitwise(tmp_path, text_corpus, fault, every, make_config):
     crashed = tmp_path / "crashed.toml"
     crashed.write_text(make_config(tmp_path, text_corpus, runtime={"run_name": "crashed", "device": "cpu", "progress": False}, **cadence))
     first = train(crashed, fault=fault)
-    expected_rc = -9 if fault.endswith("KILL") else 143
+    expected_rc = {"KILL": -9, "TERM": 143, "INT": 130}[fault.split(":")[1]]
     assert first.returncode == expected_rc, (first.returncode, first.stdout[-2000:], first.stderr[-3000:])
     stop_step = int(fault.split(":")[0])
     assert find_latest(tmp_path / "ckpt" / "crashed").name == f"step_{stop_step:08d}"

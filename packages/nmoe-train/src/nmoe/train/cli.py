@@ -100,7 +100,9 @@ def _train(cfg) -> int:
     if result.checkpoint:
         summary += f", checkpoint {result.checkpoint}"
     print(summary, flush=True)
-    return 0 if result.status == "completed" else 143 if result.status == "interrupted" else 1
+    if result.status == "interrupted":
+        return 128 + (result.stop_signal or 15)  # the shell convention: 143 for SIGTERM, 130 for SIGINT
+    return 0 if result.status == "completed" else 1
 
 
 if __name__ == "__main__":

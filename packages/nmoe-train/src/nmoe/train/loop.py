@@ -44,6 +44,7 @@ class RunResult:
     losses: dict[int, float] = field(default_factory=dict)
     val_loss: float | None = None
     checkpoint: Path | None = None
+    stop_signal: int | None = None  # the signal that interrupted the run, if any
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -406,19 +407,22 @@ class Trainer:
                 name = signal.Signals(stop.signal).name
                 _write(bar, self.log, f"[nmoe] {name}: saved {result.checkpoint} at step {step}; rerun the same command to resume")
                 result.status = "interrupted"
+                result.stop_signal = stop.signal
                 break
         if bar is not None:
             bar.close()
         return result
 
-    def _inject_fault(self, step: int, kind: str) -> None:
-        """Fault injection for the resume tests: NMOE_FAULT_AT_STEP='N:KILL' (after step N's
-        checkpoint, no cleanup at all) or 'N:TERM' (a SIGTERM arriving during step N)."""
+    def _inject_fault(self, step: int, phase: str) -> None:
+        """Fault injection for the resume tests: NMOE_FAULT_AT_STEP='N:KILL' (phase KILL: after step N's
+        checkpoint, no cleanup at all) or 'N:TERM' / 'N:INT' (phase TERM: the signal arrives during step N)."""
         at, _, sig = os.environ.get("NMOE_FAULT_AT_STEP", "").partition(":")
-        if at and int(at) == step and sig.upper() == kind:
-            if kind == "KILL":
-                self.metrics.flush()
-            os.kill(os.getpid(), signal.SIGKILL if kind == "KILL" else signal.SIGTERM)
+        sig = sig.upper()
+        if not at or int(at) != step or (phase == "KILL") != (sig == "KILL"):
+            return
+        if sig == "KILL":
+            self.metrics.flush()
+        os.kill(os.getpid(), {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}[sig])
 
     def _window_metrics(self, step, loss, lr, window_t, window_tokens, run_t0, run_tokens0, bar) -> dict[str, float]:
         if self.device.type == "cuda":
