@@ -172,9 +172,10 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, eager: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cross-entropy, router aux loss) of one batch; eager=True bypasses torch.compile (for hooks)."""
         with self._autocast():
-            out = self.forward(x)
+            out = (self.model if eager else self.forward)(x)
         logits = out.logits
         ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
         return ce, out.aux_loss
@@ -239,7 +240,7 @@ class Trainer:
             hooks.append(module.register_forward_hook(hook))
         try:
             with torch.no_grad():
-                self._loss(*self.last_batch)
+                self._loss(*self.last_batch, eager=True)  # module hooks need the eager model
         finally:
             for h in hooks:
                 h.remove()
