@@ -14,6 +14,7 @@ The loader is compared with what one GPU consumes on moonlet: ASSUMED 1e6 tokens
 (override with --gpu-tokens-per-s). Writes bench/results/data.json, prints a markdown table and
 replaces the `## Data` section of bench/RESULTS.md (other sections are left untouched).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,23 +75,42 @@ def bench_baseline(tok_path: Path, docs: list[str]) -> dict:
     batch_tokens = sum(len(e.ids) for e in hf.encode_batch(docs, add_special_tokens=False))
     batch_s, batch_cpu = time.perf_counter() - t0, cpu_seconds() - c0
     assert batch_tokens == tokens
-    return {"tokens": tokens, "loop_s": loop_s, "loop_cpu_s": loop_cpu, "loop_tokens_per_s": tokens / loop_s,
-            "encode_batch_s": batch_s, "encode_batch_cpu_s": batch_cpu,
-            "encode_batch_tokens_per_s": tokens / batch_s}
+    return {
+        "tokens": tokens,
+        "loop_s": loop_s,
+        "loop_cpu_s": loop_cpu,
+        "loop_tokens_per_s": tokens / loop_s,
+        "encode_batch_s": batch_s,
+        "encode_batch_cpu_s": batch_cpu,
+        "encode_batch_tokens_per_s": tokens / batch_s,
+    }
 
 
 def bench_prep(corpus: Path, tok_path: Path, out: Path, workers: int, max_docs: int | None) -> dict:
     from nmoe.data import PrepOptions, prepare
 
-    opts = PrepOptions(input=str(corpus), output=str(out), name=f"w{workers}", tokenizer=str(tok_path),
-                       workers=workers, max_docs=max_docs, shard_tokens=4_000_000)
+    opts = PrepOptions(
+        input=str(corpus),
+        output=str(out),
+        name=f"w{workers}",
+        tokenizer=str(tok_path),
+        workers=workers,
+        max_docs=max_docs,
+        shard_tokens=4_000_000,
+    )
     t0, c0 = time.perf_counter(), cpu_seconds()
     m = prepare(opts, progress=False)
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    return {"workers": workers, "seconds": seconds, "cpu_s": cpu, "tokens": m.total_tokens,
-            "documents": sum(s.documents for s in m.splits.values()),
-            "tokens_per_s": m.total_tokens / seconds,
-            "shard_sha256": [s.sha256 for sp in m.splits.values() for s in sp.shards], "dir": str(m.dir)}
+    return {
+        "workers": workers,
+        "seconds": seconds,
+        "cpu_s": cpu,
+        "tokens": m.total_tokens,
+        "documents": sum(s.documents for s in m.splits.values()),
+        "tokens_per_s": m.total_tokens / seconds,
+        "shard_sha256": [s.sha256 for sp in m.splits.values() for s in sp.shards],
+        "dir": str(m.dir),
+    }
 
 
 def bench_loader(dataset: Path, world_size: int, seconds: float = 3.0) -> dict:
@@ -102,30 +122,61 @@ def bench_loader(dataset: Path, world_size: int, seconds: float = 3.0) -> dict:
     while (elapsed := time.perf_counter() - t0) < seconds:
         ld.next_batch()
         n += 1
-    return {"world_size": world_size, **MOONLET, "batches": n, "seconds": elapsed,
-            "tokens_per_s": n * ld.tokens_per_batch / elapsed}
+    return {
+        "world_size": world_size,
+        **MOONLET,
+        "batches": n,
+        "seconds": elapsed,
+        "tokens_per_s": n * ld.tokens_per_batch / elapsed,
+    }
 
 
 def markdown(r: dict) -> str:
     b, gpu = r["baseline"], r["gpu_tokens_per_s_assumed"]
     n = b["tokens"]
     rows = [
-        ("tokenizer train (BPE, vocab %d, %.1f M chars sample)" % (r["vocab_size"], r["train_chars"] / 1e6),
-         f"{r['tokenizer_train_s']:.1f} s", "", "", ""),
-        ("baseline: `tokenizers` encode loop, 1 process", f"{b['loop_s']:.1f} s", f"{b['loop_cpu_s']:.1f} s",
-         f"{b['loop_tokens_per_s'] / 1e6:.2f} M", "1.00x"),
-        ("reference: `tokenizers` encode_batch (Rust threads, all cores)", f"{b['encode_batch_s']:.1f} s",
-         f"{b['encode_batch_cpu_s']:.1f} s", f"{b['encode_batch_tokens_per_s'] / 1e6:.2f} M",
-         f"{b['encode_batch_tokens_per_s'] / b['loop_tokens_per_s']:.2f}x"),
+        (
+            f"tokenizer train (BPE, vocab {r['vocab_size']}, {r['train_chars'] / 1e6:.1f} M chars sample)",
+            f"{r['tokenizer_train_s']:.1f} s",
+            "",
+            "",
+            "",
+        ),
+        (
+            "baseline: `tokenizers` encode loop, 1 process",
+            f"{b['loop_s']:.1f} s",
+            f"{b['loop_cpu_s']:.1f} s",
+            f"{b['loop_tokens_per_s'] / 1e6:.2f} M",
+            "1.00x",
+        ),
+        (
+            "reference: `tokenizers` encode_batch (Rust threads, all cores)",
+            f"{b['encode_batch_s']:.1f} s",
+            f"{b['encode_batch_cpu_s']:.1f} s",
+            f"{b['encode_batch_tokens_per_s'] / 1e6:.2f} M",
+            f"{b['encode_batch_tokens_per_s'] / b['loop_tokens_per_s']:.2f}x",
+        ),
     ]
     for p in r["prep"]:
-        rows.append((f"`nmoe-data prep --workers {p['workers']}` (read+tokenize+write)", f"{p['seconds']:.1f} s",
-                     f"{p['cpu_s']:.1f} s", f"{p['tokens_per_s'] / 1e6:.2f} M",
-                     f"{p['tokens_per_s'] / b['loop_tokens_per_s']:.2f}x"))
+        rows.append(
+            (
+                f"`nmoe-data prep --workers {p['workers']}` (read+tokenize+write)",
+                f"{p['seconds']:.1f} s",
+                f"{p['cpu_s']:.1f} s",
+                f"{p['tokens_per_s'] / 1e6:.2f} M",
+                f"{p['tokens_per_s'] / b['loop_tokens_per_s']:.2f}x",
+            )
+        )
     for ld in r["loader"]:
-        rows.append((f"loader next_batch, seq {ld['seq_len']} x batch {ld['batch_size']}, rank 0 of {ld['world_size']}",
-                     f"{ld['seconds'] / ld['batches'] * 1e6:.0f} us/batch", "", f"{ld['tokens_per_s'] / 1e6:.0f} M",
-                     f"{ld['tokens_per_s'] / gpu:.0f}x GPU"))
+        rows.append(
+            (
+                f"loader next_batch, seq {ld['seq_len']} x batch {ld['batch_size']}, rank 0 of {ld['world_size']}",
+                f"{ld['seconds'] / ld['batches'] * 1e6:.0f} us/batch",
+                "",
+                f"{ld['tokens_per_s'] / 1e6:.0f} M",
+                f"{ld['tokens_per_s'] / gpu:.0f}x GPU",
+            )
+        )
     assert all(p["tokens"] >= n for p in r["prep"])  # prep adds one bos per document
     lines = ["| what | wall | CPU | tokens/s (wall) | vs |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
@@ -137,10 +188,12 @@ def scaling_note(r: dict) -> str:
     w1, w2 = r["prep"][0], r["prep"][1]
     b = r["baseline"]
     share = b["encode_batch_cpu_s"] / b["encode_batch_s"]
-    return (f"Prep with 2 workers ran {w1['seconds'] / w2['seconds']:.2f}x as fast as with 1 and spent "
-            f"{(w2['cpu_s'] / w1['cpu_s'] - 1) * 100:+.0f}% CPU time (process start, IPC); `encode_batch` "
-            f"over every core got {share:.2f} cores on average during this run, so the wall-clock speed-up "
-            f"here is bounded by the CPU share the shared machine gave, not by the pipeline.")
+    return (
+        f"Prep with 2 workers ran {w1['seconds'] / w2['seconds']:.2f}x as fast as with 1 and spent "
+        f"{(w2['cpu_s'] / w1['cpu_s'] - 1) * 100:+.0f}% CPU time (process start, IPC); `encode_batch` "
+        f"over every core got {share:.2f} cores on average during this run, so the wall-clock speed-up "
+        f"here is bounded by the CPU share the shared machine gave, not by the pipeline."
+    )
 
 
 def update_results_md(path: Path, r: dict, table: str) -> None:
@@ -157,7 +210,7 @@ def update_results_md(path: Path, r: dict, table: str) -> None:
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
     m = re.search(r"^## Data\n.*?(?=^## |\Z)", text, re.M | re.S)
     if m:
-        text = text[:m.start()] + section + ("\n" if text[m.end():] else "") + text[m.end():]
+        text = text[: m.start()] + section + ("\n" if text[m.end() :] else "") + text[m.end() :]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text, encoding="utf-8")
@@ -168,8 +221,12 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     ap.add_argument("--vocab", type=int, default=32768, help="tokenizer size (moonlet uses 32768)")
     ap.add_argument("--max-docs", type=int, help="use only the first N documents")
-    ap.add_argument("--gpu-tokens-per-s", type=float, default=1e6,
-                    help="tokens/s one GPU consumes on moonlet (assumption, default 1e6 for one H100)")
+    ap.add_argument(
+        "--gpu-tokens-per-s",
+        type=float,
+        default=1e6,
+        help="tokens/s one GPU consumes on moonlet (assumption, default 1e6 for one H100)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data.json")
     ap.add_argument("--results-md", type=Path, default=ROOT / "bench" / "RESULTS.md")
     a = ap.parse_args()
@@ -194,11 +251,19 @@ def main() -> None:
         p.pop("dir")
         p["shard_sha256"] = p["shard_sha256"][:1]
     r = {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": cpu_model(), "cores": len(os.sched_getaffinity(0)), "load_average_before": load_before,
-        "corpus": os.path.relpath(a.corpus, ROOT), "documents": len(docs), "chars": sum(map(len, docs)),
-        "vocab_size": a.vocab, "train_chars": sum(min(len(d), DOC_CHARS) for d in docs),
-        "tokenizer_train_s": train_s, "baseline": baseline, "prep": prep, "loader": loader,
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)),
+        "load_average_before": load_before,
+        "corpus": os.path.relpath(a.corpus, ROOT),
+        "documents": len(docs),
+        "chars": sum(map(len, docs)),
+        "vocab_size": a.vocab,
+        "train_chars": sum(min(len(d), DOC_CHARS) for d in docs),
+        "tokenizer_train_s": train_s,
+        "baseline": baseline,
+        "prep": prep,
+        "loader": loader,
         "gpu_tokens_per_s_assumed": a.gpu_tokens_per_s,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)

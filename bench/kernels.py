@@ -12,8 +12,8 @@ Times: triton.testing.do_bench medians.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import datetime
+import importlib.metadata
 import json
 import sys
 import traceback
@@ -43,8 +43,15 @@ SHAPES = [
     Shape("moonlight-16K", 16384, 6, 64, 2048, 1408),
     Shape("moonlight-64K", 65536, 6, 64, 2048, 1408),
     Shape("speedrun-256", 32768, 8, 256, 1024, 512),
-    Shape("dsv3-local", 2048, 2, 8, 7168, 2048,
-          "8 local of 256 experts; 16K tokens x 8 x 8/256 = 4096 rows, modelled as 2048 tokens top-2 of 8"),
+    Shape(
+        "dsv3-local",
+        2048,
+        2,
+        8,
+        7168,
+        2048,
+        "8 local of 256 experts; 16K tokens x 8 x 8/256 = 4096 rows, modelled as 2048 tokens top-2 of 8",
+    ),
 ]
 
 
@@ -101,16 +108,20 @@ def bench_gemm(label: str, m: int, k: int, n: int, offsets, n_experts: int) -> d
     ours_g = torch.autograd.grad(ours, (x, w), dy)
     want_g = torch.autograd.grad(want, (x, w_colmajor), dy)
     row["err_grad_vs_torch"] = max(rel_err(a, b) for a, b in zip(ours_g, want_g))
-    cases = {"ours": (lambda: nk.grouped_mm(x, w, offsets), (x, w)),
-             "torch": (lambda: gmm(x, w, offs=offsets), (x, w)),
-             "torch_colmajor_w": (lambda: gmm(x, w_colmajor, offs=offsets), (x, w_colmajor))}
+    cases = {
+        "ours": (lambda: nk.grouped_mm(x, w, offsets), (x, w)),
+        "torch": (lambda: gmm(x, w, offs=offsets), (x, w)),
+        "torch_colmajor_w": (lambda: gmm(x, w_colmajor, offs=offsets), (x, w_colmajor)),
+    }
     dense_w = torch.randn(k, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     cases["dense"] = (lambda: x @ dense_w, (x, dense_w))
     for name, (fwd, inputs) in cases.items():
         try:
             row[f"{name}_fwd"] = tflops(flop, bench_ms(fwd))
             out = fwd()
-            row[f"{name}_bwd"] = tflops(2 * flop, bench_ms(lambda: torch.autograd.grad(out, inputs, dy, retain_graph=True)))
+            row[f"{name}_bwd"] = tflops(
+                2 * flop, bench_ms(lambda: torch.autograd.grad(out, inputs, dy, retain_graph=True))
+            )
         except Exception as err:
             row[f"{name}_error"] = repr(err)[:300]
     return row
@@ -126,7 +137,8 @@ def composed_torch_path(x, ids, weights, w_up, w_down):
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.zeros(w_up.shape[0], dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
+        0, flat, torch.ones_like(flat, dtype=torch.int32)
+    )
     offsets = counts.cumsum(0, dtype=torch.int32)
     token = order // top_k
     gate_up = gmm(x[token], w_up, offs=offsets)
@@ -143,7 +155,8 @@ def make_torchtitan(shape: Shape, w_up, w_down):
 
     cfg = RoutedExperts.Config(
         inner_experts=GroupedExperts.Config(dim=shape.dim, hidden_dim=shape.hidden, num_experts=shape.experts),
-        token_dispatcher=LocalTokenDispatcher.Config(num_experts=shape.experts, top_k=shape.top_k))
+        token_dispatcher=LocalTokenDispatcher.Config(num_experts=shape.experts, top_k=shape.top_k),
+    )
     layer = cfg.build().cuda()
     h = shape.hidden
     with torch.no_grad():
@@ -161,10 +174,12 @@ def bench_expert_path(shape: Shape, torchtitan_error: str | None) -> dict:
 
     ids, weights = balanced_routing(shape)
     x = torch.randn(shape.tokens, shape.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w_up = (torch.randn(shape.experts, shape.dim, 2 * shape.hidden, device="cuda", dtype=torch.bfloat16)
-            / shape.dim**0.5).requires_grad_()
-    w_down = (torch.randn(shape.experts, shape.hidden, shape.dim, device="cuda", dtype=torch.bfloat16)
-              / shape.hidden**0.5).requires_grad_()
+    w_up = (
+        torch.randn(shape.experts, shape.dim, 2 * shape.hidden, device="cuda", dtype=torch.bfloat16) / shape.dim**0.5
+    ).requires_grad_()
+    w_down = (
+        torch.randn(shape.experts, shape.hidden, shape.dim, device="cuda", dtype=torch.bfloat16) / shape.hidden**0.5
+    ).requires_grad_()
     weights.requires_grad_()
     dy = torch.randn(shape.tokens, shape.dim, device="cuda", dtype=torch.bfloat16)
     inputs = (x, weights, w_up, w_down)
@@ -178,6 +193,7 @@ def bench_expert_path(shape: Shape, torchtitan_error: str | None) -> dict:
         def run():
             y = fn()
             return torch.autograd.grad(y, leaves, dy)
+
         return run
 
     ours = lambda: nk.moe_experts(x, ids, weights, w_up, w_down)  # noqa: E731
@@ -194,7 +210,8 @@ def bench_expert_path(shape: Shape, torchtitan_error: str | None) -> dict:
         try:
             layer = make_torchtitan(shape, w_up.detach(), w_down.detach())
             counts = torch.zeros(shape.experts, dtype=torch.int64, device="cuda").scatter_add_(
-                0, ids.reshape(-1), torch.ones(ids.numel(), dtype=torch.int64, device="cuda"))
+                0, ids.reshape(-1), torch.ones(ids.numel(), dtype=torch.int64, device="cuda")
+            )
             x3 = x.view(1, shape.tokens, shape.dim)
             titan = lambda: layer(x3, weights.view(1, *ids.shape), ids.view(1, *ids.shape), counts).view_as(x)  # noqa
             leaves = (x, weights, *layer.inner_experts.parameters())
@@ -213,7 +230,6 @@ def bench_expert_path(shape: Shape, torchtitan_error: str | None) -> dict:
 
 
 def gemm_offsets(shape: Shape):
-    import torch
 
     from nmoe.kernels import sort_by_expert
 
@@ -232,10 +248,18 @@ def run(out_dir: Path, only: list[str] | None) -> dict:
     except Exception as err:
         torchtitan_error = f"torchtitan not importable: {err!r}"[:300]
     props = torch.cuda.get_device_properties(0)
-    result = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
-                  triton=triton.__version__, date=datetime.date.today().isoformat(),
-                  torchtitan=None if torchtitan_error else importlib.metadata.version("torchtitan"),
-                  torchtitan_error=torchtitan_error, gemm=[], expert_path=[], shapes=[asdict(s) for s in SHAPES])
+    result = dict(
+        device=props.name,
+        sms=props.multi_processor_count,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=datetime.date.today().isoformat(),
+        torchtitan=None if torchtitan_error else importlib.metadata.version("torchtitan"),
+        torchtitan_error=torchtitan_error,
+        gemm=[],
+        expert_path=[],
+        shapes=[asdict(s) for s in SHAPES],
+    )
     for shape in SHAPES:
         if only and shape.name not in only:
             continue
@@ -267,13 +291,19 @@ def fmt(value, digits=0) -> str:
 
 
 def render(result: dict) -> str:
-    lines = [f"Device: {result['device']} ({result['sms']} SMs), torch {result['torch']}, triton {result['triton']}, "
-             f"{result['date']}. Medians of `triton.testing.do_bench`; bf16; balanced random top-k routing.", ""]
-    lines += ["Grouped GEMM, TFLOP/s (bwd = dX + dW). torch = `F.grouped_mm`, best of row-/column-major weights; "
-              "dense = cuBLAS `x @ W` at equal FLOPs.", "",
-              "| GEMM | M×K×N | ours fwd | torch fwd | dense fwd | ours bwd | torch bwd | dense bwd | ours/torch fwd | "
-              "ours/dense fwd | err vs torch |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Device: {result['device']} ({result['sms']} SMs), torch {result['torch']}, triton {result['triton']}, "
+        f"{result['date']}. Medians of `triton.testing.do_bench`; bf16; balanced random top-k routing.",
+        "",
+    ]
+    lines += [
+        "Grouped GEMM, TFLOP/s (bwd = dX + dW). torch = `F.grouped_mm`, best of row-/column-major weights; "
+        "dense = cuBLAS `x @ W` at equal FLOPs.",
+        "",
+        "| GEMM | M×K×N | ours fwd | torch fwd | dense fwd | ours bwd | torch bwd | dense bwd | ours/torch fwd | "
+        "ours/dense fwd | err vs torch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in result["gemm"]:
         if "error" in r:
             lines.append(f"| {r['gemm']} | error: {r['error'][-120:]!r} |")
@@ -285,12 +315,17 @@ def render(result: dict) -> str:
             f"{fmt(r.get('dense_fwd'))} | {fmt(r.get('ours_bwd'))} | {fmt(tb)} | {fmt(r.get('dense_bwd'))} | "
             f"{fmt(r.get('ours_fwd', 0) / tf if tf else None, 2)} | "
             f"{fmt(r.get('ours_fwd', 0) / r['dense_fwd'] if r.get('dense_fwd') else None, 2)} | "
-            f"{r['err_vs_torch']:.1e} / {r['err_grad_vs_torch']:.1e} |")
-    lines += ["", "Routed-expert path (sort → gather → up → SwiGLU → down → weighted combine), forward+backward, ms.",
-              f"torchtitan: {result['torchtitan'] or result['torchtitan_error']}", "",
-              "| shape | rows | ours | composed PyTorch | torchtitan | ours TFLOP/s | × vs composed | × vs torchtitan | "
-              "ours fwd | composed fwd | err y / grads |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            f"{r['err_vs_torch']:.1e} / {r['err_grad_vs_torch']:.1e} |"
+        )
+    lines += [
+        "",
+        "Routed-expert path (sort → gather → up → SwiGLU → down → weighted combine), forward+backward, ms.",
+        f"torchtitan: {result['torchtitan'] or result['torchtitan_error']}",
+        "",
+        "| shape | rows | ours | composed PyTorch | torchtitan | ours TFLOP/s | × vs composed | × vs torchtitan | "
+        "ours fwd | composed fwd | err y / grads |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in result["expert_path"]:
         if "error" in r:
             lines.append(f"| {r['shape']} | error: {r['error'][-120:]!r} |")
@@ -299,7 +334,8 @@ def render(result: dict) -> str:
             f"| {r['shape']} | {r['rows']} | {fmt(r['ours_ms'], 2)} | {fmt(r['composed_ms'], 2)} | "
             f"{fmt(r.get('torchtitan_ms'), 2)} | {fmt(r['ours_tflops'])} | {fmt(r['speedup_vs_composed'], 2)} | "
             f"{fmt(r.get('speedup_vs_torchtitan'), 2)} | {fmt(r['ours_fwd_ms'], 2)} | {fmt(r['composed_fwd_ms'], 2)} | "
-            f"{r['err_vs_composed']:.1e} / {r['err_grads_vs_composed']:.1e} |")
+            f"{r['err_vs_composed']:.1e} / {r['err_grads_vs_composed']:.1e} |"
+        )
     return "\n".join(lines)
 
 

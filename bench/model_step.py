@@ -20,7 +20,6 @@ from nmoe.train.config import load_config
 from nmoe.train.mfu import peak_tflops
 
 
-
 def step(model, idx):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(idx)
@@ -61,8 +60,11 @@ def run(name, bsz, seq, compile_too=True):
     model = Transformer(cfg).cuda()
     model.init_weights(0)
     idx = torch.randint(0, cfg.vocab_size, (bsz, seq), device="cuda")
-    print(f"== {name} B={bsz} S={seq} params={summary.total_params/1e9:.3f}B active={summary.active_params/1e9:.3f}B "
-          f"attn={summary.attention_kinds}", flush=True)
+    print(
+        f"== {name} B={bsz} S={seq} params={summary.total_params / 1e9:.3f}B active={summary.active_params / 1e9:.3f}B "
+        f"attn={summary.attention_kinds}",
+        flush=True,
+    )
     print("   host-sync sites:", sync_sites(model, idx)[:8], flush=True)
     variants = [("eager", model)] + ([("compiled", torch.compile(model))] if compile_too else [])
     for label, m in variants:
@@ -70,9 +72,12 @@ def run(name, bsz, seq, compile_too=True):
             torch.cuda.reset_peak_memory_stats()
             sec, loss = timed(m, idx)
             tps = bsz * seq / sec
-            print(f"   {label:9s} {sec*1e3:8.1f} ms/step  {tps:10.0f} tok/s  MFU {summary.mfu(tps, peak):.3f}  "
-                  f"loss {loss:.4f}  peak mem {torch.cuda.max_memory_allocated()/2**30:.1f} GiB "
-                  f"(est act {summary.activation_bytes/2**30:.1f} GiB)", flush=True)
+            print(
+                f"   {label:9s} {sec * 1e3:8.1f} ms/step  {tps:10.0f} tok/s  MFU {summary.mfu(tps, peak):.3f}  "
+                f"loss {loss:.4f}  peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB "
+                f"(est act {summary.activation_bytes / 2**30:.1f} GiB)",
+                flush=True,
+            )
         except Exception:
             print(f"   {label} FAILED: " + traceback.format_exc().splitlines()[-1][:300], flush=True)
         model.zero_grad(set_to_none=True)

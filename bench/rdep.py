@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-from nmoe.kernels import sort_by_expert
 
+from nmoe.kernels import sort_by_expert
 from nmoe.rdep import NvshmemTransport, Rdep, RdepConfig
 from nmoe.rdep.nvshmem import HEAP_SLACK_BYTES, required_heap_bytes
 
@@ -83,8 +83,9 @@ def a2a_moe(x, ids, w, world: int, n_experts: int):
     expert_y = expert_x  # identity experts: the benchmark measures movement only
     back = torch.empty_like(regroup)
     back[regroup] = torch.arange(regroup.numel(), device=x.device)
-    returned = funcol.all_to_all_single_autograd(expert_y.index_select(0, back), send_splits, recv_splits,
-                                                 dist.group.WORLD)
+    returned = funcol.all_to_all_single_autograd(
+        expert_y.index_select(0, back), send_splits, recv_splits, dist.group.WORLD
+    )
     unsort = torch.empty_like(routed.order)
     unsort[routed.order] = torch.arange(routed.order.numel(), device=x.device)
     per_slot = returned.index_select(0, unsort).view(n_tokens, top_k, -1)
@@ -161,9 +162,14 @@ def main() -> None:
     shapes = [s for s in args.shapes.split(",") if s]
     token_counts = [int(t) for t in args.tokens.split(",") if t]
     configs = {
-        name: RdepConfig(hidden=SHAPES[name][0], n_routed_experts=SHAPES[name][1], top_k=SHAPES[name][2],
-                         max_tokens_per_rank=max(token_counts), capacity_margin=args.capacity_margin,
-                         wait_timeout_s=120.0)  # a lost signal fails the run instead of hanging it
+        name: RdepConfig(
+            hidden=SHAPES[name][0],
+            n_routed_experts=SHAPES[name][1],
+            top_k=SHAPES[name][2],
+            max_tokens_per_rank=max(token_counts),
+            capacity_margin=args.capacity_margin,
+            wait_timeout_s=120.0,
+        )  # a lost signal fails the run instead of hanging it
         for name in shapes
     }
     heap = sum(required_heap_bytes(c, world) for c in configs.values()) + PEER_COPY_BYTES + HEAP_SLACK_BYTES
@@ -200,14 +206,31 @@ def bench_one(name: str, rdep: Rdep, n_tokens: int, peer_GBps: float, iters: int
     for path, fn in paths.items():
         fwd_ms, fwd_bwd_ms = measure(fn, x, w, iters)
         fwd_bwd_GBps = 2 * remote_bytes / fwd_bwd_ms / 1e6
-        rows.append(Row(name, cfg.hidden, cfg.n_routed_experts, cfg.top_k, n_tokens, path, fwd_ms, fwd_bwd_ms,
-                        remote_bytes, remote_bytes / fwd_ms / 1e6, fwd_bwd_GBps, fwd_bwd_GBps / peer_GBps))
+        rows.append(
+            Row(
+                name,
+                cfg.hidden,
+                cfg.n_routed_experts,
+                cfg.top_k,
+                n_tokens,
+                path,
+                fwd_ms,
+                fwd_bwd_ms,
+                remote_bytes,
+                remote_bytes / fwd_ms / 1e6,
+                fwd_bwd_GBps,
+                fwd_bwd_GBps / peer_GBps,
+            )
+        )
     if rank == 0:
         r, a = rows
-        print(f"{name} T={n_tokens}: rdep {r.fwd_ms:.3f}/{r.fwd_bwd_ms:.3f} ms, a2a {a.fwd_ms:.3f}/"
-              f"{a.fwd_bwd_ms:.3f} ms (fwd/fwd+bwd); speedup {a.fwd_bwd_ms / r.fwd_bwd_ms:.2f}x; rdep "
-              f"{r.fwd_bwd_GBps:.0f} GB/s = {100 * r.fraction_of_peer_copy_fwd_bwd:.0f}% of peer copy "
-              f"{peer_GBps:.0f} GB/s", flush=True)
+        print(
+            f"{name} T={n_tokens}: rdep {r.fwd_ms:.3f}/{r.fwd_bwd_ms:.3f} ms, a2a {a.fwd_ms:.3f}/"
+            f"{a.fwd_bwd_ms:.3f} ms (fwd/fwd+bwd); speedup {a.fwd_bwd_ms / r.fwd_bwd_ms:.2f}x; rdep "
+            f"{r.fwd_bwd_GBps:.0f} GB/s = {100 * r.fraction_of_peer_copy_fwd_bwd:.0f}% of peer copy "
+            f"{peer_GBps:.0f} GB/s",
+            flush=True,
+        )
     return rows
 
 
@@ -215,7 +238,7 @@ def write_results(out: Path, world: int, peer_GBps: float, rows: list[Row]) -> N
     out.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(out.read_text()) if out.exists() else {}
     data[f"world_{world}"] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(),
         "world": world,
         "torch": torch.__version__,

@@ -38,6 +38,7 @@ def composed_pytorch_experts(x, topk_ids, topk_weights, w_up, w_down):
 def run_variant(cfg, label: str, patch) -> dict:
     from nmoe.metrics import read_metrics
     from nmoe.train.loop import Trainer
+
     torch.cuda.reset_peak_memory_stats()
     undo = patch()
     try:
@@ -68,19 +69,29 @@ def main() -> int:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--variants", default="nmoe,pytorch")
     args = p.parse_args()
-    from nmoe.train.config import load_config
     import nmoe.model.moe as moe_mod
+    from nmoe.train.config import load_config
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for variant in args.variants.split(","):
         overrides = dict(o.split("=", 1) for o in args.overrides)
-        overrides.update({"train.steps": str(args.steps), "optim.warmup": "10", "optim.warmdown": "10",
-                          "checkpoint.dir": str(out / "ckpt"), "checkpoint.resume": "never",
-                          "metrics.dir": str(out / "metrics"), "metrics.experiments_db": str(out / "runs.sqlite"),
-                          "runtime.run_name": f"bench-{variant}", "runtime.progress": "false",
-                          "eval.eval_every": "0", "train.log_every": "10"})
+        overrides.update(
+            {
+                "train.steps": str(args.steps),
+                "optim.warmup": "10",
+                "optim.warmdown": "10",
+                "checkpoint.dir": str(out / "ckpt"),
+                "checkpoint.resume": "never",
+                "metrics.dir": str(out / "metrics"),
+                "metrics.experiments_db": str(out / "runs.sqlite"),
+                "runtime.run_name": f"bench-{variant}",
+                "runtime.progress": "false",
+                "eval.eval_every": "0",
+                "train.log_every": "10",
+            }
+        )
         cfg = load_config(args.config, overrides=overrides)
 
         def patch(variant=variant):
@@ -92,13 +103,21 @@ def main() -> int:
 
         results.append(run_variant(cfg, variant, patch))
         print(json.dumps(results[-1]), flush=True)
-    record = {"config": args.config, "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-              "torch": torch.__version__, "steps": args.steps, "results": results}
+    record = {
+        "config": args.config,
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "results": results,
+    }
     (out / "train.json").write_text(json.dumps(record, indent=1))
     print(f"\n| variant | tokens/s | MFU | peak mem GiB | loss@{args.steps} |\n|---|---|---|---|---|")
     for r in results:
         mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] else "n/a"
-        print(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} | {r['final_loss']:.3f} |")
+        print(
+            f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} | {r['final_loss']:.3f} |"
+        )
     return 0
 
 

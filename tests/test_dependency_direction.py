@@ -18,7 +18,11 @@ ALLOWED_NMOE = {
     "train": {"kernels", "rdep", "model", "data", "metrics"},
 }
 TORCH_FREE = {"data", "metrics"}
-REQUIRED_NMOE = {"train": {"kernels", "rdep", "model", "data", "metrics"}, "rdep": {"kernels"}, "model": {"kernels", "rdep"}}
+REQUIRED_NMOE = {
+    "train": {"kernels", "rdep", "model", "data", "metrics"},
+    "rdep": {"kernels"},
+    "model": {"kernels", "rdep"},
+}
 
 
 def declared(pkg: str) -> set[str]:
@@ -62,7 +66,9 @@ def test_imports_follow_the_graph(pkg):
             other = module.split(".")[1]
             if other != pkg:
                 assert other in ALLOWED_NMOE[pkg], f"nmoe-{pkg} imports {module} in {sorted(files)}"
-                assert f"nmoe-{other}" in declared(pkg), f"nmoe-{pkg} imports {module} but does not declare nmoe-{other}"
+                assert f"nmoe-{other}" in declared(pkg), (
+                    f"nmoe-{pkg} imports {module} but does not declare nmoe-{other}"
+                )
 
 
 @pytest.mark.parametrize("pkg", sorted(TORCH_FREE))
@@ -78,10 +84,29 @@ def test_kernels_depend_on_torch_and_triton_only():
     assert {"torch", "triton"} <= deps
     assert not {d for d in deps if d.startswith("nmoe")}
     third_party = {m for m in imported("kernels") if not m.startswith("nmoe")}
-    stdlib_ok = {"__future__", "dataclasses", "functools", "math", "os", "typing", "warnings", "collections", "enum", "itertools", "contextlib", "importlib", "sys", "typing_extensions", "abc", "threading"}
+    stdlib_ok = {
+        "__future__",
+        "dataclasses",
+        "functools",
+        "math",
+        "os",
+        "typing",
+        "warnings",
+        "collections",
+        "enum",
+        "itertools",
+        "contextlib",
+        "importlib",
+        "sys",
+        "typing_extensions",
+        "abc",
+        "threading",
+    }
     assert third_party - stdlib_ok <= {"torch", "triton", "numpy"}, third_party - stdlib_ok
 
 
 def test_no_namespace_init():
     for pkg in PACKAGES:
-        assert not (ROOT / "packages" / f"nmoe-{pkg}" / "src" / "nmoe" / "__init__.py").exists(), "nmoe is a PEP 420 namespace"
+        assert not (ROOT / "packages" / f"nmoe-{pkg}" / "src" / "nmoe" / "__init__.py").exists(), (
+            "nmoe is a PEP 420 namespace"
+        )

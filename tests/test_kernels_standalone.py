@@ -21,13 +21,27 @@ def test_kernels_installs_alone(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT")}
     subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True, env=env)
     py = venv / "bin" / "python"
-    subprocess.run([uv, "pip", "install", "-q", "--python", str(py), str(ROOT / "packages" / "nmoe-kernels")],
-                   check=True, env=env, timeout=1200)
-    listing = subprocess.run([uv, "pip", "list", "--python", str(py), "--format", "json"],
-                             check=True, capture_output=True, text=True, env=env).stdout
+    subprocess.run(
+        [uv, "pip", "install", "-q", "--python", str(py), str(ROOT / "packages" / "nmoe-kernels")],
+        check=True,
+        env=env,
+        timeout=1200,
+    )
+    listing = subprocess.run(
+        [uv, "pip", "list", "--python", str(py), "--format", "json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout
     names = {p["name"].lower() for p in json.loads(listing)}
     assert "nmoe-kernels" in names
     assert not {n for n in names if n.startswith("nmoe") and n != "nmoe-kernels"}, names
-    out = subprocess.run([str(py), "-c", "import nmoe.kernels as k; print(k.grouped_mm.__name__)"],
-                         check=True, capture_output=True, text=True, cwd=tmp_path).stdout
+    out = subprocess.run(
+        [str(py), "-c", "import nmoe.kernels as k; print(k.grouped_mm.__name__)"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    ).stdout
     assert "grouped_mm" in out

@@ -1,5 +1,6 @@
 """Shared fixtures: small corpora in every input format, a small trained tokenizer, and
 synthetic datasets whose token at stream position p is p (so windows identify themselves)."""
+
 from __future__ import annotations
 
 import gzip
@@ -21,8 +22,10 @@ from nmoe.data.shards import token_dtype, write_shard
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SHARED_CORPUS = REPO_ROOT.parent / "shared" / "corpus" / "docs.jsonl.gz"
 
-WORDS = ("alpha beta gamma delta kernel scheduler memory page tensor expert router token "
-         "byte merge shard loader resume epoch rank batch sequence vocabulary").split()
+WORDS = (
+    "alpha beta gamma delta kernel scheduler memory page tensor expert router token "
+    "byte merge shard loader resume epoch rank batch sequence vocabulary"
+).split()
 
 
 def make_docs(n: int, seed: int = 0) -> list[str]:
@@ -75,24 +78,47 @@ def tokenizer(tokenizer_path) -> Tokenizer:
     return Tokenizer.load(tokenizer_path)
 
 
-FAKE_TOKENIZER = {"kind": "hf", "vocab_size": 1 << 22, "bos_token": "<|bos|>", "bos_id": 0,
-                  "sha256": "f" * 64, "file": "tokenizer.json"}
+FAKE_TOKENIZER = {
+    "kind": "hf",
+    "vocab_size": 1 << 22,
+    "bos_token": "<|bos|>",
+    "bos_id": 0,
+    "sha256": "f" * 64,
+    "file": "tokenizer.json",
+}
 
 
-def synthetic_dataset(directory: Path, train_tokens: int, val_tokens: int, *, shard_tokens: int,
-                      offset: int = 0, tokenizer: dict = FAKE_TOKENIZER) -> Path:
+def synthetic_dataset(
+    directory: Path,
+    train_tokens: int,
+    val_tokens: int,
+    *,
+    shard_tokens: int,
+    offset: int = 0,
+    tokenizer: dict = FAKE_TOKENIZER,
+) -> Path:
     """A prepared dataset whose split stream holds offset, offset+1, ... (uint32)."""
     directory.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer["vocab_size"])
     splits = {}
     for split, n, base in (("train", train_tokens, offset), ("val", val_tokens, offset + 10**6)):
         stream = np.arange(base, base + n, dtype=dtype)
-        shards = tuple(write_shard(directory, split, i, stream[s:s + shard_tokens])
-                       for i, s in enumerate(range(0, n, shard_tokens)))
+        shards = tuple(
+            write_shard(directory, split, i, stream[s : s + shard_tokens])
+            for i, s in enumerate(range(0, n, shard_tokens))
+        )
         splits[split] = SplitInfo(n, 1, shards)
-    Manifest(name=directory.name, source={"source": "synthetic"}, tokenizer=tokenizer,
-             vocab_size=tokenizer["vocab_size"], bos_id=0, dtype=dtype.name, shard_tokens=shard_tokens,
-             splits=splits, prep_options={"synthetic": True, "offset": offset}).save(directory)
+    Manifest(
+        name=directory.name,
+        source={"source": "synthetic"},
+        tokenizer=tokenizer,
+        vocab_size=tokenizer["vocab_size"],
+        bos_id=0,
+        dtype=dtype.name,
+        shard_tokens=shard_tokens,
+        splits=splits,
+        prep_options={"synthetic": True, "offset": offset},
+    ).save(directory)
     return directory
 
 
@@ -100,7 +126,7 @@ def split_documents(tokens: np.ndarray, bos_id: int) -> list[np.ndarray]:
     """Split a shard stream at bos tokens (each document starts with one)."""
     starts = np.flatnonzero(tokens == bos_id)
     assert starts.size == 0 or starts[0] == 0, "stream must start with bos"
-    return [tokens[a + 1:b] for a, b in zip(starts, list(starts[1:]) + [tokens.size])]
+    return [tokens[a + 1 : b] for a, b in zip(starts, list(starts[1:]) + [tokens.size])]
 
 
 @pytest.fixture(scope="session")
@@ -108,6 +134,12 @@ def h():
     """Test helpers (conftest is not importable under --import-mode=importlib)."""
     from types import SimpleNamespace
 
-    return SimpleNamespace(make_docs=make_docs, write_jsonl=write_jsonl, write_parquet=write_parquet,
-                           synthetic_dataset=synthetic_dataset, split_documents=split_documents,
-                           shared_corpus=SHARED_CORPUS, fake_tokenizer=FAKE_TOKENIZER)
+    return SimpleNamespace(
+        make_docs=make_docs,
+        write_jsonl=write_jsonl,
+        write_parquet=write_parquet,
+        synthetic_dataset=synthetic_dataset,
+        split_documents=split_documents,
+        shared_corpus=SHARED_CORPUS,
+        fake_tokenizer=FAKE_TOKENIZER,
+    )

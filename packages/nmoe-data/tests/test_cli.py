@@ -27,8 +27,23 @@ def test_tokenizer_prep_inspect(tmp_path, corpus, capsys):
     tok = tmp_path / "tok.json"
     assert main(["tokenizer", "train", "--input", corpus, "--vocab-size", "300", "--output", str(tok)]) == 0
     assert Tokenizer.load(tok).vocab_size == 300
-    args = ["prep", "--input", corpus, "--output", str(tmp_path / "data"), "--name", "d", "--tokenizer", str(tok),
-            "--shard-tokens", "1000", "--val-fraction", "0.1", "--workers", "1"]
+    args = [
+        "prep",
+        "--input",
+        corpus,
+        "--output",
+        str(tmp_path / "data"),
+        "--name",
+        "d",
+        "--tokenizer",
+        str(tok),
+        "--shard-tokens",
+        "1000",
+        "--val-fraction",
+        "0.1",
+        "--workers",
+        "1",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "train" in out and "tok/s" in out
@@ -41,20 +56,52 @@ def test_tokenizer_prep_inspect(tmp_path, corpus, capsys):
 
 
 def test_errors_exit_2_with_a_message(tmp_path, capsys):
-    rc = main(["prep", "--input", str(tmp_path / "none*.txt"), "--output", str(tmp_path), "--name", "x",
-               "--tokenizer", str(tmp_path / "t.json"), "--tokenizer-vocab-size", "300"])
+    rc = main(
+        [
+            "prep",
+            "--input",
+            str(tmp_path / "none*.txt"),
+            "--output",
+            str(tmp_path),
+            "--name",
+            "x",
+            "--tokenizer",
+            str(tmp_path / "t.json"),
+            "--tokenizer-vocab-size",
+            "300",
+        ]
+    )
     assert rc == 2 and "no files match" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path)]) == 2
 
 
 def test_prep_mixture(tmp_path, corpus, tokenizer_path, capsys):
-    assert main(["prep", "--input", corpus, "--output", str(tmp_path / "data"), "--name", "a",
-                 "--tokenizer", str(tokenizer_path), "--val-fraction", "0.2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "prep",
+                "--input",
+                corpus,
+                "--output",
+                str(tmp_path / "data"),
+                "--name",
+                "a",
+                "--tokenizer",
+                str(tokenizer_path),
+                "--val-fraction",
+                "0.2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     mix = tmp_path / "mix.toml"
-    mix.write_text(f'name = "mix"\noutput = "data"\ntokenizer = "{tokenizer_path}"\n'
-                   '[[dataset]]\npath = "data/a"\nweight = 3\n'
-                   f'[[dataset]]\nname = "b"\ninput = "{corpus}"\nmax_docs = 60\nval_fraction = 0.2\n'
-                   'weight = 1\ntemperature = 1.0\n')
+    mix.write_text(
+        f'name = "mix"\noutput = "data"\ntokenizer = "{tokenizer_path}"\n'
+        '[[dataset]]\npath = "data/a"\nweight = 3\n'
+        f'[[dataset]]\nname = "b"\ninput = "{corpus}"\nmax_docs = 60\nval_fraction = 0.2\n'
+        "weight = 1\ntemperature = 1.0\n"
+    )
     assert main(["prep-mixture", "--mixture", str(mix)]) == 0
     record = json.loads((tmp_path / "data" / "mix" / "mixture.json").read_text())
     assert [d["name"] for d in record["datasets"]] == ["a", "b"]

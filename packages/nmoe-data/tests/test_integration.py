@@ -1,4 +1,5 @@
 """Real text: a subset of ../shared/corpus/docs.jsonl.gz (Linux kernel + Python docs)."""
+
 import gzip
 import json
 from itertools import islice
@@ -21,9 +22,17 @@ def corpus(h):
 def test_real_corpus_prep_round_trip_and_load(corpus, tmp_path, h):
     with gzip.open(corpus, "rt", encoding="utf-8") as f:
         docs = [json.loads(line)["text"] for line in islice(f, MAX_DOCS)]
-    opts = PrepOptions(input=str(corpus), output=str(tmp_path), name="docs", tokenizer=str(tmp_path / "tok.json"),
-                       tokenizer_vocab_size=2048, max_docs=MAX_DOCS, shard_tokens=100_000, val_fraction=0.05,
-                       workers=2)
+    opts = PrepOptions(
+        input=str(corpus),
+        output=str(tmp_path),
+        name="docs",
+        tokenizer=str(tmp_path / "tok.json"),
+        tokenizer_vocab_size=2048,
+        max_docs=MAX_DOCS,
+        shard_tokens=100_000,
+        val_fraction=0.05,
+        workers=2,
+    )
     m = prepare(opts, progress=False)
     tok = Tokenizer.load(tmp_path / "tok.json")
     assert m.vocab_size == 2048 and m.dtype == "uint16"

@@ -7,8 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nmoe.data import (DataError, ShardCorruptError, TokenizerMismatchError, mixture_probabilities,
-                       open_loader)
+from nmoe.data import DataError, ShardCorruptError, TokenizerMismatchError, mixture_probabilities, open_loader
 
 TRAIN, VAL, SHARD = 5003, 1201, 777
 OFFSETS = (0, 1_500_000, 2_500_000)  # token values identify the dataset a window came from
@@ -26,8 +25,12 @@ def root(tmp_path_factory, h):
 def _mixture(root, weights, temperatures=None):
     temperatures = temperatures or [1.0] * len(weights)
     path = root / f"mix_{'_'.join(map(str, weights))}_{'_'.join(map(str, temperatures))}.toml"
-    path.write_text("".join(f'[[dataset]]\npath = "ds{i}"\nweight = {w}\ntemperature = {t}\n'
-                            for i, (w, t) in enumerate(zip(weights, temperatures))))
+    path.write_text(
+        "".join(
+            f'[[dataset]]\npath = "ds{i}"\nweight = {w}\ntemperature = {t}\n'
+            for i, (w, t) in enumerate(zip(weights, temperatures))
+        )
+    )
     return path
 
 
@@ -69,8 +72,13 @@ def test_each_epoch_is_a_new_permutation(root):
 
 
 @SETTINGS
-@given(world=st.integers(1, 3), batch=st.integers(1, 4), seq_len=st.integers(1, 64),
-       resume=st.integers(0, 40), mixture=st.booleans())
+@given(
+    world=st.integers(1, 3),
+    batch=st.integers(1, 4),
+    seq_len=st.integers(1, 64),
+    resume=st.integers(0, 40),
+    mixture=st.booleans(),
+)
 def test_resume_gives_the_uninterrupted_batches(root, world, batch, seq_len, resume, mixture):
     path = _mixture(root, [2.0, 1.0, 0.5]) if mixture else root / "ds1"
     kw = dict(seq_len=seq_len, batch_size=batch, seed=7)
@@ -90,8 +98,12 @@ def test_resume_gives_the_uninterrupted_batches(root, world, batch, seq_len, res
 
 
 @SETTINGS
-@given(weights=st.lists(st.sampled_from([0.25, 0.5, 1.0, 2.0, 3.0, 7.0]), min_size=2, max_size=3),
-       temperature=st.sampled_from([0.5, 1.0, 2.0]), world=st.integers(1, 3), batch=st.integers(1, 8))
+@given(
+    weights=st.lists(st.sampled_from([0.25, 0.5, 1.0, 2.0, 3.0, 7.0]), min_size=2, max_size=3),
+    temperature=st.sampled_from([0.5, 1.0, 2.0]),
+    world=st.integers(1, 3),
+    batch=st.integers(1, 8),
+)
 def test_mixture_proportions(root, weights, temperature, world, batch):
     path = _mixture(root, weights, [temperature] * len(weights))
     loaders = _loaders(path, world, seq_len=8, batch_size=batch, seed=1)
@@ -101,8 +113,9 @@ def test_mixture_proportions(root, weights, temperature, world, batch):
         for ld in loaders:
             inputs, targets = ld.next_batch()
             _check_windows(inputs, targets, 8)
-            counts += np.bincount(np.searchsorted(OFFSETS, inputs[:, 0], side="right") - 1,
-                                  minlength=len(weights))[:len(weights)]
+            counts += np.bincount(np.searchsorted(OFFSETS, inputs[:, 0], side="right") - 1, minlength=len(weights))[
+                : len(weights)
+            ]
     expected = np.array(weights) ** (1 / temperature)
     expected /= expected.sum()
     np.testing.assert_allclose(counts / counts.sum(), expected, atol=0.01)

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 import nmoe.data.prep as prep_mod
-from nmoe.data import (DataError, PrepOptions, SourceUnavailableError, dataset_dir, is_prepared, prep_command,
-                       prepare)
+from nmoe.data import DataError, PrepOptions, SourceUnavailableError, dataset_dir, is_prepared, prep_command, prepare
 from nmoe.data.cli import _parser, _prep_options
 
 
@@ -49,8 +48,11 @@ def _write_inputs(kind, directory, docs, h):
         h.write_parquet(directory / "b.parquet", docs[40:80])
         h.write_jsonl(directory / "c.jsonl.gz", docs[80:], gz=True)
         return directory / "*"
-    writer = {"jsonl": h.write_jsonl, "parquet": h.write_parquet,
-              "jsonl.gz": lambda p, d: h.write_jsonl(p, d, gz=True)}[kind]
+    writer = {
+        "jsonl": h.write_jsonl,
+        "parquet": h.write_parquet,
+        "jsonl.gz": lambda p, d: h.write_jsonl(p, d, gz=True),
+    }[kind]
     writer(directory / f"part0.{kind}", docs[:half])
     writer(directory / f"part1.{kind}", docs[half:])
     return directory / f"*.{kind}"
@@ -174,8 +176,9 @@ def test_val_rules(tmp_path, tokenizer_path, docs, h):
     glob = _write_inputs("jsonl", tmp_path / "in", docs, h)
     none = prepare(_opts(tmp_path, tokenizer_path, glob, name="none", val_fraction=0.0), progress=False)
     assert none.splits["val"].tokens == 0 and none.splits["train"].documents == len(docs)
-    capped = prepare(_opts(tmp_path, tokenizer_path, glob, name="cap", val_fraction=None, val_tokens=300),
-                     progress=False)
+    capped = prepare(
+        _opts(tmp_path, tokenizer_path, glob, name="cap", val_fraction=None, val_tokens=300), progress=False
+    )
     lengths = [d.size + 1 for d in h.split_documents(_stream(capped, "val"), capped.bos_id)]
     assert sum(lengths) == capped.splits["val"].tokens >= 300 > sum(lengths[:-1])  # stops once full
     assert 1 < len(lengths) < len(docs) / 8
@@ -200,10 +203,21 @@ def test_max_docs(tmp_path, tokenizer_path, docs, h):
     assert m.splits["train"].documents + m.splits["val"].documents == 17
 
 
-@pytest.mark.parametrize("extra", [{}, {"source": "hf", "dataset": "org/set", "dataset_config": "c 1",
-                                        "dataset_split": "validation"},
-                                   {"val_tokens": 5, "val_fraction": None, "max_docs": 3, "text_field": "body",
-                                    "tokenizer_vocab_size": 1000, "shard_tokens": 12345}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"source": "hf", "dataset": "org/set", "dataset_config": "c 1", "dataset_split": "validation"},
+        {
+            "val_tokens": 5,
+            "val_fraction": None,
+            "max_docs": 3,
+            "text_field": "body",
+            "tokenizer_vocab_size": 1000,
+            "shard_tokens": 12345,
+        },
+    ],
+)
 def test_prep_command_parses_back_to_the_same_options(tmp_path, extra):
     extra = extra if "dataset" in extra else {"input": "in/*.jsonl", **extra}
     opts = PrepOptions(output="data dir", name="n", tokenizer="t.json", **extra)

@@ -19,8 +19,17 @@ def test_training_is_deterministic(docs, tokenizer):
     assert Tokenizer.train(docs, 401).sha256 != tokenizer.sha256
 
 
-@pytest.mark.parametrize("text", ["", "plain words", "naïve café 東京 🚀\n\n\ttabs  ",
-                                  "a literal <|bos|> stays text", "x" * 3000, "\r\n \u00a0 \ufeff"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "plain words",
+        "naïve café 東京 🚀\n\n\ttabs  ",
+        "a literal <|bos|> stays text",
+        "x" * 3000,
+        "\r\n \u00a0 \ufeff",
+    ],
+)
 def test_encode_decode_round_trip(tokenizer, text):
     ids = tokenizer.encode(text)
     assert tokenizer.bos_id not in ids

@@ -47,7 +47,7 @@ def routing(n_tokens: int, top_k: int, n_experts: int, layout: str) -> torch.Ten
     if layout == "one_huge":
         scores[:, 0] += 2.0  # every token picks expert 0
     if layout == "empty":
-        scores[:, n_experts // 2:] -= 2.0  # half the experts get no rows
+        scores[:, n_experts // 2 :] -= 2.0  # half the experts get no rows
     return scores.topk(top_k, dim=1).indices
 
 
@@ -73,9 +73,18 @@ def check_grouped_mm(name: str, sizes: list[int], tail: int, k: int, n: int, dty
     errs = dict(out=rel_err(out, want), dx=rel_err(dx, xr.grad), dw=rel_err(dw, wr.grad))
     empty = [e for e, s in enumerate(sizes) if s == 0]
     zero_ok = bool(dw[empty].eq(0).all()) if empty else True
-    tail_ok = bool(out[m - tail:].eq(0).all() and dx[m - tail:].eq(0).all())
-    record(f"grouped_mm {name}", max(errs.values()) < tol and zero_ok and tail_ok, m=m, k=k, n=n,
-           dtype=str(dtype), **errs, empty_groups_zero=zero_ok, tail_zero=tail_ok)
+    tail_ok = bool(out[m - tail :].eq(0).all() and dx[m - tail :].eq(0).all())
+    record(
+        f"grouped_mm {name}",
+        max(errs.values()) < tol and zero_ok and tail_ok,
+        m=m,
+        k=k,
+        n=n,
+        dtype=str(dtype),
+        **errs,
+        empty_groups_zero=zero_ok,
+        tail_zero=tail_ok,
+    )
 
 
 def check_sort(n_tokens: int, top_k: int, n_experts: int, layout: str) -> None:
@@ -87,8 +96,9 @@ def check_sort(n_tokens: int, top_k: int, n_experts: int, layout: str) -> None:
     record(f"sort_by_expert T={n_tokens} K={top_k} E={n_experts} {layout}", ok)
 
 
-def check_moe(name: str, n_tokens: int, top_k: int, n_experts: int, d: int, h: int, layout: str,
-              dtype: torch.dtype, tol: float) -> None:
+def check_moe(
+    name: str, n_tokens: int, top_k: int, n_experts: int, d: int, h: int, layout: str, dtype: torch.dtype, tol: float
+) -> None:
     ids = routing(n_tokens, top_k, n_experts, layout)
     weights = torch.rand(n_tokens, top_k, device="cuda")
     x = torch.randn(n_tokens, d, device="cuda", dtype=dtype).requires_grad_()
@@ -105,8 +115,18 @@ def check_moe(name: str, n_tokens: int, top_k: int, n_experts: int, d: int, h: i
     want_grads = torch.autograd.grad(want, leaves, dy.float())
     errs = dict(y=rel_err(y, want))
     errs.update({f"d_{n}": rel_err(g, r) for n, g, r in zip(("x", "weights", "w_up", "w_down"), grads, want_grads)})
-    record(f"moe_experts {name}", max(errs.values()) < tol, T=n_tokens, K=top_k, E=n_experts, D=d, H=h,
-           layout=layout, dtype=str(dtype), **errs)
+    record(
+        f"moe_experts {name}",
+        max(errs.values()) < tol,
+        T=n_tokens,
+        K=top_k,
+        E=n_experts,
+        D=d,
+        H=h,
+        layout=layout,
+        dtype=str(dtype),
+        **errs,
+    )
 
 
 def check_no_host_sync() -> None:
@@ -130,10 +150,12 @@ def check_no_host_sync() -> None:
 def check_refusals() -> None:
     offsets = torch.tensor([4], dtype=torch.int32, device="cuda")
     cases = {
-        "misaligned K": lambda: nk.grouped_mm(torch.randn(4, 24, device="cuda"), torch.randn(1, 24, 16, device="cuda"),
-                                              offsets),
-        "fp16": lambda: nk.grouped_mm(torch.randn(4, 16, device="cuda").half(),
-                                      torch.randn(1, 16, 16, device="cuda").half(), offsets),
+        "misaligned K": lambda: nk.grouped_mm(
+            torch.randn(4, 24, device="cuda"), torch.randn(1, 24, 16, device="cuda"), offsets
+        ),
+        "fp16": lambda: nk.grouped_mm(
+            torch.randn(4, 16, device="cuda").half(), torch.randn(1, 16, 16, device="cuda").half(), offsets
+        ),
         "mixed devices": lambda: nk.grouped_mm(torch.randn(4, 16), torch.randn(1, 16, 16, device="cuda"), offsets),
     }
     for name, call in cases.items():
@@ -173,8 +195,12 @@ def main() -> int:
         try:
             check()
         except Exception as err:  # keep going: one device call should report every check
-            record(f"crashed: {getattr(check, '__name__', 'check')}", False, error=repr(err),
-                   trace=traceback.format_exc(limit=4))
+            record(
+                f"crashed: {getattr(check, '__name__', 'check')}",
+                False,
+                error=repr(err),
+                trace=traceback.format_exc(limit=4),
+            )
     failed = [r for r in RESULTS if not r["ok"]]
     print(f"gpu_check: {len(RESULTS) - len(failed)}/{len(RESULTS)} passed on {torch.cuda.get_device_name()}")
     if args.out:

@@ -59,9 +59,11 @@ def test_grouped_mm_reference_rows_use_their_expert_and_tail_is_zero():
 
 @pytest.mark.parametrize(
     "x_shape,w_shape,offsets",
-    [((4, 3), (2, 4, 5), [1, 4]),  # K mismatch
-     ((4, 4), (2, 4, 5), [1, 2, 4]),  # offsets length != E
-     ((4, 4), (2, 4, 5), None)],  # int64 offsets
+    [
+        ((4, 3), (2, 4, 5), [1, 4]),  # K mismatch
+        ((4, 4), (2, 4, 5), [1, 2, 4]),  # offsets length != E
+        ((4, 4), (2, 4, 5), None),
+    ],  # int64 offsets
 )
 def test_grouped_mm_refuses_bad_shapes(x_shape, w_shape, offsets):
     off = torch.tensor([1, 4]) if offsets is None else torch.tensor(offsets, dtype=torch.int32)

@@ -45,8 +45,14 @@ def group_sizes(layout, n_experts, g):
 
 
 @settings(max_examples=20, deadline=None)
-@given(layouts, st.integers(1, 6), st.sampled_from([16, 48]), st.sampled_from([16, 32]), st.integers(0, 20),
-       st.integers(0, 2**31 - 1))
+@given(
+    layouts,
+    st.integers(1, 6),
+    st.sampled_from([16, 48]),
+    st.sampled_from([16, 32]),
+    st.integers(0, 20),
+    st.integers(0, 2**31 - 1),
+)
 def test_grouped_mm_forward_and_grads(layout, n_experts, k, n, tail, seed):
     g = torch.Generator().manual_seed(seed)
     sizes = group_sizes(layout, n_experts, g)
@@ -61,15 +67,16 @@ def test_grouped_mm_forward_and_grads(layout, n_experts, k, n, tail, seed):
     want = reference.grouped_mm(x64, w64, offsets)
     want.backward(grad.double())
     assert out.shape == (m, n) and torch.isfinite(out).all()
-    assert rel_err(out, want) < 1e-5 and out[m - tail:].eq(0).all()
+    assert rel_err(out, want) < 1e-5 and out[m - tail :].eq(0).all()
     if m:
         assert rel_err(x.grad, x64.grad) < 1e-5
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-4)  # empty groups: exactly 0
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.integers(0, 300), st.integers(1, 8), st.sampled_from([1, 8, 64, 256]), st.booleans(),
-       st.integers(0, 2**31 - 1))
+@given(
+    st.integers(0, 300), st.integers(1, 8), st.sampled_from([1, 8, 64, 256]), st.booleans(), st.integers(0, 2**31 - 1)
+)
 def test_sort_by_expert_matches_reference(n_tokens, top_k, n_experts, skewed, seed):
     g = torch.Generator().manual_seed(seed)
     high = 1 if skewed else n_experts
@@ -85,13 +92,23 @@ def routing(n_tokens, top_k, n_experts, layout, g):
         ids = torch.zeros(n_tokens, top_k, dtype=torch.int64)
         ids[:, 1:] = torch.randint(0, n_experts, (n_tokens, top_k - 1), generator=g)
         return ids  # every token hits expert 0
-    return torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(n_tokens)]) \
-        if n_tokens else torch.zeros(0, top_k, dtype=torch.int64)
+    return (
+        torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(n_tokens)])
+        if n_tokens
+        else torch.zeros(0, top_k, dtype=torch.int64)
+    )
 
 
 @settings(max_examples=15, deadline=None)
-@given(st.integers(0, 40), st.integers(1, 4), st.integers(4, 8), st.sampled_from([16, 32]),
-       st.sampled_from([16, 48]), st.sampled_from(["random", "one_huge"]), st.integers(0, 2**31 - 1))
+@given(
+    st.integers(0, 40),
+    st.integers(1, 4),
+    st.integers(4, 8),
+    st.sampled_from([16, 32]),
+    st.sampled_from([16, 48]),
+    st.sampled_from(["random", "one_huge"]),
+    st.integers(0, 2**31 - 1),
+)
 def test_moe_experts_forward_and_grads(n_tokens, top_k, n_experts, d, h, layout, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_tokens, d, generator=g, requires_grad=True)
@@ -117,8 +134,12 @@ def test_bf16_expert_path_within_bf16_rounding():
     g = torch.Generator().manual_seed(0)
     n_tokens, top_k, n_experts, d, h = 24, 2, 4, 32, 16
     ids = routing(n_tokens, top_k, n_experts, "random", g)
-    fp32 = [torch.randn(n_tokens, d, generator=g), torch.rand(n_tokens, top_k, generator=g),
-            torch.randn(n_experts, d, 2 * h, generator=g) / d**0.5, torch.randn(n_experts, h, d, generator=g) / h**0.5]
+    fp32 = [
+        torch.randn(n_tokens, d, generator=g),
+        torch.rand(n_tokens, top_k, generator=g),
+        torch.randn(n_experts, d, 2 * h, generator=g) / d**0.5,
+        torch.randn(n_experts, h, d, generator=g) / h**0.5,
+    ]
     bf16 = [t.bfloat16().requires_grad_() for t in fp32]
     leaves64 = [float64_leaf(t) for t in bf16]
     got = nk.moe_experts(bf16[0], ids, *bf16[1:])

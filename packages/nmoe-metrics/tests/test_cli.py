@@ -55,7 +55,10 @@ def test_show_prints_latest_values_and_sparklines(run_dirs, capsys):
 
 def test_show_without_registry_and_with_tag_filter(run_dirs, capsys, tmp_path):
     _, metrics = run_dirs
-    assert main(["show", "tiny-1", "--db", str(tmp_path / "none.sqlite"), "--metrics-dir", str(metrics), "--tag", "lr"]) == 0
+    assert (
+        main(["show", "tiny-1", "--db", str(tmp_path / "none.sqlite"), "--metrics-dir", str(metrics), "--tag", "lr"])
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[0] == "tag" and [line.split()[0] for line in out[2:]] == ["lr"]
 

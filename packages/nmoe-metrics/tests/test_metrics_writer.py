@@ -30,7 +30,13 @@ def test_round_trip_keeps_nan_and_inf(tmp_path):
     assert {r.rank for r in rows} == {0}
     con = duckdb.connect(str(rank_path(tmp_path, "run-a", 0)), read_only=True)
     assert con.execute("SELECT DISTINCT run_id FROM metrics").fetchall() == [("run-a",)]
-    assert [c[1] for c in con.execute("PRAGMA table_info(metrics)").fetchall()] == ["run_id", "step", "tag", "value", "ts"]
+    assert [c[1] for c in con.execute("PRAGMA table_info(metrics)").fetchall()] == [
+        "run_id",
+        "step",
+        "tag",
+        "value",
+        "ts",
+    ]
     con.close()
     (header,) = run_headers(tmp_path, "run-a")
     assert header[0] == "run-a" and header[1] == 0 and '"cfg"' in header[5]

@@ -5,7 +5,9 @@ import pytest
 
 from nmoe.metrics import FINAL_STATUSES, Registry
 
-START = dict(name="tiny", config_toml="[model]\ndim = 64\n", fingerprint="fp1", git_rev="abc123", world_size=1, device="cpu")
+START = dict(
+    name="tiny", config_toml="[model]\ndim = 64\n", fingerprint="fp1", git_rev="abc123", world_size=1, device="cpu"
+)
 
 
 def test_lifecycle_start_checkpoint_finish(tmp_path):

@@ -17,8 +17,19 @@ SEQ = 24
 
 
 def attn_config(**overrides) -> ModelConfig:
-    base = dict(vocab_size=50, dim=32, n_layers=2, n_heads=4, max_seq_len=64, n_dense_layers=2, inter_dim=48,
-                kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+    base = dict(
+        vocab_size=50,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        max_seq_len=64,
+        n_dense_layers=2,
+        inter_dim=48,
+        kv_lora_rank=12,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+    )
     base.update(overrides)
     return ModelConfig(**base)
 
@@ -73,9 +84,9 @@ def gqa_per_head(attn: GQAttention, x: torch.Tensor, cos, sin, window) -> torch.
     bsz, seq, _ = x.shape
     hd, h, kv = attn.head_dim, attn.n_heads, attn.n_kv
     w = attn.wqkv.weight
-    q = (x @ w[:h * hd].T).view(bsz, seq, h, hd)
-    k = (x @ w[h * hd:(h + kv) * hd].T).view(bsz, seq, kv, hd)
-    v = (x @ w[(h + kv) * hd:].T).view(bsz, seq, kv, hd)
+    q = (x @ w[: h * hd].T).view(bsz, seq, h, hd)
+    k = (x @ w[h * hd : (h + kv) * hd].T).view(bsz, seq, kv, hd)
+    v = (x @ w[(h + kv) * hd :].T).view(bsz, seq, kv, hd)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     heads = []
     for head in range(h):
@@ -100,8 +111,8 @@ def test_mla_matches_absorbed_latent_computation(q_lora_rank, window):
     out = attn(x, cos, sin, None)
     ref = mla_absorbed(attn, x, cos, sin, window)
     torch.testing.assert_close(out, ref)
-    gx, = torch.autograd.grad(out.square().sum(), x)
-    gx_ref, = torch.autograd.grad(ref.square().sum(), x)
+    (gx,) = torch.autograd.grad(out.square().sum(), x)
+    (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
     torch.testing.assert_close(gx, gx_ref)
     if window is not None:  # flex attention (no autograd on CPU) gives the same forward
         with torch.no_grad():
@@ -119,8 +130,8 @@ def test_gqa_and_swa_match_explicit_masked_attention(n_kv_heads, window):
     ref = gqa_per_head(attn, x, cos, sin, window)
     out = attn(x, cos, sin, None)  # autograd path: sdpa (global) or dense-window fallback (local)
     torch.testing.assert_close(out, ref)
-    gx, = torch.autograd.grad(out.square().sum(), x)
-    gx_ref, = torch.autograd.grad(ref.square().sum(), x)
+    (gx,) = torch.autograd.grad(out.square().sum(), x)
+    (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
     torch.testing.assert_close(gx, gx_ref)
     if window is not None:
         with torch.no_grad():
@@ -136,8 +147,9 @@ def test_window_covering_sequence_equals_global_attention():
     x = torch.randn(1, SEQ, cfg.dim, dtype=torch.float64)
     cos, sin = tables(cfg, cfg.sdpa_head_dim)
     with torch.no_grad():
-        torch.testing.assert_close(local(x, cos, sin, sliding_window_block_mask(SEQ, SEQ, x.device)),
-                                   glob(x, cos, sin, None))
+        torch.testing.assert_close(
+            local(x, cos, sin, sliding_window_block_mask(SEQ, SEQ, x.device)), glob(x, cos, sin, None)
+        )
 
 
 def test_rope_is_a_rotation_by_position_times_frequency():
@@ -189,8 +201,7 @@ MODELS = {kind: causal_model(kind) for kind in CAUSAL_CONFIGS}
 
 
 @settings(max_examples=25, deadline=None)
-@given(kind=st.sampled_from(sorted(CAUSAL_CONFIGS)), cut=st.integers(1, SEQ - 1), grad=st.booleans(),
-       data=st.data())
+@given(kind=st.sampled_from(sorted(CAUSAL_CONFIGS)), cut=st.integers(1, SEQ - 1), grad=st.booleans(), data=st.data())
 def test_changing_future_tokens_never_changes_earlier_logits(kind, cut, grad, data):
     model = MODELS[kind]
     tokens = data.draw(st.lists(st.integers(0, 49), min_size=SEQ, max_size=SEQ))

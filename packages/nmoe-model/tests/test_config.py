@@ -43,20 +43,23 @@ def test_frozen():
         cfg.dim = 64
 
 
-@pytest.mark.parametrize("overrides, keys", [
-    (dict(top_k=8, n_routed_experts=4), ["top_k (8) > n_routed_experts (4)", "model.top_k"]),
-    (dict(n_dense_layers=5), ["n_dense_layers (5) > n_layers (4)", "model.n_dense_layers"]),
-    (dict(n_dense_layers=1, inter_dim=0), ["model.inter_dim"]),
-    (dict(n_routed_experts=10, n_groups=4), ["n_groups (4)", "model.n_groups"]),
-    (dict(n_groups=2, topk_groups=3), ["topk_groups (3) > n_groups (2)"]),
-    (dict(n_routed_experts=8, n_groups=4, topk_groups=1, top_k=3), ["model.topk_groups", "model.top_k"]),
-    (dict(dim=30, n_heads=4), ["n_heads (4)", "model.head_dim"]),
-    (dict(n_kv_heads=3), ["n_kv_heads (3)", "model.n_kv_heads"]),
-    (dict(attn="flash"), ["model.attn", "'mla', 'sdpa'"]),
-    (dict(score_func="relu"), ["model.score_func"]),
-    (dict(top_k=0), ["model.top_k = 0", "outside [1, None]"]),
-    (dict(qk_rope_head_dim=5, attn="mla"), ["qk_rope_head_dim (5)"]),
-])
+@pytest.mark.parametrize(
+    "overrides, keys",
+    [
+        (dict(top_k=8, n_routed_experts=4), ["top_k (8) > n_routed_experts (4)", "model.top_k"]),
+        (dict(n_dense_layers=5), ["n_dense_layers (5) > n_layers (4)", "model.n_dense_layers"]),
+        (dict(n_dense_layers=1, inter_dim=0), ["model.inter_dim"]),
+        (dict(n_routed_experts=10, n_groups=4), ["n_groups (4)", "model.n_groups"]),
+        (dict(n_groups=2, topk_groups=3), ["topk_groups (3) > n_groups (2)"]),
+        (dict(n_routed_experts=8, n_groups=4, topk_groups=1, top_k=3), ["model.topk_groups", "model.top_k"]),
+        (dict(dim=30, n_heads=4), ["n_heads (4)", "model.head_dim"]),
+        (dict(n_kv_heads=3), ["n_kv_heads (3)", "model.n_kv_heads"]),
+        (dict(attn="flash"), ["model.attn", "'mla', 'sdpa'"]),
+        (dict(score_func="relu"), ["model.score_func"]),
+        (dict(top_k=0), ["model.top_k = 0", "outside [1, None]"]),
+        (dict(qk_rope_head_dim=5, attn="mla"), ["qk_rope_head_dim (5)"]),
+    ],
+)
 def test_inconsistent_configs_name_the_keys(overrides, keys):
     with pytest.raises(ValueError) as err:
         ModelConfig(**{**REQUIRED, **overrides})
@@ -78,8 +81,15 @@ def test_local_global_layer_pattern():
 
 
 def test_shipped_shapes_cover_dense_moe64_and_moe256(shapes):
-    assert {"tiny", "moonlet", "moonlight", "speedrun/small_dense_sdpa", "speedrun/small_moe",
-            "speedrun/small_moe_ultra", "speedrun/super"} <= set(shapes)
+    assert {
+        "tiny",
+        "moonlet",
+        "moonlight",
+        "speedrun/small_dense_sdpa",
+        "speedrun/small_moe",
+        "speedrun/small_moe_ultra",
+        "speedrun/super",
+    } <= set(shapes)
     dense = shapes["speedrun/small_dense_sdpa"]
     assert dense.n_dense_layers == dense.n_layers and not dense.has_moe
     assert shapes["speedrun/small_moe"].n_routed_experts == 64

@@ -10,9 +10,23 @@ from nmoe.model import NO_DECAY_KINDS, PARAM_KINDS, ModelConfig, Transformer, mo
 
 
 def small_config(**overrides) -> ModelConfig:
-    base = dict(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=32, attn_local="swa",
-                attn_global_every=2, attn_local_window=4, n_dense_layers=1, inter_dim=48, n_routed_experts=8,
-                n_shared_experts=1, moe_inter_dim=16, top_k=2)
+    base = dict(
+        vocab_size=64,
+        dim=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        max_seq_len=32,
+        attn_local="swa",
+        attn_global_every=2,
+        attn_local_window=4,
+        n_dense_layers=1,
+        inter_dim=48,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        moe_inter_dim=16,
+        top_k=2,
+    )
     base.update(overrides)
     return ModelConfig(**base)
 
@@ -35,9 +49,22 @@ def test_shipped_configs_build_on_meta_with_formula_param_counts(config_name, sh
 
 
 def test_tiny_param_count_by_hand():
-    cfg = ModelConfig(vocab_size=4096, dim=128, n_layers=4, n_heads=4, attn="sdpa", attn_local="swa",
-                      attn_global_every=2, attn_local_window=128, n_dense_layers=1, inter_dim=512,
-                      n_routed_experts=8, n_shared_experts=1, moe_inter_dim=128, top_k=2)
+    cfg = ModelConfig(
+        vocab_size=4096,
+        dim=128,
+        n_layers=4,
+        n_heads=4,
+        attn="sdpa",
+        attn_local="swa",
+        attn_global_every=2,
+        attn_local_window=128,
+        n_dense_layers=1,
+        inter_dim=512,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        moe_inter_dim=128,
+        top_k=2,
+    )
     attn = 128 * 3 * 128 + 128 * 128
     dense_ffn = 3 * 128 * 512
     moe = 8 * 128 + 8 * 3 * 128 * 128 + 3 * 128 * 128
@@ -60,7 +87,7 @@ def test_init_is_deterministic_per_seed_and_scales_output_projections():
     assert not torch.equal(a.head.weight, c.head.weight)
     assert (a.blocks[0].attn_norm.weight == 1).all()
     assert a.blocks[1].ffn.w_up.std().item() == pytest.approx(0.05, rel=0.05)
-    assert a.blocks[1].ffn.w_down.std().item() == pytest.approx(0.05 / 6 ** 0.5, rel=0.05)
+    assert a.blocks[1].ffn.w_down.std().item() == pytest.approx(0.05 / 6**0.5, rel=0.05)
 
 
 def test_meta_model_materialises_with_to_empty_and_init():
@@ -124,8 +151,14 @@ def test_router_stats_per_moe_layer_tags_and_reset():
         assert 1 / cfg.top_k - 1e-6 <= layer.max_gate_mean <= 1
         assert len(layer.bias) == 8
     scalars = stats.as_scalars()
-    assert {"router/layer01/load_cv", "router/layer02/entropy_mean", "router/layer02/collapse_frac",
-            "router/layer01/dropped_tokens", "router/layer01/max_gate_mean", "router/mean/load_cv"} <= set(scalars)
+    assert {
+        "router/layer01/load_cv",
+        "router/layer02/entropy_mean",
+        "router/layer02/collapse_frac",
+        "router/layer01/dropped_tokens",
+        "router/layer01/max_gate_mean",
+        "router/mean/load_cv",
+    } <= set(scalars)
     assert all(isinstance(v, float) for v in scalars.values())
     empty = model.router_stats()
     assert all(layer.tokens == 0 and sum(layer.tokens_per_expert) == 0 for layer in empty.layers)
@@ -171,8 +204,9 @@ def test_expert_bias_is_checkpointed_but_accumulators_are_not():
 
 
 def test_param_kinds_and_groups_partition_parameters():
-    model = build(small_config(attn="mla", q_lora_rank=8, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                               v_head_dim=8))
+    model = build(
+        small_config(attn="mla", q_lora_rank=8, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+    )
     kinds = model.param_kinds()
     assert set(kinds.values()) <= set(PARAM_KINDS)
     assert kinds["tok_emb.weight"] == "embedding" and kinds["head.weight"] == "head"

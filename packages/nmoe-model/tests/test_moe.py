@@ -15,8 +15,17 @@ from nmoe.model.moe import MoE, balance_loss, route, z_loss
 
 
 def moe_config(**overrides) -> ModelConfig:
-    base = dict(vocab_size=16, dim=12, n_layers=2, n_heads=2, n_dense_layers=1, inter_dim=16, n_routed_experts=8,
-                moe_inter_dim=6, top_k=2)
+    base = dict(
+        vocab_size=16,
+        dim=12,
+        n_layers=2,
+        n_heads=2,
+        n_dense_layers=1,
+        inter_dim=16,
+        n_routed_experts=8,
+        moe_inter_dim=6,
+        top_k=2,
+    )
     base.update(overrides)
     return ModelConfig(**base)
 
@@ -39,12 +48,12 @@ def naive_select(biased: list[float], cfg: ModelConfig) -> list[int]:
         size = n_exp // cfg.n_groups
         group_scores = []
         for g in range(cfg.n_groups):
-            members = sorted(biased[g * size:(g + 1) * size], reverse=True)
-            group_scores.append((sum(members[:min(2, size)]), g))
-        best = [g for _, g in sorted(group_scores, reverse=True)[:cfg.topk_groups]]
+            members = sorted(biased[g * size : (g + 1) * size], reverse=True)
+            group_scores.append((sum(members[: min(2, size)]), g))
+        best = [g for _, g in sorted(group_scores, reverse=True)[: cfg.topk_groups]]
         allowed = {g * size + i for g in best for i in range(size)}
     ranked = sorted(allowed, key=lambda e: biased[e], reverse=True)
-    return ranked[:cfg.top_k]
+    return ranked[: cfg.top_k]
 
 
 def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -86,16 +95,18 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-ROUTING_CASES = st.fixed_dictionaries({
-    "score_func": st.sampled_from(["sigmoid", "softmax"]),
-    "route_norm": st.booleans(),
-    "route_scale": st.sampled_from([1.0, 2.5]),
-    "groups": st.sampled_from([(1, 1), (4, 2), (2, 1)]),
-    "capacity_factor": st.sampled_from([0.0, 0.5, 1.0]),
-    "n_shared_experts": st.integers(0, 2),
-    "top_k": st.integers(1, 3),
-    "seed": st.integers(0, 2**16),
-})
+ROUTING_CASES = st.fixed_dictionaries(
+    {
+        "score_func": st.sampled_from(["sigmoid", "softmax"]),
+        "route_norm": st.booleans(),
+        "route_scale": st.sampled_from([1.0, 2.5]),
+        "groups": st.sampled_from([(1, 1), (4, 2), (2, 1)]),
+        "capacity_factor": st.sampled_from([0.0, 0.5, 1.0]),
+        "n_shared_experts": st.integers(0, 2),
+        "top_k": st.integers(1, 3),
+        "seed": st.integers(0, 2**16),
+    }
+)
 
 
 @settings(max_examples=30, deadline=None)
@@ -123,8 +134,13 @@ def test_moe_matches_naive_loop_forward_and_grads(case):
 
 
 @settings(max_examples=40, deadline=None)
-@given(score_func=st.sampled_from(["sigmoid", "softmax"]), route_norm=st.booleans(),
-       route_scale=st.floats(0.5, 3.0), top_k=st.integers(1, 8), seed=st.integers(0, 2**16))
+@given(
+    score_func=st.sampled_from(["sigmoid", "softmax"]),
+    route_norm=st.booleans(),
+    route_scale=st.floats(0.5, 3.0),
+    top_k=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+)
 def test_routing_distinct_experts_and_weight_sums(score_func, route_norm, route_scale, top_k, seed):
     cfg = moe_config(score_func=score_func, route_norm=route_norm, route_scale=route_scale, top_k=top_k)
     gen = torch.Generator().manual_seed(seed)
@@ -195,9 +211,9 @@ def test_balance_and_z_loss_match_formulas():
     n_exp, k = cfg.n_routed_experts, cfg.top_k
     expected_balance = 0.0
     for b in range(3):
-        s = r.scores[b * 10:(b + 1) * 10]
+        s = r.scores[b * 10 : (b + 1) * 10]
         p = (s / s.sum(-1, keepdim=True)).mean(0)
-        f = torch.bincount(r.topk_ids[b * 10:(b + 1) * 10].reshape(-1), minlength=n_exp) * n_exp / (k * 10)
+        f = torch.bincount(r.topk_ids[b * 10 : (b + 1) * 10].reshape(-1), minlength=n_exp) * n_exp / (k * 10)
         expected_balance += (f * p).sum() / 3
     expected_z = torch.stack([torch.log(torch.exp(row).sum()) ** 2 for row in r.logits]).mean()
     torch.testing.assert_close(balance_loss(r.scores, r.topk_ids, 3, n_exp), expected_balance)
@@ -226,9 +242,9 @@ def test_stats_accumulate_counts_entropy_and_reset():
     counts = torch.bincount(r.topk_ids.reshape(-1), minlength=n_exp).double() * 2
     torch.testing.assert_close(packed[:n_exp], counts)
     entropy = -(r.scores * r.scores.log()).sum(-1).sum() * 2
-    tokens, ent, max_gate, dropped = packed[n_exp:n_exp + 4].tolist()
+    tokens, ent, max_gate, dropped = packed[n_exp : n_exp + 4].tolist()
     assert tokens == 20 and dropped == 0
     assert ent == pytest.approx(entropy.item())
     assert max_gate == pytest.approx(2 * r.gates.max(-1).values.sum().item())
-    assert (moe.take_stats()[:n_exp + 4] == 0).all()  # reset on read
+    assert (moe.take_stats()[: n_exp + 4] == 0).all()  # reset on read
     assert (moe.load_since_update == counts).all()  # bias-update window is separate from the stats window

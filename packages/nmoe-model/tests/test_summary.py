@@ -14,12 +14,35 @@ from nmoe.model.summary import activation_bytes_per_token, attended_keys_mean
 
 FLOP_CONFIGS = {
     "dense-sdpa": dict(attn="sdpa", n_dense_layers=2, inter_dim=256),
-    "moe-sdpa-swa": dict(attn="sdpa", n_kv_heads=2, attn_local="swa", attn_global_every=2, attn_local_window=16,
-                         n_dense_layers=1, inter_dim=256, n_routed_experts=8, n_shared_experts=1, moe_inter_dim=64,
-                         top_k=2, capacity_factor=1.25),
-    "moe-mla": dict(attn="mla", q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                    v_head_dim=16, n_dense_layers=1, inter_dim=256, n_routed_experts=16, moe_inter_dim=32, top_k=4,
-                    n_groups=4, topk_groups=2),
+    "moe-sdpa-swa": dict(
+        attn="sdpa",
+        n_kv_heads=2,
+        attn_local="swa",
+        attn_global_every=2,
+        attn_local_window=16,
+        n_dense_layers=1,
+        inter_dim=256,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        moe_inter_dim=64,
+        top_k=2,
+        capacity_factor=1.25,
+    ),
+    "moe-mla": dict(
+        attn="mla",
+        q_lora_rank=48,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_dense_layers=1,
+        inter_dim=256,
+        n_routed_experts=16,
+        moe_inter_dim=32,
+        top_k=4,
+        n_groups=4,
+        topk_groups=2,
+    ),
 }
 
 
@@ -115,8 +138,17 @@ def test_activation_estimate_tracks_saved_tensors(name):
 
 def test_table_lists_every_quantity(shapes):
     table = model_summary(shapes["moonlight"], 4096, batch_size=2).table()
-    for label in ("total params", "active params / token", "embedding params", "train FLOPs / token",
-                  "memory: params", "memory: grads", "memory: optimizer", "memory: activations", "memory: total"):
+    for label in (
+        "total params",
+        "active params / token",
+        "embedding params",
+        "train FLOPs / token",
+        "memory: params",
+        "memory: grads",
+        "memory: optimizer",
+        "memory: activations",
+        "memory: total",
+    ):
         assert label in table
     assert "15.960B" in table and "mla x27" in table
 

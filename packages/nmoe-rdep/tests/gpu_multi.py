@@ -23,25 +23,61 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
 from nmoe.kernels import grouped_mm
 from nmoe.kernels.reference import moe_experts as reference_moe_experts
-
 from nmoe.rdep import NvshmemTransport, Rdep, RdepCapacityError, RdepConfig
 
 WAIT_S = 60.0  # a lost signal fails the run in a minute (RdepTimeoutError) instead of hanging it
 
 COLLECTIVES = (
-    "all_to_all", "all_to_all_single", "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object",
-    "reduce_scatter", "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "barrier", "reduce",
-    "gather", "scatter", "send", "recv", "isend", "irecv", "batch_isend_irecv", "monitored_barrier",
+    "all_to_all",
+    "all_to_all_single",
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "broadcast_object_list",
+    "barrier",
+    "reduce",
+    "gather",
+    "scatter",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
+    "monitored_barrier",
 )
 FUNCTIONAL = (
-    "all_to_all_single", "all_to_all_single_autograd", "all_reduce", "all_reduce_coalesced", "all_gather_tensor",
-    "all_gather_tensor_autograd", "reduce_scatter_tensor", "reduce_scatter_tensor_autograd", "broadcast",
+    "all_to_all_single",
+    "all_to_all_single_autograd",
+    "all_reduce",
+    "all_reduce_coalesced",
+    "all_gather_tensor",
+    "all_gather_tensor_autograd",
+    "reduce_scatter_tensor",
+    "reduce_scatter_tensor_autograd",
+    "broadcast",
 )
 PROCESS_GROUP_METHODS = (
-    "allreduce", "allgather", "_allgather_base", "allgather_into_tensor_coalesced", "alltoall", "alltoall_base",
-    "broadcast", "barrier", "reduce_scatter", "_reduce_scatter_base", "send", "recv", "gather", "scatter",
+    "allreduce",
+    "allgather",
+    "_allgather_base",
+    "allgather_into_tensor_coalesced",
+    "alltoall",
+    "alltoall_base",
+    "broadcast",
+    "barrier",
+    "reduce_scatter",
+    "_reduce_scatter_base",
+    "send",
+    "recv",
+    "gather",
+    "scatter",
 )
 
 
@@ -102,8 +138,15 @@ def routing(gen: torch.Generator, n_tokens: int, n_experts: int, top_k: int, dev
 
 
 def exact_config(world: int) -> RdepConfig:
-    return RdepConfig(hidden=512, n_routed_experts=4 * world, top_k=4, max_tokens_per_rank=2048,
-                      capacity_margin=float(world), dtype=torch.float32, wait_timeout_s=WAIT_S)
+    return RdepConfig(
+        hidden=512,
+        n_routed_experts=4 * world,
+        top_k=4,
+        max_tokens_per_rank=2048,
+        capacity_margin=float(world),
+        dtype=torch.float32,
+        wait_timeout_s=WAIT_S,
+    )
 
 
 def check_exact_transport(rank: int, world: int, device, transport) -> None:
@@ -128,14 +171,22 @@ def check_exact_transport(rank: int, world: int, device, transport) -> None:
 
     want = x.detach() * (w.detach() * scale[ids]).sum(1, keepdim=True)
     torch.testing.assert_close(y.detach(), want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, (w.detach() * scale[ids]).sum(1, keepdim=True).expand_as(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        x.grad, (w.detach() * scale[ids]).sum(1, keepdim=True).expand_as(x), rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(w.grad, x.detach().sum(1, keepdim=True) * scale[ids], rtol=1e-4, atol=1e-3)
     assert int(offsets[-1]) == expert_x.shape[0] == handle.n_received
 
 
 def moe_config(world: int) -> RdepConfig:
-    return RdepConfig(hidden=1024, n_routed_experts=8 * world, top_k=6, max_tokens_per_rank=4096, capacity_margin=2.0,
-                      wait_timeout_s=WAIT_S)
+    return RdepConfig(
+        hidden=1024,
+        n_routed_experts=8 * world,
+        top_k=6,
+        max_tokens_per_rank=4096,
+        capacity_margin=2.0,
+        wait_timeout_s=WAIT_S,
+    )
 
 
 def check_moe_layer(rank: int, world: int, device, transport) -> None:
@@ -146,8 +197,8 @@ def check_moe_layer(rank: int, world: int, device, transport) -> None:
     wgen = torch.Generator(device).manual_seed(0)  # the same expert weights on every rank
     w_up_all = (torch.randn(E, D, 2 * H, generator=wgen, device=device) / D**0.5).bfloat16()
     w_down_all = (torch.randn(E, H, D, generator=wgen, device=device) / H**0.5).bfloat16()
-    w_up = w_up_all[rank * per_rank:(rank + 1) * per_rank].clone().requires_grad_()
-    w_down = w_down_all[rank * per_rank:(rank + 1) * per_rank].clone().requires_grad_()
+    w_up = w_up_all[rank * per_rank : (rank + 1) * per_rank].clone().requires_grad_()
+    w_down = w_down_all[rank * per_rank : (rank + 1) * per_rank].clone().requires_grad_()
 
     gen = torch.Generator(device).manual_seed(1000 + rank)
     x = torch.randn(T, D, generator=gen, device=device).bfloat16().requires_grad_()
@@ -195,8 +246,14 @@ def check_guard_works() -> None:
 
 
 def overflow_configs(world: int) -> tuple[RdepConfig, RdepConfig]:
-    common = dict(hidden=256, n_routed_experts=2 * world, top_k=2, max_tokens_per_rank=512, dtype=torch.float32,
-                  wait_timeout_s=WAIT_S)
+    common = dict(
+        hidden=256,
+        n_routed_experts=2 * world,
+        top_k=2,
+        max_tokens_per_rank=512,
+        dtype=torch.float32,
+        wait_timeout_s=WAIT_S,
+    )
     return RdepConfig(capacity_margin=1.0, **common), RdepConfig(capacity_factor=0.5, **common)
 
 
@@ -281,15 +338,21 @@ def main() -> None:
     device = torch.device("cuda", local_rank)
     dist.init_process_group("nccl", device_id=device)
     rank, world = dist.get_rank(), dist.get_world_size()
-    transport = NvshmemTransport.for_config(exact_config(world), exact_config(world), moe_config(world),
-                                            *overflow_configs(world))
+    transport = NvshmemTransport.for_config(
+        exact_config(world), exact_config(world), moe_config(world), *overflow_configs(world)
+    )
     checks = [
         ("collective guard intercepts", check_guard_works),
         ("exact fp32 transport fwd+bwd", lambda: check_exact_transport(rank, world, device, transport)),
         ("bf16 MoE layer == single-GPU reference fwd+bwd", lambda: check_moe_layer(rank, world, device, transport)),
-        ("overflow raises, capacity_factor drops and counts, one rank's bad input raises everywhere",
-         lambda: check_overflow_and_drop(rank, world, device, transport)),
-        ("40 skewed back-to-back fwd+bwd round trips exact", lambda: check_skewed_round_trips(rank, world, device, transport)),
+        (
+            "overflow raises, capacity_factor drops and counts, one rank's bad input raises everywhere",
+            lambda: check_overflow_and_drop(rank, world, device, transport),
+        ),
+        (
+            "40 skewed back-to-back fwd+bwd round trips exact",
+            lambda: check_skewed_round_trips(rank, world, device, transport),
+        ),
     ]
     for name, check in checks:
         check()

@@ -72,8 +72,9 @@ def test_unique_id_broadcast_reaches_every_rank_in_place():
     world = 3
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.start_processes(_broadcast_worker, args=(world, _free_port(), results), nprocs=world, join=True,
-                           start_method="fork")  # fork: the worker lives in a test module
+        mp.start_processes(
+            _broadcast_worker, args=(world, _free_port(), results), nprocs=world, join=True, start_method="fork"
+        )  # fork: the worker lives in a test module
         assert [results[r] for r in range(world)] == [bytes(range(7, 23))] * world
 
 
@@ -94,7 +95,8 @@ def test_symmetric_allocation_mismatch_raises_on_every_rank():
     world = 3
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.start_processes(_allocation_worker, args=(world, _free_port(), results), nprocs=world, join=True,
-                           start_method="fork")
+        mp.start_processes(
+            _allocation_worker, args=(world, _free_port(), results), nprocs=world, join=True, start_method="fork"
+        )
         assert sorted(results.keys()) == [0, 1, 2]
         assert all("rank 2: ('rdep.recv', (9, 4), 'torch.bfloat16')" in results[r] for r in range(world))

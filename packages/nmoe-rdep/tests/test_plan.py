@@ -13,8 +13,13 @@ from nmoe.rdep.plan import owner_layout, plan_source, source_slots
 @given(world=st.sampled_from([1, 2, 4, 8]), experts_per_rank=st.integers(1, 3), data=st.data())
 def test_blocks_tile_each_receive_buffer_expert_major_then_source_major(world, experts_per_rank, data):
     n_experts = world * experts_per_rank
-    counts = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 5), min_size=n_experts, max_size=n_experts),
-                                             min_size=world, max_size=world)))
+    counts = torch.tensor(
+        data.draw(
+            st.lists(
+                st.lists(st.integers(0, 5), min_size=n_experts, max_size=n_experts), min_size=world, max_size=world
+            )
+        )
+    )
     layout = owner_layout(counts, world)
     for owner in range(world):
         cursor = 0

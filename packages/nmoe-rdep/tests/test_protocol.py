@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nmoe.rdep import RdepCapacityError, RdepConfig, RdepTimeoutError, SimulatedWorld
-from nmoe.rdep import kernels
+from nmoe.rdep import RdepCapacityError, RdepConfig, RdepTimeoutError, SimulatedWorld, kernels
 from nmoe.rdep.kernels import EPOCH_PERIOD
 
 F64 = torch.float64
@@ -31,8 +30,15 @@ def test_wait_gives_up_on_a_late_or_out_of_step_peer_and_records_it():
 
 
 def cfg(world: int, **kw) -> RdepConfig:
-    return RdepConfig(hidden=4, n_routed_experts=2 * world, top_k=2, max_tokens_per_rank=5,
-                      capacity_margin=float(world), dtype=F64, **kw)
+    return RdepConfig(
+        hidden=4,
+        n_routed_experts=2 * world,
+        top_k=2,
+        max_tokens_per_rank=5,
+        capacity_margin=float(world),
+        dtype=F64,
+        **kw,
+    )
 
 
 def inputs(world: int, n: int = 5, seed: int = 0):
@@ -90,7 +96,9 @@ def test_expert_ids_out_of_range_raise_on_every_rank():
     for rank_steps in steps:
         next(rank_steps)
     for rank_steps in steps:
-        with pytest.raises(ValueError, match=r"topk_ids on ranks \[1\] hold expert ids outside \[0, n_routed_experts=4\)"):
+        with pytest.raises(
+            ValueError, match=r"topk_ids on ranks \[1\] hold expert ids outside \[0, n_routed_experts=4\)"
+        ):
             next(rank_steps)
     round_trip(sim, seed=2)
 
@@ -101,7 +109,9 @@ def test_a_wait_that_gave_up_is_reported_at_the_next_host_sync():
     round_trip(sim, seed=3)
     sim.ranks[0].check()  # nothing recorded
     sim.ranks[1]._status.copy_(torch.tensor([1, 42, 0, 41], dtype=torch.int32))  # what kernels.wait records
-    with pytest.raises(RdepTimeoutError, match=r"wait_timeout_s=5.0 s for 1 peer\(s\) to signal epoch 42 \(e.g. rank 0"):
+    with pytest.raises(
+        RdepTimeoutError, match=r"wait_timeout_s=5.0 s for 1 peer\(s\) to signal epoch 42 \(e.g. rank 0"
+    ):
         sim.ranks[1].check()
     xs, ids, ws = inputs(world)
     with pytest.raises(RdepTimeoutError):
@@ -112,5 +122,6 @@ def test_config_refuses_a_non_positive_timeout():
     with pytest.raises(ValueError, match="wait_timeout_s"):
         cfg(2, wait_timeout_s=0.0)
     with pytest.raises(RdepCapacityError):  # and too many tokens is still a capacity error
-        SimulatedWorld(1, cfg(1)).dispatch_all([torch.zeros(6, 4, dtype=F64)], [torch.zeros(6, 2, dtype=torch.long)],
-                                               [torch.ones(6, 2, dtype=F64)])
+        SimulatedWorld(1, cfg(1)).dispatch_all(
+            [torch.zeros(6, 4, dtype=F64)], [torch.zeros(6, 2, dtype=torch.long)], [torch.ones(6, 2, dtype=F64)]
+        )

@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nmoe.kernels import grouped_mm
 
+from nmoe.kernels import grouped_mm
 from nmoe.rdep import RdepCapacityError, RdepConfig, SimulatedWorld
 
 F64 = torch.float64
@@ -41,8 +41,14 @@ def world_inputs(seed: int, world: int, tokens: list[int], n_experts: int, top_k
 
 def config(world: int, experts_per_rank: int, top_k: int, hidden: int, max_tokens: int, **kw) -> RdepConfig:
     kw.setdefault("capacity_margin", float(world))  # can never overflow
-    return RdepConfig(hidden=hidden, n_routed_experts=world * experts_per_rank, top_k=top_k,
-                      max_tokens_per_rank=max_tokens, dtype=F64, **kw)
+    return RdepConfig(
+        hidden=hidden,
+        n_routed_experts=world * experts_per_rank,
+        top_k=top_k,
+        max_tokens_per_rank=max_tokens,
+        dtype=F64,
+        **kw,
+    )
 
 
 def group_bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
@@ -62,8 +68,14 @@ modes = st.sampled_from(MODES)
 
 
 @settings(max_examples=30, deadline=None)
-@given(world=worlds, experts_per_rank=st.integers(1, 2), top_k=st.integers(1, 3), mode=modes,
-       tokens=st.lists(st.integers(0, 6), min_size=8, max_size=8), seed=st.integers(0, 2**16))
+@given(
+    world=worlds,
+    experts_per_rank=st.integers(1, 2),
+    top_k=st.integers(1, 3),
+    mode=modes,
+    tokens=st.lists(st.integers(0, 6), min_size=8, max_size=8),
+    seed=st.integers(0, 2**16),
+)
 def test_every_slot_reaches_its_expert_once_and_returns_to_its_slot(world, experts_per_rank, top_k, mode, tokens, seed):
     n_experts = world * experts_per_rank
     top_k = min(top_k, n_experts)
@@ -85,8 +97,13 @@ def test_every_slot_reaches_its_expert_once_and_returns_to_its_slot(world, exper
             assert rows == sorted(rows), "rows of an expert arrive source-major, in token order"
             received += [(src, t, expert) for src, t in rows]
             tagged[start:end] = expert
-        expected = [(src, t, int(e)) for src in range(world) for t in range(tokens[src])
-                    for e in ids[src][t] if int(e) // experts_per_rank == owner]
+        expected = [
+            (src, t, int(e))
+            for src in range(world)
+            for t in range(tokens[src])
+            for e in ids[src][t]
+            if int(e) // experts_per_rank == owner
+        ]
         assert sorted(received) == sorted(expected)
         expert_ys.append(tagged)
 
@@ -98,8 +115,14 @@ def test_every_slot_reaches_its_expert_once_and_returns_to_its_slot(world, exper
 
 
 @settings(max_examples=25, deadline=None)
-@given(world=worlds, experts_per_rank=st.integers(1, 2), top_k=st.integers(1, 3), mode=modes,
-       tokens=st.lists(st.integers(0, 5), min_size=8, max_size=8), seed=st.integers(0, 2**16))
+@given(
+    world=worlds,
+    experts_per_rank=st.integers(1, 2),
+    top_k=st.integers(1, 3),
+    mode=modes,
+    tokens=st.lists(st.integers(0, 5), min_size=8, max_size=8),
+    seed=st.integers(0, 2**16),
+)
 def test_combine_and_gradients_equal_single_device_reference(world, experts_per_rank, top_k, mode, tokens, seed):
     n_experts, hidden = world * experts_per_rank, 3
     top_k = min(top_k, n_experts)
@@ -111,7 +134,7 @@ def test_combine_and_gradients_equal_single_device_reference(world, experts_per_
 
     leaves = [t.clone().requires_grad_() for t in xs + ws] + [mats.clone().requires_grad_()]
     sim = SimulatedWorld(world, config(world, experts_per_rank, top_k, hidden, max(max(tokens), 1)))
-    outs = sim.dispatch_all(leaves[:world], ids, leaves[world:2 * world])
+    outs = sim.dispatch_all(leaves[:world], ids, leaves[world : 2 * world])
     local_mats = leaves[-1].view(world, experts_per_rank, hidden, hidden)
     expert_ys = [grouped_mm(ex, local_mats[r], offs) for r, (ex, offs, _) in enumerate(outs)]
     ys = sim.combine_all(expert_ys, [h for _, _, h in outs])
@@ -124,8 +147,12 @@ def test_combine_and_gradients_equal_single_device_reference(world, experts_per_
     got = torch.autograd.grad(sum((y * g).sum() for y, g in zip(ys, grads_out)), leaves, allow_unused=True)
     want = torch.autograd.grad(sum((y * g).sum() for y, g in zip(refs, grads_out)), ref_leaves, allow_unused=True)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b if b is not None else torch.zeros_like(a),
-                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            a if a is not None else torch.zeros_like(b),
+            b if b is not None else torch.zeros_like(a),
+            rtol=1e-12,
+            atol=1e-12,
+        )
 
 
 def test_two_layers_and_two_steps_reuse_the_buffers():
@@ -143,12 +170,15 @@ def test_two_layers_and_two_steps_reuse_the_buffers():
         for layer, layer_ids in enumerate((ids, ids2)):
             outs = sim.dispatch_all(h, layer_ids, ws)
             local = mats[layer].view(world, experts_per_rank, hidden, hidden)
-            h = sim.combine_all([grouped_mm(ex, local[r], offs) for r, (ex, offs, _) in enumerate(outs)],
-                                [o[2] for o in outs])
+            h = sim.combine_all(
+                [grouped_mm(ex, local[r], offs) for r, (ex, offs, _) in enumerate(outs)], [o[2] for o in outs]
+            )
 
         ref_leaves = [x.clone().requires_grad_() for x in xs]
-        ref = [reference_moe(reference_moe(x, i1, w, mats[0]), i2, w, mats[1])
-               for x, i1, i2, w in zip(ref_leaves, ids, ids2, ws)]
+        ref = [
+            reference_moe(reference_moe(x, i1, w, mats[0]), i2, w, mats[1])
+            for x, i1, i2, w in zip(ref_leaves, ids, ids2, ws)
+        ]
         for a, b in zip(h, ref):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         got = torch.autograd.grad(sum(y.square().sum() for y in h), leaves)
@@ -189,8 +219,9 @@ def test_capacity_factor_drops_and_counts_the_excess(world, factor, seed):
     mats = torch.randn(n_experts, hidden, hidden, generator=torch.Generator().manual_seed(seed), dtype=F64)
     outs = sim.dispatch_all(xs, ids, ws)
     local = mats.view(world, experts_per_rank, hidden, hidden)
-    ys = sim.combine_all([grouped_mm(ex, local[r], offs) for r, (ex, offs, _) in enumerate(outs)],
-                         [h for _, _, h in outs])
+    ys = sim.combine_all(
+        [grouped_mm(ex, local[r], offs) for r, (ex, offs, _) in enumerate(outs)], [h for _, _, h in outs]
+    )
     for rank in range(world):
         flat = ids[rank].reshape(-1)
         seen = torch.zeros(n_experts, dtype=torch.long)
@@ -213,8 +244,11 @@ def test_world_must_divide_experts():
 def test_bad_inputs_fail_loud():
     sim = SimulatedWorld(2, config(2, 1, 1, 4, 3))
     x, ids, w = torch.zeros(3, 4, dtype=F64), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1, dtype=F64)
-    too_many = ([torch.zeros(4, 4, dtype=F64), x], [torch.zeros(4, 1, dtype=torch.long), ids],
-                [torch.ones(4, 1, dtype=F64), w])
+    too_many = (
+        [torch.zeros(4, 4, dtype=F64), x],
+        [torch.zeros(4, 1, dtype=torch.long), ids],
+        [torch.ones(4, 1, dtype=F64), w],
+    )
     with pytest.raises(RdepCapacityError, match="max_tokens_per_rank=3"):
         sim.dispatch_all(*too_many)
     steps = [rank._plan_steps(*args) for rank, args in zip(sim.ranks, zip(*too_many))]

@@ -22,8 +22,9 @@ def model_and_optimizer(foreach: bool):
 
 
 def save(root, step, model, opt, keep_last=2):
-    return ckpt.save_checkpoint(root, step, model, opt, {"tag": step}, is_expert=lambda n: n == "experts",
-                                keep_last=keep_last)
+    return ckpt.save_checkpoint(
+        root, step, model, opt, {"tag": step}, is_expert=lambda n: n == "experts", keep_last=keep_last
+    )
 
 
 def steps_on_disk(root):

@@ -37,10 +37,18 @@ def test_set_override_and_help_config(capsys):
 
 def test_unreachable_source_prints_the_prep_command(tmp_path, make_config, text_corpus):
     cfg = tmp_path / "hf.toml"
-    cfg.write_text(make_config(tmp_path, text_corpus, data={"source": "hf", "dataset": "nmoe-test/not-a-dataset", "input": ""}))
+    cfg.write_text(
+        make_config(tmp_path, text_corpus, data={"source": "hf", "dataset": "nmoe-test/not-a-dataset", "input": ""})
+    )
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "nmoe.train.cli", str(cfg)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nmoe.train.cli", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "uv run nmoe-data prep --source hf --dataset nmoe-test/not-a-dataset" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -53,7 +61,11 @@ def test_missing_config_file(capsys):
 
 def test_missing_tokenizer_without_vocab_size_names_the_config_keys(tmp_path, make_config, text_corpus, capsys):
     cfg = tmp_path / "notok.toml"
-    cfg.write_text(make_config(tmp_path, text_corpus, data={"tokenizer": str(tmp_path / "missing.json"), "tokenizer_vocab_size": 0}))
+    cfg.write_text(
+        make_config(
+            tmp_path, text_corpus, data={"tokenizer": str(tmp_path / "missing.json"), "tokenizer_vocab_size": 0}
+        )
+    )
     assert main([str(cfg)]) == 1
     err = capsys.readouterr().err
     assert "data.tokenizer = " in err and "missing.json' does not exist and data.tokenizer_vocab_size = 0" in err

@@ -4,7 +4,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nmoe.train.config import ConfigError, build_config, load_config
 
@@ -46,8 +47,15 @@ def write(tmp_path, text, name="c.toml"):
 def test_every_shipped_config_loads():
     assert len(CONFIGS) >= 7
     names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
-    for required in ["tiny.toml", "moonlet.toml", "moonlight.toml", "speedrun/small_dense_sdpa.toml",
-                     "speedrun/small_moe.toml", "speedrun/small_moe_ultra.toml", "speedrun/super.toml"]:
+    for required in [
+        "tiny.toml",
+        "moonlet.toml",
+        "moonlight.toml",
+        "speedrun/small_dense_sdpa.toml",
+        "speedrun/small_moe.toml",
+        "speedrun/small_moe_ultra.toml",
+        "speedrun/super.toml",
+    ]:
         assert required in names
     for path in CONFIGS:
         cfg = load_config(path, env={})
@@ -58,8 +66,16 @@ def test_shipped_shapes():
     moonlet = load_config(ROOT / "configs/moonlet.toml", env={}).model
     assert (moonlet.n_routed_experts, moonlet.top_k) == (64, 6)
     ml = load_config(ROOT / "configs/moonlight.toml", env={}).model
-    assert (ml.dim, ml.n_layers, ml.n_dense_layers, ml.n_routed_experts, ml.n_shared_experts, ml.moe_inter_dim, ml.top_k, ml.attn) == \
-        (2048, 27, 1, 64, 2, 1408, 6, "mla")
+    assert (
+        ml.dim,
+        ml.n_layers,
+        ml.n_dense_layers,
+        ml.n_routed_experts,
+        ml.n_shared_experts,
+        ml.moe_inter_dim,
+        ml.top_k,
+        ml.attn,
+    ) == (2048, 27, 1, 64, 2, 1408, 6, "mla")
 
 
 def test_unknown_key_names_file_key_and_closest(tmp_path):
@@ -120,8 +136,16 @@ def test_model_cross_field_error_names_keys(tmp_path):
 
 def test_env_override_is_typed(tmp_path):
     path = write(tmp_path, MINIMAL)
-    cfg = load_config(path, env={"NMOE_TRAIN__STEPS": "100", "NMOE_RUNTIME__COMPILE": "true",
-                                 "NMOE_OPTIM__LR": "2e-4", "NMOE_MODEL__HEAD_DIM": "none", "OTHER": "x"})
+    cfg = load_config(
+        path,
+        env={
+            "NMOE_TRAIN__STEPS": "100",
+            "NMOE_RUNTIME__COMPILE": "true",
+            "NMOE_OPTIM__LR": "2e-4",
+            "NMOE_MODEL__HEAD_DIM": "none",
+            "OTHER": "x",
+        },
+    )
     assert cfg.train.steps == 100 and cfg.runtime.compile is True and cfg.optim.lr == 2e-4
     assert cfg.model.head_dim is None
 
@@ -132,16 +156,23 @@ def test_env_override_errors(tmp_path):
         load_config(path, env={"NMOE_TRAIN__STEPS": "lots"})
     with pytest.raises(ConfigError, match=r"unknown key `train.stepz`.*Did you mean `train.steps`"):
         load_config(path, env={"NMOE_TRAIN__STEPZ": "3"})
-    with pytest.raises(ConfigError, match=r"c.toml with environment variable NMOE_TRAIN__STEPS: `train.steps` = 0 is out of range"):
+    with pytest.raises(
+        ConfigError, match=r"c.toml with environment variable NMOE_TRAIN__STEPS: `train.steps` = 0 is out of range"
+    ):
         load_config(path, env={"NMOE_TRAIN__STEPS": "0"})
 
 
 @pytest.mark.parametrize("text", ["nan", "inf", "-inf"])
 def test_non_finite_floats_are_refused_in_toml_and_overrides(tmp_path, text):
-    with pytest.raises(ConfigError, match=r"c.toml: `optim.lr` = nan must be a finite number") if text == "nan" else \
-            pytest.raises(ConfigError, match=r"`optim.lr` = -?inf must be a finite number"):
+    with (
+        pytest.raises(ConfigError, match=r"c.toml: `optim.lr` = nan must be a finite number")
+        if text == "nan"
+        else pytest.raises(ConfigError, match=r"`optim.lr` = -?inf must be a finite number")
+    ):
         load_config(write(tmp_path, MINIMAL.replace("lr = 1e-3", f"lr = {text}")), env={})
-    with pytest.raises(ConfigError, match=r"c.toml with override eval.target_loss: `eval.target_loss` = .* must be a finite number"):
+    with pytest.raises(
+        ConfigError, match=r"c.toml with override eval.target_loss: `eval.target_loss` = .* must be a finite number"
+    ):
         load_config(write(tmp_path, MINIMAL), env={}, overrides={"eval.target_loss": text})
 
 
@@ -167,7 +198,9 @@ def test_fingerprint_ignores_formatting_order_and_defaults(tmp_path):
 
 def test_fingerprint_ignores_operational_keys_only(tmp_path):
     base = load_config(write(tmp_path, MINIMAL), env={})
-    operational = load_config(write(tmp_path, MINIMAL), env={"NMOE_CHECKPOINT__DIR": "/elsewhere", "NMOE_TRAIN__LOG_EVERY": "1"})
+    operational = load_config(
+        write(tmp_path, MINIMAL), env={"NMOE_CHECKPOINT__DIR": "/elsewhere", "NMOE_TRAIN__LOG_EVERY": "1"}
+    )
     changed = load_config(write(tmp_path, MINIMAL), env={"NMOE_OPTIM__LR": "2e-3"})
     assert operational.fingerprint == base.fingerprint
     assert changed.fingerprint != base.fingerprint

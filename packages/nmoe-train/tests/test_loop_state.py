@@ -32,6 +32,7 @@ def test_evaluate_leaves_every_buffer_unchanged(tmp_path, text_corpus, make_conf
 
 def registry_rows(db):
     import sqlite3
+
     if not db.exists():
         return []
     return sqlite3.connect(db).execute("SELECT run_id, status FROM runs").fetchall()
@@ -39,10 +40,13 @@ def registry_rows(db):
 
 def test_unwritable_output_fails_before_data_prep_naming_the_key(tmp_path, text_corpus, make_config):
     from nmoe.train.loop import SetupError
+
     (tmp_path / "a_file").write_text("")
     raw = tomllib.loads(make_config(tmp_path, text_corpus, checkpoint={"dir": str(tmp_path / "a_file" / "ckpt")}))
     trainer = Trainer(build_config(raw, "test", env={}), log=lambda s: None)
-    with pytest.raises(SetupError, match=r"checkpoint.dir = '.*a_file/ckpt': cannot write to .*Point checkpoint.dir at a writable"):
+    with pytest.raises(
+        SetupError, match=r"checkpoint.dir = '.*a_file/ckpt': cannot write to .*Point checkpoint.dir at a writable"
+    ):
         trainer.run()
     assert not (tmp_path / "data").exists() and registry_rows(tmp_path / "runs.sqlite") == []
 
@@ -62,6 +66,7 @@ def test_metrics_writer_failure_marks_the_run_failed(tmp_path, text_corpus, make
 
 def test_a_failed_save_names_the_last_good_checkpoint(tmp_path, text_corpus, make_config, prepared_data, monkeypatch):
     from nmoe.train import checkpoint as ckpt
+
     real = ckpt.save_checkpoint
 
     def full_after_first(root, step, *a, **k):
@@ -70,17 +75,30 @@ def test_a_failed_save_names_the_last_good_checkpoint(tmp_path, text_corpus, mak
         return real(root, step, *a, **k)
 
     monkeypatch.setattr(ckpt, "save_checkpoint", full_after_first)
-    raw = tomllib.loads(make_config(tmp_path, text_corpus, data=prepared_data,
-                                    checkpoint={"dir": str(tmp_path / "ckpt"), "save_every": 2}))
+    raw = tomllib.loads(
+        make_config(
+            tmp_path, text_corpus, data=prepared_data, checkpoint={"dir": str(tmp_path / "ckpt"), "save_every": 2}
+        )
+    )
     trainer = Trainer(build_config(raw, "test", env={}), log=lambda s: None)
-    with pytest.raises(ckpt.CheckpointError, match=r"step 4 checkpoint .*No space left.*Last good checkpoint: .*step_00000002"):
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"step 4 checkpoint .*No space left.*Last good checkpoint: .*step_00000002"
+    ):
         trainer.run()
     assert [status for _, status in registry_rows(tmp_path / "runs.sqlite")] == ["failed"]
 
 
 def test_resume_accepts_a_run_folder(tmp_path, text_corpus, make_config, prepared_data):
-    raw = tomllib.loads(make_config(tmp_path, text_corpus, data=prepared_data, train={"steps": 4}, optim={"lr": 3e-3, "warmup": 1, "warmdown": 2},
-                                    runtime={"run_name": "first", "device": "cpu", "progress": False}))
+    raw = tomllib.loads(
+        make_config(
+            tmp_path,
+            text_corpus,
+            data=prepared_data,
+            train={"steps": 4},
+            optim={"lr": 3e-3, "warmup": 1, "warmdown": 2},
+            runtime={"run_name": "first", "device": "cpu", "progress": False},
+        )
+    )
     Trainer(build_config(raw, "test", env={}), log=lambda s: None).run()
     raw["runtime"]["run_name"] = "second"
     raw["checkpoint"]["resume"] = str(tmp_path / "ckpt" / "first")

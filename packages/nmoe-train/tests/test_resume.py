@@ -19,8 +19,14 @@ def train(cfg_path: Path, *, fault: str | None = None, extra_env=None) -> subpro
     env.pop("NMOE_FAULT_AT_STEP", None)
     if fault:
         env["NMOE_FAULT_AT_STEP"] = fault
-    return subprocess.run([sys.executable, "-m", "nmoe.train.cli", str(cfg_path)], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=cfg_path.parent)
+    return subprocess.run(
+        [sys.executable, "-m", "nmoe.train.cli", str(cfg_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cfg_path.parent,
+    )
 
 
 def losses(tmp: Path, run_id: str) -> dict[int, float]:
@@ -55,15 +61,25 @@ def run_id_of(tmp: Path, name: str) -> str:
 # must not leak router load into the next expert-bias update.
 @pytest.mark.parametrize("fault,every", [("4:KILL", 4), ("2:KILL", 2), ("4:TERM", 4), ("5:TERM", 4), ("3:INT", 4)])
 def test_resume_is_bitwise(tmp_path, text_corpus, fault, every, make_config):
-    cadence = dict(eval={"eval_every": every, "eval_batches": 2},
-                   checkpoint={"dir": str(tmp_path / "ckpt"), "save_every": every, "keep_last": 5})
+    cadence = dict(
+        eval={"eval_every": every, "eval_batches": 2},
+        checkpoint={"dir": str(tmp_path / "ckpt"), "save_every": every, "keep_last": 5},
+    )
     straight = tmp_path / "straight.toml"
-    straight.write_text(make_config(tmp_path, text_corpus, runtime={"run_name": "straight", "device": "cpu", "progress": False}, **cadence))
+    straight.write_text(
+        make_config(
+            tmp_path, text_corpus, runtime={"run_name": "straight", "device": "cpu", "progress": False}, **cadence
+        )
+    )
     done = train(straight)
     assert done.returncode == 0, done.stderr[-3000:]
 
     crashed = tmp_path / "crashed.toml"
-    crashed.write_text(make_config(tmp_path, text_corpus, runtime={"run_name": "crashed", "device": "cpu", "progress": False}, **cadence))
+    crashed.write_text(
+        make_config(
+            tmp_path, text_corpus, runtime={"run_name": "crashed", "device": "cpu", "progress": False}, **cadence
+        )
+    )
     first = train(crashed, fault=fault)
     expected_rc = {"KILL": -9, "TERM": 143, "INT": 130}[fault.split(":")[1]]
     assert first.returncode == expected_rc, (first.returncode, first.stdout[-2000:], first.stderr[-3000:])
@@ -71,7 +87,7 @@ def test_resume_is_bitwise(tmp_path, text_corpus, fault, every, make_config):
     assert find_latest(tmp_path / "ckpt" / "crashed").name == f"step_{stop_step:08d}"
     second = train(crashed)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert f"resumed from" in second.stdout
+    assert "resumed from" in second.stdout
 
     a = losses(tmp_path, run_id_of(tmp_path, "straight"))
     b = losses(tmp_path, run_id_of(tmp_path, "crashed"))
@@ -86,8 +102,14 @@ def test_refuses_checkpoint_from_another_config(tmp_path, text_corpus, make_conf
     cfg = tmp_path / "run.toml"
     cfg.write_text(make_config(tmp_path, text_corpus, runtime={"run_name": "r", "device": "cpu", "progress": False}))
     assert train(cfg, fault="4:KILL").returncode == -9
-    cfg.write_text(make_config(tmp_path, text_corpus, runtime={"run_name": "r", "device": "cpu", "progress": False},
-                               optim={"lr": 1e-2, "warmup": 2, "warmdown": 3}))
+    cfg.write_text(
+        make_config(
+            tmp_path,
+            text_corpus,
+            runtime={"run_name": "r", "device": "cpu", "progress": False},
+            optim={"lr": 1e-2, "warmup": 2, "warmdown": 3},
+        )
+    )
     again = train(cfg)
     assert again.returncode == 1
     assert "does not match this run" in again.stderr and "optim.lr: checkpoint 0.003, this run 0.01" in again.stderr

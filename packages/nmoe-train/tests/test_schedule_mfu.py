@@ -1,7 +1,8 @@
 """LR schedules and the MFU peak table."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nmoe.train.config import OptimConfig
 from nmoe.train.mfu import mfu, peak_tflops
@@ -25,11 +26,21 @@ def test_cosine_reaches_the_floor():
 
 
 @settings(max_examples=50, deadline=None)
-@given(steps=st.integers(1, 5000), warm=st.integers(0, 100), down=st.integers(0, 100),
-       schedule=st.sampled_from(["wsd", "cosine"]), floor=st.floats(0, 1))
+@given(
+    steps=st.integers(1, 5000),
+    warm=st.integers(0, 100),
+    down=st.integers(0, 100),
+    schedule=st.sampled_from(["wsd", "cosine"]),
+    floor=st.floats(0, 1),
+)
 def test_lr_stays_within_bounds(steps, warm, down, schedule, floor):
-    cfg = OptimConfig(lr=3e-3, warmup=min(warm, steps), warmdown=min(down, steps - min(warm, steps)),
-                      schedule=schedule, min_lr_ratio=floor)
+    cfg = OptimConfig(
+        lr=3e-3,
+        warmup=min(warm, steps),
+        warmdown=min(down, steps - min(warm, steps)),
+        schedule=schedule,
+        min_lr_ratio=floor,
+    )
     for s in range(0, steps, max(1, steps // 50)):
         lr = lr_at(s, steps, cfg)
         assert 3e-3 * floor * (1 - 1e-12) <= lr <= 3e-3 * (1 + 1e-12) or (s < cfg.warmup and 0 < lr)

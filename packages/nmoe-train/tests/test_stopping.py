@@ -28,7 +28,9 @@ def poison_after_build(trainer: Trainer, step_to_poison: int, poison) -> None:
 
 
 def test_nan_in_forward_names_step_layer_and_last_checkpoint(tmp_path, text_corpus, make_config):
-    trainer = make_trainer(tmp_path, text_corpus, make_config, checkpoint={"dir": str(tmp_path / "ckpt"), "save_every": 2, "keep_last": 3})
+    trainer = make_trainer(
+        tmp_path, text_corpus, make_config, checkpoint={"dir": str(tmp_path / "ckpt"), "save_every": 2, "keep_last": 3}
+    )
 
     def poison(model):
         with torch.no_grad():
@@ -51,9 +53,11 @@ def test_inf_gradient_skips_the_update(tmp_path, text_corpus, make_config):
 
     def poison(model):
         snapshot.update({n: p.detach().clone() for n, p in model.named_parameters()})
+
         # The forward stays finite; only the head's gradient becomes inf.
         def hook(grad):
             return grad * float("inf")
+
         model.head.weight.register_hook(hook)
 
     poison_after_build(trainer, 2, poison)
@@ -65,7 +69,9 @@ def test_inf_gradient_skips_the_update(tmp_path, text_corpus, make_config):
 
 
 def test_target_loss_stops_the_run_at_the_first_eval_that_reaches_it(tmp_path, text_corpus, make_config):
-    trainer = make_trainer(tmp_path, text_corpus, make_config, eval={"eval_every": 3, "eval_batches": 2, "target_loss": 50.0})
+    trainer = make_trainer(
+        tmp_path, text_corpus, make_config, eval={"eval_every": 3, "eval_batches": 2, "target_loss": 50.0}
+    )
     result = trainer.run()
     assert (result.status, result.step) == ("completed", 3)
     assert result.val_loss <= 50.0 and result.checkpoint.name == "step_00000003"
@@ -73,7 +79,9 @@ def test_target_loss_stops_the_run_at_the_first_eval_that_reaches_it(tmp_path, t
     logs = []
     again = Trainer(trainer.cfg, log=logs.append).run()
     assert (again.status, again.step, again.val_loss) == ("completed", 3, result.val_loss)
-    assert again.losses == {} and any("already finished at step 3" in line and "target val loss" in line for line in logs)
+    assert again.losses == {} and any(
+        "already finished at step 3" in line and "target val loss" in line for line in logs
+    )
     assert ckpt_steps(tmp_path) == ["step_00000003"]
 
 

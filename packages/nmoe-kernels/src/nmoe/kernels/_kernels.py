@@ -39,11 +39,33 @@ def _locate_tile(pid_m, offsets_ptr, M, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.co
 
 @triton.jit
 def gmm_kernel(
-    a_ptr, a_idx_ptr, b_ptr, c_ptr, h_ptr, w_ptr, w_idx_ptr, dw_ptr, offsets_ptr,
-    M, N, K, E,
-    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_hm,
-    GATHER_A: tl.constexpr, EPILOGUE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    a_ptr,
+    a_idx_ptr,
+    b_ptr,
+    c_ptr,
+    h_ptr,
+    w_ptr,
+    w_idx_ptr,
+    dw_ptr,
+    offsets_ptr,
+    M,
+    N,
+    K,
+    E,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_hm,
+    GATHER_A: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     """Grouped C[rows of e] = A[rows] @ B[e] with an optional row gather of A and a fused epilogue.
 
@@ -115,11 +137,30 @@ def gmm_kernel(
 
 @triton.jit
 def gmm_dw_kernel(
-    a_ptr, a_idx_ptr, b_ptr, b_idx_ptr, s_ptr, s_idx_ptr, out_ptr, offsets_ptr,
-    KA, N, E,
-    stride_am, stride_ak, stride_bm, stride_bn, stride_oe, stride_ok,
-    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_B: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_KA: tl.constexpr, BLOCK_N: tl.constexpr,
+    a_ptr,
+    a_idx_ptr,
+    b_ptr,
+    b_idx_ptr,
+    s_ptr,
+    s_idx_ptr,
+    out_ptr,
+    offsets_ptr,
+    KA,
+    N,
+    E,
+    stride_am,
+    stride_ak,
+    stride_bm,
+    stride_bn,
+    stride_oe,
+    stride_ok,
+    GATHER_A: tl.constexpr,
+    GATHER_B: tl.constexpr,
+    SCALE_B: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_KA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Per-expert out[e] = A[rows of e]^T @ (s * B[rows of e]); rows optionally gathered; empty groups give 0."""
     pid = tl.program_id(0)
@@ -147,10 +188,16 @@ def gmm_dw_kernel(
             b_rows = tl.load(b_idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
         else:
             b_rows = rows.to(tl.int64)
-        a_t = tl.load(a_ptr + a_rows[None, :] * stride_am + kas[:, None] * stride_ak,
-                      mask=ka_ok[:, None] & row_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + b_rows[:, None] * stride_bm + cols[None, :] * stride_bn,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        a_t = tl.load(
+            a_ptr + a_rows[None, :] * stride_am + kas[:, None] * stride_ak,
+            mask=ka_ok[:, None] & row_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + b_rows[:, None] * stride_bm + cols[None, :] * stride_bn,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         if SCALE_B:
             s_idx = tl.load(s_idx_ptr + rows, mask=row_ok, other=0)
             s = tl.load(s_ptr + s_idx, mask=row_ok, other=0.0).to(tl.float32)
@@ -162,8 +209,18 @@ def gmm_dw_kernel(
 
 @triton.jit
 def combine_kernel(
-    src_ptr, pos_ptr, w_ptr, out_ptr, T, D, stride_src, stride_out,
-    TOP_K: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    src_ptr,
+    pos_ptr,
+    w_ptr,
+    out_ptr,
+    T,
+    D,
+    stride_src,
+    stride_out,
+    TOP_K: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """out[t] = sum_k w[t,k] * src[pos[t,k]] (w = 1 when not WEIGHTED), summed in fp32 in a fixed order."""
     toks = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -178,7 +235,9 @@ def combine_kernel(
         if WEIGHTED:
             v = v * tl.load(w_ptr + slot, mask=tok_ok, other=0.0).to(tl.float32)[:, None]
         acc += v
-    tl.store(out_ptr + toks[:, None].to(tl.int64) * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(
+        out_ptr + toks[:, None].to(tl.int64) * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok
+    )
 
 
 @triton.jit
@@ -194,7 +253,15 @@ def expert_histogram_kernel(ids_ptr, hist_ptr, n, E, BLOCK: tl.constexpr, BLOCK_
 
 @triton.jit
 def expert_scatter_kernel(
-    ids_ptr, base_ptr, order_ptr, token_ptr, pos_ptr, n, E, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+    ids_ptr,
+    base_ptr,
+    order_ptr,
+    token_ptr,
+    pos_ptr,
+    n,
+    E,
+    TOP_K: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Place each slot at base[block, e] + (its rank among earlier same-expert slots in the block)."""
     pid = tl.program_id(0)

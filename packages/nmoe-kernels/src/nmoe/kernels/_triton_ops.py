@@ -25,27 +25,44 @@ else:
     # bf16 tiles (measured on H100, bench/kernels.py); fp32 ("wide") halves BLOCK_K to fit shared memory
     _GMM_CONFIGS = {
         (K.EPILOGUE_STORE, False): [
-            _cfg(128, 256, 64, 8, 3), _cfg(128, 256, 64, 8, 4), _cfg(256, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4),
-            _cfg(128, 128, 64, 4, 4), _cfg(64, 128, 64, 4, 4)],
+            _cfg(128, 256, 64, 8, 3),
+            _cfg(128, 256, 64, 8, 4),
+            _cfg(256, 128, 64, 8, 3),
+            _cfg(128, 128, 64, 8, 4),
+            _cfg(128, 128, 64, 4, 4),
+            _cfg(64, 128, 64, 4, 4),
+        ],
         (K.EPILOGUE_SWIGLU, False): [
-            _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 8, 4), _cfg(128, 64, 64, 4, 4),
-            _cfg(64, 128, 64, 4, 3)],
+            _cfg(128, 128, 64, 8, 3),
+            _cfg(128, 128, 64, 8, 4),
+            _cfg(128, 64, 64, 8, 4),
+            _cfg(128, 64, 64, 4, 4),
+            _cfg(64, 128, 64, 4, 3),
+        ],
         (K.EPILOGUE_SWIGLU_BWD, False): [
-            _cfg(128, 128, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 128, 64, 4, 4)],
+            _cfg(128, 128, 64, 8, 3),
+            _cfg(128, 128, 64, 8, 4),
+            _cfg(128, 64, 64, 4, 4),
+            _cfg(64, 128, 64, 4, 4),
+        ],
     }
     for mode in (0, 1, 2):
         _GMM_CONFIGS[(mode, True)] = [_cfg(128, 64, 32, 4, 3), _cfg(64, 64, 32, 4, 3)]
     _DW_CONFIGS = {
-        False: [_cfg(64, 128, 128, 8, 3, _DW_NAMES), _cfg(64, 128, 128, 8, 4, _DW_NAMES),
-                _cfg(128, 128, 128, 8, 3, _DW_NAMES), _cfg(64, 128, 256, 8, 3, _DW_NAMES),
-                _cfg(64, 64, 128, 4, 4, _DW_NAMES)],
+        False: [
+            _cfg(64, 128, 128, 8, 3, _DW_NAMES),
+            _cfg(64, 128, 128, 8, 4, _DW_NAMES),
+            _cfg(128, 128, 128, 8, 3, _DW_NAMES),
+            _cfg(64, 128, 256, 8, 3, _DW_NAMES),
+            _cfg(64, 64, 128, 4, 4, _DW_NAMES),
+        ],
         True: [_cfg(32, 128, 64, 4, 3, _DW_NAMES), _cfg(32, 64, 64, 4, 3, _DW_NAMES)],
     }
 
 _GMM = {
     key: triton.autotune(
-        configs, key=["N", "K", "E", "GATHER_A"], restore_value=["dw_ptr"] if key[0] == K.EPILOGUE_SWIGLU_BWD else [])(
-        K.gmm_kernel)
+        configs, key=["N", "K", "E", "GATHER_A"], restore_value=["dw_ptr"] if key[0] == K.EPILOGUE_SWIGLU_BWD else []
+    )(K.gmm_kernel)
     for key, configs in _GMM_CONFIGS.items()
 }
 _GMM_DW = {
@@ -54,8 +71,9 @@ _GMM_DW = {
 }
 
 
-def _launch_gmm(a, b, b_strides, offsets, out, n, k, *, a_idx=None, mode=K.EPILOGUE_STORE, h=None,
-                w=None, w_idx=None, dw=None):
+def _launch_gmm(
+    a, b, b_strides, offsets, out, n, k, *, a_idx=None, mode=K.EPILOGUE_STORE, h=None, w=None, w_idx=None, dw=None
+):
     """Grouped product into `out` (rows in expert order); b_strides = (expert, reduction, output column)."""
     m, n_experts = out.shape[0], offsets.shape[0]
     if m == 0 or n == 0:
@@ -66,11 +84,28 @@ def _launch_gmm(a, b, b_strides, offsets, out, n, k, *, a_idx=None, mode=K.EPILO
 
     dummy = offsets
     _GMM[(mode, a.element_size() > 2)][grid](
-        a, dummy if a_idx is None else a_idx, b, out, dummy if h is None else h, dummy if w is None else w,
-        dummy if w_idx is None else w_idx, dummy if dw is None else dw, offsets,
-        m, n, k, n_experts,
-        a.stride(0), a.stride(1), *b_strides, out.stride(0), 0 if h is None else h.stride(0),
-        GATHER_A=a_idx is not None, EPILOGUE=mode, UPCAST=INTERPRET, BLOCK_E=triton.next_power_of_2(n_experts),
+        a,
+        dummy if a_idx is None else a_idx,
+        b,
+        out,
+        dummy if h is None else h,
+        dummy if w is None else w,
+        dummy if w_idx is None else w_idx,
+        dummy if dw is None else dw,
+        offsets,
+        m,
+        n,
+        k,
+        n_experts,
+        a.stride(0),
+        a.stride(1),
+        *b_strides,
+        out.stride(0),
+        0 if h is None else h.stride(0),
+        GATHER_A=a_idx is not None,
+        EPILOGUE=mode,
+        UPCAST=INTERPRET,
+        BLOCK_E=triton.next_power_of_2(n_experts),
     )
     return out
 
@@ -84,10 +119,27 @@ def _launch_dw(a, b, offsets, out, *, a_idx=None, b_idx=None, scale=None, scale_
 
     dummy = offsets
     _GMM_DW[a.element_size() > 2][grid](
-        a, dummy if a_idx is None else a_idx, b, dummy if b_idx is None else b_idx,
-        dummy if scale is None else scale, dummy if scale_idx is None else scale_idx, out, offsets,
-        ka, n, n_experts, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        GATHER_A=a_idx is not None, GATHER_B=b_idx is not None, SCALE_B=scale is not None, UPCAST=INTERPRET,
+        a,
+        dummy if a_idx is None else a_idx,
+        b,
+        dummy if b_idx is None else b_idx,
+        dummy if scale is None else scale,
+        dummy if scale_idx is None else scale_idx,
+        out,
+        offsets,
+        ka,
+        n,
+        n_experts,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        out.stride(1),
+        GATHER_A=a_idx is not None,
+        GATHER_B=b_idx is not None,
+        SCALE_B=scale is not None,
+        UPCAST=INTERPRET,
     )
     return out
 
@@ -150,14 +202,16 @@ def route(topk_ids: torch.Tensor, n_experts: int):
     block = _sort_block(n_experts)
     n_blocks = triton.cdiv(n, block)
     hist = torch.empty(n_blocks, n_experts, dtype=torch.int32, device=dev)
-    K.expert_histogram_kernel[(n_blocks,)](ids, hist, n, n_experts, BLOCK=block,
-                                           BLOCK_E=triton.next_power_of_2(n_experts))
+    K.expert_histogram_kernel[(n_blocks,)](
+        ids, hist, n, n_experts, BLOCK=block, BLOCK_E=triton.next_power_of_2(n_experts)
+    )
     cum = hist.cumsum(0, dtype=torch.int32)
     counts = cum[-1]
     offsets = counts.cumsum(0, dtype=torch.int32)
     base = cum - hist + (offsets - counts)[None, :]
-    K.expert_scatter_kernel[(n_blocks,)](ids, base, order, token, pos, n, n_experts,
-                                         TOP_K=topk_ids.shape[1], BLOCK=block)
+    K.expert_scatter_kernel[(n_blocks,)](
+        ids, base, order, token, pos, n, n_experts, TOP_K=topk_ids.shape[1], BLOCK=block
+    )
     return ExpertSort(counts.contiguous(), offsets, order), token, pos
 
 
@@ -169,9 +223,21 @@ def combine(src, pos, weights, n_tokens, top_k):
         return out
     block_t, block_d = 16, min(256, triton.next_power_of_2(d))
     grid = (triton.cdiv(n_tokens, block_t), triton.cdiv(d, block_d))
-    K.combine_kernel[grid](src, pos, pos if weights is None else weights, out, n_tokens, d, src.stride(0),
-                           out.stride(0), TOP_K=top_k, WEIGHTED=weights is not None, BLOCK_T=block_t,
-                           BLOCK_D=block_d, num_warps=4)
+    K.combine_kernel[grid](
+        src,
+        pos,
+        pos if weights is None else weights,
+        out,
+        n_tokens,
+        d,
+        src.stride(0),
+        out.stride(0),
+        TOP_K=top_k,
+        WEIGHTED=weights is not None,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
     return out
 
 
@@ -189,8 +255,18 @@ class MoEExperts(torch.autograd.Function):
         weights = topk_weights.reshape(-1)
         pre = torch.empty(rows, h2, dtype=x.dtype, device=x.device)
         act = torch.empty(rows, hdim, dtype=x.dtype, device=x.device)
-        _launch_gmm(x, w_up, _weight_strides(w_up, False), routing.offsets, act, hdim, d, a_idx=token,
-                    mode=K.EPILOGUE_SWIGLU, h=pre)
+        _launch_gmm(
+            x,
+            w_up,
+            _weight_strides(w_up, False),
+            routing.offsets,
+            act,
+            hdim,
+            d,
+            a_idx=token,
+            mode=K.EPILOGUE_SWIGLU,
+            h=pre,
+        )
         out = torch.empty(rows, d, dtype=x.dtype, device=x.device)
         _launch_gmm(act, w_down, _weight_strides(w_down, False), routing.offsets, out, d, hdim)
         y = combine(out, pos, weights, n_tokens, top_k)
@@ -208,8 +284,21 @@ class MoEExperts(torch.autograd.Function):
         rows, hdim = act.shape
         d_pre = torch.empty(rows, 2 * hdim, dtype=x.dtype, device=x.device)
         d_weights = torch.zeros(rows, dtype=torch.float32, device=x.device)
-        _launch_gmm(dy, w_down, _weight_strides(w_down, True), offsets, d_pre, hdim, d, a_idx=token,
-                    mode=K.EPILOGUE_SWIGLU_BWD, h=pre, w=weights, w_idx=order, dw=d_weights)
+        _launch_gmm(
+            dy,
+            w_down,
+            _weight_strides(w_down, True),
+            offsets,
+            d_pre,
+            hdim,
+            d,
+            a_idx=token,
+            mode=K.EPILOGUE_SWIGLU_BWD,
+            h=pre,
+            w=weights,
+            w_idx=order,
+            dw=d_weights,
+        )
         dw_down = torch.empty(w_down.shape, dtype=w_down.dtype, device=x.device)
         _launch_dw(act, dy, offsets, dw_down, b_idx=token, scale=weights, scale_idx=order)
         dw_up = torch.empty(w_up.shape, dtype=w_up.dtype, device=x.device)

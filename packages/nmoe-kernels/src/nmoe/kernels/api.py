@@ -20,7 +20,9 @@ def _force_triton() -> bool:
     if os.environ.get("NMOE_KERNELS_FORCE_TRITON") != "1":
         return False
     if os.environ.get("TRITON_INTERPRET") != "1":
-        raise UnsupportedInput("NMOE_KERNELS_FORCE_TRITON=1 on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+        raise UnsupportedInput(
+            "NMOE_KERNELS_FORCE_TRITON=1 on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
+        )
     return True
 
 
@@ -30,7 +32,8 @@ def _check_gpu(device: torch.device) -> None:
         name = torch.cuda.get_device_name(device)
         raise UnsupportedInput(
             f"{name} has compute capability {major}.{minor}; nmoe.kernels supports sm_90 (Hopper) and sm_100 "
-            "(Blackwell) only. Move the tensors to the CPU to use the reference implementation.")
+            "(Blackwell) only. Move the tensors to the CPU to use the reference implementation."
+        )
 
 
 def _use_triton(*tensors: torch.Tensor) -> bool:
@@ -46,7 +49,9 @@ def _use_triton(*tensors: torch.Tensor) -> bool:
     try:
         import triton  # noqa: F401
     except ImportError as err:
-        raise UnsupportedInput("the CUDA path needs triton; install it (pip install triton) or use CPU tensors") from err
+        raise UnsupportedInput(
+            "the CUDA path needs triton; install it (pip install triton) or use CPU tensors"
+        ) from err
     return True
 
 
@@ -116,11 +121,14 @@ def _check_moe(x, topk_ids, topk_weights, w_up, w_down) -> None:
     _check_ndim("w_down", w_down, 3, "[E,H,D]")
     n_experts, d, h2 = w_up.shape
     if topk_weights.shape != topk_ids.shape or not topk_weights.dtype.is_floating_point:
-        raise UnsupportedInput(f"topk_weights must be float {tuple(topk_ids.shape)}; got {topk_weights.dtype} "
-                               f"{tuple(topk_weights.shape)}")
+        raise UnsupportedInput(
+            f"topk_weights must be float {tuple(topk_ids.shape)}; got {topk_weights.dtype} {tuple(topk_weights.shape)}"
+        )
     if x.shape[0] != topk_ids.shape[0] or x.shape[1] != d or h2 % 2:
-        raise UnsupportedInput(f"x {tuple(x.shape)}, topk_ids {tuple(topk_ids.shape)} and w_up {tuple(w_up.shape)} "
-                               "must be [T,D], [T,K] and [E,D,2H]")
+        raise UnsupportedInput(
+            f"x {tuple(x.shape)}, topk_ids {tuple(topk_ids.shape)} and w_up {tuple(w_up.shape)} "
+            "must be [T,D], [T,K] and [E,D,2H]"
+        )
     if tuple(w_down.shape) != (n_experts, h2 // 2, d):
         raise UnsupportedInput(f"w_down must be [E,H,D]={(n_experts, h2 // 2, d)}; got {tuple(w_down.shape)}")
 

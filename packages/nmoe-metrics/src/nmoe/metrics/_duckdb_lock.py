@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import duckdb
 
 LOCK_TIMEOUT_S = 10.0
 
 _CONFLICT_TYPES = tuple(
-    getattr(duckdb, name) for name in ("IOException", "ConnectionException", "ResourceInUseException") if hasattr(duckdb, name)
+    getattr(duckdb, name)
+    for name in ("IOException", "ConnectionException", "ResourceInUseException")
+    if hasattr(duckdb, name)
 )
 _CONFLICT_MESSAGES = ("Could not set lock", "different configuration", "file handle conflict", "already attached")
 

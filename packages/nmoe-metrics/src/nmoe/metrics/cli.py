@@ -9,8 +9,9 @@ import os
 import sqlite3
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import duckdb
 
@@ -37,8 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nmoe-metrics: error: {exc}", file=sys.stderr)
         return 2
     except duckdb.Error as exc:  # its messages name the file
-        print(f"nmoe-metrics: error: cannot read the metrics file: {exc}\n"
-              "  it is damaged or not an nmoe metrics file; move it out of the run's metrics directory", file=sys.stderr)
+        print(
+            f"nmoe-metrics: error: cannot read the metrics file: {exc}\n"
+            "  it is damaged or not an nmoe metrics file; move it out of the run's metrics directory",
+            file=sys.stderr,
+        )
         return 2
     except TimeoutError as exc:  # a live run's writer kept the file locked
         print(f"nmoe-metrics: error: {exc}", file=sys.stderr)
@@ -213,8 +217,10 @@ def _open_registry(db: str | None, *, must_exist: bool) -> Registry | None:
     try:
         return Registry(path)
     except sqlite3.DatabaseError as exc:
-        raise CliError(f"{path} is not a readable experiment registry ({exc}); "
-                       "pass --db with the right file or move this one aside") from exc
+        raise CliError(
+            f"{path} is not a readable experiment registry ({exc}); "
+            "pass --db with the right file or move this one aside"
+        ) from exc
 
 
 def _metrics_dir(metrics_dir: str | None) -> Path:

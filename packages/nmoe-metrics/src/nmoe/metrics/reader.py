@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 from nmoe.metrics._duckdb_lock import LOCK_TIMEOUT_S, open_duckdb
 from nmoe.metrics.writer import rank_path, validate_run_id

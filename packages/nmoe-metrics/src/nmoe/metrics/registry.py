@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import UTC, datetime
 from numbers import Integral
-from typing import Any, Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 FINAL_STATUSES = ("completed", "failed", "interrupted")
 RUNNING = "running"
@@ -45,7 +46,7 @@ ON CONFLICT(run_id) DO UPDATE SET
 
 def utc_now() -> str:
     """Current UTC time as ISO 8601 text with seconds, e.g. '2025-01-31T12:00:00+00:00'."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class Registry:
@@ -79,8 +80,14 @@ class Registry:
         if not isinstance(world_size, Integral) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
         params = dict(
-            run_id=run_id, name=name, config_toml=config_toml, fingerprint=fingerprint, git_rev=git_rev,
-            world_size=int(world_size), device=device, now=utc_now(),
+            run_id=run_id,
+            name=name,
+            config_toml=config_toml,
+            fingerprint=fingerprint,
+            git_rev=git_rev,
+            world_size=int(world_size),
+            device=device,
+            now=utc_now(),
         )
         with self._transaction() as con:
             con.execute(_UPSERT_START, params)
@@ -94,9 +101,7 @@ class Registry:
                 (int(step), merged, utc_now(), run_id),
             )
 
-    def finish(
-        self, run_id: str, status: str, final_metrics: Mapping[str, float], *, step: int | None = None
-    ) -> None:
+    def finish(self, run_id: str, status: str, final_metrics: Mapping[str, float], *, step: int | None = None) -> None:
         """End `run_id` with status 'completed', 'failed' or 'interrupted', merging `final_metrics` (and `step` if given)."""
         if status not in FINAL_STATUSES:
             raise ValueError(f"invalid final status {status!r}; valid statuses: {', '.join(FINAL_STATUSES)}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 BARS = "▁▂▃▄▅▆▇█"
 NOT_FINITE = "×"  # a bucket holding any NaN/inf: one diverged step must stay visible after downsampling

@@ -13,9 +13,10 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from numbers import Integral
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from nmoe.metrics._duckdb_lock import LOCK_TIMEOUT_S, open_duckdb
 
@@ -181,7 +182,14 @@ class MetricsWriter:
                 con.execute("DELETE FROM metrics WHERE step > ?", [int(resume_step)])
             con.execute(
                 "INSERT INTO runs VALUES (?, ?, make_timestamp(?), ?, ?, ?)",
-                [self.run_id, self.rank, time.time_ns() // 1000, socket.gethostname(), os.getpid(), json.dumps(dict(meta))],
+                [
+                    self.run_id,
+                    self.rank,
+                    time.time_ns() // 1000,
+                    socket.gethostname(),
+                    os.getpid(),
+                    json.dumps(dict(meta)),
+                ],
             )
 
     def _run(self) -> None:

@@ -50,8 +50,9 @@ def sliding_window_dense_mask(seq_len: int, window: int, device: torch.device) -
     return (j <= i) & (i - j < window)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None,
-           block_mask: BlockMask | None) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None, block_mask: BlockMask | None
+) -> torch.Tensor:
     """Causal attention q[B,H,S,dk], k[B,Hk,S,dk], v[B,Hk,S,dv] -> [B,H,S,dv]; window=None is global.
 
     Local layers use flex attention with `block_mask`; block_mask=None selects the dense-mask fallback.
@@ -72,12 +73,13 @@ class GQAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.sdpa_head_dim
         self.window = window
-        self.scale = self.head_dim ** -0.5 * cfg.attn_mscale ** 2
+        self.scale = self.head_dim**-0.5 * cfg.attn_mscale**2
         self.wqkv = nn.Linear(cfg.dim, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                block_mask: BlockMask | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_mask: BlockMask | None
+    ) -> torch.Tensor:
         """x[B,S,dim], rope cos/sin[S,head_dim/2] -> [B,S,dim]."""
         bsz, seq, _ = x.shape
         hd = self.head_dim
@@ -104,7 +106,7 @@ class MLAttention(nn.Module):
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.qk_dim = self.nope + self.rope
         self.window = window
-        self.scale = self.qk_dim ** -0.5 * cfg.attn_mscale ** 2
+        self.scale = self.qk_dim**-0.5 * cfg.attn_mscale**2
         q_out = self.q_lora_rank if self.q_lora_rank else self.n_heads * self.qk_dim
         self.split = [q_out, self.kv_lora_rank, self.rope]
         self.wqkv_a = nn.Linear(cfg.dim, sum(self.split), bias=False)
@@ -115,8 +117,9 @@ class MLAttention(nn.Module):
         self.wkv_b = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(self.n_heads * self.v_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                block_mask: BlockMask | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_mask: BlockMask | None
+    ) -> torch.Tensor:
         """x[B,S,dim], rope cos/sin[S,qk_rope_head_dim/2] -> [B,S,dim]."""
         bsz, seq, _ = x.shape
         heads = self.n_heads

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import zlib
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -78,8 +79,10 @@ class Transformer(nn.Module):
         """idx[B,S] int64 token ids -> ModelOutput(logits[B,S,V] float32, aux_loss scalar float32)."""
         seq = idx.shape[1]
         if seq > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {seq} > model.max_seq_len ({self.cfg.max_seq_len}): raise "
-                             "model.max_seq_len or shorten the batch")
+            raise ValueError(
+                f"sequence length {seq} > model.max_seq_len ({self.cfg.max_seq_len}): raise "
+                "model.max_seq_len or shorten the batch"
+            )
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         block_mask = self._local_block_mask(seq, idx.device)
         x = self.tok_emb(idx)
@@ -162,8 +165,9 @@ class Transformer(nn.Module):
         for kind in PARAM_KINDS:
             params = [named[n] for n, k in kinds.items() if k == kind]
             if params:
-                groups.append({"kind": kind, "params": params,
-                               "weight_decay": 0.0 if kind in NO_DECAY_KINDS else weight_decay})
+                groups.append(
+                    {"kind": kind, "params": params, "weight_decay": 0.0 if kind in NO_DECAY_KINDS else weight_decay}
+                )
         return groups
 
     # ------------------------------------------------------------------ routing control & diagnostics
@@ -187,8 +191,9 @@ class Transformer(nn.Module):
             return RouterStats(layers=())
         packed = torch.stack([m.take_stats() for _, m in mods]).double().cpu().tolist()
         n_exp = self.cfg.n_routed_experts
-        return RouterStats(layers=tuple(LayerRouterStats.from_packed(layer, row, n_exp)
-                                        for (layer, _), row in zip(mods, packed)))
+        return RouterStats(
+            layers=tuple(LayerRouterStats.from_packed(layer, row, n_exp) for (layer, _), row in zip(mods, packed))
+        )
 
     def attention_kinds(self) -> list[str]:
         """Per block: 'mla', 'sdpa', 'mla+swa' or 'sdpa+swa' (windowed local layers)."""

@@ -18,7 +18,6 @@ from nmoe.kernels import moe_experts
 from nmoe.model.config import ModelConfig
 from nmoe.model.layers import SwiGLU
 
-
 # torch.compile keeps the expert kernels out of the traced graph (a graph break at the one call site):
 # inductor cannot yet lower nmoe.kernels' Triton autograd function, and the CPU reference syncs (.tolist()).
 _moe_experts_opaque = torch.compiler.disable(moe_experts)
@@ -144,7 +143,9 @@ class MoE(nn.Module):
     def _aux_loss(self, r: Routing, batch: int) -> torch.Tensor:
         aux = r.logits.new_zeros(())
         if self.cfg.balance_loss_coef > 0:
-            aux = aux + self.cfg.balance_loss_coef * balance_loss(r.scores, r.topk_ids, batch, self.cfg.n_routed_experts)
+            aux = aux + self.cfg.balance_loss_coef * balance_loss(
+                r.scores, r.topk_ids, batch, self.cfg.n_routed_experts
+            )
         if self.cfg.z_loss_coef > 0:
             aux = aux + self.cfg.z_loss_coef * z_loss(r.logits)
         return aux
@@ -152,7 +153,9 @@ class MoE(nn.Module):
     @torch.no_grad()
     def _accumulate(self, r: Routing) -> None:
         ids = r.topk_ids.reshape(-1)
-        counts = torch.zeros_like(self.stat_counts).scatter_add_(0, ids, torch.ones_like(ids, dtype=self.stat_counts.dtype))
+        counts = torch.zeros_like(self.stat_counts).scatter_add_(
+            0, ids, torch.ones_like(ids, dtype=self.stat_counts.dtype)
+        )
         self.load_since_update.add_(counts)
         self.stat_counts.add_(counts)
         scores = r.scores.detach()

@@ -31,19 +31,27 @@ class LayerRouterStats:
     def from_packed(cls, layer: int, packed: list[float], n_experts: int) -> LayerRouterStats:
         """Build from a layer's packed accumulator [counts E | tokens, entropy sum, max-gate sum, dropped | bias E]."""
         counts = packed[:n_experts]
-        tokens, entropy_sum, max_gate_sum, dropped = packed[n_experts:n_experts + 4]
-        bias = packed[n_experts + 4:]
+        tokens, entropy_sum, max_gate_sum, dropped = packed[n_experts : n_experts + 4]
+        bias = packed[n_experts + 4 :]
         mean = sum(counts) / n_experts
         if mean > 0:
             var = sum((c - mean) ** 2 for c in counts) / n_experts
-            cv = var ** 0.5 / mean
+            cv = var**0.5 / mean
             collapse = sum(c < COLLAPSE_THRESHOLD * mean for c in counts) / n_experts
         else:
             cv, collapse = 0.0, 0.0
         per_token = 1.0 / tokens if tokens else 0.0
-        return cls(layer=layer, tokens=int(tokens), tokens_per_expert=tuple(counts), load_cv=cv,
-                   entropy_mean=entropy_sum * per_token, max_gate_mean=max_gate_sum * per_token,
-                   collapse_frac=collapse, dropped_tokens=int(dropped), bias=tuple(bias))
+        return cls(
+            layer=layer,
+            tokens=int(tokens),
+            tokens_per_expert=tuple(counts),
+            load_cv=cv,
+            entropy_mean=entropy_sum * per_token,
+            max_gate_mean=max_gate_sum * per_token,
+            collapse_frac=collapse,
+            dropped_tokens=int(dropped),
+            bias=tuple(bias),
+        )
 
     def scalars(self) -> dict[str, float]:
         """Summary scalars of this layer keyed `router/layerNN/<name>`."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from nmoe.model.config import ModelConfig
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -162,8 +162,9 @@ def activation_bytes_per_token(cfg: ModelConfig, act_bytes: int = 2) -> float:
     return total
 
 
-def model_summary(cfg: ModelConfig, seq_len: int, batch_size: int = 1, param_bytes: int = 4, grad_bytes: int = 4,
-                  act_bytes: int = 2) -> ModelSummary:
+def model_summary(
+    cfg: ModelConfig, seq_len: int, batch_size: int = 1, param_bytes: int = 4, grad_bytes: int = 4, act_bytes: int = 2
+) -> ModelSummary:
     """Summary of `cfg` for micro-batches of batch_size x seq_len; byte sizes per element as given."""
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be positive")
@@ -177,15 +178,24 @@ def model_summary(cfg: ModelConfig, seq_len: int, batch_size: int = 1, param_byt
     attn = sum(attention_flops_per_token(cfg, i, seq_len) for i in range(cfg.n_layers))
     attn_dense = sum(attention_flops_per_token(cfg, i, seq_len, causal=False) for i in range(cfg.n_layers))
     optimizer = total * (8 + (4 if param_bytes < 4 else 0))
-    kinds = Counter(cfg.attn if cfg.is_global_layer(i) else f"swa(w={cfg.attn_local_window})"
-                    for i in range(cfg.n_layers))
+    kinds = Counter(
+        cfg.attn if cfg.is_global_layer(i) else f"swa(w={cfg.attn_local_window})" for i in range(cfg.n_layers)
+    )
     pattern = ", ".join(f"{kind} x{n}" for kind, n in kinds.items())
     return ModelSummary(
-        seq_len=seq_len, batch_size=batch_size, total_params=total, active_params=active, embedding_params=emb,
-        head_params=head, routed_expert_params=routed,
-        matmul_flops_per_token=3 * 2 * matmul, attention_flops_per_token=3 * attn,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        total_params=total,
+        active_params=active,
+        embedding_params=emb,
+        head_params=head,
+        routed_expert_params=routed,
+        matmul_flops_per_token=3 * 2 * matmul,
+        attention_flops_per_token=3 * attn,
         attention_flops_per_token_dense=3 * attn_dense,
-        param_bytes=total * param_bytes, grad_bytes=total * grad_bytes, optimizer_bytes=optimizer,
+        param_bytes=total * param_bytes,
+        grad_bytes=total * grad_bytes,
+        optimizer_bytes=optimizer,
         activation_bytes=round(activation_bytes_per_token(cfg, act_bytes) * seq_len * batch_size),
         attention_kinds=pattern,
     )

@@ -87,4 +87,8 @@ class RdepConfig:
         """Bytes of symmetric memory one rank allocates (receive + return + metadata + counts + flags)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
         rows = self.receive_rows(world)
-        return (rows + self.return_rows()) * self.hidden * elem + rows * 4 + (2 * world * self.n_routed_experts + world) * 4
+        return (
+            (rows + self.return_rows()) * self.hidden * elem
+            + rows * 4
+            + (2 * world * self.n_routed_experts + world) * 4
+        )

@@ -50,10 +50,21 @@ def _rows_aligned(aligned_table: bool, hidden: int, dtype: torch.dtype) -> bool:
 
 
 def _scatter_rows(
-    x_ptr, scale_ptr, dest_rank_ptr, dest_slot_ptr, buf_table, tag_table,
-    x_stride, hidden, tag_base,
-    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SCALE: tl.constexpr, WRITE_TAG: tl.constexpr,
-    ACC: tl.constexpr, ALIGNED: tl.constexpr,
+    x_ptr,
+    scale_ptr,
+    dest_rank_ptr,
+    dest_slot_ptr,
+    buf_table,
+    tag_table,
+    x_stride,
+    hidden,
+    tag_base,
+    TOP_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    WRITE_TAG: tl.constexpr,
+    ACC: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     # Program (t, d-block): read token t's row once, store it (times scale[t,k]) into each of its
     # K destinations' receive buffers; block 0 also writes the row's tag (source, t*K+k).
@@ -81,8 +92,9 @@ def _scatter_rows(
                     tl.store(tags + slot, (tag_base + i).to(tl.int32))
 
 
-def _return_rows(y_ptr, tag_ptr, ret_table, y_stride, hidden, slots_per_rank, BLOCK_D: tl.constexpr,
-                 ALIGNED: tl.constexpr):
+def _return_rows(
+    y_ptr, tag_ptr, ret_table, y_stride, hidden, slots_per_rank, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr
+):
     # Program (m, d-block): received row m goes back to its source's return buffer at slot t*K+k.
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -98,8 +110,15 @@ def _return_rows(y_ptr, tag_ptr, ret_table, y_stride, hidden, slots_per_rank, BL
 
 
 def _sum_slots(
-    ret_ptr, weight_ptr, dest_slot_ptr, out_ptr, hidden,
-    TOP_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
+    ret_ptr,
+    weight_ptr,
+    dest_slot_ptr,
+    out_ptr,
+    hidden,
+    TOP_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     # Program (t, d-block): out[t] = sum_k weight[t,k] * ret[t*K+k] over the slots that were sent.
     t = tl.program_id(0).to(tl.int64)
@@ -116,8 +135,17 @@ def _sum_slots(
     tl.store(out_ptr + t * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=in_row)
 
 
-def _signal(counts_ptr, counts_table, flag_table, src_rank, epoch, counts_offset, n_experts,
-            HAS_COUNTS: tl.constexpr, BLOCK_E: tl.constexpr):
+def _signal(
+    counts_ptr,
+    counts_table,
+    flag_table,
+    src_rank,
+    epoch,
+    counts_offset,
+    n_experts,
+    HAS_COUNTS: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     # Program `dest`: optionally put this source's counts row into dest's counts area, then raise
     # dest's flag[src_rank] to `epoch` with release semantics (orders every earlier write).
     dest = tl.program_id(0)
@@ -151,8 +179,12 @@ def _wait(flag_ptr, status_ptr, epoch, world, timeout, PERIOD: tl.constexpr, ON_
         while ((seen != epoch) & (seen != after)) & (elapsed <= timeout):
             seen = tl.atomic_add(flag_ptr + peer, 0, sem="acquire", scope="sys")
             if ON_GPU:
-                elapsed = tl.inline_asm_elementwise(
-                    "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1) - start
+                elapsed = (
+                    tl.inline_asm_elementwise(
+                        "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+                    )
+                    - start
+                )
             else:
                 elapsed = elapsed + 1
         late = (seen != epoch) & (seen != after)
@@ -190,11 +222,21 @@ def scatter_rows(
         return
     block = _block_d(hidden)
     scatter_rows_kernel.on(x.device)[(n_tokens, triton.cdiv(hidden, block))](
-        x, scale if scale is not None else x, dest_rank, dest_slot, buf_table,
+        x,
+        scale if scale is not None else x,
+        dest_rank,
+        dest_slot,
+        buf_table,
         tag_table if tag_table is not None else buf_table,
-        x.stride(0), hidden, tag_base,
-        TOP_K=top_k, BLOCK_D=block, HAS_SCALE=scale is not None, WRITE_TAG=tag_table is not None,
-        ACC=_acc_dtype(x.dtype), ALIGNED=_rows_aligned(aligned_table, hidden, x.dtype),
+        x.stride(0),
+        hidden,
+        tag_base,
+        TOP_K=top_k,
+        BLOCK_D=block,
+        HAS_SCALE=scale is not None,
+        WRITE_TAG=tag_table is not None,
+        ACC=_acc_dtype(x.dtype),
+        ALIGNED=_rows_aligned(aligned_table, hidden, x.dtype),
     )
 
 
@@ -207,13 +249,22 @@ def return_rows(
         return
     block = _block_d(hidden)
     return_rows_kernel.on(y.device)[(n_rows, triton.cdiv(hidden, block))](
-        y, tags, ret_table, y.stride(0), hidden, slots_per_rank, BLOCK_D=block,
+        y,
+        tags,
+        ret_table,
+        y.stride(0),
+        hidden,
+        slots_per_rank,
+        BLOCK_D=block,
         ALIGNED=_rows_aligned(aligned_table, hidden, y.dtype),
     )
 
 
 def sum_slots(
-    ret: torch.Tensor, dest_slot: torch.Tensor, n_tokens: int, out_dtype: torch.dtype,
+    ret: torch.Tensor,
+    dest_slot: torch.Tensor,
+    n_tokens: int,
+    out_dtype: torch.dtype,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ret[>=T*K, D] -> out[T,D] = sum_k weight[t,k] * ret[t*K+k] over sent slots (weight 1 if None)."""
@@ -224,23 +275,40 @@ def sum_slots(
     top_k = dest_slot.numel() // n_tokens
     block = _block_d(hidden)
     sum_slots_kernel.on(ret.device)[(n_tokens, triton.cdiv(hidden, block))](
-        ret, weight if weight is not None else ret, dest_slot, out, hidden,
-        TOP_K=top_k, BLOCK_D=block, HAS_WEIGHT=weight is not None, ACC=_acc_dtype(out_dtype),
+        ret,
+        weight if weight is not None else ret,
+        dest_slot,
+        out,
+        hidden,
+        TOP_K=top_k,
+        BLOCK_D=block,
+        HAS_WEIGHT=weight is not None,
+        ACC=_acc_dtype(out_dtype),
     )
     return out
 
 
 def signal(
-    flag_table: torch.Tensor, src_rank: int, epoch: int,
-    counts: torch.Tensor | None = None, counts_table: torch.Tensor | None = None, counts_offset: int = 0,
+    flag_table: torch.Tensor,
+    src_rank: int,
+    epoch: int,
+    counts: torch.Tensor | None = None,
+    counts_table: torch.Tensor | None = None,
+    counts_offset: int = 0,
 ) -> None:
     """Raise flag[src_rank] to epoch on every peer, after putting counts[E] into their counts area."""
     world = flag_table.numel()
     n_experts = counts.numel() if counts is not None else 1
     signal_kernel.on(flag_table.device)[(world,)](
-        counts if counts is not None else flag_table, counts_table if counts_table is not None else flag_table,
-        flag_table, src_rank, epoch, counts_offset, n_experts,
-        HAS_COUNTS=counts is not None, BLOCK_E=triton.next_power_of_2(n_experts),
+        counts if counts is not None else flag_table,
+        counts_table if counts_table is not None else flag_table,
+        flag_table,
+        src_rank,
+        epoch,
+        counts_offset,
+        n_experts,
+        HAS_COUNTS=counts is not None,
+        BLOCK_E=triton.next_power_of_2(n_experts),
     )
 
 
@@ -249,6 +317,4 @@ def wait(flags: torch.Tensor, epoch: int, status: torch.Tensor, timeout_s: float
     EPOCH_PERIOD); past timeout_s (GPU) or `polls` polls (interpreter) give up and fill status[4] int32."""
     on_gpu = flags.device.type != "cpu"
     timeout = int(timeout_s * 1e9) if on_gpu else polls
-    wait_kernel.on(flags.device)[(1,)](
-        flags, status, epoch, flags.numel(), timeout, PERIOD=EPOCH_PERIOD, ON_GPU=on_gpu
-    )
+    wait_kernel.on(flags.device)[(1,)](flags, status, epoch, flags.numel(), timeout, PERIOD=EPOCH_PERIOD, ON_GPU=on_gpu)

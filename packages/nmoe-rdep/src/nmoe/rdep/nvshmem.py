@@ -59,8 +59,9 @@ def broadcast_bytes(payload: np.ndarray, group: dist.ProcessGroup | None = None)
     payload[...] = staged.cpu().numpy()
 
 
-def require_same_allocation(name: str, shape: tuple[int, ...], dtype: torch.dtype,
-                            group: dist.ProcessGroup | None = None) -> None:
+def require_same_allocation(
+    name: str, shape: tuple[int, ...], dtype: torch.dtype, group: dist.ProcessGroup | None = None
+) -> None:
     """Raise on every rank unless every rank of the group asks for the same symmetric buffer now.
 
     nvshmem_malloc is a collective that does not check its size: ranks built from different
@@ -123,8 +124,9 @@ class NvshmemTransport:
             ensure_heap_size(heap_bytes)
         uid = self._nvshmem.get_unique_id(empty=self.rank != 0)
         broadcast_bytes(uid._data.view(np.uint8), group)
-        self._nvshmem.init(device=_cuda_device(self.device.index), uid=uid, rank=self.rank, nranks=self.world,
-                           initializer_method="uid")
+        self._nvshmem.init(
+            device=_cuda_device(self.device.index), uid=uid, rank=self.rank, nranks=self.world, initializer_method="uid"
+        )
         _INITIALISED = True
         if self._nvshmem.my_pe() != self.rank or self._nvshmem.n_pes() != self.world:
             raise RuntimeError(
@@ -146,7 +148,9 @@ class NvshmemTransport:
         local = self._nvshmem.tensor(tuple(shape), dtype=dtype)
         local.zero_()
         self._tensors.append(local)
-        addresses = [local.data_ptr() if p == self.rank else self._peer_address(local, p, name) for p in range(self.world)]
+        addresses = [
+            local.data_ptr() if p == self.rank else self._peer_address(local, p, name) for p in range(self.world)
+        ]
         table = torch.tensor(addresses, dtype=torch.int64, device=self.device)
         return SymmetricTensor(local, table, all(address % 16 == 0 for address in addresses))
 

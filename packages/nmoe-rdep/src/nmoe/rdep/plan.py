@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
 from nmoe.kernels import sort_by_expert
 
 

@@ -174,8 +174,13 @@ class Rdep:
         if not first_send:  # a dispatch's count exchange already proved every recv buffer free
             yield from self._barrier()
         kernels.scatter_rows(
-            rows.to(self.config.dtype).contiguous(), handle.dest_rank, handle.dest_slot, self.recv.peers, scale=scale,
-            tag_table=self.tags.peers if first_send else None, tag_base=self.rank * self.slots_per_rank,
+            rows.to(self.config.dtype).contiguous(),
+            handle.dest_rank,
+            handle.dest_slot,
+            self.recv.peers,
+            scale=scale,
+            tag_table=self.tags.peers if first_send else None,
+            tag_base=self.rank * self.slots_per_rank,
             aligned_table=self.recv.aligned16,
         )
         yield from self._barrier()
@@ -297,8 +302,7 @@ class _SendRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         steps = [
-            m._return_steps(h, g, None, keep_returned=False)
-            for m, h, g in zip(ctx.group.members, ctx.handles, grads)
+            m._return_steps(h, g, None, keep_returned=False) for m, h, g in zip(ctx.group.members, ctx.handles, grads)
         ]
         grad_xs = [out for out, _ in ctx.group.run(steps)]
         return (None, None, *grad_xs)
@@ -337,7 +341,9 @@ class _ReturnRows(torch.autograd.Function):
         return (None, None, *grad_ys, *grad_ws)
 
 
-def _weight_grad(grad_y: torch.Tensor, returned: torch.Tensor, handle: RdepHandle, weight: torch.Tensor) -> torch.Tensor:
+def _weight_grad(
+    grad_y: torch.Tensor, returned: torch.Tensor, handle: RdepHandle, weight: torch.Tensor
+) -> torch.Tensor:
     """dL/dw[t,k] = <dy[t], y_tk> for sent slots, 0 for dropped ones."""
     n_tokens, top_k = weight.shape
     acc = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
@@ -355,7 +361,9 @@ def dispatch_group(
     return [(ex, h.expert_offsets, h) for ex, h in zip(expert_xs, handles)]
 
 
-def combine_group(group: _Group, expert_ys: Sequence[torch.Tensor], handles: Sequence[RdepHandle]) -> list[torch.Tensor]:
+def combine_group(
+    group: _Group, expert_ys: Sequence[torch.Tensor], handles: Sequence[RdepHandle]
+) -> list[torch.Tensor]:
     """Combine for every rank this process drives."""
     for member, y, h in zip(group.members, expert_ys, handles):
         if tuple(y.shape) != (h.n_received, member.config.hidden):

@@ -132,4 +132,3 @@ class SimulatedWorldBuffers:
     def copies(self, name: str) -> list[torch.Tensor]:
         """All ranks' copies of buffer `name` (tests inspect them)."""
         return self._buffers[name][0]
-

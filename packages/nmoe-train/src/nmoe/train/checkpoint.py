@@ -22,8 +22,9 @@ import random
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ def step_dir_name(step: int) -> str:
 def _step_of(path: Path) -> int:
     """The step of a step_XXXXXXXX directory (numeric, so step 100000000 sorts after 99999999)."""
     try:
-        return int(path.name[len(PREFIX):])
+        return int(path.name[len(PREFIX) :])
     except ValueError:
         return -1
 
@@ -65,10 +66,12 @@ def remove_stale_temporaries(root: str | Path) -> list[Path]:
 def git_revision(cwd: str | Path | None = None) -> str:
     """Short git revision of the working tree ('+dirty' if modified), or 'unknown'."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=cwd, capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -108,9 +111,17 @@ def _optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Opti
     return out
 
 
-def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    meta: dict[str, Any], *, is_expert: Callable[[str], bool], keep_last: int,
-                    ep_rank: int = 0) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict[str, Any],
+    *,
+    is_expert: Callable[[str], bool],
+    keep_last: int,
+    ep_rank: int = 0,
+) -> Path:
     """Write checkpoint `step` atomically under root, update `latest`, prune to keep_last."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -138,8 +149,12 @@ def _write_files(tmp: Path, step: int, model, optimizer, meta, is_expert, ep_ran
     torch.save(opt_dense, tmp / "dense_optim.pt")
     torch.save(experts, tmp / f"experts_ep{ep_rank}.pt")
     torch.save(opt_experts, tmp / f"experts_ep{ep_rank}_optim.pt")
-    full_meta = dict(meta, step=step, saved_at=time.time(),
-                     param_groups=[{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups])
+    full_meta = dict(
+        meta,
+        step=step,
+        saved_at=time.time(),
+        param_groups=[{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+    )
     (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1, sort_keys=True))
     for f in tmp.iterdir():
         _fsync(f)
@@ -180,7 +195,7 @@ def _prune(root: Path, keep_last: int, newest: Path) -> None:
     PATH) are not touched here; this run overwrites them as it reaches their steps.
     """
     older = [p for p in _step_dirs(root) if _step_of(p) < _step_of(newest)]
-    for old in older[:max(0, len(older) - (keep_last - 1))]:
+    for old in older[: max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -200,16 +215,21 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     """meta.json of the checkpoint at path; CheckpointError saying what is wrong if it is not one."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist. Set checkpoint.resume to an existing step_XXXXXXXX "
-                              "directory, to 'auto' (continue this run's latest) or to 'never'.")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist. Set checkpoint.resume to an existing step_XXXXXXXX "
+            "directory, to 'auto' (continue this run's latest) or to 'never'."
+        )
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise CheckpointError(f"{path} is not a checkpoint (no meta.json). Point checkpoint.resume at a step_XXXXXXXX directory, or use 'auto'.")
+        raise CheckpointError(
+            f"{path} is not a checkpoint (no meta.json). Point checkpoint.resume at a step_XXXXXXXX directory, or use 'auto'."
+        )
     return json.loads(meta_file.read_text())
 
 
-def check_compatible(meta: Mapping[str, Any], fingerprint: str, items: Mapping[str, Any],
-                     world_size: int, path: Path) -> None:
+def check_compatible(
+    meta: Mapping[str, Any], fingerprint: str, items: Mapping[str, Any], world_size: int, path: Path
+) -> None:
     """Refuse a checkpoint from another config or world size, naming what differs."""
     problems = []
     if meta.get("world_size") != world_size:
@@ -217,32 +237,44 @@ def check_compatible(meta: Mapping[str, Any], fingerprint: str, items: Mapping[s
     if meta.get("fingerprint") != fingerprint:
         saved = meta.get("fingerprint_items", {})
         keys = sorted(set(saved) | set(items))
-        diffs = [f"{k}: checkpoint {saved.get(k, '<absent>')!r}, this run {items.get(k, '<absent>')!r}"
-                 for k in keys if saved.get(k, "<absent>") != items.get(k, "<absent>")]
+        diffs = [
+            f"{k}: checkpoint {saved.get(k, '<absent>')!r}, this run {items.get(k, '<absent>')!r}"
+            for k in keys
+            if saved.get(k, "<absent>") != items.get(k, "<absent>")
+        ]
         problems.extend(diffs or ["config fingerprint differs"])
     if problems:
         listing = "\n  ".join(problems)
         raise CheckpointError(
             f"checkpoint {path} does not match this run:\n  {listing}\n"
             "Resume with the config it was written with, or start a fresh run: set checkpoint.resume = 'never' "
-            "with another runtime.run_name or checkpoint.dir.")
+            "with another runtime.run_name or checkpoint.dir."
+        )
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    *, ep_rank: int = 0) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, ep_rank: int = 0
+) -> dict[str, Any]:
     """Load weights, buffers and optimizer state in place; return meta (RNG not yet restored)."""
     path = Path(path)
     meta = read_meta(path)
     files = ["dense.pt", "dense_optim.pt", f"experts_ep{ep_rank}.pt", f"experts_ep{ep_rank}_optim.pt"]
     missing = [f for f in files if not (path / f).is_file()]
     if missing:
-        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}. Resume from an earlier step (set checkpoint.resume to its path).")
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: missing {', '.join(missing)}. Resume from an earlier step (set checkpoint.resume to its path)."
+        )
     state = {**torch.load(path / "dense.pt", weights_only=True), **torch.load(path / files[2], weights_only=True)}
     expected = set(model.state_dict())
     if set(state) != expected:
-        raise CheckpointError(f"checkpoint {path} holds other tensors than this model: missing {sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
+        raise CheckpointError(
+            f"checkpoint {path} holds other tensors than this model: missing {sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}"
+        )
     model.load_state_dict(state, strict=True)
-    opt_by_name = {**torch.load(path / "dense_optim.pt", weights_only=True), **torch.load(path / files[3], weights_only=True)}
+    opt_by_name = {
+        **torch.load(path / "dense_optim.pt", weights_only=True),
+        **torch.load(path / files[3], weights_only=True),
+    }
     _load_optimizer_by_name(model, optimizer, opt_by_name)
     return meta
 

@@ -20,13 +20,29 @@ EPILOG = textwrap.dedent("""\
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nmoe-train", description="Train a DeepSeek-shaped MoE model from one TOML config.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="nmoe-train",
+        description="Train a DeepSeek-shaped MoE model from one TOML config.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config", nargs="?", help="TOML config file, e.g. configs/tiny.toml")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config, fingerprint and model summary (params, FLOPs/token, memory), then exit")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config key (repeatable); applied after environment overrides")
-    p.add_argument("--help-config", action="store_true", help="list every config section and key with its type, default and range")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, fingerprint and model summary (params, FLOPs/token, memory), then exit",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key (repeatable); applied after environment overrides",
+    )
+    p.add_argument(
+        "--help-config", action="store_true", help="list every config section and key with its type, default and range"
+    )
     return p
 
 
@@ -43,8 +59,13 @@ def _parse_overrides(items: list[str]) -> dict[str, str]:
 def dry_run(cfg) -> str:
     """The --dry-run report: config identity and the model summary table."""
     from nmoe.model import model_summary
-    summary = model_summary(cfg.model, cfg.train.seq_len, batch_size=cfg.train.batch_size,
-                            act_bytes=4 if cfg.runtime.dtype == "fp32" or cfg.runtime.device == "cpu" else 2)
+
+    summary = model_summary(
+        cfg.model,
+        cfg.train.seq_len,
+        batch_size=cfg.train.batch_size,
+        act_bytes=4 if cfg.runtime.dtype == "fp32" or cfg.runtime.device == "cpu" else 2,
+    )
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum
     lines = [
         f"config       {cfg.source}",
@@ -62,12 +83,15 @@ def dry_run(cfg) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from nmoe.train.config import ConfigError, describe_keys, load_config
+
     if args.help_config:
         print(describe_keys())
         return 0
     if not args.config:
         build_parser().print_usage()
-        print("nmoe-train: error: a config file is required, e.g. `uv run nmoe-train configs/tiny.toml`", file=sys.stderr)
+        print(
+            "nmoe-train: error: a config file is required, e.g. `uv run nmoe-train configs/tiny.toml`", file=sys.stderr
+        )
         return 2
     try:
         cfg = load_config(args.config, overrides=_parse_overrides(args.overrides))
@@ -86,6 +110,7 @@ def _train(cfg) -> int:
     from nmoe.train.checkpoint import CheckpointError
     from nmoe.train.data_setup import DataNotReady
     from nmoe.train.loop import NonFiniteError, SetupError, Trainer
+
     try:
         result = Trainer(cfg).run()
     except (DataError, DataNotReady, CheckpointError, NonFiniteError, SetupError) as e:

@@ -17,9 +17,10 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from nmoe.model.config import ModelConfig
 
@@ -30,8 +31,14 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message says what to change."""
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", *, range: tuple | None = None,
-       choices: tuple | None = None, operational: bool = False) -> Any:
+def _f(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    range: tuple | None = None,
+    choices: tuple | None = None,
+    operational: bool = False,
+) -> Any:
     meta: dict[str, Any] = {"help": help, "operational": operational}
     if range is not None:
         meta["range"] = range
@@ -43,7 +50,9 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", *, range: tuple | Non
 @dataclass(frozen=True)
 class DataConfig:
     name: str = _f(help="dataset name: shards live in {data_dir}/{name}")
-    tokenizer: str = _f(help="tokenizer file (tokenizer.json or tiktoken); trained from the input if missing and tokenizer_vocab_size > 0")
+    tokenizer: str = _f(
+        help="tokenizer file (tokenizer.json or tiktoken); trained from the input if missing and tokenizer_vocab_size > 0"
+    )
     data_dir: str = _f("data", "root folder of prepared datasets", operational=True)
     source: str = _f("files", "where prep reads text from", choices=("files", "hf"))
     input: str = _f("", "glob of local .txt/.jsonl/.jsonl.gz/.parquet files (source = files)")
@@ -51,14 +60,20 @@ class DataConfig:
     dataset_config: str = _f("", "Hugging Face dataset config name (source = hf)")
     dataset_split: str = _f("train", "Hugging Face split (source = hf)")
     text_field: str = _f("text", "column / JSON key holding the text")
-    tokenizer_vocab_size: int = _f(0, "vocab size when training the tokenizer (0: the file must exist)", range=(0, 1 << 22))
+    tokenizer_vocab_size: int = _f(
+        0, "vocab size when training the tokenizer (0: the file must exist)", range=(0, 1 << 22)
+    )
     shard_tokens: int = _f(1 << 24, "tokens per shard file", range=(1024, 1 << 32))
     val_tokens: int = _f(1 << 20, "tokens held out for validation", range=(0, None))
     max_docs: int = _f(0, "read at most this many documents (0: all)", range=(0, None))
     mixture: str = _f("", "mixture TOML (several prepared datasets with weights); overrides name/source")
     workers: int = _f(0, "prep worker processes (0: one per core)", range=(0, 1024), operational=True)
-    verify_shards: bool = _f(True, "sha256-check every shard at start (sizes and dtypes are always checked); "
-                             "turn off for very large datasets on trusted storage", operational=True)
+    verify_shards: bool = _f(
+        True,
+        "sha256-check every shard at start (sizes and dtypes are always checked); "
+        "turn off for very large datasets on trusted storage",
+        operational=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -79,7 +94,9 @@ class OptimConfig:
     beta1: float = _f(0.9, "AdamW beta1", range=(0.0, 1.0))
     beta2: float = _f(0.95, "AdamW beta2", range=(0.0, 1.0))
     eps: float = _f(1e-8, "AdamW epsilon", range=(0.0, 1.0))
-    schedule: str = _f("wsd", "wsd: warmup → constant → linear warmdown; cosine: warmup → cosine", choices=("wsd", "cosine"))
+    schedule: str = _f(
+        "wsd", "wsd: warmup → constant → linear warmdown; cosine: warmup → cosine", choices=("wsd", "cosine")
+    )
     warmup: int = _f(0, "warmup steps", range=(0, None))
     warmdown: int = _f(0, "final linear-decay steps (wsd)", range=(0, None))
     min_lr_ratio: float = _f(0.0, "final lr as a fraction of lr", range=(0.0, 1.0))
@@ -90,9 +107,15 @@ class OptimConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     dir: str = _f("runs/checkpoints", "checkpoint root; a run writes {dir}/{run_name}/step_XXXXXXXX", operational=True)
-    save_every: int = _f(0, "save every N steps (0: only at the end and on SIGTERM/SIGINT)", range=(0, None), operational=True)
+    save_every: int = _f(
+        0, "save every N steps (0: only at the end and on SIGTERM/SIGINT)", range=(0, None), operational=True
+    )
     keep_last: int = _f(3, "checkpoints kept (older ones deleted)", range=(1, None), operational=True)
-    resume: str = _f("auto", "'auto': continue from the latest checkpoint; 'never': start fresh (refuses if one exists); or a path: a step_XXXXXXXX checkpoint or a run's folder (its latest)", operational=True)
+    resume: str = _f(
+        "auto",
+        "'auto': continue from the latest checkpoint; 'never': start fresh (refuses if one exists); or a path: a step_XXXXXXXX checkpoint or a run's folder (its latest)",
+        operational=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -177,12 +200,15 @@ def _canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def load_config(path: str | Path, env: Mapping[str, str] | None = None,
-                overrides: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | Path, env: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None
+) -> Config:
     """Read a TOML file, apply `NMOE_<SECTION>__<KEY>` env overrides, validate, freeze."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file. Configs shipped with nmoe live in configs/ (e.g. configs/tiny.toml).")
+        raise ConfigError(
+            f"{path}: no such config file. Configs shipped with nmoe live in configs/ (e.g. configs/tiny.toml)."
+        )
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -190,8 +216,9 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None,
     return build_config(raw, str(path), os.environ if env is None else env, overrides or {})
 
 
-def build_config(raw: dict[str, Any], where: str, env: Mapping[str, str] | None = None,
-                 overrides: Mapping[str, str] | None = None) -> Config:
+def build_config(
+    raw: dict[str, Any], where: str, env: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None
+) -> Config:
     """Validate a parsed TOML mapping (plus string overrides `section.key=value`) into a Config."""
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for key, value in raw.items():
@@ -222,7 +249,7 @@ def build_config(raw: dict[str, Any], where: str, env: Mapping[str, str] | None 
 def _override_items(env: Mapping[str, str], overrides: Mapping[str, str]):
     for name, text in sorted(env.items()):
         if name.startswith(ENV_PREFIX) and "__" in name:
-            section, key = name[len(ENV_PREFIX):].split("__", 1)
+            section, key = name[len(ENV_PREFIX) :].split("__", 1)
             yield f"environment variable {name}", section.lower(), key.lower(), text
     for dotted, text in overrides.items():
         if "." not in dotted:
@@ -253,7 +280,9 @@ def _build_section(name: str, cls: type, values: dict[str, Any], where: str, ori
             dotted = f"{name}.{key}"
             kwargs[key] = _check_value(values[key], types_[key], f.metadata, origins.get(dotted, where), dotted)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing required key `{name}.{key}` ({f.metadata.get('help', '')}). Add it under [{name}].")
+            raise ConfigError(
+                f"{where}: missing required key `{name}.{key}` ({f.metadata.get('help', '')}). Add it under [{name}]."
+            )
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
@@ -282,11 +311,15 @@ def _check_value(value: Any, ftype: Any, meta: Mapping[str, Any], where: str, do
             break
     if not ok:
         names = " or ".join(t.__name__ for t in allowed if t is not type(None))
-        raise ConfigError(f"{where}: `{dotted}` must be {names}, got {value!r} ({type(value).__name__}). {meta.get('help', '')}")
+        raise ConfigError(
+            f"{where}: `{dotted}` must be {names}, got {value!r} ({type(value).__name__}). {meta.get('help', '')}"
+        )
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: `{dotted}` = {value!r} must be a finite number. {meta.get('help', '')}")
     if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{where}: `{dotted}` = {value!r} is not allowed; choose one of {', '.join(map(repr, meta['choices']))}")
+        raise ConfigError(
+            f"{where}: `{dotted}` = {value!r} is not allowed; choose one of {', '.join(map(repr, meta['choices']))}"
+        )
     if "range" in meta and isinstance(value, (int, float)) and not isinstance(value, bool):
         lo, hi = meta["range"]
         if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -323,12 +356,18 @@ def _parse_text(text: str, ftype: Any, origin: str, dotted: str) -> Any:
 def _cross_checks(cfg: Config, where: str) -> None:
     name = cfg.runtime.run_name
     if name in (".", "..") or any(c in name for c in "/\\") or name != name.strip():
-        raise ConfigError(f"{where}: runtime.run_name = {name!r} names one folder under checkpoint.dir and metrics.dir; "
-                          "use a plain name without slashes or surrounding spaces, e.g. 'tiny-lr3e-3'")
+        raise ConfigError(
+            f"{where}: runtime.run_name = {name!r} names one folder under checkpoint.dir and metrics.dir; "
+            "use a plain name without slashes or surrounding spaces, e.g. 'tiny-lr3e-3'"
+        )
     if cfg.train.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"{where}: train.seq_len ({cfg.train.seq_len}) > model.max_seq_len ({cfg.model.max_seq_len}); lower train.seq_len or raise model.max_seq_len")
+        raise ConfigError(
+            f"{where}: train.seq_len ({cfg.train.seq_len}) > model.max_seq_len ({cfg.model.max_seq_len}); lower train.seq_len or raise model.max_seq_len"
+        )
     if cfg.optim.schedule == "wsd" and cfg.optim.warmup + cfg.optim.warmdown > cfg.train.steps:
-        raise ConfigError(f"{where}: optim.warmup + optim.warmdown ({cfg.optim.warmup} + {cfg.optim.warmdown}) > train.steps ({cfg.train.steps}); shorten them or raise train.steps")
+        raise ConfigError(
+            f"{where}: optim.warmup + optim.warmdown ({cfg.optim.warmup} + {cfg.optim.warmdown}) > train.steps ({cfg.train.steps}); shorten them or raise train.steps"
+        )
     if not cfg.data.mixture and cfg.data.source == "files" and not cfg.data.input:
         raise ConfigError(f"{where}: data.source = 'files' needs data.input (a glob of text files)")
     if not cfg.data.mixture and cfg.data.source == "hf" and not cfg.data.dataset:

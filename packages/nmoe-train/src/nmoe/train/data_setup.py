@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nmoe.data import PrepOptions, SourceUnavailableError, is_prepared, prep_command, prepare, dataset_dir
-
+from nmoe.data import PrepOptions, SourceUnavailableError, dataset_dir, is_prepared, prep_command, prepare
 from nmoe.train.config import Config, DataConfig
 
 
@@ -38,7 +37,9 @@ def ensure_data(cfg: Config, log=print) -> Path:
     if cfg.data.mixture:
         mixture = Path(cfg.data.mixture)
         if not mixture.exists():
-            raise DataNotReady(f"data.mixture = {mixture} does not exist. Write the mixture TOML, then run:\n  uv run nmoe-data prep-mixture --mixture {mixture}")
+            raise DataNotReady(
+                f"data.mixture = {mixture} does not exist. Write the mixture TOML, then run:\n  uv run nmoe-data prep-mixture --mixture {mixture}"
+            )
         return mixture
     opts = prep_options(cfg.data)
     if is_prepared(opts):
@@ -47,10 +48,15 @@ def ensure_data(cfg: Config, log=print) -> Path:
         raise DataNotReady(
             f"data.tokenizer = {cfg.data.tokenizer!r} does not exist and data.tokenizer_vocab_size = 0, so the data "
             f"'{cfg.data.name}' cannot be prepared. Point data.tokenizer at an existing tokenizer file, or set "
-            "data.tokenizer_vocab_size = N to train one from data.input (e.g. --set data.tokenizer_vocab_size=32768).")
-    log(f"[nmoe] data '{cfg.data.name}' is not prepared under {cfg.data.data_dir}; preparing it now:\n  {prep_command(opts)}")
+            "data.tokenizer_vocab_size = N to train one from data.input (e.g. --set data.tokenizer_vocab_size=32768)."
+        )
+    log(
+        f"[nmoe] data '{cfg.data.name}' is not prepared under {cfg.data.data_dir}; preparing it now:\n  {prep_command(opts)}"
+    )
     try:
         prepare(opts)
     except SourceUnavailableError as e:
-        raise DataNotReady(f"{e}\nThe data for this config could not be prepared here. Prepare it where the source is reachable, then copy {dataset_dir(opts)} here:\n  {prep_command(opts)}") from None
+        raise DataNotReady(
+            f"{e}\nThe data for this config could not be prepared here. Prepare it where the source is reachable, then copy {dataset_dir(opts)} here:\n  {prep_command(opts)}"
+        ) from None
     return dataset_dir(opts)

@@ -8,9 +8,10 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,6 @@ import torch.nn.functional as F
 from nmoe.data import Tokenizer, open_loader
 from nmoe.metrics import MetricsWriter, Registry
 from nmoe.model import Transformer, model_summary
-
 from nmoe.train import checkpoint as ckpt
 from nmoe.train.config import Config, fingerprint_items
 from nmoe.train.data_setup import ensure_data
@@ -51,7 +51,9 @@ def pick_device(cfg: Config) -> torch.device:
     want = cfg.runtime.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise SetupError("runtime.device = 'cuda' but no CUDA GPU is visible. Set runtime.device = 'cpu' (or 'auto') or run on a GPU machine.")
+            raise SetupError(
+                "runtime.device = 'cuda' but no CUDA GPU is visible. Set runtime.device = 'cpu' (or 'auto') or run on a GPU machine."
+            )
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -106,6 +108,7 @@ class Trainer:
     # ---------------------------------------------------------------- setup
     def _seed(self) -> None:
         import random
+
         seed = self.cfg.train.seed
         random.seed(seed)
         np.random.seed(seed % (1 << 32))
@@ -116,15 +119,22 @@ class Trainer:
         self.data_path = ensure_data(cfg, log=self.log)
         # The loader refuses shards written by another tokenizer than the one the config names.
         expect_sha = Tokenizer.load(cfg.data.tokenizer).sha256 if not cfg.data.mixture else None
-        common = dict(seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size, rank=self.rank,
-                      world_size=self.world_size, seed=cfg.train.seed, expect_tokenizer_sha256=expect_sha,
-                      verify=cfg.data.verify_shards)
+        common = dict(
+            seq_len=cfg.train.seq_len,
+            batch_size=cfg.train.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=cfg.train.seed,
+            expect_tokenizer_sha256=expect_sha,
+            verify=cfg.data.verify_shards,
+        )
         self.loader = open_loader(self.data_path, split="train", **common)
         self.val_loader = open_loader(self.data_path, split="val", **common)
         if self.loader.vocab_size > cfg.model.vocab_size:
             raise SetupError(
                 f"the data's tokenizer has {self.loader.vocab_size} tokens but model.vocab_size = {cfg.model.vocab_size}; "
-                f"set model.vocab_size ≥ {self.loader.vocab_size} (a multiple of 64 is fastest)")
+                f"set model.vocab_size ≥ {self.loader.vocab_size} (a multiple of 64 is fastest)"
+            )
         self._seed()
         self.model = Transformer(cfg.model)
         self.model.init_weights(cfg.train.seed)
@@ -146,7 +156,8 @@ class Trainer:
             if ckpt.find_latest(self.ckpt_root) is not None:
                 raise ckpt.CheckpointError(
                     f"checkpoint.resume = 'never' but {self.ckpt_root} already holds checkpoints. "
-                    "Use resume = 'auto' to continue that run, or choose another runtime.run_name / checkpoint.dir.")
+                    "Use resume = 'auto' to continue that run, or choose another runtime.run_name / checkpoint.dir."
+                )
             return None
         path = ckpt.find_latest(self.ckpt_root) if mode == "auto" else Path(mode)
         if mode != "auto" and path.is_dir() and not (path / "meta.json").exists():
@@ -204,7 +215,9 @@ class Trainer:
         """Clip (only now that the norm is known finite, so the locator saw raw gradients) and step."""
         with self._nvtx("optimizer"):
             if self.cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.train.grad_clip, grad_norm, foreach=True)
+                torch.nn.utils.clip_grads_with_norm_(
+                    self.model.parameters(), self.cfg.train.grad_clip, grad_norm, foreach=True
+                )
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.model.update_expert_bias()
@@ -233,10 +246,14 @@ class Trainer:
         found: list[str] = []
         hooks = []
         for name, module in self.model.named_modules():
+
             def hook(mod, args, out, name=name):
                 tensors = out if isinstance(out, (tuple, list)) else (out,)
-                if not found and any(torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
+                if not found and any(
+                    torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all() for t in tensors
+                ):
                     found.append(name or "<model>")
+
             hooks.append(module.register_forward_hook(hook))
         try:
             with torch.no_grad():
@@ -269,33 +286,50 @@ class Trainer:
 
     def save(self, step: int) -> Path:
         try:
-            path = ckpt.save_checkpoint(self.ckpt_root, step, self.model, self.optimizer, self._meta(step),
-                                        is_expert=self.expert_names.__contains__,
-                                        keep_last=self.cfg.checkpoint.keep_last)
+            path = ckpt.save_checkpoint(
+                self.ckpt_root,
+                step,
+                self.model,
+                self.optimizer,
+                self._meta(step),
+                is_expert=self.expert_names.__contains__,
+                keep_last=self.cfg.checkpoint.keep_last,
+            )
         except OSError as e:
             raise ckpt.CheckpointError(
                 f"could not write the step {step} checkpoint under {self.ckpt_root}: {e}. "
                 f"Last good checkpoint: {self.last_checkpoint or 'none'}. Free space or fix checkpoint.dir, "
-                "then rerun the same command to resume from it.") from None
+                "then rerun the same command to resume from it."
+            ) from None
         self.last_checkpoint = path
-        self.registry.checkpoint(self.run_id, step, {"train/loss": self.last_loss} if self.last_loss is not None else {})
+        self.registry.checkpoint(
+            self.run_id, step, {"train/loss": self.last_loss} if self.last_loss is not None else {}
+        )
         return path
 
     def _log_line(self, step: int, loss: float, lr: float, tok_s: float, eta_s: float) -> str:
         util = mfu(self.summary.flops_per_token, tok_s, self.peak)
-        mfu_txt = f"MFU {util * 100:.1f}%" if util is not None else ("MFU n/a (CPU)" if self.device.type == "cpu" else "MFU n/a (unknown GPU)")
+        mfu_txt = (
+            f"MFU {util * 100:.1f}%"
+            if util is not None
+            else ("MFU n/a (CPU)" if self.device.type == "cpu" else "MFU n/a (unknown GPU)")
+        )
         mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
         mem_txt = f"mem {mem:.1f} GiB | " if self.device.type == "cuda" else ""
-        return (f"step {step}/{self.cfg.train.steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | "
-                f"{mfu_txt} | {mem_txt}ETA {_fmt_time(eta_s)}")
+        return (
+            f"step {step}/{self.cfg.train.steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | "
+            f"{mfu_txt} | {mem_txt}ETA {_fmt_time(eta_s)}"
+        )
 
     # ---------------------------------------------------------------- run
     def _check_outputs(self) -> None:
         """Fail before data prep and training, not at the first save, when an output folder cannot be written."""
         cfg = self.cfg
-        outputs = (("checkpoint.dir", cfg.checkpoint.dir, self.ckpt_root),
-                   ("metrics.dir", cfg.metrics.dir, Path(cfg.metrics.dir)),
-                   ("metrics.experiments_db", cfg.metrics.experiments_db, Path(cfg.metrics.experiments_db).parent))
+        outputs = (
+            ("checkpoint.dir", cfg.checkpoint.dir, self.ckpt_root),
+            ("metrics.dir", cfg.metrics.dir, Path(cfg.metrics.dir)),
+            ("metrics.experiments_db", cfg.metrics.experiments_db, Path(cfg.metrics.experiments_db).parent),
+        )
         for key, value, folder in outputs:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -303,8 +337,10 @@ class Trainer:
                 probe.write_bytes(b"")
                 probe.unlink()
             except OSError as e:
-                raise SetupError(f"{key} = {value!r}: cannot write to {folder} ({e.strerror or e}). "
-                                 f"Point {key} at a writable location (--set {key}=...).") from None
+                raise SetupError(
+                    f"{key} = {value!r}: cannot write to {folder} ({e.strerror or e}). "
+                    f"Point {key} at a writable location (--set {key}=...)."
+                ) from None
 
     def run(self) -> RunResult:
         cfg = self.cfg
@@ -322,18 +358,34 @@ class Trainer:
         self.target_reached = bool(meta.get("target_reached", False)) if meta else False
         self.last_val_loss: float | None = meta.get("val_loss") if meta else None
         self.run_id = meta["run_id"] if meta else f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.fingerprint[:6]}"
-        self.log(f"[nmoe] run {self.run_id} | config {cfg.source} | fingerprint {cfg.fingerprint[:16]} | device {self._device_name()}")
-        self.log(f"[nmoe] {self.summary.total_params / 1e6:.1f}M params ({self.summary.active_params / 1e6:.1f}M active), "
-                 f"{self.summary.flops_per_token / 1e9:.3f} GFLOP/token, {self.tokens_per_step:,} tokens/step")
+        self.log(
+            f"[nmoe] run {self.run_id} | config {cfg.source} | fingerprint {cfg.fingerprint[:16]} | device {self._device_name()}"
+        )
+        self.log(
+            f"[nmoe] {self.summary.total_params / 1e6:.1f}M params ({self.summary.active_params / 1e6:.1f}M active), "
+            f"{self.summary.flops_per_token / 1e9:.3f} GFLOP/token, {self.tokens_per_step:,} tokens/step"
+        )
         self.registry = Registry(cfg.metrics.experiments_db)
-        self.registry.start(self.run_id, name=cfg.name, config_toml=cfg.to_toml(), fingerprint=cfg.fingerprint,
-                            git_rev=self.git_rev, world_size=self.world_size, device=self._device_name())
+        self.registry.start(
+            self.run_id,
+            name=cfg.name,
+            config_toml=cfg.to_toml(),
+            fingerprint=cfg.fingerprint,
+            git_rev=self.git_rev,
+            world_size=self.world_size,
+            device=self._device_name(),
+        )
         self.metrics: MetricsWriter | None = None
         result = RunResult(self.run_id, "failed", start)
         try:  # from here on every exit gives the registry row a final status
-            self.metrics = MetricsWriter(cfg.metrics.dir, self.run_id, rank=self.rank, flush_every_s=cfg.metrics.flush_every_s,
-                                         resume_step=start if meta else None,
-                                         meta={"config": cfg.source, "fingerprint": cfg.fingerprint, "git_rev": self.git_rev})
+            self.metrics = MetricsWriter(
+                cfg.metrics.dir,
+                self.run_id,
+                rank=self.rank,
+                flush_every_s=cfg.metrics.flush_every_s,
+                resume_step=start if meta else None,
+                meta={"config": cfg.source, "fingerprint": cfg.fingerprint, "git_rev": self.git_rev},
+            )
             with _StopFlag() as stop:
                 result = self._loop(start, stop)
         except KeyboardInterrupt:
@@ -349,15 +401,25 @@ class Trainer:
         return result
 
     def _device_name(self) -> str:
-        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else f"cpu ({os.cpu_count()} cores, {socket.gethostname()})"
+        return (
+            torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else f"cpu ({os.cpu_count()} cores, {socket.gethostname()})"
+        )
 
     def _loop(self, start: int, stop: _StopFlag) -> RunResult:
         cfg = self.cfg
         result = RunResult(self.run_id, "completed", start, val_loss=self.last_val_loss)
         if self.target_reached or start >= cfg.train.steps:
-            why = f"its target val loss {cfg.eval.target_loss} was reached" if self.target_reached else "all steps are done"
-            self.log(f"[nmoe] run {self.run_id} already finished at step {start} ({why}); nothing to train. "
-                     "To train more, start a new run under another runtime.run_name.")
+            why = (
+                f"its target val loss {cfg.eval.target_loss} was reached"
+                if self.target_reached
+                else "all steps are done"
+            )
+            self.log(
+                f"[nmoe] run {self.run_id} already finished at step {start} ({why}); nothing to train. "
+                "To train more, start a new run under another runtime.run_name."
+            )
             return result
         bar = _progress(cfg, start)
         window_t, window_tokens = time.perf_counter(), 0
@@ -371,7 +433,8 @@ class Trainer:
                 raise NonFiniteError(
                     f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step + 1} "
                     f"(loss {loss}, grad norm {norm}); first seen in the {where}. The optimizer step was not applied. "
-                    f"Last good checkpoint: {self.last_checkpoint or 'none'} — lower optim.lr or raise optim.warmup, then resume from it.")
+                    f"Last good checkpoint: {self.last_checkpoint or 'none'} — lower optim.lr or raise optim.warmup, then resume from it."
+                )
             self._apply(norm_t)
             step += 1
             self.step_reached = step
@@ -380,7 +443,12 @@ class Trainer:
             self.last_loss = loss
             result.losses[step] = loss
             lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1.0)
-            values = {"train/loss": loss, "train/grad_norm": norm, "train/lr": lr, "train/tokens_seen": float(self.tokens_seen)}
+            values = {
+                "train/loss": loss,
+                "train/grad_norm": norm,
+                "train/lr": lr,
+                "train/tokens_seen": float(self.tokens_seen),
+            }
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 values.update(self._window_metrics(step, loss, lr, window_t, window_tokens, run_t0, run_tokens0, bar))
                 window_t, window_tokens = time.perf_counter(), 0
@@ -393,12 +461,23 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
-            reached = cfg.eval.target_loss > 0 and result.val_loss is not None and result.val_loss <= cfg.eval.target_loss
+            reached = (
+                cfg.eval.target_loss > 0 and result.val_loss is not None and result.val_loss <= cfg.eval.target_loss
+            )
             if reached:
                 self.target_reached = True
-                _write(bar, self.log, f"[nmoe] target val loss {cfg.eval.target_loss} reached at step {step} ({self.tokens_seen:,} tokens)")
+                _write(
+                    bar,
+                    self.log,
+                    f"[nmoe] target val loss {cfg.eval.target_loss} reached at step {step} ({self.tokens_seen:,} tokens)",
+                )
             self._inject_fault(step, "TERM")
-            if (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0) or is_last or reached or stop.signal:
+            if (
+                (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0)
+                or is_last
+                or reached
+                or stop.signal
+            ):
                 result.checkpoint = self.save(step)
             result.step = step
             self._inject_fault(step, "KILL")
@@ -406,7 +485,11 @@ class Trainer:
                 break
             if stop.signal:
                 name = signal.Signals(stop.signal).name
-                _write(bar, self.log, f"[nmoe] {name}: saved {result.checkpoint} at step {step}; rerun the same command to resume")
+                _write(
+                    bar,
+                    self.log,
+                    f"[nmoe] {name}: saved {result.checkpoint} at step {step}; rerun the same command to resume",
+                )
                 result.status = "interrupted"
                 result.stop_signal = stop.signal
                 break
@@ -456,10 +539,19 @@ def _progress(cfg: Config, start: int):
     if not cfg.runtime.progress:
         return None
     import sys
+
     from tqdm.auto import tqdm
+
     # On a terminal: a live bar. In a log file: no carriage-return spam; the console lines carry progress.
-    return tqdm(total=cfg.train.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True, leave=True,
-                disable=not sys.stderr.isatty())
+    return tqdm(
+        total=cfg.train.steps,
+        initial=start,
+        desc=cfg.name,
+        unit="step",
+        dynamic_ncols=True,
+        leave=True,
+        disable=not sys.stderr.isatty(),
+    )
 
 
 def _write(bar, log, text: str) -> None:

@@ -14,8 +14,9 @@ def param_kinds(model: torch.nn.Module) -> dict[str, str]:
     """{name: kind}: the model's own answer (embedding, head, norm, bias, router, matrix, expert) when it has one."""
     if hasattr(model, "param_kinds"):
         return model.param_kinds()
-    return {n: ("matrix" if p.ndim >= 2 else "bias" if n.endswith(".bias") else "norm")
-            for n, p in model.named_parameters()}
+    return {
+        n: ("matrix" if p.ndim >= 2 else "bias" if n.endswith(".bias") else "norm") for n, p in model.named_parameters()
+    }
 
 
 def expert_names(model: torch.nn.Module) -> frozenset[str]:
@@ -40,8 +41,12 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0, "name": "matrices"},
         {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0, "name": "norms_biases"},
-        {"params": embed, "weight_decay": cfg.weight_decay if cfg.decay_embeddings else 0.0,
-         "lr_scale": cfg.embed_lr_scale, "name": "embeddings"},
+        {
+            "params": embed,
+            "weight_decay": cfg.weight_decay if cfg.decay_embeddings else 0.0,
+            "lr_scale": cfg.embed_lr_scale,
+            "name": "embeddings",
+        },
     ]
     return [g for g in groups if g["params"]]
 
