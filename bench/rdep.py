@@ -163,7 +163,7 @@ def main() -> None:
     token_counts = [int(t) for t in args.tokens.split(",") if t]
     configs = {
         name: RdepConfig(
-            hidden=SHAPES[name][0],
+            dim=SHAPES[name][0],
             n_routed_experts=SHAPES[name][1],
             top_k=SHAPES[name][2],
             max_tokens_per_rank=max(token_counts),
@@ -191,11 +191,11 @@ def main() -> None:
 def bench_one(name: str, rdep: Rdep, n_tokens: int, peer_GBps: float, iters: int) -> list[Row]:
     """Both paths on one shape and token count: outputs checked equal, then timed."""
     cfg, rank, world, device = rdep.config, rdep.rank, rdep.world, rdep.transport.device
-    x = torch.randn(n_tokens, cfg.hidden, device=device, dtype=torch.bfloat16)
+    x = torch.randn(n_tokens, cfg.dim, device=device, dtype=torch.bfloat16)
     ids, w = routing(n_tokens, cfg.n_routed_experts, cfg.top_k, seed=1000 * rank + n_tokens, device=device)
     owner = ids // (cfg.n_routed_experts // world)
     remote_rows = int(max_over_ranks(float((owner != rank).sum())))
-    remote_bytes = 2 * remote_rows * cfg.hidden * x.element_size()  # dispatch + combine
+    remote_bytes = 2 * remote_rows * cfg.dim * x.element_size()  # dispatch + combine
     paths = {
         "rdep": lambda xx, ww: rdep_moe(rdep, xx, ids, ww),
         "a2a": lambda xx, ww: a2a_moe(xx, ids, ww, world, cfg.n_routed_experts),
@@ -209,7 +209,7 @@ def bench_one(name: str, rdep: Rdep, n_tokens: int, peer_GBps: float, iters: int
         rows.append(
             Row(
                 name,
-                cfg.hidden,
+                cfg.dim,
                 cfg.n_routed_experts,
                 cfg.top_k,
                 n_tokens,

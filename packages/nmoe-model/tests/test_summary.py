@@ -151,8 +151,3 @@ def test_table_lists_every_quantity(shapes):
     ):
         assert label in table
     assert "15.960B" in table and "mla x27" in table
-
-
-def test_mfu_helper(shapes):
-    s = model_summary(shapes["speedrun/small_dense_sdpa"], 1024)
-    assert s.mfu(tokens_per_second=1e6, peak_flops=s.flops_per_token * 2e6) == pytest.approx(0.5)

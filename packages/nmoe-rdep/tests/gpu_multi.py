@@ -139,7 +139,7 @@ def routing(gen: torch.Generator, n_tokens: int, n_experts: int, top_k: int, dev
 
 def exact_config(world: int) -> RdepConfig:
     return RdepConfig(
-        hidden=512,
+        dim=512,
         n_routed_experts=4 * world,
         top_k=4,
         max_tokens_per_rank=2048,
@@ -154,7 +154,7 @@ def check_exact_transport(rank: int, world: int, device, transport) -> None:
     rdep = Rdep(cfg, transport)
     gen = torch.Generator(device).manual_seed(100 + rank)
     n_tokens = 2048 - 97 * rank  # ranks differ in T
-    x = torch.randn(n_tokens, cfg.hidden, generator=gen, device=device, requires_grad=True)
+    x = torch.randn(n_tokens, cfg.dim, generator=gen, device=device, requires_grad=True)
     ids, w = routing(gen, n_tokens, cfg.n_routed_experts, cfg.top_k, device)
     w.requires_grad_()
     scale = torch.arange(1, cfg.n_routed_experts + 1, device=device, dtype=torch.float32)
@@ -180,7 +180,7 @@ def check_exact_transport(rank: int, world: int, device, transport) -> None:
 
 def moe_config(world: int) -> RdepConfig:
     return RdepConfig(
-        hidden=1024,
+        dim=1024,
         n_routed_experts=8 * world,
         top_k=6,
         max_tokens_per_rank=4096,
@@ -191,7 +191,7 @@ def moe_config(world: int) -> RdepConfig:
 
 def check_moe_layer(rank: int, world: int, device, transport) -> None:
     cfg = moe_config(world)
-    D, H, E, K, T = cfg.hidden, 512, cfg.n_routed_experts, cfg.top_k, cfg.max_tokens_per_rank
+    D, H, E, K, T = cfg.dim, 512, cfg.n_routed_experts, cfg.top_k, cfg.max_tokens_per_rank
     rdep = Rdep(cfg, transport)
     per_rank = E // world
     wgen = torch.Generator(device).manual_seed(0)  # the same expert weights on every rank
@@ -247,7 +247,7 @@ def check_guard_works() -> None:
 
 def overflow_configs(world: int) -> tuple[RdepConfig, RdepConfig]:
     common = dict(
-        hidden=256,
+        dim=256,
         n_routed_experts=2 * world,
         top_k=2,
         max_tokens_per_rank=512,
@@ -308,7 +308,7 @@ def check_skewed_round_trips(rank: int, world: int, device, transport, rounds: i
     with forbid_collectives():
         for step in range(rounds):
             n_tokens = int(torch.randint(0, cfg.max_tokens_per_rank + 1, (), generator=dice))
-            x = torch.randn(n_tokens, cfg.hidden, generator=gen, device=device, requires_grad=True)
+            x = torch.randn(n_tokens, cfg.dim, generator=gen, device=device, requires_grad=True)
             ids, w = routing(gen, n_tokens, cfg.n_routed_experts, cfg.top_k, device)
             w.requires_grad_()
             scale = float(step + 1)
@@ -323,7 +323,7 @@ def check_skewed_round_trips(rank: int, world: int, device, transport, rounds: i
             errors = [
                 (y - scale * x * w.sum(1, keepdim=True)).abs().amax(),
                 (x.grad - scale * w.sum(1, keepdim=True)).abs().amax(),
-                (w.grad - scale * x.sum(1, keepdim=True)).abs().amax() / cfg.hidden,
+                (w.grad - scale * x.sum(1, keepdim=True)).abs().amax() / cfg.dim,
             ]
             worst = torch.maximum(worst, torch.stack([e.detach() for e in errors] + [worst]).amax())
         torch.cuda.synchronize()

@@ -23,7 +23,7 @@ from nmoe.rdep.nvshmem import (
 
 
 def test_heap_covers_every_buffer_and_is_mib_aligned():
-    cfg = RdepConfig(hidden=2048, n_routed_experts=64, top_k=6, max_tokens_per_rank=4096, capacity_margin=2.0)
+    cfg = RdepConfig(dim=2048, n_routed_experts=64, top_k=6, max_tokens_per_rank=4096, capacity_margin=2.0)
     need = required_heap_bytes(cfg, world=8)
     rows = cfg.receive_rows(8)
     assert rows == 4096 * 6 * 2

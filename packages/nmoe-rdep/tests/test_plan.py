@@ -32,15 +32,16 @@ def test_blocks_tile_each_receive_buffer_expert_major_then_source_major(world, e
         assert int(layout.totals[owner]) == cursor
 
 
-def test_source_slots_follow_token_order_and_drop_past_capacity():
-    ids = torch.tensor([[0, 3], [0, 2], [0, 3], [1, 0]])  # expert 0 gets slots (0,0) (1,0) (2,0) (3,1)
-    plan = plan_source(ids, n_experts=4, capacity=2)
-    assert plan.counts.tolist() == [4, 1, 1, 2] and plan.sent.tolist() == [2, 1, 1, 2]
-    assert plan.rank_in_expert.tolist() == [0, 0, 1, 0, 2, 1, 0, 3]
+def test_source_slots_follow_token_order_and_skip_dropped_slots():
+    ids = torch.tensor([[0, 3], [0, 2], [-1, 3], [1, 0]])  # slot (2,0) was dropped by a capacity limit
+    plan = plan_source(ids, n_experts=4)
+    assert plan.counts.tolist() == [3, 1, 1, 2]
+    kept = plan.expert >= 0
+    assert plan.rank_in_expert[kept].tolist() == [0, 0, 1, 0, 1, 0, 2]
     other = torch.tensor([[1, 1, 0, 0]], dtype=torch.int32)  # source 1 sends one row each to experts 0, 1
-    layout = owner_layout(torch.cat([plan.sent[None], other]), world=2)
-    dest_rank, dest_slot = source_slots(plan, layout, src_rank=0, capacity=2)
-    assert dest_rank.tolist() == [0, 1, 0, 1, 0, 1, 0, 0]
-    # owner 0: expert 0 = [src0: rows 0-1, src1: row 2], expert 1 = [src0: row 3, src1: row 4]
+    layout = owner_layout(torch.cat([plan.counts[None], other]), world=2)
+    dest_rank, dest_slot = source_slots(plan, layout, src_rank=0)
+    assert dest_rank[kept].tolist() == [0, 1, 0, 1, 1, 0, 0]
+    # owner 0: expert 0 = [src0: rows 0-2, src1: row 3], expert 1 = [src0: row 4, src1: row 5]
     # owner 1: expert 2 = [src0: row 0], expert 3 = [src0: rows 1-2]
-    assert dest_slot.tolist() == [0, 1, 1, 0, -1, 2, 3, -1]
+    assert dest_slot.tolist() == [0, 1, 1, 0, -1, 2, 4, 2]

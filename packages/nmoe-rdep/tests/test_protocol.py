@@ -31,7 +31,7 @@ def test_wait_gives_up_on_a_late_or_out_of_step_peer_and_records_it():
 
 def cfg(world: int, **kw) -> RdepConfig:
     return RdepConfig(
-        hidden=4,
+        dim=4,
         n_routed_experts=2 * world,
         top_k=2,
         max_tokens_per_rank=5,

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nmoe.kernels import grouped_mm
+from nmoe.kernels import drop_over_capacity, grouped_mm
 from nmoe.rdep import RdepCapacityError, RdepConfig, SimulatedWorld
 
 F64 = torch.float64
@@ -42,7 +42,7 @@ def world_inputs(seed: int, world: int, tokens: list[int], n_experts: int, top_k
 def config(world: int, experts_per_rank: int, top_k: int, hidden: int, max_tokens: int, **kw) -> RdepConfig:
     kw.setdefault("capacity_margin", float(world))  # can never overflow
     return RdepConfig(
-        hidden=hidden,
+        dim=hidden,
         n_routed_experts=world * experts_per_rank,
         top_k=top_k,
         max_tokens_per_rank=max_tokens,
@@ -196,7 +196,7 @@ def test_overflow_raises_with_sizes_and_config_key_then_recovers():
         sim.dispatch_all(xs, to_rank0, ws)
     message = str(err.value)
     assert "owner rank 0 would receive 48 rows" in message and "holds 12 rows" in message
-    assert "capacity_margin" in message and "capacity_factor" in message
+    assert "capacity_margin" in message and "drop_over_capacity" in message
 
     _, ids, _ = world_inputs(1, world, [n] * world, 8, 2, 3, "uniform")
     # token t of rank r goes to both experts of owner (t + r) % 4: exactly 12 rows per owner
@@ -208,37 +208,33 @@ def test_overflow_raises_with_sizes_and_config_key_then_recovers():
 
 
 @settings(max_examples=15, deadline=None)
-@given(world=st.sampled_from([2, 4]), factor=st.sampled_from([0.25, 0.5, 1.0]), seed=st.integers(0, 2**16))
-def test_capacity_factor_drops_and_counts_the_excess(world, factor, seed):
+@given(world=st.sampled_from([2, 4]), cap=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_dropped_slots_are_never_sent_and_the_capacity_sizes_the_buffer(world, cap, seed):
     experts_per_rank, top_k, hidden, n = 2, 2, 3, 8
     n_experts = world * experts_per_rank
-    cfg = config(world, experts_per_rank, top_k, hidden, n, capacity_factor=factor)
-    cap = cfg.expert_capacity(n)
+    cfg = config(world, experts_per_rank, top_k, hidden, n, expert_capacity=cap)
     sim = SimulatedWorld(world, cfg)
+    assert sim.ranks[0].receive_rows == min(world * n * top_k, world * experts_per_rank * cap)
     xs, ids, ws = world_inputs(seed, world, [n] * world, n_experts, top_k, hidden, "skewed")
+    capped = [drop_over_capacity(i, n_experts, cap) for i in ids]
     mats = torch.randn(n_experts, hidden, hidden, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    outs = sim.dispatch_all(xs, ids, ws)
+    outs = sim.dispatch_all(xs, capped, ws)
     local = mats.view(world, experts_per_rank, hidden, hidden)
     ys = sim.combine_all(
         [grouped_mm(ex, local[r], offs) for r, (ex, offs, _) in enumerate(outs)], [h for _, _, h in outs]
     )
+    received = sum(ex.shape[0] for ex, _, _ in outs)
+    assert received == sum(int((c >= 0).sum()) for c in capped)
     for rank in range(world):
-        flat = ids[rank].reshape(-1)
-        seen = torch.zeros(n_experts, dtype=torch.long)
-        keep = torch.empty_like(flat, dtype=F64)
-        for i, e in enumerate(flat.tolist()):  # token order: the first `cap` rows of an expert go
-            keep[i] = float(seen[e] < cap)
-            seen[e] += 1
-        dropped = int((seen - cap).clamp(min=0).sum())
-        assert int(outs[rank][2].dropped) == dropped == int(sim.ranks[rank].dropped_rows)
-        assert outs[rank][0].shape[0] <= sim.ranks[rank].capacity
-        ref = reference_moe(xs[rank], ids[rank], ws[rank], mats, keep.view(n, top_k))
+        keep = (capped[rank] >= 0).to(F64)
+        assert int(outs[rank][2].dropped) == int((capped[rank] < 0).sum()) == int(sim.ranks[rank].dropped_rows)
+        ref = reference_moe(xs[rank], ids[rank], ws[rank], mats, keep)
         torch.testing.assert_close(ys[rank], ref, rtol=1e-12, atol=1e-12)
 
 
 def test_world_must_divide_experts():
     with pytest.raises(ValueError, match="n_routed_experts=6 is not divisible by the expert-parallel world size 4"):
-        SimulatedWorld(4, RdepConfig(hidden=4, n_routed_experts=6, top_k=2, max_tokens_per_rank=4))
+        SimulatedWorld(4, RdepConfig(dim=4, n_routed_experts=6, top_k=2, max_tokens_per_rank=4))
 
 
 def test_bad_inputs_fail_loud():

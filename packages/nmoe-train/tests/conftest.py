@@ -53,7 +53,7 @@ def tiny_config(tmp: Path, corpus: Path, **sections) -> str:
             val_tokens=2048,
             data_dir=str(tmp / "data"),
         ),
-        "train": dict(steps=8, seq_len=32, batch_size=4, grad_accum=2, seed=7, log_every=2),
+        "train": dict(steps=8, seq_len=32, global_batch_size=8, batch_size=4, seed=7, log_every=2),
         "optim": dict(lr=3e-3, warmup=2, warmdown=3),
         "checkpoint": dict(dir=str(tmp / "ckpt"), save_every=4, keep_last=5),
         "metrics": dict(dir=str(tmp / "metrics"), experiments_db=str(tmp / "runs.sqlite"), flush_every_s=0.1),

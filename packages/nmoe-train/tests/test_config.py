@@ -31,7 +31,7 @@ tokenizer = "tok.json"
 [train]
 steps = 10
 seq_len = 32
-batch_size = 2
+global_batch_size = 2
 
 [optim]
 lr = 1e-3
@@ -99,8 +99,8 @@ def test_wrong_type_names_expected_type(tmp_path):
 
 
 def test_bool_is_not_an_int(tmp_path):
-    path = write(tmp_path, MINIMAL.replace("batch_size = 2", "batch_size = true"))
-    with pytest.raises(ConfigError, match="train.batch_size"):
+    path = write(tmp_path, MINIMAL.replace("global_batch_size = 2", "global_batch_size = true"))
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
         load_config(path, env={})
 
 

@@ -11,16 +11,14 @@ from nmoe.train.loop import Trainer
 
 def built_trainer(tmp_path, text_corpus, make_config, prepared_data, **sections) -> Trainer:
     raw = tomllib.loads(make_config(tmp_path, text_corpus, data=prepared_data, **sections))
-    trainer = Trainer(build_config(raw, "test", env={}), log=lambda s: None)
-    trainer._build()
-    return trainer
+    return Trainer(build_config(raw, "test", env={}), log=lambda s: None)
 
 
 def test_evaluate_leaves_every_buffer_unchanged(tmp_path, text_corpus, make_config, prepared_data):
     trainer = built_trainer(tmp_path, text_corpus, make_config, prepared_data)
-    _, norm = trainer.train_step(0)
-    trainer._apply(norm)
-    trainer.train_step(1)  # router load counted since the last bias update, not yet applied
+    _, norm = trainer.train_step(1e-3)
+    trainer.apply_update(norm)
+    trainer.train_step(1e-3)  # router load counted since the last bias update, not yet applied
     before = {n: b.clone() for n, b in trainer.model.named_buffers()}
     assert any(n.endswith("load_since_update") and b.sum() > 0 for n, b in before.items())
     trainer.evaluate()
@@ -43,21 +41,20 @@ def test_unwritable_output_fails_before_data_prep_naming_the_key(tmp_path, text_
 
     (tmp_path / "a_file").write_text("")
     raw = tomllib.loads(make_config(tmp_path, text_corpus, checkpoint={"dir": str(tmp_path / "a_file" / "ckpt")}))
-    trainer = Trainer(build_config(raw, "test", env={}), log=lambda s: None)
     with pytest.raises(
         SetupError, match=r"checkpoint.dir = '.*a_file/ckpt': cannot write to .*Point checkpoint.dir at a writable"
     ):
-        trainer.run()
+        Trainer(build_config(raw, "test", env={}), log=lambda s: None)
     assert not (tmp_path / "data").exists() and registry_rows(tmp_path / "runs.sqlite") == []
 
 
 def test_metrics_writer_failure_marks_the_run_failed(tmp_path, text_corpus, make_config, prepared_data, monkeypatch):
-    import nmoe.train.loop as loop
+    import nmoe.train.record as record
 
     def broken(*a, **k):
         raise RuntimeError("duckdb exploded")
 
-    monkeypatch.setattr(loop, "MetricsWriter", broken)
+    monkeypatch.setattr(record, "MetricsWriter", broken)
     raw = tomllib.loads(make_config(tmp_path, text_corpus, data=prepared_data))
     with pytest.raises(RuntimeError, match="duckdb exploded"):
         Trainer(build_config(raw, "test", env={}), log=lambda s: None).run()
@@ -67,14 +64,14 @@ def test_metrics_writer_failure_marks_the_run_failed(tmp_path, text_corpus, make
 def test_a_failed_save_names_the_last_good_checkpoint(tmp_path, text_corpus, make_config, prepared_data, monkeypatch):
     from nmoe.train import checkpoint as ckpt
 
-    real = ckpt.save_checkpoint
+    real = ckpt.publish
 
-    def full_after_first(root, step, *a, **k):
+    def full_after_first(root, tmp, step, *a, **k):
         if step > 2:
             raise OSError(28, "No space left on device")
-        return real(root, step, *a, **k)
+        return real(root, tmp, step, *a, **k)
 
-    monkeypatch.setattr(ckpt, "save_checkpoint", full_after_first)
+    monkeypatch.setattr(ckpt, "publish", full_after_first)
     raw = tomllib.loads(
         make_config(
             tmp_path, text_corpus, data=prepared_data, checkpoint={"dir": str(tmp_path / "ckpt"), "save_every": 2}

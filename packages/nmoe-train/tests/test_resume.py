@@ -14,13 +14,13 @@ from nmoe.train.checkpoint import find_latest
 pytestmark = pytest.mark.slow
 
 
+FAULTS = Path(__file__).with_name("faults.py")
+
+
 def train(cfg_path: Path, *, fault: str | None = None, extra_env=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
-    env.pop("NMOE_FAULT_AT_STEP", None)
-    if fault:
-        env["NMOE_FAULT_AT_STEP"] = fault
     return subprocess.run(
-        [sys.executable, "-m", "nmoe.train.cli", str(cfg_path)],
+        [sys.executable, str(FAULTS), str(cfg_path), *(["--fault", fault] if fault else [])],
         env=env,
         capture_output=True,
         text=True,
@@ -40,7 +40,7 @@ def losses(tmp: Path, run_id: str) -> dict[int, float]:
 def final_state(ckpt_root: Path) -> dict[str, torch.Tensor]:
     latest = find_latest(ckpt_root)
     state = {}
-    for f in sorted(latest.glob("*.pt")):
+    for f in sorted(latest.glob("*.pt")):  # weights and optimizer state, expert shards included
         obj = torch.load(f, weights_only=True)
         for k, v in obj.items():
             if torch.is_tensor(v):

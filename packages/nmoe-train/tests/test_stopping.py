@@ -15,16 +15,22 @@ def make_trainer(tmp_path, text_corpus, make_config, **sections) -> Trainer:
     return Trainer(build_config(raw, "test", env={}), log=lambda s: None)
 
 
+class Poison:
+    """A Trainer hook that runs poison(model) right before optimizer step `before_step` (1-based) starts."""
+
+    def __init__(self, before_step: int, poison):
+        self.before_step, self.poison = before_step, poison
+
+    def during_step(self, trainer, step):
+        pass
+
+    def after_save(self, trainer, step):
+        if step + 1 == self.before_step:
+            self.poison(trainer.model)
+
+
 def poison_after_build(trainer: Trainer, step_to_poison: int, poison) -> None:
-    """Run poison(model) right before optimizer step `step_to_poison` (1-based) starts."""
-    original = trainer.train_step
-
-    def train_step(step):
-        if step + 1 == step_to_poison:
-            poison(trainer.model)
-        return original(step)
-
-    trainer.train_step = train_step
+    trainer.hooks.append(Poison(step_to_poison, poison))
 
 
 def test_nan_in_forward_names_step_layer_and_last_checkpoint(tmp_path, text_corpus, make_config):

@@ -1,7 +1,7 @@
 """nmoe.model: the DeepSeek-shaped MoE transformer (MLA/SDPA/SWA attention, routed + shared experts)."""
 
 from nmoe.model.config import ModelConfig
-from nmoe.model.model import NO_DECAY_KINDS, PARAM_KINDS, ModelOutput, Transformer
+from nmoe.model.model import PARAM_KINDS, ModelOutput, Transformer
 from nmoe.model.stats import LayerRouterStats, RouterStats
 from nmoe.model.summary import ModelSummary, model_summary
 
@@ -10,7 +10,6 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "ModelSummary",
-    "NO_DECAY_KINDS",
     "PARAM_KINDS",
     "RouterStats",
     "Transformer",

@@ -1,9 +1,11 @@
-"""ModelConfig: the `[model]` section of a training TOML.
+"""ModelConfig: the `[model]` section of a training TOML, and the field convention every config section uses.
 
 Convention (read by the trainer's generic loader through `dataclasses.fields`): field types are
 int, float, str, bool or `X | None`; a field without a default is required; every field carries
 `metadata["help"]` and, where it applies, `"range": (lo, hi)` (inclusive, None = unbounded) or
-`"choices"`. Cross-field checks live in `__post_init__` and raise ValueError naming the keys.
+`"choices"`, and `"operational": True` for keys that never change a run's numbers (paths, cadence).
+`config_field` builds such a field and `field_problem` is the one check of a value against it.
+Cross-field checks live in `__post_init__` and raise ValueError naming the keys.
 """
 
 from __future__ import annotations
@@ -11,15 +13,23 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 ATTN_GLOBAL = ("mla", "sdpa")
 ATTN_LOCAL = ("swa", "none")
 SCORE_FUNCS = ("sigmoid", "softmax")
 
 
-def _f(help: str, default=dataclasses.MISSING, *, range=None, choices=None):
-    """A dataclass field with the loader's metadata."""
-    meta: dict = {"help": help}
+def config_field(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    range: tuple | None = None,
+    choices: tuple | None = None,
+    operational: bool = False,
+) -> Any:
+    """A dataclass field carrying the config loader's metadata (help, range or choices, operational)."""
+    meta: dict[str, Any] = {"help": help, "operational": operational}
     if range is not None:
         meta["range"] = range
     if choices is not None:
@@ -27,87 +37,106 @@ def _f(help: str, default=dataclasses.MISSING, *, range=None, choices=None):
     return field(default=default, metadata=meta)
 
 
+def field_problem(value: Any, metadata: dict) -> str | None:
+    """Why `value` violates its field's choices or range metadata, or None when it is allowed."""
+    if "choices" in metadata and value not in metadata["choices"]:
+        return f"is not allowed; choose one of {', '.join(map(repr, metadata['choices']))}"
+    if "range" in metadata and isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo, hi = metadata["range"]
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            return f"is out of range; allowed range is [{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+    return None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and routing of the DeepSeek-style MoE transformer (dense when n_dense_layers == n_layers)."""
 
     # --- trunk
-    vocab_size: int = _f("vocabulary size (embedding rows and output-head columns)", range=(1, None))
-    dim: int = _f("model (residual stream) width", range=(1, None))
-    n_layers: int = _f("number of transformer blocks", range=(1, None))
-    n_heads: int = _f("attention query heads", range=(1, None))
-    n_kv_heads: int | None = _f(
-        "sdpa/swa key-value heads for grouped-query attention (None = n_heads)", None, range=(1, None)
+    vocab_size: int = config_field(help="vocabulary size (embedding rows and output-head columns)", range=(1, None))
+    dim: int = config_field(help="model (residual stream) width", range=(1, None))
+    n_layers: int = config_field(help="number of transformer blocks", range=(1, None))
+    n_heads: int = config_field(help="attention query heads", range=(1, None))
+    n_kv_heads: int | None = config_field(
+        None, "sdpa/swa key-value heads for grouped-query attention (None = n_heads)", range=(1, None)
     )
-    head_dim: int | None = _f("sdpa/swa head width (None = dim // n_heads)", None, range=(1, None))
-    norm_eps: float = _f("RMSNorm epsilon", 1e-6, range=(0.0, 1.0))
-    init_std: float = _f(
-        "std of the normal init of weight matrices (output projections are scaled by 1/sqrt(2*n_layers))",
+    head_dim: int | None = config_field(None, "sdpa/swa head width (None = dim // n_heads)", range=(1, None))
+    norm_eps: float = config_field(1e-6, "RMSNorm epsilon", range=(0.0, 1.0))
+    init_std: float = config_field(
         0.02,
+        "std of the normal init of weight matrices (output projections are scaled by 1/sqrt(2*n_layers))",
         range=(0.0, None),
     )
-    max_seq_len: int = _f("longest sequence the RoPE tables cover", 4096, range=(1, None))
+    max_seq_len: int = config_field(4096, "longest sequence the RoPE tables cover", range=(1, None))
 
     # --- attention layout
-    attn: str = _f("global attention type", "sdpa", choices=ATTN_GLOBAL)
-    attn_local: str = _f(
-        "local attention type for non-global layers ('none' = every layer global)", "none", choices=ATTN_LOCAL
+    attn: str = config_field("sdpa", "global attention type", choices=ATTN_GLOBAL)
+    attn_local: str = config_field(
+        "none", "local attention type for non-global layers ('none' = every layer global)", choices=ATTN_LOCAL
     )
-    attn_global_every: int = _f(
-        "every N-th layer is global (layer i global iff (i+1) % N == 0); the last layer is always global",
+    attn_global_every: int = config_field(
         1,
+        "every N-th layer is global (layer i global iff (i+1) % N == 0); the last layer is always global",
         range=(1, None),
     )
-    attn_local_window: int = _f(
-        "sliding-window size in tokens (query attends to itself and the window-1 previous tokens)",
+    attn_local_window: int = config_field(
         1024,
+        "sliding-window size in tokens (query attends to itself and the window-1 previous tokens)",
         range=(1, None),
     )
 
     # --- MLA (DeepSeek-V2/V3 multi-head latent attention)
-    q_lora_rank: int = _f("MLA low-rank query width (0 = full-rank query projection)", 0, range=(0, None))
-    kv_lora_rank: int = _f("MLA compressed key-value latent width", 512, range=(1, None))
-    qk_nope_head_dim: int = _f("MLA per-head query/key width without RoPE", 128, range=(1, None))
-    qk_rope_head_dim: int = _f(
-        "MLA decoupled RoPE query/key width (even; key part shared across heads)", 64, range=(2, None)
+    q_lora_rank: int = config_field(0, "MLA low-rank query width (0 = full-rank query projection)", range=(0, None))
+    kv_lora_rank: int = config_field(512, "MLA compressed key-value latent width", range=(1, None))
+    qk_nope_head_dim: int = config_field(128, "MLA per-head query/key width without RoPE", range=(1, None))
+    qk_rope_head_dim: int = config_field(
+        64, "MLA decoupled RoPE query/key width (even; key part shared across heads)", range=(2, None)
     )
-    v_head_dim: int = _f("MLA per-head value width", 128, range=(1, None))
+    v_head_dim: int = config_field(128, "MLA per-head value width", range=(1, None))
 
     # --- RoPE / YaRN
-    rope_theta: float = _f("RoPE base", 10000.0, range=(1.0, None))
-    rope_factor: float = _f("YaRN context-extension factor (1 = plain RoPE)", 1.0, range=(1.0, None))
-    original_seq_len: int = _f("YaRN: context length the model was pre-trained at", 4096, range=(1, None))
-    beta_fast: float = _f("YaRN: high-frequency boundary (rotations per original context)", 32.0, range=(0.0, None))
-    beta_slow: float = _f("YaRN: low-frequency boundary (rotations per original context)", 1.0, range=(0.0, None))
-    mscale: float = _f(
-        "YaRN attention-temperature coefficient (softmax scale *= (0.1*mscale*ln(factor)+1)^2)", 1.0, range=(0.0, None)
+    rope_theta: float = config_field(10000.0, "RoPE base", range=(1.0, None))
+    rope_factor: float = config_field(1.0, "YaRN context-extension factor (1 = plain RoPE)", range=(1.0, None))
+    original_seq_len: int = config_field(4096, "YaRN: context length the model was pre-trained at", range=(1, None))
+    beta_fast: float = config_field(
+        32.0, "YaRN: high-frequency boundary (rotations per original context)", range=(0.0, None)
+    )
+    beta_slow: float = config_field(
+        1.0, "YaRN: low-frequency boundary (rotations per original context)", range=(0.0, None)
+    )
+    mscale: float = config_field(
+        1.0, "YaRN attention-temperature coefficient (softmax scale *= (0.1*mscale*ln(factor)+1)^2)", range=(0.0, None)
     )
 
     # --- FFN
-    inter_dim: int = _f("dense SwiGLU hidden width (used by the first n_dense_layers blocks)", 0, range=(0, None))
-    n_dense_layers: int = _f(
-        "leading blocks with a dense FFN; n_dense_layers == n_layers is a dense model", 1, range=(0, None)
+    inter_dim: int = config_field(
+        0, "dense SwiGLU hidden width (used by the first n_dense_layers blocks)", range=(0, None)
     )
-    n_routed_experts: int = _f("routed experts per MoE layer", 64, range=(1, None))
-    n_shared_experts: int = _f("always-on shared experts per MoE layer (each moe_inter_dim wide)", 0, range=(0, None))
-    moe_inter_dim: int = _f("hidden width of each routed/shared expert", 1408, range=(1, None))
-    top_k: int = _f("routed experts per token", 6, range=(1, None))
+    n_dense_layers: int = config_field(
+        1, "leading blocks with a dense FFN; n_dense_layers == n_layers is a dense model", range=(0, None)
+    )
+    n_routed_experts: int = config_field(64, "routed experts per MoE layer", range=(1, None))
+    n_shared_experts: int = config_field(
+        0, "always-on shared experts per MoE layer (each moe_inter_dim wide)", range=(0, None)
+    )
+    moe_inter_dim: int = config_field(1408, "hidden width of each routed/shared expert", range=(1, None))
+    top_k: int = config_field(6, "routed experts per token", range=(1, None))
 
     # --- routing
-    score_func: str = _f("router score function", "sigmoid", choices=SCORE_FUNCS)
-    route_norm: bool = _f("normalise the top-k gate weights to sum to 1 before route_scale", True)
-    route_scale: float = _f("multiplier on the routed gate weights", 1.0, range=(0.0, None))
-    n_groups: int = _f("expert groups for grouped routing (1 = off)", 1, range=(1, None))
-    topk_groups: int = _f("groups each token may route into (<= n_groups)", 1, range=(1, None))
-    bias_update_rate: float = _f(
-        "aux-loss-free balancing: bias step per update_expert_bias() (0 = off)", 1e-3, range=(0.0, None)
+    score_func: str = config_field("sigmoid", "router score function", choices=SCORE_FUNCS)
+    route_norm: bool = config_field(True, "normalise the top-k gate weights to sum to 1 before route_scale")
+    route_scale: float = config_field(1.0, "multiplier on the routed gate weights", range=(0.0, None))
+    n_groups: int = config_field(1, "expert groups for grouped routing (1 = off)", range=(1, None))
+    topk_groups: int = config_field(1, "groups each token may route into (<= n_groups)", range=(1, None))
+    bias_update_rate: float = config_field(
+        1e-3, "aux-loss-free balancing: bias step per update_expert_bias() (0 = off)", range=(0.0, None)
     )
-    balance_loss_coef: float = _f("sequence-level balance loss coefficient (0 = off)", 0.0, range=(0.0, None))
-    z_loss_coef: float = _f("router z-loss coefficient (0 = off)", 0.0, range=(0.0, None))
-    capacity_factor: float = _f(
+    balance_loss_coef: float = config_field(0.0, "sequence-level balance loss coefficient (0 = off)", range=(0.0, None))
+    z_loss_coef: float = config_field(0.0, "router z-loss coefficient (0 = off)", range=(0.0, None))
+    capacity_factor: float = config_field(
+        0.0,
         "expert capacity = ceil(factor * tokens * top_k / n_routed_experts); overflow "
         "(token, k) pairs are dropped and counted (0 = dropless)",
-        0.0,
         range=(0.0, None),
     )
 
@@ -119,12 +148,9 @@ class ModelConfig:
     def _check_ranges(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            lo, hi = f.metadata.get("range", (None, None))
-            if value is not None and "range" in f.metadata:
-                if (lo is not None and value < lo) or (hi is not None and value > hi):
-                    raise ValueError(f"model.{f.name} = {value} is outside [{lo}, {hi}] ({f.metadata['help']})")
-            if "choices" in f.metadata and value not in f.metadata["choices"]:
-                raise ValueError(f"model.{f.name} = {value!r}; choose one of {f.metadata['choices']}")
+            problem = None if value is None else field_problem(value, f.metadata)
+            if problem:
+                raise ValueError(f"model.{f.name} = {value!r} {problem} ({f.metadata['help']})")
 
     def _check_attention(self) -> None:
         if self.attn == "sdpa":

@@ -16,7 +16,6 @@ from nmoe.model.moe import MoE
 from nmoe.model.stats import LayerRouterStats, RouterStats
 
 PARAM_KINDS = ("embedding", "head", "norm", "bias", "router", "matrix", "expert")
-NO_DECAY_KINDS = frozenset({"embedding", "norm", "bias"})
 # matrices that write into the residual stream: init std scaled by 1/sqrt(2 * n_layers)
 _OUTPUT_PROJECTIONS = ("wo.weight", "w2.weight", "w_down")
 
@@ -31,13 +30,13 @@ class ModelOutput(NamedTuple):
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, ep_rank: int = 0, ep_size: int = 1):
         super().__init__()
         self.layer = layer
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = make_attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.dim, cfg.inter_dim) if layer < cfg.n_dense_layers else MoE(cfg)
+        self.ffn = SwiGLU(cfg.dim, cfg.inter_dim) if layer < cfg.n_dense_layers else MoE(cfg, ep_rank, ep_size)
 
     def forward(self, x, cos, sin, block_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x[B,S,D] -> (x[B,S,D], aux loss scalar or None for dense blocks)."""
@@ -50,13 +49,18 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """DeepSeek-shaped MoE (or dense) decoder. Construct under `torch.device("meta")` to size without memory."""
+    """DeepSeek-shaped MoE (or dense) decoder. Construct under `torch.device("meta")` to size without memory.
 
-    def __init__(self, cfg: ModelConfig):
+    With ep_size > 1 each MoE layer holds the E / ep_size routed experts of expert-parallel rank ep_rank;
+    `set_dispatcher` then connects them to the other ranks' (nmoe.model.dispatch.RdepDispatch).
+    """
+
+    def __init__(self, cfg: ModelConfig, ep_rank: int = 0, ep_size: int = 1):
         super().__init__()
         self.cfg = cfg
+        self.ep_rank, self.ep_size = ep_rank, ep_size
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i, ep_rank, ep_size) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(self.rope_dim, cfg)
@@ -73,6 +77,11 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         """The MoE FFN modules in block order."""
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    def set_dispatcher(self, dispatcher) -> None:
+        """Route every MoE layer's experts through `dispatcher` (an nmoe.model.dispatch.ExpertDispatch)."""
+        for moe in self.moe_layers:
+            moe.dispatcher = dispatcher
 
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor) -> ModelOutput:
@@ -110,18 +119,27 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Deterministic init: each parameter drawn from its own generator seeded by (seed, name); buffers reset."""
+        """Deterministic init, independent of the expert-parallel layout; buffers reset.
+
+        Each parameter is drawn from its own generator seeded by (seed, name); each routed expert's slice
+        by (seed, name, global expert index), so ep_size = 1 and ep_size = N start from the same model.
+        """
         std, out_std = self.cfg.init_std, self.cfg.init_std / (2 * self.cfg.n_layers) ** 0.5
         kinds = self.param_kinds()
+        offsets = {f"blocks.{b.layer}.ffn.": b.ffn.expert_offset for b in self.blocks if isinstance(b.ffn, MoE)}
         for name, p in self.named_parameters():
             if p.device.type == "meta":
                 continue
             if kinds[name] == "norm":
                 p.fill_(1.0)
                 continue
-            gen = torch.Generator(device=p.device)
-            gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-            p.normal_(0.0, out_std if name.endswith(_OUTPUT_PROJECTIONS) else std, generator=gen)
+            scale = out_std if name.endswith(_OUTPUT_PROJECTIONS) else std
+            if kinds[name] == "expert":
+                first = offsets[name.rsplit(".", 1)[0] + "."]
+                for i in range(p.shape[0]):
+                    p[i].normal_(0.0, scale, generator=_generator(p.device, seed, f"{name}[{first + i}]"))
+            else:
+                p.normal_(0.0, scale, generator=_generator(p.device, seed, name))
         self._reset_buffers()
 
     def _reset_buffers(self) -> None:
@@ -157,19 +175,6 @@ class Transformer(nn.Module):
                 kinds[name] = "matrix"
         return kinds
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW-ready groups, one per kind: {"kind", "params", "weight_decay"} (0 for embedding/norm/bias)."""
-        kinds = self.param_kinds()
-        named = dict(self.named_parameters())
-        groups = []
-        for kind in PARAM_KINDS:
-            params = [named[n] for n, k in kinds.items() if k == kind]
-            if params:
-                groups.append(
-                    {"kind": kind, "params": params, "weight_decay": 0.0 if kind in NO_DECAY_KINDS else weight_decay}
-                )
-        return groups
-
     # ------------------------------------------------------------------ routing control & diagnostics
     @torch.no_grad()
     def update_expert_bias(self, reduce_fn: Callable[[torch.Tensor], None] | None = None) -> None:
@@ -184,20 +189,30 @@ class Transformer(nn.Module):
             moe.update_bias(reduce_fn)
 
     @torch.no_grad()
-    def router_stats(self) -> RouterStats:
-        """Read (one host sync) and reset the router accumulators of every MoE layer."""
+    def router_stats(self, reduce_fn: Callable[[torch.Tensor], None] | None = None) -> RouterStats:
+        """Read (one host sync) and reset the router accumulators of every MoE layer.
+
+        `reduce_fn(packed)` may sum the accumulators over data-parallel ranks in place so the statistics
+        cover the global batch (every rank must then call this together).
+        """
         mods = [(b.layer, b.ffn) for b in self.blocks if isinstance(b.ffn, MoE)]
         if not mods:
             return RouterStats(layers=())
-        packed = torch.stack([m.take_stats() for _, m in mods]).double().cpu().tolist()
+        packed = torch.stack([m.take_stats() for _, m in mods])
+        if reduce_fn is not None:
+            reduce_fn(packed)
+        bias = torch.stack([m.expert_bias.float() for _, m in mods])
+        rows = torch.cat([packed, bias], dim=1).double().cpu().tolist()
         n_exp = self.cfg.n_routed_experts
         return RouterStats(
-            layers=tuple(LayerRouterStats.from_packed(layer, row, n_exp) for (layer, _), row in zip(mods, packed))
+            layers=tuple(LayerRouterStats.from_packed(layer, row, n_exp) for (layer, _), row in zip(mods, rows))
         )
 
-    def attention_kinds(self) -> list[str]:
-        """Per block: 'mla', 'sdpa', 'mla+swa' or 'sdpa+swa' (windowed local layers)."""
-        return [self.cfg.attn + ("" if self.cfg.is_global_layer(i) else "+swa") for i in range(self.cfg.n_layers)]
+
+def _generator(device: torch.device, seed: int, key: str) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
+    return gen
 
 
-__all__ = ["Block", "ModelOutput", "NO_DECAY_KINDS", "PARAM_KINDS", "Transformer"]
+__all__ = ["Block", "ModelOutput", "PARAM_KINDS", "Transformer"]

@@ -1,26 +1,24 @@
-"""Mixture-of-experts FFN: router (sigmoid/softmax, grouped top-k, aux-loss-free bias, capacity) +
-routed experts through `nmoe.kernels.moe_experts` + shared SwiGLU experts.
+"""Mixture-of-experts FFN: router (sigmoid/softmax, grouped top-k, aux-loss-free bias), capacity limit,
+routed experts through an expert-dispatch seam (`nmoe.model.dispatch`), shared SwiGLU experts.
 
-Diagnostics accumulate in device buffers inside forward (no host sync); `read_stats()` is called
-at log time. Counting happens in forward, so activation checkpointing that re-runs forward counts twice.
+A rank holds E / ep_size routed experts (global indices [expert_offset, expert_offset + E / ep_size));
+the router is replicated. Diagnostics accumulate in device buffers during training forwards only (no
+host sync); `take_stats()` is read at log time. Counting happens in forward, so activation checkpointing
+that re-runs forward counts twice.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nmoe.kernels import moe_experts
+from nmoe.kernels import drop_over_capacity, expert_capacity
 from nmoe.model.config import ModelConfig
+from nmoe.model.dispatch import ExpertDispatch, LocalDispatch
 from nmoe.model.layers import SwiGLU
-
-# torch.compile keeps the expert kernels out of the traced graph (a graph break at the one call site):
-# inductor cannot yet lower nmoe.kernels' Triton autograd function, and the CPU reference syncs (.tolist()).
-_moe_experts_opaque = torch.compiler.disable(moe_experts)
 
 
 class Routing(NamedTuple):
@@ -30,8 +28,7 @@ class Routing(NamedTuple):
     scores: torch.Tensor  # [T,E] sigmoid/softmax scores (differentiable)
     topk_ids: torch.Tensor  # [T,K] int64 distinct experts per token
     gates: torch.Tensor  # [T,K] top-k scores, normalised when route_norm (before route_scale)
-    weights: torch.Tensor  # [T,K] combine weights = gates * route_scale * kept
-    kept: torch.Tensor  # [T,K] bool: False where the capacity limit dropped the (token, k) pair
+    weights: torch.Tensor  # [T,K] combine weights = gates * route_scale
 
 
 def _select_experts(biased: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -47,27 +44,6 @@ def _select_experts(biased: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return biased.topk(cfg.top_k, dim=-1).indices
 
 
-def capacity_keep_mask(topk_ids: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
-    """[T,K] bool: pair (t,k) is kept iff fewer than `capacity` earlier pairs chose its expert.
-
-    Priority is k-major (every token's first choice before any second choice), then token order.
-    """
-    tokens, top_k = topk_ids.shape
-    flat = topk_ids.t().reshape(-1)
-    order = torch.sort(flat, stable=True).indices
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    starts = torch.cumsum(counts, 0) - counts
-    rank_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
-    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
-    return (rank < capacity).view(top_k, tokens).t()
-
-
-def expert_capacity(cfg: ModelConfig, tokens: int) -> int:
-    """Per-expert slot limit for `tokens` tokens (only meaningful when capacity_factor > 0)."""
-    return math.ceil(cfg.capacity_factor * tokens * cfg.top_k / cfg.n_routed_experts)
-
-
 def route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor, cfg: ModelConfig) -> Routing:
     """Router for x[T,D] with gate_weight[E,D] and expert_bias[E] (selection only), in at least float32."""
     dtype = torch.promote_types(x.dtype, torch.float32)
@@ -78,12 +54,13 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor,
     gates = scores.gather(1, topk_ids)
     if cfg.route_norm:
         gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
-    if cfg.capacity_factor > 0:
-        kept = capacity_keep_mask(topk_ids, cfg.n_routed_experts, expert_capacity(cfg, x.shape[0]))
-    else:
-        kept = torch.ones_like(topk_ids, dtype=torch.bool)
-    weights = gates * cfg.route_scale * kept
-    return Routing(logits, scores, topk_ids, gates, weights, kept)
+    return Routing(logits, scores, topk_ids, gates, gates * cfg.route_scale)
+
+
+def capacity_ids(topk_ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """topk_ids with -1 for the pairs model.capacity_factor drops (token order decides); unchanged when it is 0."""
+    capacity = expert_capacity(topk_ids.shape[0], cfg.top_k, cfg.n_routed_experts, cfg.capacity_factor)
+    return topk_ids if capacity is None else drop_over_capacity(topk_ids, cfg.n_routed_experts, capacity)
 
 
 def balance_loss(scores: torch.Tensor, topk_ids: torch.Tensor, batch: int, n_experts: int) -> torch.Tensor:
@@ -108,14 +85,19 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 class MoE(nn.Module):
     """Routed + shared SwiGLU experts with aux-loss-free bias balancing and on-device diagnostics."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ep_rank: int = 0, ep_size: int = 1):
         super().__init__()
         self.cfg = cfg
         n_exp, dim, hidden = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+        if n_exp % ep_size:
+            raise ValueError(f"n_routed_experts ({n_exp}) is not divisible by the expert-parallel size ({ep_size})")
+        self.n_local = n_exp // ep_size
+        self.expert_offset = ep_rank * self.n_local  # global index of local expert 0
         self.gate = nn.Parameter(torch.empty(n_exp, dim))
-        self.w_up = nn.Parameter(torch.empty(n_exp, dim, 2 * hidden))  # [gate | up]
-        self.w_down = nn.Parameter(torch.empty(n_exp, hidden, dim))
+        self.w_up = nn.Parameter(torch.empty(self.n_local, dim, 2 * hidden))  # [gate | up]
+        self.w_down = nn.Parameter(torch.empty(self.n_local, hidden, dim))
         self.shared = SwiGLU(dim, cfg.n_shared_experts * hidden) if cfg.n_shared_experts else None
+        self.dispatcher: ExpertDispatch = LocalDispatch(n_exp)
         self.register_buffer("expert_bias", torch.zeros(n_exp))
         self.register_buffer("load_since_update", torch.zeros(n_exp), persistent=False)
         # stat_counts[E] | tokens, entropy sum, max-gate sum, dropped pairs
@@ -127,18 +109,19 @@ class MoE(nn.Module):
         bsz, seq, dim = x.shape
         flat = x.reshape(bsz * seq, dim)
         r = route(flat, self.gate, self.expert_bias, self.cfg)
-        self._accumulate(r)
-        y = self._routed(flat, r)
+        ids = capacity_ids(r.topk_ids, self.cfg)
+        if self.training:
+            self._accumulate(r, ids)
+        y = self._routed(flat, ids, r.weights)
         if self.shared is not None:
             y = y + self.shared(flat)
         return y.view(bsz, seq, dim), self._aux_loss(r, bsz)
 
-    def _routed(self, flat: torch.Tensor, r: Routing) -> torch.Tensor:
-        w_up, w_down = self.w_up, self.w_down
+    def _routed(self, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         dtype = flat.dtype
         if torch.is_autocast_enabled(flat.device.type):
             dtype = torch.get_autocast_dtype(flat.device.type)
-        return _moe_experts_opaque(flat.to(dtype), r.topk_ids, r.weights, w_up.to(dtype), w_down.to(dtype))
+        return self.dispatcher.experts(flat.to(dtype), ids, weights, self.w_up.to(dtype), self.w_down.to(dtype))
 
     def _aux_loss(self, r: Routing, batch: int) -> torch.Tensor:
         aux = r.logits.new_zeros(())
@@ -151,17 +134,16 @@ class MoE(nn.Module):
         return aux
 
     @torch.no_grad()
-    def _accumulate(self, r: Routing) -> None:
-        ids = r.topk_ids.reshape(-1)
-        counts = torch.zeros_like(self.stat_counts).scatter_add_(
-            0, ids, torch.ones_like(ids, dtype=self.stat_counts.dtype)
-        )
+    def _accumulate(self, r: Routing, ids: torch.Tensor) -> None:
+        flat_ids = r.topk_ids.reshape(-1)
+        ones = torch.ones_like(flat_ids, dtype=self.stat_counts.dtype)
+        counts = torch.zeros_like(self.stat_counts).scatter_add_(0, flat_ids, ones)
         self.load_since_update.add_(counts)
         self.stat_counts.add_(counts)
         scores = r.scores.detach()
         probs = scores / scores.sum(dim=-1, keepdim=True)
         entropy = -(probs * probs.clamp_min(1e-30).log()).sum()
-        sums = torch.stack((entropy, r.gates.detach().max(dim=-1).values.sum(), (~r.kept).sum().float()))
+        sums = torch.stack((entropy, r.gates.detach().max(dim=-1).values.sum(), (ids < 0).sum().float()))
         self.stat_sums[0].add_(r.topk_ids.shape[0])
         self.stat_sums[1:].add_(sums.to(self.stat_sums.dtype))
 
@@ -178,8 +160,8 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def take_stats(self) -> torch.Tensor:
-        """Flat [E + 4 + E] float32 device tensor (counts | sums | bias), then resets the counters."""
-        packed = torch.cat((self.stat_counts, self.stat_sums, self.expert_bias.float()))
+        """Flat [E + 4] float32 device tensor of the accumulators (counts | sums), then resets them."""
+        packed = torch.cat((self.stat_counts, self.stat_sums))
         self.stat_counts.zero_()
         self.stat_sums.zero_()
         return packed

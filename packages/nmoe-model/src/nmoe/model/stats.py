@@ -78,6 +78,10 @@ class RouterStats:
 
     layers: tuple[LayerRouterStats, ...]
 
+    def expert_loads(self) -> dict[str, tuple[float, ...]]:
+        """Per-layer routed slots per expert, keyed `router/layerNN/expert_load` (for the load heatmap)."""
+        return {f"router/layer{layer.layer:02d}/expert_load": layer.tokens_per_expert for layer in self.layers}
+
     def as_scalars(self) -> dict[str, float]:
         """Flat {tag: value} for the metrics writer, e.g. `router/layer03/load_cv`, plus `router/mean/*` averages."""
         out: dict[str, float] = {}

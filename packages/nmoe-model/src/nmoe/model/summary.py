@@ -92,10 +92,6 @@ class ModelSummary:
         """Params + grads + optimizer state + activations."""
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
 
-    def mfu(self, tokens_per_second: float, peak_flops: float) -> float:
-        """Model FLOPs utilisation given throughput and the hardware peak (FLOP/s, same precision)."""
-        return self.flops_per_token * tokens_per_second / peak_flops
-
     def table(self) -> str:
         """Aligned plain-text table for `nmoe-train --dry-run`."""
         rows = [

@@ -2,11 +2,13 @@
 
 `Rdep(config, transport).dispatch(x, topk_ids, topk_weights) -> (expert_x, expert_offsets, handle)`
 and `.combine(expert_y, handle) -> y`, both autograd-aware, no collective on the expert path.
-Transports: `SimulatedWorld` (W ranks in one process, CPU tests) and `NvshmemTransport` (GPU).
+Transports: `SimulatedWorld` (W ranks in one process, CPU tests), `ShmTransport` (CPU processes of one
+host, shared-memory files) and `NvshmemTransport` (GPUs of one node).
 """
 
 from nmoe.rdep.config import RdepCapacityError, RdepConfig, RdepTimeoutError
 from nmoe.rdep.rdep import Rdep, RdepHandle, SimulatedWorld
+from nmoe.rdep.shm import ShmTransport
 from nmoe.rdep.transport import SymmetricTensor, Transport
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "RdepTimeoutError",
     "RdepHandle",
     "SimulatedWorld",
+    "ShmTransport",
     "SymmetricTensor",
     "Transport",
     "NvshmemTransport",

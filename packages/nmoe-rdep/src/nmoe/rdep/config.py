@@ -20,30 +20,30 @@ class RdepTimeoutError(RuntimeError):
 class RdepConfig:
     """Sizes of one expert-parallel MoE transport (shared by every MoE layer that uses it).
 
-    hidden: D, the row width moved. n_routed_experts: E, sharded evenly over the world.
+    dim: D, the width of the rows moved. n_routed_experts: E, sharded evenly over the world.
     top_k: K. max_tokens_per_rank: the largest T any rank passes to `dispatch`.
     capacity_margin: each owner's receive buffer holds ceil(max_tokens_per_rank * top_k *
       capacity_margin) rows; a step that routes more rows to one owner raises RdepCapacityError
       (a margin >= world can never overflow).
-    capacity_factor: when set, each source sends at most ceil(capacity_factor * T * K / E) rows
-      to each expert (later tokens first to go); excess rows are dropped and counted instead of
-      raising, and the receive buffer is sized for that bound exactly.
+    expert_capacity: when the caller drops routing slots past a per-expert capacity before dispatch
+      (topk id -1, see nmoe.kernels.drop_over_capacity), the most rows one source sends to one expert;
+      sizes the receive buffer exactly (W * E/W * expert_capacity rows) instead of by the margin.
     dtype: element type of the rows moved (x, expert outputs and their gradients).
-    wait_timeout_s: a device-side wait for peers gives up after this long (GPU only) and the next
-      host sync of the Rdep raises RdepTimeoutError instead of hanging forever.
+    wait_timeout_s: a wait for peers gives up after this long and the next host sync of the Rdep
+      raises RdepTimeoutError instead of hanging forever.
     """
 
-    hidden: int
+    dim: int
     n_routed_experts: int
     top_k: int
     max_tokens_per_rank: int
     capacity_margin: float = 2.0
-    capacity_factor: float | None = None
+    expert_capacity: int | None = None
     dtype: torch.dtype = torch.bfloat16
     wait_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        for key in ("hidden", "n_routed_experts", "top_k", "max_tokens_per_rank"):
+        for key in ("dim", "n_routed_experts", "top_k", "max_tokens_per_rank"):
             if getattr(self, key) < 1:
                 raise ValueError(f"RdepConfig.{key} must be >= 1, got {getattr(self, key)}")
         if self.top_k > self.n_routed_experts:
@@ -52,8 +52,8 @@ class RdepConfig:
             raise ValueError(f"RdepConfig.capacity_margin must be > 0, got {self.capacity_margin}")
         if not 0 < self.wait_timeout_s <= 86400:
             raise ValueError(f"RdepConfig.wait_timeout_s must be in (0, 86400], got {self.wait_timeout_s}")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(f"RdepConfig.capacity_factor must be > 0 or None, got {self.capacity_factor}")
+        if self.expert_capacity is not None and self.expert_capacity < 1:
+            raise ValueError(f"RdepConfig.expert_capacity must be >= 1 or None, got {self.expert_capacity}")
 
     def experts_per_rank(self, world: int) -> int:
         """E // world; raises ValueError naming both numbers when E is not divisible by world."""
@@ -65,18 +65,11 @@ class RdepConfig:
             )
         return self.n_routed_experts // world
 
-    def expert_capacity(self, tokens: int) -> int | None:
-        """Rows one source may send to one expert for a T-token batch (None: unlimited)."""
-        if self.capacity_factor is None:
-            return None
-        return max(1, math.ceil(self.capacity_factor * tokens * self.top_k / self.n_routed_experts))
-
     def receive_rows(self, world: int) -> int:
         """Rows of each owner's receive buffer."""
         everything = world * self.max_tokens_per_rank * self.top_k
-        cap = self.expert_capacity(self.max_tokens_per_rank)
-        if cap is not None:
-            return min(everything, world * self.experts_per_rank(world) * cap)
+        if self.expert_capacity is not None:
+            return min(everything, world * self.experts_per_rank(world) * self.expert_capacity)
         return min(everything, math.ceil(self.max_tokens_per_rank * self.top_k * self.capacity_margin))
 
     def return_rows(self) -> int:
@@ -88,7 +81,5 @@ class RdepConfig:
         elem = torch.empty((), dtype=self.dtype).element_size()
         rows = self.receive_rows(world)
         return (
-            (rows + self.return_rows()) * self.hidden * elem
-            + rows * 4
-            + (2 * world * self.n_routed_experts + world) * 4
+            (rows + self.return_rows()) * self.dim * elem + rows * 4 + (2 * world * self.n_routed_experts + world) * 4
         )

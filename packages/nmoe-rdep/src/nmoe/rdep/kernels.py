@@ -40,13 +40,13 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _block_d(hidden: int) -> int:
-    return min(triton.next_power_of_2(hidden), 4096)
+def _block_d(dim: int) -> int:
+    return min(triton.next_power_of_2(dim), 4096)
 
 
-def _rows_aligned(aligned_table: bool, hidden: int, dtype: torch.dtype) -> bool:
+def _rows_aligned(aligned_table: bool, dim: int, dtype: torch.dtype) -> bool:
     """Every row of every peer buffer starts on 16 bytes: peer stores may be 16-byte vectors."""
-    return aligned_table and hidden * torch.empty((), dtype=dtype).element_size() % 16 == 0
+    return aligned_table and dim * torch.empty((), dtype=dtype).element_size() % 16 == 0
 
 
 def _scatter_rows(
@@ -57,7 +57,7 @@ def _scatter_rows(
     buf_table,
     tag_table,
     x_stride,
-    hidden,
+    dim,
     tag_base,
     TOP_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -71,7 +71,7 @@ def _scatter_rows(
     t = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     cols = block * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_row = cols < hidden
+    in_row = cols < dim
     row = tl.load(x_ptr + t * x_stride + cols, mask=in_row)
     for k in tl.static_range(TOP_K):
         i = t * TOP_K + k
@@ -82,7 +82,7 @@ def _scatter_rows(
             value = row
             if HAS_SCALE:
                 value = (row.to(ACC) * tl.load(scale_ptr + i).to(ACC)).to(x_ptr.dtype.element_ty)
-            dst = buf + slot.to(tl.int64) * hidden + cols
+            dst = buf + slot.to(tl.int64) * dim + cols
             if ALIGNED:  # a pointer loaded from the table has no known alignment: 2-byte stores otherwise
                 dst = tl.multiple_of(dst, 16)
             tl.store(dst, value, mask=in_row)
@@ -93,17 +93,17 @@ def _scatter_rows(
 
 
 def _return_rows(
-    y_ptr, tag_ptr, ret_table, y_stride, hidden, slots_per_rank, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr
+    y_ptr, tag_ptr, ret_table, y_stride, dim, slots_per_rank, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr
 ):
     # Program (m, d-block): received row m goes back to its source's return buffer at slot t*K+k.
     m = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_row = cols < hidden
+    in_row = cols < dim
     tag = tl.load(tag_ptr + m)
     source = tag // slots_per_rank
     slot = (tag % slots_per_rank).to(tl.int64)
     ret = tl.load(ret_table + source).to(tl.pointer_type(y_ptr.dtype.element_ty))
-    dst = ret + slot * hidden + cols
+    dst = ret + slot * dim + cols
     if ALIGNED:
         dst = tl.multiple_of(dst, 16)
     tl.store(dst, tl.load(y_ptr + m * y_stride + cols, mask=in_row), mask=in_row)
@@ -114,7 +114,7 @@ def _sum_slots(
     weight_ptr,
     dest_slot_ptr,
     out_ptr,
-    hidden,
+    dim,
     TOP_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -123,16 +123,16 @@ def _sum_slots(
     # Program (t, d-block): out[t] = sum_k weight[t,k] * ret[t*K+k] over the slots that were sent.
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_row = cols < hidden
+    in_row = cols < dim
     acc = tl.full([BLOCK_D], 0.0, ACC)  # tl.full, not the jit-defined tl.zeros: see _Kernel
     for k in tl.static_range(TOP_K):
         i = t * TOP_K + k
-        width = tl.where(tl.load(dest_slot_ptr + i) >= 0, hidden, 0)  # 0: dropped slot, read nothing
-        row = tl.load(ret_ptr + i * hidden + cols, mask=cols < width, other=0.0).to(ACC)
+        width = tl.where(tl.load(dest_slot_ptr + i) >= 0, dim, 0)  # 0: dropped slot, read nothing
+        row = tl.load(ret_ptr + i * dim + cols, mask=cols < width, other=0.0).to(ACC)
         if HAS_WEIGHT:
             row = row * tl.load(weight_ptr + i).to(ACC)
         acc += row
-    tl.store(out_ptr + t * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=in_row)
+    tl.store(out_ptr + t * dim + cols, acc.to(out_ptr.dtype.element_ty), mask=in_row)
 
 
 def _signal(
@@ -216,12 +216,12 @@ def scatter_rows(
     aligned_table: bool = False,
 ) -> None:
     """x[T,D] -> peers' buffers: row (t,k) = x[t] (* scale[t,k]) at dest_slot[t*K+k] of dest_rank's buffer."""
-    n_tokens, hidden = x.shape
+    n_tokens, dim = x.shape
     top_k = dest_slot.numel() // max(n_tokens, 1)
     if n_tokens == 0:
         return
-    block = _block_d(hidden)
-    scatter_rows_kernel.on(x.device)[(n_tokens, triton.cdiv(hidden, block))](
+    block = _block_d(dim)
+    scatter_rows_kernel.on(x.device)[(n_tokens, triton.cdiv(dim, block))](
         x,
         scale if scale is not None else x,
         dest_rank,
@@ -229,14 +229,14 @@ def scatter_rows(
         buf_table,
         tag_table if tag_table is not None else buf_table,
         x.stride(0),
-        hidden,
+        dim,
         tag_base,
         TOP_K=top_k,
         BLOCK_D=block,
         HAS_SCALE=scale is not None,
         WRITE_TAG=tag_table is not None,
         ACC=_acc_dtype(x.dtype),
-        ALIGNED=_rows_aligned(aligned_table, hidden, x.dtype),
+        ALIGNED=_rows_aligned(aligned_table, dim, x.dtype),
     )
 
 
@@ -244,19 +244,19 @@ def return_rows(
     y: torch.Tensor, tags: torch.Tensor, ret_table: torch.Tensor, slots_per_rank: int, aligned_table: bool = False
 ) -> None:
     """y[M,D] -> sources' return buffers: row m to source tags[m] // R, slot tags[m] % R."""
-    n_rows, hidden = y.shape
+    n_rows, dim = y.shape
     if n_rows == 0:
         return
-    block = _block_d(hidden)
-    return_rows_kernel.on(y.device)[(n_rows, triton.cdiv(hidden, block))](
+    block = _block_d(dim)
+    return_rows_kernel.on(y.device)[(n_rows, triton.cdiv(dim, block))](
         y,
         tags,
         ret_table,
         y.stride(0),
-        hidden,
+        dim,
         slots_per_rank,
         BLOCK_D=block,
-        ALIGNED=_rows_aligned(aligned_table, hidden, y.dtype),
+        ALIGNED=_rows_aligned(aligned_table, dim, y.dtype),
     )
 
 
@@ -268,18 +268,18 @@ def sum_slots(
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ret[>=T*K, D] -> out[T,D] = sum_k weight[t,k] * ret[t*K+k] over sent slots (weight 1 if None)."""
-    hidden = ret.shape[1]
-    out = torch.empty(n_tokens, hidden, dtype=out_dtype, device=ret.device)
+    dim = ret.shape[1]
+    out = torch.empty(n_tokens, dim, dtype=out_dtype, device=ret.device)
     if n_tokens == 0:
         return out
     top_k = dest_slot.numel() // n_tokens
-    block = _block_d(hidden)
-    sum_slots_kernel.on(ret.device)[(n_tokens, triton.cdiv(hidden, block))](
+    block = _block_d(dim)
+    sum_slots_kernel.on(ret.device)[(n_tokens, triton.cdiv(dim, block))](
         ret,
         weight if weight is not None else ret,
         dest_slot,
         out,
-        hidden,
+        dim,
         TOP_K=top_k,
         BLOCK_D=block,
         HAS_WEIGHT=weight is not None,

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from nmoe.rdep.config import RdepConfig
 from nmoe.rdep.transport import SymmetricTensor
+from nmoe.rdep.world import broadcast_bytes, require_same_allocation
 
 HEAP_ENV = "NVSHMEM_SYMMETRIC_SIZE"
 HEAP_SLACK_BYTES = 64 << 20  # per-allocation alignment and NVSHMEM's own bookkeeping
@@ -47,34 +48,6 @@ def ensure_heap_size(required: int, environ: dict | None = None) -> None:
         raise ValueError(
             f"{HEAP_ENV}={current} is smaller than the {required} bytes RDEP's symmetric buffers need "
             f"(RdepConfig.symmetric_bytes plus slack): unset it or raise it"
-        )
-
-
-def broadcast_bytes(payload: np.ndarray, group: dist.ProcessGroup | None = None) -> None:
-    """Overwrite the uint8 array `payload` on every rank with group rank 0's copy (in place)."""
-    backend = dist.get_backend(group)
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    staged = torch.from_numpy(np.array(payload, dtype=np.uint8)).to(device)  # plain ndarray copy
-    dist.broadcast(staged, src=dist.get_global_rank(group or dist.group.WORLD, 0), group=group)
-    payload[...] = staged.cpu().numpy()
-
-
-def require_same_allocation(
-    name: str, shape: tuple[int, ...], dtype: torch.dtype, group: dist.ProcessGroup | None = None
-) -> None:
-    """Raise on every rank unless every rank of the group asks for the same symmetric buffer now.
-
-    nvshmem_malloc is a collective that does not check its size: ranks built from different
-    configs (or in a different order) would silently get overlapping, mis-sized buffers.
-    """
-    mine = (name, tuple(int(n) for n in shape), str(dtype))
-    everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    if len(set(everyone)) > 1:  # the same verdict on every rank
-        listing = "; ".join(f"rank {rank}: {value}" for rank, value in enumerate(everyone))
-        raise ValueError(
-            f"ranks disagree on the symmetric buffer to allocate ({listing}): every rank must build the same "
-            "RdepConfig's Rdep instances in the same order"
         )
 
 

@@ -21,10 +21,9 @@ from nmoe.kernels import sort_by_expert
 class SourcePlan(NamedTuple):
     """What one source sends, before it knows where."""
 
-    counts: torch.Tensor  # [E] int32: rows routed to each expert
-    sent: torch.Tensor  # [E] int32: rows actually sent (counts clipped to the expert capacity)
+    counts: torch.Tensor  # [E] int32: rows sent to each expert (dropped slots, id -1, not counted)
     rank_in_expert: torch.Tensor  # [T*K] int64: position of slot (t,k) among its expert's rows, token order
-    expert: torch.Tensor  # [T*K] int64: global expert of slot (t,k)
+    expert: torch.Tensor  # [T*K] int64: global expert of slot (t,k), -1 for a dropped slot
 
 
 class Layout(NamedTuple):
@@ -35,16 +34,11 @@ class Layout(NamedTuple):
     expert_offsets: torch.Tensor  # [W_owner, El] int32: cumulative end row of each local expert
 
 
-def plan_source(topk_ids: torch.Tensor, n_experts: int, capacity: int | None) -> SourcePlan:
-    """topk_ids[T,K] int -> SourcePlan; `capacity` caps rows per expert (None: no cap)."""
-    expert = topk_ids.reshape(-1).to(torch.int64)
+def plan_source(topk_ids: torch.Tensor, n_experts: int) -> SourcePlan:
+    """topk_ids[T,K] int in [-1, E) -> SourcePlan; slots with id -1 (dropped by a capacity limit) are not sent."""
     routing = sort_by_expert(topk_ids, n_experts)
-    first_row = (routing.offsets - routing.counts).to(torch.int64)
-    grouped_position = torch.arange(expert.numel(), device=expert.device) - first_row[expert[routing.order]]
-    rank_in_expert = torch.empty_like(grouped_position)
-    rank_in_expert[routing.order] = grouped_position
-    sent = routing.counts if capacity is None else routing.counts.clamp(max=capacity)
-    return SourcePlan(routing.counts, sent.to(torch.int32), rank_in_expert, expert)
+    rank = rank_in_expert(topk_ids, n_experts, routing)
+    return SourcePlan(routing.counts, rank, topk_ids.reshape(-1).to(torch.int64))
 
 
 def owner_layout(count_matrix: torch.Tensor, world: int) -> Layout:
@@ -60,13 +54,11 @@ def owner_layout(count_matrix: torch.Tensor, world: int) -> Layout:
     return Layout(slot_base, totals, expert_offsets)
 
 
-def source_slots(
-    plan: SourcePlan, layout: Layout, src_rank: int, capacity: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def source_slots(plan: SourcePlan, layout: Layout, src_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dest_rank[T*K] int32, dest_slot[T*K] int32) for this source; dropped slots get -1."""
     per_rank = layout.slot_base.shape[1]
-    owner = plan.expert // per_rank
-    slot = layout.slot_base[owner, plan.expert % per_rank, src_rank] + plan.rank_in_expert
-    if capacity is not None:
-        slot = torch.where(plan.rank_in_expert < capacity, slot, torch.full_like(slot, -1))
+    expert = plan.expert.clamp(min=0)
+    owner = expert // per_rank
+    slot = layout.slot_base[owner, expert % per_rank, src_rank] + plan.rank_in_expert
+    slot = torch.where(plan.expert >= 0, slot, torch.full_like(slot, -1))
     return owner.to(torch.int32), slot.to(torch.int32)

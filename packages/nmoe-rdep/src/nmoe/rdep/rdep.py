@@ -50,7 +50,7 @@ class RdepHandle:
     dest_slot: torch.Tensor  # [T*K] int32: row in the owner's receive buffer, -1 if dropped
     expert_offsets: torch.Tensor  # [El] int32: cumulative end row of each local expert
     topk_weights: torch.Tensor  # [T,K]
-    dropped: torch.Tensor  # [] int64: (t,k) slots this source dropped (capacity_factor only)
+    dropped: torch.Tensor  # [] int64: (t,k) slots this source did not send (topk id -1: over capacity)
     tags: torch.Tensor | None = None  # [M] int32: source * R + slot of each received row
 
 
@@ -62,16 +62,16 @@ class Rdep:
         self.transport = transport
         self.rank, self.world = transport.rank, transport.world
         self.experts_per_rank = config.experts_per_rank(self.world)
-        self.capacity = config.receive_rows(self.world)
+        self.receive_rows = config.receive_rows(self.world)
         self.slots_per_rank = config.return_rows()
         if self.world * self.slots_per_rank >= 2**31:
             raise ValueError(
                 f"world x max_tokens_per_rank x top_k = {self.world * self.slots_per_rank} overflows the int32 "
                 "row tags: lower RdepConfig.max_tokens_per_rank"
             )
-        self.recv = transport.symmetric("rdep.recv", (self.capacity, config.hidden), config.dtype)
-        self.tags = transport.symmetric("rdep.tags", (self.capacity,), torch.int32)
-        self.ret = transport.symmetric("rdep.ret", (self.slots_per_rank, config.hidden), config.dtype)
+        self.recv = transport.symmetric("rdep.recv", (self.receive_rows, config.dim), config.dtype)
+        self.tags = transport.symmetric("rdep.tags", (self.receive_rows,), torch.int32)
+        self.ret = transport.symmetric("rdep.ret", (self.slots_per_rank, config.dim), config.dtype)
         self.counts = transport.symmetric("rdep.counts", (2, self.world, config.n_routed_experts), torch.int32)
         self.flags = transport.symmetric("rdep.flags", (self.world,), torch.int32)
         transport.ready()
@@ -133,16 +133,15 @@ class Rdep:
         n_experts = self.config.n_routed_experts
         problem = self._input_problem(x, topk_ids, topk_weights)
         n_tokens = x.shape[0] if problem is None else 0
-        capacity = self.config.expert_capacity(n_tokens)
         plan = None
         if problem is not None:
             sent = self._code_row(BAD_INPUT)
         elif n_tokens > self.config.max_tokens_per_rank:
             sent = self._code_row(TOO_MANY_TOKENS)
-        else:  # ids outside [0, E) would make the planning kernels index out of bounds: clamp, flag
-            bad_ids = ((topk_ids < 0) | (topk_ids >= n_experts)).any()
-            plan = plan_source(topk_ids.clamp(0, n_experts - 1), n_experts, capacity)
-            sent = torch.where(bad_ids, BAD_EXPERT_ID, plan.sent)
+        else:  # ids outside [-1, E) would make the planning kernels index out of bounds: clamp, flag
+            bad_ids = ((topk_ids < -1) | (topk_ids >= n_experts)).any()
+            plan = plan_source(topk_ids.clamp(-1, n_experts - 1), n_experts)
+            sent = torch.where(bad_ids, BAD_EXPERT_ID, plan.counts)
         epoch = self._signal_all(counts=sent)
         yield
         self._wait_all(epoch)
@@ -154,8 +153,8 @@ class Rdep:
         self._raise_if_timed_out(status)
         self._check_codes(codes, problem, n_tokens)
         self._check_capacity(totals)
-        dest_rank, dest_slot = source_slots(plan, layout, self.rank, capacity)
-        dropped = (plan.counts - plan.sent).sum().to(torch.int64)
+        dest_rank, dest_slot = source_slots(plan, layout, self.rank)
+        dropped = (plan.expert < 0).sum()
         self.dropped_rows += dropped
         return RdepHandle(
             n_tokens=n_tokens,
@@ -210,8 +209,8 @@ class Rdep:
         cfg, device = self.config, self.transport.device
         if not all(isinstance(t, torch.Tensor) for t in (x, topk_ids, topk_weights)):
             return "x, topk_ids and topk_weights must be tensors"
-        if x.dim() != 2 or x.shape[1] != cfg.hidden or x.dtype != cfg.dtype:
-            return f"x must be [T, {cfg.hidden}] {cfg.dtype} (RdepConfig), got {tuple(x.shape)} {x.dtype}"
+        if x.dim() != 2 or x.shape[1] != cfg.dim or x.dtype != cfg.dtype:
+            return f"x must be [T, {cfg.dim}] {cfg.dtype} (RdepConfig), got {tuple(x.shape)} {x.dtype}"
         expected = (x.shape[0], cfg.top_k)
         if tuple(topk_ids.shape) != expected or tuple(topk_weights.shape) != expected:
             return (
@@ -260,17 +259,17 @@ class Rdep:
 
     def _check_capacity(self, totals: Sequence[int]) -> None:
         worst = max(totals)
-        if worst <= self.capacity:
+        if worst <= self.receive_rows:
             return
         owner = totals.index(worst)
         cfg = self.config
         needed = worst / (cfg.max_tokens_per_rank * cfg.top_k)
         raise RdepCapacityError(
             f"RDEP receive buffer overflow: owner rank {owner} would receive {worst} rows but each receive "
-            f"buffer holds {self.capacity} rows (max_tokens_per_rank={cfg.max_tokens_per_rank} x "
+            f"buffer holds {self.receive_rows} rows (max_tokens_per_rank={cfg.max_tokens_per_rank} x "
             f"top_k={cfg.top_k} x capacity_margin={cfg.capacity_margin}). Raise RdepConfig.capacity_margin "
-            f"to at least {needed:.2f}, or set RdepConfig."
-            f"capacity_factor to drop and count the excess rows instead."
+            f"(nmoe-train: parallel.capacity_margin) to at least {needed:.2f}, or drop the excess before dispatch "
+            "with a capacity limit (nmoe.kernels.drop_over_capacity; nmoe-train: model.capacity_factor)."
         )
 
 
@@ -366,9 +365,9 @@ def combine_group(
 ) -> list[torch.Tensor]:
     """Combine for every rank this process drives."""
     for member, y, h in zip(group.members, expert_ys, handles):
-        if tuple(y.shape) != (h.n_received, member.config.hidden):
+        if tuple(y.shape) != (h.n_received, member.config.dim):
             raise ValueError(
-                f"rank {member.rank}: expert_y must be [M={h.n_received}, D={member.config.hidden}] "
+                f"rank {member.rank}: expert_y must be [M={h.n_received}, D={member.config.dim}] "
                 f"(dispatch's expert_x shape), got {tuple(y.shape)}"
             )
     return list(_ReturnRows.apply(group, list(handles), *expert_ys, *(h.topk_weights for h in handles)))

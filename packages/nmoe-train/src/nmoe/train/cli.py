@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 
@@ -11,6 +12,7 @@ EPILOG = textwrap.dedent("""\
       uv run nmoe-train configs/tiny.toml                 # CPU, about a minute
       uv run nmoe-train configs/moonlet.toml --dry-run    # parameter/FLOP/memory summary only
       uv run nmoe-train configs/tiny.toml --set train.steps=50 --set optim.lr=1e-3
+      uv run torchrun --standalone --nproc_per_node=8 -m nmoe.train configs/moonlight.toml
       NMOE_TRAIN__STEPS=50 uv run nmoe-train configs/tiny.toml
 
     Environment overrides: NMOE_<SECTION>__<KEY>=value (e.g. NMOE_TRAIN__STEPS=100,
@@ -43,44 +45,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--help-config", action="store_true", help="list every config section and key with its type, default and range"
     )
+    p.add_argument(
+        "--extend-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train until train.steps + N (past a finished run's end) at the schedule's final learning rate; "
+        "recorded in the checkpoint, so rerunning the same command resumes to the same end",
+    )
     return p
 
 
 def _parse_overrides(items: list[str]) -> dict[str, str]:
+    from nmoe.train.config import ConfigError
+
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"nmoe-train: error: --set {item!r}: write it as section.key=value")
+            raise ConfigError(f"--set {item!r}: write it as section.key=value, e.g. --set train.steps=100")
         key, value = item.split("=", 1)
         out[key.strip()] = value.strip()
     return out
 
 
-def dry_run(cfg) -> str:
-    """The --dry-run report: config identity and the model summary table."""
+def dry_run(cfg, world_size: int | None = None, cuda_available: bool | None = None) -> str:
+    """The --dry-run report: config identity, how it runs here (the trainer's own plan) and the model summary."""
     from nmoe.model import model_summary
+    from nmoe.train.runtime import plan_run, world_size_from_env
 
-    summary = model_summary(
-        cfg.model,
-        cfg.train.seq_len,
-        batch_size=cfg.train.batch_size,
-        act_bytes=4 if cfg.runtime.dtype == "fp32" or cfg.runtime.device == "cpu" else 2,
-    )
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum
+    plan = plan_run(cfg, world_size_from_env() if world_size is None else world_size, cuda_available)
+    summary = model_summary(cfg.model, cfg.train.seq_len, batch_size=plan.micro_batch, act_bytes=plan.act_bytes)
+    tokens = plan.tokens_per_step
     lines = [
         f"config       {cfg.source}",
         f"fingerprint  {cfg.fingerprint}",
         f"run name     {cfg.name}",
-        f"tokens/step  {tokens_per_step:,} ({cfg.train.batch_size} × {cfg.train.seq_len} × {cfg.train.grad_accum} accum)",
-        f"total tokens {tokens_per_step * cfg.train.steps:,} over {cfg.train.steps:,} steps",
-        f"train FLOPs  {summary.flops_per_token * tokens_per_step * cfg.train.steps:.3e}",
+        f"device       {plan.device_type}, {plan.precision}",
+        f"world        {plan.world_size} rank(s), expert-parallel size {plan.ep_size}",
+        f"tokens/step  {tokens:,} ({plan.micro_batch} × {cfg.train.seq_len} × {plan.grad_accum} accum "
+        f"× {plan.world_size} rank(s))",
+        f"total tokens {tokens * cfg.train.steps:,} over {cfg.train.steps:,} steps",
+        f"train FLOPs  {summary.flops_per_token * tokens * cfg.train.steps:.3e}",
         "",
         summary.table(),
     ]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks=()) -> int:
+    """Entry point of `nmoe-train` and `python -m nmoe.train`; returns the exit status."""
     args = build_parser().parse_args(argv)
     from nmoe.train.config import ConfigError, describe_keys, load_config
 
@@ -93,38 +106,53 @@ def main(argv: list[str] | None = None) -> int:
             "nmoe-train: error: a config file is required, e.g. `uv run nmoe-train configs/tiny.toml`", file=sys.stderr
         )
         return 2
+    from nmoe.train.runtime import SetupError
+
     try:
         cfg = load_config(args.config, overrides=_parse_overrides(args.overrides))
-    except ConfigError as e:
+        if args.dry_run:
+            print(f"[nmoe] config {cfg.source} fingerprint {cfg.fingerprint}", flush=True)
+            print(dry_run(cfg))
+            return 0
+    except (ConfigError, SetupError) as e:
         print(f"nmoe-train: config error: {e}", file=sys.stderr)
         return 2
-    print(f"[nmoe] config {cfg.source} fingerprint {cfg.fingerprint}", flush=True)
-    if args.dry_run:
-        print(dry_run(cfg))
-        return 0
-    return _train(cfg)
+    if args.extend_steps < 0:
+        print("nmoe-train: error: --extend-steps must be >= 0", file=sys.stderr)
+        return 2
+    return _train(cfg, args.extend_steps, hooks)
 
 
-def _train(cfg) -> int:
+def _train(cfg, extend_steps: int, hooks) -> int:
     from nmoe.data import DataError
     from nmoe.train.checkpoint import CheckpointError
     from nmoe.train.data_setup import DataNotReady
-    from nmoe.train.loop import NonFiniteError, SetupError, Trainer
+    from nmoe.train.distributed import PeerLost
+    from nmoe.train.loop import NonFiniteError, Trainer
+    from nmoe.train.runtime import SetupError
 
+    rank = os.environ.get("RANK", "0")
+    prefix = "nmoe-train: " if os.environ.get("WORLD_SIZE", "1") == "1" else f"nmoe-train [rank {rank}]: "
     try:
-        result = Trainer(cfg).run()
-    except (DataError, DataNotReady, CheckpointError, NonFiniteError, SetupError) as e:
-        print(f"nmoe-train: error: {e}", file=sys.stderr)
+        trainer = Trainer(cfg, hooks=hooks)
+        if rank == "0":
+            print(f"[nmoe] config {cfg.source} fingerprint {cfg.fingerprint}", flush=True)
+        if extend_steps:
+            trainer.extend(extend_steps)
+        result = trainer.run()
+    except (DataError, DataNotReady, CheckpointError, NonFiniteError, SetupError, PeerLost) as e:
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
-        print("nmoe-train: aborted (second interrupt); the last checkpoint is intact", file=sys.stderr)
+        print(f"{prefix}aborted (second interrupt); the last checkpoint is intact", file=sys.stderr)
         return 130
-    summary = f"[nmoe] {result.status}: run {result.run_id}, step {result.step}"
-    if result.val_loss is not None:
-        summary += f", val loss {result.val_loss:.4f}"
-    if result.checkpoint:
-        summary += f", checkpoint {result.checkpoint}"
-    print(summary, flush=True)
+    if rank == "0":
+        summary = f"[nmoe] {result.status}: run {result.run_id}, step {result.step}"
+        if result.val_loss is not None:
+            summary += f", val loss {result.val_loss:.4f}"
+        if result.checkpoint:
+            summary += f", checkpoint {result.checkpoint}"
+        print(summary, flush=True)
     if result.status == "interrupted":
         return 128 + (result.stop_signal or 15)  # the shell convention: 143 for SIGTERM, 130 for SIGINT
     return 0 if result.status == "completed" else 1

@@ -18,11 +18,11 @@ import tomllib
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nmoe.model.config import ModelConfig
+from nmoe.model.config import ModelConfig, config_field, field_problem
 
 ENV_PREFIX = "NMOE_"
 
@@ -31,44 +31,28 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message says what to change."""
 
 
-def _f(
-    default: Any = dataclasses.MISSING,
-    help: str = "",
-    *,
-    range: tuple | None = None,
-    choices: tuple | None = None,
-    operational: bool = False,
-) -> Any:
-    meta: dict[str, Any] = {"help": help, "operational": operational}
-    if range is not None:
-        meta["range"] = range
-    if choices is not None:
-        meta["choices"] = choices
-    return field(default=default, metadata=meta)
-
-
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = _f(help="dataset name: shards live in {data_dir}/{name}")
-    tokenizer: str = _f(
+    name: str = config_field(help="dataset name: shards live in {data_dir}/{name}")
+    tokenizer: str = config_field(
         help="tokenizer file (tokenizer.json or tiktoken); trained from the input if missing and tokenizer_vocab_size > 0"
     )
-    data_dir: str = _f("data", "root folder of prepared datasets", operational=True)
-    source: str = _f("files", "where prep reads text from", choices=("files", "hf"))
-    input: str = _f("", "glob of local .txt/.jsonl/.jsonl.gz/.parquet files (source = files)")
-    dataset: str = _f("", "Hugging Face dataset id (source = hf)")
-    dataset_config: str = _f("", "Hugging Face dataset config name (source = hf)")
-    dataset_split: str = _f("train", "Hugging Face split (source = hf)")
-    text_field: str = _f("text", "column / JSON key holding the text")
-    tokenizer_vocab_size: int = _f(
+    data_dir: str = config_field("data", "root folder of prepared datasets", operational=True)
+    source: str = config_field("files", "where prep reads text from", choices=("files", "hf"))
+    input: str = config_field("", "glob of local .txt/.jsonl/.jsonl.gz/.parquet files (source = files)")
+    dataset: str = config_field("", "Hugging Face dataset id (source = hf)")
+    dataset_config: str = config_field("", "Hugging Face dataset config name (source = hf)")
+    dataset_split: str = config_field("train", "Hugging Face split (source = hf)")
+    text_field: str = config_field("text", "column / JSON key holding the text")
+    tokenizer_vocab_size: int = config_field(
         0, "vocab size when training the tokenizer (0: the file must exist)", range=(0, 1 << 22)
     )
-    shard_tokens: int = _f(1 << 24, "tokens per shard file", range=(1024, 1 << 32))
-    val_tokens: int = _f(1 << 20, "tokens held out for validation", range=(0, None))
-    max_docs: int = _f(0, "read at most this many documents (0: all)", range=(0, None))
-    mixture: str = _f("", "mixture TOML (several prepared datasets with weights); overrides name/source")
-    workers: int = _f(0, "prep worker processes (0: one per core)", range=(0, 1024), operational=True)
-    verify_shards: bool = _f(
+    shard_tokens: int = config_field(1 << 24, "tokens per shard file", range=(1024, 1 << 32))
+    val_tokens: int = config_field(1 << 20, "tokens held out for validation", range=(0, None))
+    max_docs: int = config_field(0, "read at most this many documents (0: all)", range=(0, None))
+    mixture: str = config_field("", "mixture TOML (several prepared datasets with weights); overrides name/source")
+    workers: int = config_field(0, "prep worker processes (0: one per core)", range=(0, 1024), operational=True)
+    verify_shards: bool = config_field(
         True,
         "sha256-check every shard at start (sizes and dtypes are always checked); "
         "turn off for very large datasets on trusted storage",
@@ -78,40 +62,51 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = _f(help="optimizer steps in the run", range=(1, None))
-    seq_len: int = _f(help="tokens per sequence", range=(8, 1 << 20))
-    batch_size: int = _f(help="sequences per micro-batch per rank", range=(1, 1 << 16))
-    grad_accum: int = _f(1, "micro-batches per optimizer step", range=(1, 4096))
-    grad_clip: float = _f(1.0, "global grad-norm clip (0: off)", range=(0.0, None))
-    seed: int = _f(0, "seed for weights and data order", range=(0, (1 << 63) - 1))
-    log_every: int = _f(10, "console/metrics line every N steps", range=(1, None), operational=True)
+    steps: int = config_field(help="optimizer steps in the run", range=(1, None))
+    seq_len: int = config_field(help="tokens per sequence", range=(8, 1 << 20))
+    global_batch_size: int = config_field(
+        help="sequences per optimizer step over all ranks (the numerics depend on this, not on how it is split)",
+        range=(1, 1 << 24),
+    )
+    batch_size: int = config_field(
+        0,
+        "sequences per forward pass on one rank (0: global_batch_size / world size); gradients accumulate over "
+        "global_batch_size / (batch_size x world size) micro-batches",
+        range=(0, 1 << 16),
+        operational=True,
+    )
+    grad_clip: float = config_field(1.0, "global grad-norm clip (0: off)", range=(0.0, None))
+    seed: int = config_field(0, "seed for weights and data order", range=(0, (1 << 63) - 1))
+    log_every: int = config_field(10, "console/metrics line every N steps", range=(1, None), operational=True)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = _f(help="peak learning rate", range=(0.0, 10.0))
-    weight_decay: float = _f(0.1, "AdamW decoupled weight decay on matrices", range=(0.0, 10.0))
-    beta1: float = _f(0.9, "AdamW beta1", range=(0.0, 1.0))
-    beta2: float = _f(0.95, "AdamW beta2", range=(0.0, 1.0))
-    eps: float = _f(1e-8, "AdamW epsilon", range=(0.0, 1.0))
-    schedule: str = _f(
+    lr: float = config_field(help="peak learning rate", range=(0.0, 10.0))
+    weight_decay: float = config_field(0.1, "AdamW decoupled weight decay on matrices", range=(0.0, 10.0))
+    beta1: float = config_field(0.9, "AdamW beta1", range=(0.0, 1.0))
+    beta2: float = config_field(0.95, "AdamW beta2", range=(0.0, 1.0))
+    eps: float = config_field(1e-8, "AdamW epsilon (> 0: with 0 an all-zero gradient gives 0/0)", range=(1e-30, 1.0))
+    schedule: str = config_field(
         "wsd", "wsd: warmup → constant → linear warmdown; cosine: warmup → cosine", choices=("wsd", "cosine")
     )
-    warmup: int = _f(0, "warmup steps", range=(0, None))
-    warmdown: int = _f(0, "final linear-decay steps (wsd)", range=(0, None))
-    min_lr_ratio: float = _f(0.0, "final lr as a fraction of lr", range=(0.0, 1.0))
-    decay_embeddings: bool = _f(False, "apply weight decay to embeddings and the output head")
-    embed_lr_scale: float = _f(1.0, "lr multiplier for embeddings", range=(0.0, 100.0))
+    warmup: int = config_field(0, "warmup steps", range=(0, None))
+    warmdown: int = config_field(0, "final linear-decay steps (wsd)", range=(0, None))
+    min_lr_ratio: float = config_field(0.0, "final lr as a fraction of lr", range=(0.0, 1.0))
+    decay_embeddings: bool = config_field(False, "apply weight decay to embeddings and the output head")
+    embed_lr_scale: float = config_field(1.0, "lr multiplier for embeddings", range=(0.0, 100.0))
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    dir: str = _f("runs/checkpoints", "checkpoint root; a run writes {dir}/{run_name}/step_XXXXXXXX", operational=True)
-    save_every: int = _f(
+    dir: str = config_field(
+        "runs/checkpoints", "checkpoint root; a run writes {dir}/{run_name}/step_XXXXXXXX", operational=True
+    )
+    save_every: int = config_field(
         0, "save every N steps (0: only at the end and on SIGTERM/SIGINT)", range=(0, None), operational=True
     )
-    keep_last: int = _f(3, "checkpoints kept (older ones deleted)", range=(1, None), operational=True)
-    resume: str = _f(
+    keep_last: int = config_field(3, "checkpoints kept (older ones deleted)", range=(1, None), operational=True)
+    resume: str = config_field(
         "auto",
         "'auto': continue from the latest checkpoint; 'never': start fresh (refuses if one exists); or a path: a step_XXXXXXXX checkpoint or a run's folder (its latest)",
         operational=True,
@@ -120,26 +115,66 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    dir: str = _f("runs/metrics", "DuckDB metrics root", operational=True)
-    experiments_db: str = _f("runs/experiments.sqlite", "SQLite experiment registry", operational=True)
-    flush_every_s: float = _f(2.0, "background flush period", range=(0.05, 3600.0), operational=True)
+    dir: str = config_field("runs/metrics", "DuckDB metrics root", operational=True)
+    experiments_db: str = config_field("runs/experiments.sqlite", "SQLite experiment registry", operational=True)
+    flush_every_s: float = config_field(2.0, "background flush period", range=(0.05, 3600.0), operational=True)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    eval_every: int = _f(0, "validation loss every N steps (0: only at the end)", range=(0, None), operational=True)
-    eval_batches: int = _f(8, "validation batches per evaluation (fixed set)", range=(1, None))
-    target_loss: float = _f(0.0, "stop when validation loss ≤ this (0: off)", range=(0.0, None))
+    eval_every: int = config_field(
+        0, "validation loss every N steps (0: only at the end)", range=(0, None), operational=True
+    )
+    eval_batches: int = config_field(8, "validation batches per evaluation (fixed set)", range=(1, None))
+    target_loss: float = config_field(0.0, "stop when validation loss ≤ this (0: off)", range=(0.0, None))
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    run_name: str = _f("", "run name (default: the config file's stem)", operational=True)
-    device: str = _f("auto", "auto: cuda if available else cpu", choices=("auto", "cpu", "cuda"))
-    dtype: str = _f("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=("auto", "bf16", "fp32"))
-    compile: bool = _f(False, "torch.compile the model")
-    nvtx: bool = _f(False, "emit NVTX ranges (forward, backward, optimizer, comm)", operational=True)
-    progress: bool = _f(True, "show a progress bar", operational=True)
+    run_name: str = config_field("", "run name (default: the config file's stem)", operational=True)
+    device: str = config_field("auto", "auto: cuda if available else cpu", choices=("auto", "cpu", "cuda"))
+    dtype: str = config_field("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=("auto", "bf16", "fp32"))
+    compile: bool = config_field(False, "torch.compile the model")
+    nvtx: bool = config_field(False, "emit NVTX ranges (forward, backward, optimizer, comm)", operational=True)
+    progress: bool = config_field(True, "show a progress bar", operational=True)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    ep_size: int = config_field(
+        0,
+        "expert-parallel size: ranks that share one copy of the routed experts (0: the world size); must divide "
+        "the world size and model.n_routed_experts. The rest of the model is data-parallel over every rank",
+        range=(0, 1 << 16),
+        operational=True,
+    )
+    transport: str = config_field(
+        "auto",
+        "expert-parallel transport: nvshmem (GPUs of one node), shm (CPU processes of one host), auto (nvshmem on "
+        "CUDA, shm on CPU)",
+        choices=("auto", "nvshmem", "shm"),
+        operational=True,
+    )
+    backend: str = config_field(
+        "auto",
+        "torch.distributed backend for the data-parallel reductions: auto (nccl with one GPU per rank, gloo on CPU "
+        "or when ranks share a GPU), nccl, gloo",
+        choices=("auto", "nccl", "gloo"),
+        operational=True,
+    )
+    capacity_margin: float = config_field(
+        2.0,
+        "RDEP receive buffer = tokens per rank x top_k x this many rows per owner; a step that routes more to one "
+        "owner stops with an error naming this key (model.capacity_factor drops instead)",
+        range=(0.01, 1024.0),
+        operational=True,
+    )
+    wait_timeout_s: float = config_field(
+        300.0,
+        "a rank waiting for a peer's expert-parallel signal gives up after this",
+        range=(1.0, 86400.0),
+        operational=True,
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -151,6 +186,7 @@ SECTIONS: dict[str, type] = {
     "metrics": MetricsConfig,
     "eval": EvalConfig,
     "runtime": RuntimeConfig,
+    "parallel": ParallelConfig,
 }
 REQUIRED_SECTIONS = ("model", "data", "train", "optim")
 
@@ -165,6 +201,7 @@ class Config:
     metrics: MetricsConfig
     eval: EvalConfig
     runtime: RuntimeConfig
+    parallel: ParallelConfig
     source: str = ""  # the file it came from (not part of the fingerprint)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -210,7 +247,9 @@ def load_config(
             f"{path}: no such config file. Configs shipped with nmoe live in configs/ (e.g. configs/tiny.toml)."
         )
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the config as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     return build_config(raw, str(path), os.environ if env is None else env, overrides or {})
@@ -316,15 +355,9 @@ def _check_value(value: Any, ftype: Any, meta: Mapping[str, Any], where: str, do
         )
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: `{dotted}` = {value!r} must be a finite number. {meta.get('help', '')}")
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(
-            f"{where}: `{dotted}` = {value!r} is not allowed; choose one of {', '.join(map(repr, meta['choices']))}"
-        )
-    if "range" in meta and isinstance(value, (int, float)) and not isinstance(value, bool):
-        lo, hi = meta["range"]
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            span = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-            raise ConfigError(f"{where}: `{dotted}` = {value!r} is out of range; allowed range is {span}")
+    problem = field_problem(value, meta)
+    if problem:
+        raise ConfigError(f"{where}: `{dotted}` = {value!r} {problem}")
     return value
 
 

@@ -1,4 +1,4 @@
-"""The training loop: one process (CPU or one GPU), exact resume, metrics, checkpoints."""
+"""The training loop: `Trainer(cfg).run()` on one process, or on every rank of a torchrun world."""
 
 from __future__ import annotations
 
@@ -7,29 +7,34 @@ import math
 import os
 import signal
 import socket
-import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from nmoe.data import Tokenizer, open_loader
-from nmoe.metrics import MetricsWriter, Registry
-from nmoe.model import Transformer, model_summary
+from nmoe.model import model_summary
 from nmoe.train import checkpoint as ckpt
-from nmoe.train.config import Config, fingerprint_items
+from nmoe.train.cadence import Cadence
+from nmoe.train.checkpointer import Checkpointer
+from nmoe.train.config import Config
 from nmoe.train.data_setup import ensure_data
-from nmoe.train.mfu import mfu, peak_tflops
-from nmoe.train.optim import build_optimizer, expert_names
+from nmoe.train.diagnostics import locate_nonfinite
+from nmoe.train.distributed import World, init_world
+from nmoe.train.grads import global_grad_norm, reduce_gradients_, split_params
+from nmoe.train.mfu import peak_tflops
+from nmoe.train.model_setup import build_model
+from nmoe.train.optim import build_optimizer, expert_names, set_lr
+from nmoe.train.record import RunRecord, final_values
+from nmoe.train.report import Console, Throughput, perf_values, step_line
+from nmoe.train.runtime import SetupError, plan_run, world_size_from_env
 from nmoe.train.schedule import lr_at
-
-
-class SetupError(RuntimeError):
-    """The run cannot start as configured (device, data/model mismatch); the message says what to change."""
+from nmoe.train.signals import StopFlag
+from nmoe.train.state import TrainState
 
 
 class NonFiniteError(RuntimeError):
@@ -47,288 +52,52 @@ class RunResult:
     stop_signal: int | None = None  # the signal that interrupted the run, if any
 
 
-def pick_device(cfg: Config) -> torch.device:
-    want = cfg.runtime.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise SetupError(
-                "runtime.device = 'cuda' but no CUDA GPU is visible. Set runtime.device = 'cpu' (or 'auto') or run on a GPU machine."
-            )
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+class Hook(Protocol):
+    """Extension points called on every rank (the tests inject faults through them)."""
 
+    def during_step(self, trainer: Trainer, step: int) -> None:
+        """After step `step`'s forward and backward, before the ranks agree on its outcome."""
 
-def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    mode = cfg.runtime.dtype
-    if mode == "fp32" or (mode == "auto" and device.type == "cpu"):
-        return None
-    return torch.bfloat16
-
-
-class _StopFlag:
-    """Turns SIGTERM/SIGINT into a flag checked between steps (checkpoint, then exit)."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C aborts at once
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+    def after_save(self, trainer: Trainer, step: int) -> None:
+        """After step `step` is done and its checkpoint (if any) is written."""
 
 
 class Trainer:
-    """Builds everything a run needs from a Config and runs it: `Trainer(cfg).run()`."""
+    """Builds everything a run needs from a Config (`__init__`), then trains it (`run()`)."""
 
-    def __init__(self, cfg: Config, log: Callable[[str], None] = print):
-        self.cfg = cfg
-        self.log = log
-        self.device = pick_device(cfg)
-        self.amp_dtype = autocast_dtype(cfg, self.device)
-        self.world_size = 1
-        self.rank = 0
-        self.ckpt_root = Path(cfg.checkpoint.dir) / cfg.name
-        self.summary = model_summary(cfg.model, cfg.train.seq_len, batch_size=cfg.train.batch_size)
-        self.peak = peak_tflops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
-        self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum * self.world_size
-
-    # ---------------------------------------------------------------- setup
-    def _seed(self) -> None:
-        import random
-
-        seed = self.cfg.train.seed
-        random.seed(seed)
-        np.random.seed(seed % (1 << 32))
-        torch.manual_seed(seed)
-
-    def _build(self) -> None:
-        cfg = self.cfg
-        self.data_path = ensure_data(cfg, log=self.log)
-        # The loader refuses shards written by another tokenizer than the one the config names.
-        expect_sha = Tokenizer.load(cfg.data.tokenizer).sha256 if not cfg.data.mixture else None
-        common = dict(
-            seq_len=cfg.train.seq_len,
-            batch_size=cfg.train.batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=cfg.train.seed,
-            expect_tokenizer_sha256=expect_sha,
-            verify=cfg.data.verify_shards,
-        )
-        self.loader = open_loader(self.data_path, split="train", **common)
-        self.val_loader = open_loader(self.data_path, split="val", **common)
-        if self.loader.vocab_size > cfg.model.vocab_size:
-            raise SetupError(
-                f"the data's tokenizer has {self.loader.vocab_size} tokens but model.vocab_size = {cfg.model.vocab_size}; "
-                f"set model.vocab_size ≥ {self.loader.vocab_size} (a multiple of 64 is fastest)"
-            )
-        self._seed()
-        self.model = Transformer(cfg.model)
-        self.model.init_weights(cfg.train.seed)
-        self.model.to(self.device)
+    def __init__(self, cfg: Config, log=print, hooks: Sequence[Hook] = ()):
+        self.cfg, self.hooks = cfg, list(hooks)
+        self.plan = plan_run(cfg, world_size_from_env())
+        self.world: World = init_world(self.plan, cfg.parallel.backend, cfg.parallel.wait_timeout_s)
+        self.log = log if self.world.is_main else (lambda text: None)
+        self.device = self.world.device
+        self.lock = self.world.agree(self._claim_outputs, "checking the output folders")
+        self.loader, self.val_set = self._open_data()
+        self.model, self.shard = build_model(cfg, self.plan, self.world)
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=self.device.type == "cuda")
-        self.expert_names = expert_names(self.model)
+        self.dense_params, self.expert_params = split_params(self.model, expert_names(self.model))
         self.forward = torch.compile(self.model) if cfg.runtime.compile else self.model
-        self.val_set = [self._to_device(b) for b in self.val_loader.val_batches(cfg.eval.eval_batches)]
+        self.checkpoints = Checkpointer(cfg, self.world, self.model, self.optimizer, self.shard, self.log)
+        self.resumed = self.checkpoints.resume(self.loader)
+        fresh = TrainState.fresh(cfg.name, cfg.fingerprint)
+        self.state = self.resumed or TrainState(run_id=self.world.gather_objects(fresh.run_id)[0])
+        self.summary = model_summary(cfg.model, cfg.train.seq_len, self.plan.micro_batch, act_bytes=self.plan.act_bytes)
+        self.peak = peak_tflops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+        self.git_rev = ckpt.git_revision(Path(__file__).parent)
+        self.last_batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _to_device(self, batch):
-        x, y = (torch.from_numpy(np.ascontiguousarray(a)) for a in batch)
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x, y
-
-    def _resume(self) -> dict[str, Any] | None:
-        mode = self.cfg.checkpoint.resume
-        if mode == "never":
-            if ckpt.find_latest(self.ckpt_root) is not None:
-                raise ckpt.CheckpointError(
-                    f"checkpoint.resume = 'never' but {self.ckpt_root} already holds checkpoints. "
-                    "Use resume = 'auto' to continue that run, or choose another runtime.run_name / checkpoint.dir."
-                )
+    # ------------------------------------------------------------------------------------ setup
+    def _claim_outputs(self) -> ckpt.RunLock | None:
+        """Fail before data prep when an output folder cannot be written; take the run's lock (rank 0)."""
+        if not self.world.is_main:
             return None
-        path = ckpt.find_latest(self.ckpt_root) if mode == "auto" else Path(mode)
-        if mode != "auto" and path.is_dir() and not (path / "meta.json").exists():
-            path = ckpt.find_latest(path) or path  # a run's folder: its latest checkpoint
-        if path is None:
-            return None
-        meta = ckpt.read_meta(path)
-        ckpt.check_compatible(meta, self.cfg.fingerprint, fingerprint_items(self.cfg), self.world_size, path)
-        meta = ckpt.load_checkpoint(path, self.model, self.optimizer)
-        self.loader.load_state_dict(meta["loader"])
-        ckpt.restore_rng(meta["rng"])
-        self.log(f"[nmoe] resumed from {path} (step {meta['step']}, {meta['tokens_seen']:,} tokens seen)")
-        return meta
-
-    # ---------------------------------------------------------------- steps
-    def _nvtx(self, name: str):
-        if self.cfg.runtime.nvtx and self.device.type == "cuda":
-            return torch.cuda.nvtx.range(name)
-        return contextlib.nullcontext()
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def _loss(self, x: torch.Tensor, y: torch.Tensor, eager: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cross-entropy, router aux loss) of one batch; eager=True bypasses torch.compile (for hooks)."""
-        with self._autocast():
-            out = (self.model if eager else self.forward)(x)
-        logits = out.logits
-        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-        return ce, out.aux_loss
-
-    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over grad_accum micro-batches; returns (loss, grad_norm) on device."""
         cfg = self.cfg
-        lr = lr_at(step, cfg.train.steps, cfg.optim)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        total = torch.zeros((), device=self.device)
-        for _ in range(cfg.train.grad_accum):
-            x, y = self._to_device(self.loader.next_batch())
-            with self._nvtx("forward"):
-                ce, aux = self._loss(x, y)
-            with self._nvtx("backward"):
-                ((ce + aux) / cfg.train.grad_accum).backward()
-            total += ce.detach() / cfg.train.grad_accum
-        with self._nvtx("optimizer"):
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        self.last_batch = (x, y)
-        return total, grad_norm
-
-    def _apply(self, grad_norm: torch.Tensor) -> None:
-        """Clip (only now that the norm is known finite, so the locator saw raw gradients) and step."""
-        with self._nvtx("optimizer"):
-            if self.cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(
-                    self.model.parameters(), self.cfg.train.grad_clip, grad_norm, foreach=True
-                )
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.model.update_expert_bias()
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean cross-entropy over the fixed validation set; leaves every model buffer as it was.
-
-        The MoE routers count their load on every forward (eval too) into non-persistent buffers that
-        the next expert-bias update reads; validation must not feed them, or a run resumed from a
-        checkpoint taken right after an evaluation would update the bias differently (no bitwise resume)
-        and the router diagnostics would mix in validation batches.
-        """
-        saved = [(b, b.clone()) for b in self.model.buffers()]
-        self.model.eval()
-        try:
-            losses = [self._loss(x, y)[0] for x, y in self.val_set]
-        finally:
-            self.model.train()
-            for buf, value in saved:
-                buf.copy_(value)
-        return float(torch.stack(losses).mean())
-
-    def _locate_nonfinite(self) -> str:
-        """Name the first module whose output (or parameter gradient) is not finite."""
-        found: list[str] = []
-        hooks = []
-        for name, module in self.model.named_modules():
-
-            def hook(mod, args, out, name=name):
-                tensors = out if isinstance(out, (tuple, list)) else (out,)
-                if not found and any(
-                    torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all() for t in tensors
-                ):
-                    found.append(name or "<model>")
-
-            hooks.append(module.register_forward_hook(hook))
-        try:
-            with torch.no_grad():
-                self._loss(*self.last_batch, eager=True)  # module hooks need the eager model
-        finally:
-            for h in hooks:
-                h.remove()
-        if found:
-            return f"forward output of `{found[0]}`"
-        for name, p in self.model.named_parameters():
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                return f"gradient of `{name}` (forward was finite)"
-        return "not reproducible on the last batch"
-
-    # ---------------------------------------------------------------- io
-    def _meta(self, step: int) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "fingerprint": self.cfg.fingerprint,
-            "fingerprint_items": fingerprint_items(self.cfg),
-            "world_size": self.world_size,
-            "tokens_seen": self.tokens_seen,
-            "loader": self.loader.state_dict(),
-            "rng": ckpt.capture_rng(),
-            "git_rev": self.git_rev,
-            "target_reached": self.target_reached,
-            "val_loss": self.last_val_loss,
-            "config_toml": self.cfg.to_toml(),
-        }
-
-    def save(self, step: int) -> Path:
-        try:
-            path = ckpt.save_checkpoint(
-                self.ckpt_root,
-                step,
-                self.model,
-                self.optimizer,
-                self._meta(step),
-                is_expert=self.expert_names.__contains__,
-                keep_last=self.cfg.checkpoint.keep_last,
-            )
-        except OSError as e:
-            raise ckpt.CheckpointError(
-                f"could not write the step {step} checkpoint under {self.ckpt_root}: {e}. "
-                f"Last good checkpoint: {self.last_checkpoint or 'none'}. Free space or fix checkpoint.dir, "
-                "then rerun the same command to resume from it."
-            ) from None
-        self.last_checkpoint = path
-        self.registry.checkpoint(
-            self.run_id, step, {"train/loss": self.last_loss} if self.last_loss is not None else {}
-        )
-        return path
-
-    def _log_line(self, step: int, loss: float, lr: float, tok_s: float, eta_s: float) -> str:
-        util = mfu(self.summary.flops_per_token, tok_s, self.peak)
-        mfu_txt = (
-            f"MFU {util * 100:.1f}%"
-            if util is not None
-            else ("MFU n/a (CPU)" if self.device.type == "cpu" else "MFU n/a (unknown GPU)")
-        )
-        mem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
-        mem_txt = f"mem {mem:.1f} GiB | " if self.device.type == "cuda" else ""
-        return (
-            f"step {step}/{self.cfg.train.steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s / 1e3:.1f}k tok/s | "
-            f"{mfu_txt} | {mem_txt}ETA {_fmt_time(eta_s)}"
-        )
-
-    # ---------------------------------------------------------------- run
-    def _check_outputs(self) -> None:
-        """Fail before data prep and training, not at the first save, when an output folder cannot be written."""
-        cfg = self.cfg
+        root = Path(cfg.checkpoint.dir) / cfg.name
         outputs = (
-            ("checkpoint.dir", cfg.checkpoint.dir, self.ckpt_root),
+            ("checkpoint.dir", cfg.checkpoint.dir, root),
             ("metrics.dir", cfg.metrics.dir, Path(cfg.metrics.dir)),
             ("metrics.experiments_db", cfg.metrics.experiments_db, Path(cfg.metrics.experiments_db).parent),
+            ("data.data_dir", cfg.data.data_dir, Path(cfg.data.data_dir)),
         )
         for key, value, folder in outputs:
             try:
@@ -341,228 +110,268 @@ class Trainer:
                     f"{key} = {value!r}: cannot write to {folder} ({e.strerror or e}). "
                     f"Point {key} at a writable location (--set {key}=...)."
                 ) from None
+        lock = ckpt.RunLock(root)
+        lock.acquire()
+        ckpt.remove_stale_temporaries(root)
+        return lock
 
-    def run(self) -> RunResult:
-        cfg = self.cfg
-        self._check_outputs()
-        ckpt.remove_stale_temporaries(self.ckpt_root)
-        self._build()
-        self.git_rev = ckpt.git_revision(Path(__file__).parent)
-        self.tokens_seen = 0
-        self.last_loss: float | None = None
-        self.last_checkpoint: Path | None = ckpt.find_latest(self.ckpt_root)
-        meta = self._resume()
-        start = meta["step"] if meta else 0
-        self.step_reached = start
-        self.tokens_seen = meta["tokens_seen"] if meta else 0
-        self.target_reached = bool(meta.get("target_reached", False)) if meta else False
-        self.last_val_loss: float | None = meta.get("val_loss") if meta else None
-        self.run_id = meta["run_id"] if meta else f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.fingerprint[:6]}"
-        self.log(
-            f"[nmoe] run {self.run_id} | config {cfg.source} | fingerprint {cfg.fingerprint[:16]} | device {self._device_name()}"
-        )
-        self.log(
-            f"[nmoe] {self.summary.total_params / 1e6:.1f}M params ({self.summary.active_params / 1e6:.1f}M active), "
-            f"{self.summary.flops_per_token / 1e9:.3f} GFLOP/token, {self.tokens_per_step:,} tokens/step"
-        )
-        self.registry = Registry(cfg.metrics.experiments_db)
-        self.registry.start(
-            self.run_id,
-            name=cfg.name,
-            config_toml=cfg.to_toml(),
-            fingerprint=cfg.fingerprint,
-            git_rev=self.git_rev,
-            world_size=self.world_size,
-            device=self._device_name(),
-        )
-        self.metrics: MetricsWriter | None = None
-        result = RunResult(self.run_id, "failed", start)
-        try:  # from here on every exit gives the registry row a final status
-            self.metrics = MetricsWriter(
-                cfg.metrics.dir,
-                self.run_id,
-                rank=self.rank,
-                flush_every_s=cfg.metrics.flush_every_s,
-                resume_step=start if meta else None,
-                meta={"config": cfg.source, "fingerprint": cfg.fingerprint, "git_rev": self.git_rev},
+    def _open_data(self):
+        cfg, plan, world = self.cfg, self.plan, self.world
+        path = world.agree(lambda: ensure_data(cfg, log=self.log) if world.is_main else None, "preparing data")
+        path = world.gather_objects(path)[0]
+
+        def open_both():
+            # The loader refuses shards written by another tokenizer than the one the config names.
+            expect_sha = Tokenizer.load(cfg.data.tokenizer).sha256 if not cfg.data.mixture else None
+            common = dict(
+                seq_len=cfg.train.seq_len,
+                batch_size=plan.micro_batch,
+                rank=world.rank,
+                world_size=world.world_size,
+                seed=cfg.train.seed,
+                expect_tokenizer_sha256=expect_sha,
+                verify=cfg.data.verify_shards,
             )
-            with _StopFlag() as stop:
-                result = self._loop(start, stop)
+            loader = open_loader(path, split="train", **common)
+            val_loader = open_loader(path, split="val", **common)
+            if loader.vocab_size > cfg.model.vocab_size:
+                raise SetupError(
+                    f"the data's tokenizer has {loader.vocab_size} tokens but model.vocab_size = "
+                    f"{cfg.model.vocab_size}; set model.vocab_size ≥ {loader.vocab_size} (a multiple of 64 is fastest)"
+                )
+            return loader, val_loader.val_batches(cfg.eval.eval_batches)
+
+        loader, val_batches = world.agree(open_both, "opening the data")
+        return loader, [self._to_device(b) for b in val_batches]
+
+    def _to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = (torch.from_numpy(np.ascontiguousarray(a)) for a in batch)
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x, y
+
+    # ------------------------------------------------------------------------------------ one step
+    def _nvtx(self, name: str):
+        if self.cfg.runtime.nvtx and self.device.type == "cuda":
+            return torch.cuda.nvtx.range(name)
+        return contextlib.nullcontext()
+
+    def _autocast(self):
+        if self.plan.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.plan.amp_dtype)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, eager: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean cross-entropy, router aux loss) of one micro-batch; eager=True bypasses torch.compile."""
+        with self._autocast():
+            out = (self.model if eager else self.forward)(x)
+        logits = out.logits
+        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        return ce, out.aux_loss
+
+    def train_step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over this rank's micro-batches and the gradient reductions -> (loss part, grad norm).
+
+        The loss part is this rank's share of the global mean loss (summing it over ranks gives the mean).
+        """
+        set_lr(self.optimizer, lr)
+        scale = 1.0 / (self.plan.grad_accum * self.plan.world_size)
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.plan.grad_accum):
+            x, y = self._to_device(self.loader.next_batch())
+            with self._nvtx("forward"):
+                ce, aux = self.loss(x, y)
+            with self._nvtx("backward"):
+                ((ce + aux) * scale).backward()
+            total += ce.detach() * scale
+        self.last_batch = (x, y)
+        with self._nvtx("gradients"):
+            reduce_gradients_(self.dense_params, self.expert_params, self.world)
+            norm = global_grad_norm(self.dense_params, self.expert_params, self.world)
+        return total, norm
+
+    def _agree_on_step(self, loss: torch.Tensor, norm: torch.Tensor, stop: StopFlag) -> tuple[float, float, int]:
+        """The step's one host sync: global loss, grad norm, and the stop signal any rank received (0: none)."""
+        signum = float(stop.signal or 0)
+        shared = torch.stack([loss, loss.new_tensor(signum > 0), loss.new_tensor(signum)])
+        self.world.all_reduce_sum_(shared)
+        loss_v, stops, signums, norm_v = torch.cat([shared, norm.float().reshape(1)]).cpu().tolist()
+        return loss_v, norm_v, round(signums / stops) if stops else 0
+
+    def apply_update(self, grad_norm: torch.Tensor) -> None:
+        """Clip (only once the norm is known finite, so the locator saw raw gradients), step, rebalance experts."""
+        with self._nvtx("optimizer"):
+            if self.cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(
+                    self.model.parameters(), self.cfg.train.grad_clip, grad_norm, foreach=True
+                )
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.update_expert_bias(self._sum_over_world)
+
+    def _sum_over_world(self, tensor: torch.Tensor) -> None:
+        self.world.all_reduce_sum_(tensor)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean cross-entropy over the fixed validation set of all ranks (the model counts no router load in eval)."""
+        self.model.eval()
+        try:
+            local = torch.stack([self.loss(x, y)[0] for x, y in self.val_set]).mean()
+        finally:
+            self.model.train()
+        return float(self.world.all_reduce_sum_(local.float()) / self.world.world_size)
+
+    def _nonfinite(self, step: int, loss: float, norm: float) -> NonFiniteError:
+        where = locate_nonfinite(self.model, lambda: self.loss(*self.last_batch, eager=True))
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        return NonFiniteError(
+            f"non-finite {what} at step {step} (loss {loss}, grad norm {norm}); first seen in the {where}"
+            f"{f' on rank {self.world.rank}' if self.world.is_distributed else ''}. The optimizer step was not "
+            f"applied. Last good checkpoint: {self.checkpoints.last_good or 'none'} — lower optim.lr or raise "
+            "optim.warmup, then resume from it."
+        )
+
+    def _lr(self, step: int) -> float:
+        """Learning rate of 1-based `step`; steps past train.steps (--extend-steps) keep the schedule's last lr."""
+        steps = self.cfg.train.steps
+        return lr_at(min(step, steps) - 1, steps, self.cfg.optim)
+
+    def extend(self, extra_steps: int) -> None:
+        """Train until train.steps + extra_steps; the extra steps keep the schedule's final lr (recorded in meta)."""
+        if extra_steps <= self.state.extra_steps:
+            return
+        self.state.extra_steps = extra_steps
+        steps = self.cfg.train.steps
+        target = " A reached target val loss no longer stops the run." if self.cfg.eval.target_loss else ""
+        self.log(
+            f"[nmoe] extending the run to {steps + extra_steps} steps: steps after {steps} use the schedule's "
+            f"final learning rate {self._lr(steps):.3e}.{target}"
+        )
+
+    # ------------------------------------------------------------------------------------ the run
+    def run(self) -> RunResult:
+        """Train to train.steps (or the target val loss, or a stop signal); checkpoint; return the outcome."""
+        state = self.state
+        record = RunRecord(
+            self.cfg, state.run_id, self.world.rank, self.world.world_size, self.device_name(), self.git_rev
+        )
+        result = RunResult(state.run_id, "failed", state.step, val_loss=state.last_val_loss)
+        try:
+            record.open(resume_step=state.step if self.resumed else None)
+            self._announce()
+            with StopFlag() as stop:
+                result = self._train(record, stop)
         except KeyboardInterrupt:
-            self.registry.finish(self.run_id, "interrupted", {}, step=self.step_reached)
-            raise
-        except BaseException:
-            self.registry.finish(self.run_id, "failed", {}, step=self.step_reached)
+            result.status = "interrupted"
             raise
         finally:
-            if self.metrics is not None:
-                self.metrics.close()
-        self.registry.finish(self.run_id, result.status, _final_metrics(result), step=result.step)
+            extra = {"target_reached": float(state.target_reached)}
+            record.close(result.status, final_values(state.step, result.losses, state.last_val_loss, extra), state.step)
+            if self.lock is not None:
+                self.lock.release()
         return result
 
-    def _device_name(self) -> str:
-        return (
-            torch.cuda.get_device_name(self.device)
-            if self.device.type == "cuda"
-            else f"cpu ({os.cpu_count()} cores, {socket.gethostname()})"
+    def _announce(self) -> None:
+        s, cfg = self.summary, self.cfg
+        self.log(
+            f"[nmoe] run {self.state.run_id} | config {cfg.source} | fingerprint {cfg.fingerprint[:16]} | "
+            f"device {self.device_name()} | {self.world.world_size} rank(s), expert-parallel {self.plan.ep_size}"
+        )
+        self.log(
+            f"[nmoe] {s.total_params / 1e6:.1f}M params ({s.active_params / 1e6:.1f}M active), "
+            f"{s.flops_per_token / 1e9:.3f} GFLOP/token, {self.plan.tokens_per_step:,} tokens/step "
+            f"({self.plan.micro_batch} x {self.plan.seq_len} x {self.plan.grad_accum} accum x {self.world.world_size})"
         )
 
-    def _loop(self, start: int, stop: _StopFlag) -> RunResult:
-        cfg = self.cfg
-        result = RunResult(self.run_id, "completed", start, val_loss=self.last_val_loss)
-        if self.target_reached or start >= cfg.train.steps:
-            why = (
-                f"its target val loss {cfg.eval.target_loss} was reached"
-                if self.target_reached
-                else "all steps are done"
-            )
-            self.log(
-                f"[nmoe] run {self.run_id} already finished at step {start} ({why}); nothing to train. "
-                "To train more, start a new run under another runtime.run_name."
-            )
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return f"cpu ({os.cpu_count()} cores, {socket.gethostname()})"
+
+    def _train(self, record: RunRecord, stop: StopFlag) -> RunResult:
+        cfg, state, world = self.cfg, self.state, self.world
+        last = cfg.train.steps + state.extra_steps
+        result = RunResult(state.run_id, "completed", state.step, val_loss=state.last_val_loss)
+        if (state.target_reached and not state.extra_steps) or state.step >= last:
+            self._say_finished(last)
             return result
-        bar = _progress(cfg, start)
-        window_t, window_tokens = time.perf_counter(), 0
-        run_t0, run_tokens0 = window_t, self.tokens_seen
-        step = start
-        while step < cfg.train.steps:
-            loss_t, norm_t = self.train_step(step)
-            loss, norm = (float(v) for v in torch.stack([loss_t, norm_t.float()]).cpu())  # one sync per step
+        cadence = Cadence.of(cfg, last)
+        console = Console(self.log, world.is_main, cfg.runtime.progress, cfg.name, last, state.step)
+        meter = Throughput(state.tokens_seen)
+        while state.step < last:
+            step, lr = state.step + 1, self._lr(state.step + 1)
+            loss_t, norm_t = self.train_step(lr)
+            for hook in self.hooks:
+                hook.during_step(self, step)
+            loss, norm, signum = self._agree_on_step(loss_t, norm_t, stop)
             if not (math.isfinite(loss) and math.isfinite(norm)):
-                where = self._locate_nonfinite()
-                raise NonFiniteError(
-                    f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step + 1} "
-                    f"(loss {loss}, grad norm {norm}); first seen in the {where}. The optimizer step was not applied. "
-                    f"Last good checkpoint: {self.last_checkpoint or 'none'} — lower optim.lr or raise optim.warmup, then resume from it."
-                )
-            self._apply(norm_t)
-            step += 1
-            self.step_reached = step
-            self.tokens_seen += self.tokens_per_step
-            window_tokens += self.tokens_per_step
-            self.last_loss = loss
+                raise self._nonfinite(step, loss, norm)
+            self.apply_update(norm_t)
+            state.advance(self.plan.tokens_per_step)
+            meter.add(self.plan.tokens_per_step)
             result.losses[step] = loss
-            lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1.0)
             values = {
                 "train/loss": loss,
                 "train/grad_norm": norm,
                 "train/lr": lr,
-                "train/tokens_seen": float(self.tokens_seen),
+                "train/tokens_seen": state.tokens_seen,
             }
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                values.update(self._window_metrics(step, loss, lr, window_t, window_tokens, run_t0, run_tokens0, bar))
-                window_t, window_tokens = time.perf_counter(), 0
-            is_last = step == cfg.train.steps
-            if (cfg.eval.eval_every and step % cfg.eval.eval_every == 0) or is_last:
-                result.val_loss = self.last_val_loss = self.evaluate()
+            if cadence.log(step):
+                values.update(self._window_metrics(step, last, loss, lr, meter, console, record))
+            if cadence.evaluate(step):
+                result.val_loss = state.last_val_loss = self.evaluate()
                 values["val/loss"] = result.val_loss
-                _write(bar, self.log, f"step {step}/{cfg.train.steps} | val loss {result.val_loss:.4f}")
-            self.metrics.log(step, values)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}")
-            reached = (
-                cfg.eval.target_loss > 0 and result.val_loss is not None and result.val_loss <= cfg.eval.target_loss
-            )
-            if reached:
-                self.target_reached = True
-                _write(
-                    bar,
-                    self.log,
-                    f"[nmoe] target val loss {cfg.eval.target_loss} reached at step {step} ({self.tokens_seen:,} tokens)",
+                console.write(f"step {step}/{last} | val loss {result.val_loss:.4f}")
+            record.log(step, values if world.is_main else {k: v for k, v in values.items() if k.startswith("perf/")})
+            console.tick(loss)
+            target = cfg.eval.target_loss if not state.extra_steps else 0.0
+            if cadence.evaluate(step) and 0 < target and result.val_loss <= target:
+                state.target_reached = True
+                console.write(
+                    f"[nmoe] target val loss {cfg.eval.target_loss} reached at step {step} ({state.tokens_seen:,} tokens)"
                 )
-            self._inject_fault(step, "TERM")
-            if (
-                (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0)
-                or is_last
-                or reached
-                or stop.signal
-            ):
-                result.checkpoint = self.save(step)
+            reached = state.target_reached and not state.extra_steps
+            if cadence.save(step) or reached or signum:
+                record.flush()  # a checkpoint implies its metrics are on disk
+                result.checkpoint = self.checkpoints.save(state, self.loader, {"git_rev": self.git_rev})
+                record.checkpointed(step, {"train/loss": loss})
             result.step = step
-            self._inject_fault(step, "KILL")
+            for hook in self.hooks:
+                hook.after_save(self, step)
             if reached:
                 break
-            if stop.signal:
-                name = signal.Signals(stop.signal).name
-                _write(
-                    bar,
-                    self.log,
-                    f"[nmoe] {name}: saved {result.checkpoint} at step {step}; rerun the same command to resume",
+            if signum:
+                name = signal.Signals(signum).name
+                console.write(
+                    f"[nmoe] {name}: saved {result.checkpoint} at step {step}; rerun the same command to resume"
                 )
-                result.status = "interrupted"
-                result.stop_signal = stop.signal
+                result.status, result.stop_signal = "interrupted", signum
                 break
-        if bar is not None:
-            bar.close()
+        console.close()
         return result
 
-    def _inject_fault(self, step: int, phase: str) -> None:
-        """Fault injection for the resume tests: NMOE_FAULT_AT_STEP='N:KILL' (phase KILL: after step N's
-        checkpoint, no cleanup at all) or 'N:TERM' / 'N:INT' (phase TERM: the signal arrives during step N)."""
-        at, _, sig = os.environ.get("NMOE_FAULT_AT_STEP", "").partition(":")
-        sig = sig.upper()
-        if not at or int(at) != step or (phase == "KILL") != (sig == "KILL"):
-            return
-        if sig == "KILL":
-            self.metrics.flush()
-        os.kill(os.getpid(), {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}[sig])
+    def _say_finished(self, last: int) -> None:
+        state, cfg = self.state, self.cfg
+        why = (
+            f"its target val loss {cfg.eval.target_loss} was reached" if state.target_reached else "all steps are done"
+        )
+        self.log(
+            f"[nmoe] run {state.run_id} already finished at step {state.step} ({why}); nothing to train. To train "
+            f"further, rerun with --extend-steps N (N more steps at the schedule's final learning rate), or start a "
+            "new run under another runtime.run_name."
+        )
 
-    def _window_metrics(self, step, loss, lr, window_t, window_tokens, run_t0, run_tokens0, bar) -> dict[str, float]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        tok_s = window_tokens / max(now - window_t, 1e-9)
-        run_rate = (self.tokens_seen - run_tokens0) / max(now - run_t0, 1e-9)
-        eta = (self.cfg.train.steps - step) * self.tokens_per_step / max(run_rate, 1e-9)
-        _write(bar, self.log, self._log_line(step, loss, lr, tok_s, eta))
-        values = {"perf/tokens_per_s": tok_s, "perf/step_time_s": self.tokens_per_step / max(tok_s, 1e-9)}
-        util = mfu(self.summary.flops_per_token, tok_s, self.peak)
-        if util is not None:
-            values["perf/mfu"] = util
-        if self.device.type == "cuda":
-            values["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        values.update(self.model.router_stats().as_scalars())
-        return values
-
-
-def _final_metrics(result: RunResult) -> dict[str, float]:
-    out = {"step": float(result.step)}
-    if result.losses:
-        out["train/loss"] = result.losses[max(result.losses)]
-    if result.val_loss is not None:
-        out["val/loss"] = result.val_loss
-    return out
-
-
-def _progress(cfg: Config, start: int):
-    if not cfg.runtime.progress:
-        return None
-    import sys
-
-    from tqdm.auto import tqdm
-
-    # On a terminal: a live bar. In a log file: no carriage-return spam; the console lines carry progress.
-    return tqdm(
-        total=cfg.train.steps,
-        initial=start,
-        desc=cfg.name,
-        unit="step",
-        dynamic_ncols=True,
-        leave=True,
-        disable=not sys.stderr.isatty(),
-    )
-
-
-def _write(bar, log, text: str) -> None:
-    if bar is not None:
-        bar.write(text)
-    else:
-        log(text)
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+    def _window_metrics(self, step, last, loss, lr, meter, console, record) -> dict[str, float]:
+        tok_s, seconds, run_rate = meter.take(self.state.tokens_seen, self.device)
+        step_time = self.plan.tokens_per_step / max(tok_s, 1e-9)
+        perf = perf_values(
+            tok_s, step_time, self.summary.flops_per_token, self.world.world_size, self.peak, self.device
+        )
+        eta = (last - step) * self.plan.tokens_per_step / max(run_rate, 1e-9)
+        console.write(step_line(step, last, loss, lr, perf, eta, cpu=self.device.type == "cpu"))
+        stats = self.model.router_stats(self._sum_over_world)
+        if self.world.is_main:
+            perf.update(stats.as_scalars())
+            record.log_arrays(step, stats.expert_loads())
+        return perf

@@ -1,4 +1,4 @@
-"""Model FLOPs utilisation: achieved FLOP/s over the device's dense bf16 peak."""
+"""Model FLOPs utilisation: achieved FLOP/s over the device's dense bf16 peak (the one MFU formula)."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> float | None:
-    """Fraction of peak (0..1), or None when the peak is unknown."""
-    if not peak:
+def mfu(flops_per_token: float, tokens_per_s: float, peak_tflops: float | None) -> float | None:
+    """Fraction of peak (0..1) for one device, or None when the peak is unknown."""
+    if not peak_tflops:
         return None
-    return flops_per_token * tokens_per_s / (peak * 1e12)
+    return flops_per_token * tokens_per_s / (peak_tflops * 1e12)

@@ -1,4 +1,11 @@
-"""AdamW with parameter groups: decay on matrices; none on norms, biases and (by default) embeddings."""
+"""The optimizer and its parameter groups: the one place that decides who gets weight decay and which lr.
+
+Groups come from the model's own classification (`Transformer.param_kinds()`):
+- matrices (attention, dense and shared-expert FFNs, routed experts, routers): weight decay;
+- norms and biases: no decay;
+- embedding and output head: no decay unless optim.decay_embeddings, lr scaled by optim.embed_lr_scale
+  (decided on purpose: decaying the embedding pulls rare tokens' rows to zero between their updates).
+"""
 
 from __future__ import annotations
 
@@ -20,12 +27,12 @@ def param_kinds(model: torch.nn.Module) -> dict[str, str]:
 
 
 def expert_names(model: torch.nn.Module) -> frozenset[str]:
-    """Names of routed-expert tensors (sharded over expert-parallel ranks in checkpoints)."""
+    """Names of routed-expert tensors (sharded over expert-parallel ranks)."""
     return frozenset(n for n, kind in param_kinds(model).items() if kind == "expert")
 
 
 def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Groups: decayed matrices/experts, undecayed norms+biases, embeddings (decay per config, lr scale)."""
+    """AdamW groups: decayed matrices, undecayed norms and biases, embeddings (decay per config, lr scale)."""
     decay, no_decay, embed = [], [], []
     kinds = param_kinds(model)
     for name, p in model.named_parameters():
@@ -51,7 +58,13 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool) -> torch.optim.Optimizer:
     """torch AdamW (fused kernel on GPU) over param_groups(model, cfg)."""
     kwargs = {"fused": True} if fused else {"foreach": False}
     return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr = lr x its lr_scale."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,88 @@
+"""The expert-dispatch seam: how routed (token, k) pairs reach the experts that own them and come back.
+
+Every dispatcher has the same surface:
+- `dispatch(x[T,D], topk_ids[T,K], weights[T,K]) -> (rows[M,D], offsets[El] int32, handle)`: the rows this
+  rank's El local experts must process, grouped by local expert (`offsets`: cumulative end rows);
+- `combine(rows_out[M,D], handle) -> y[T,D] = sum_k weights[t,k] * expert_out(t,k)`;
+- `experts(x, topk_ids, weights, w_up, w_down) -> y`: dispatch -> fused SwiGLU expert MLP -> combine.
+A topk id of -1 is a pair dropped by the capacity limit (`nmoe.kernels.drop_over_capacity`): it is never
+sent, never computed and contributes 0. `LocalDispatch` owns every expert and runs `experts` as one fused
+kernel path (the gather fused into the up-projection, the weighted combine into one kernel);
+`RdepDispatch` moves rows to the experts' owners over nmoe.rdep (no collective on the expert path).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from nmoe.kernels import moe_experts, sort_by_expert
+
+
+class ExpertDispatch(Protocol):
+    """Where the routed experts live and how tokens reach them."""
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor) -> tuple[Any, Any, Any]: ...
+
+    def combine(self, rows_out: torch.Tensor, handle: Any) -> torch.Tensor: ...
+
+    def experts(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+class LocalHandle(NamedTuple):
+    """What LocalDispatch.combine needs from its dispatch."""
+
+    token: torch.Tensor  # [M] int64: the token of each grouped row
+    weight: torch.Tensor  # [M]: the routing weight of each grouped row
+    n_tokens: int
+
+
+class LocalDispatch:
+    """Every routed expert on this rank (no expert parallelism): the fused single-GPU path."""
+
+    def __init__(self, n_experts: int):
+        self.n_experts = n_experts
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor):
+        """x[T,D] -> (rows[M,D] grouped by expert, offsets[E] int32, LocalHandle); dropped pairs excluded."""
+        routing = sort_by_expert(topk_ids, self.n_experts)
+        order = routing.order[: int(routing.offsets[-1])] if self.n_experts else routing.order[:0]
+        token = order // topk_ids.shape[1]
+        handle = LocalHandle(token, weights.reshape(-1)[order], x.shape[0])
+        return x[token], routing.offsets, handle
+
+    def combine(self, rows_out: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
+        """rows_out[M,D] -> y[T,D] = sum of weight * row over each token's rows."""
+        y = rows_out.new_zeros(handle.n_tokens, rows_out.shape[1])
+        return y.index_add(0, handle.token, rows_out * handle.weight[:, None].to(rows_out.dtype))
+
+    def experts(self, x, topk_ids, weights, w_up, w_down) -> torch.Tensor:
+        """y[T,D] through the fused kernel path (nmoe.kernels.moe_experts)."""
+        return moe_experts(x, topk_ids, weights, w_up, w_down)
+
+
+class RdepDispatch:
+    """Routed experts sharded over an expert-parallel group; rows move by direct writes (nmoe.rdep)."""
+
+    def __init__(self, rdep):
+        self.rdep = rdep  # nmoe.rdep.Rdep, shared by every MoE layer of the model
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor):
+        """x[T,D] -> (rows[M,D] for this rank's experts, offsets[El] int32, RdepHandle)."""
+        return self.rdep.dispatch(x.to(self.rdep.config.dtype), topk_ids, weights)
+
+    def combine(self, rows_out: torch.Tensor, handle) -> torch.Tensor:
+        """rows_out[M,D] -> y[T,D] back in this rank's token order."""
+        return self.rdep.combine(rows_out, handle)
+
+    @torch.compiler.disable  # one host sync per dispatch (the received row count) keeps RDEP out of compiled graphs
+    def experts(self, x, topk_ids, weights, w_up, w_down) -> torch.Tensor:
+        """dispatch -> fused SwiGLU expert MLP on the received rows -> combine."""
+        from nmoe.kernels import expert_mlp  # TEMP until the kernels branch lands
+
+        rows, offsets, handle = self.dispatch(x, topk_ids, weights)
+        out = expert_mlp(rows, offsets, w_up.to(rows.dtype), w_down.to(rows.dtype))
+        return self.combine(out, handle).to(x.dtype)
