@@ -124,12 +124,12 @@ class SeriesStore {
 function chartLayout(spec) {
   const layout = {
     title: { text: spec.title, font: { size: 13 }, x: 0.02 },
-    margin: { l: 60, r: 16, t: 34, b: 40 },
+    margin: { l: 60, r: 16, t: 34, b: 30 },
     height: spec.height || 270,
-    xaxis: { title: { text: spec.xtitle || "step", font: { size: 11 } }, zeroline: false },
+    xaxis: { zeroline: false, hoverformat: "d" },  // x is the step everywhere
     yaxis: { type: spec.logy ? "log" : "linear", tickformat: spec.percent ? ".1%" : spec.tickformat || "", zeroline: false, exponentformat: "e" },
     yaxis2: { overlaying: "y", range: [0, 1], visible: false, fixedrange: true },
-    legend: { orientation: "h", y: -0.22, font: { size: 10 } },
+    legend: { orientation: "h", y: -0.12, yanchor: "top", font: { size: 10 } },
     hovermode: "closest",
     paper_bgcolor: "#fff", plot_bgcolor: "#fff",
     shapes: [], annotations: [],
