@@ -19,7 +19,7 @@ from nmoe.metrics.nviz import data
 from nmoe.metrics.nviz.data import DataError, Sources
 
 STATIC_DIR = Path(__file__).with_name("static")
-MAX_POINTS = 2000  # per series on a first load
+MAX_POINTS = 1000  # per series on a first load (a chart is ~500 px wide)
 MAX_HEATMAP_STEPS = 200  # step windows of the expert-load heatmap on a first load
 
 

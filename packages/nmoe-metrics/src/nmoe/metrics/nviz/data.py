@@ -243,13 +243,13 @@ def _cached_latest(src: Sources, run_id: str, rank: int) -> dict[str, tuple[int,
 
 
 def run_detail(src: Sources, run_id: str) -> dict[str, Any]:
-    """Registry row (with config TOML), ranks, tags and the layers that have router/precision/expert-load data."""
+    """Registry row (with config TOML), ranks, tags (of the lowest rank) and the layers with router/precision/expert-load data."""
     ranks = _known_ranks(src, run_id)
     row = next((r for r in _registry_or_empty(src) if r["run_id"] == run_id), None)
     tags: set[str] = set()
     array_tags: set[str] = set()
-    for r in ranks:
-        path = rank_path(src.metrics_dir, run_id, r)
+    if ranks:  # every rank logs the same tags: the lowest rank's file says which charts the run has
+        path = rank_path(src.metrics_dir, run_id, ranks[0])
         tags.update(t for (t,) in read_duckdb(path, "SELECT DISTINCT tag FROM metrics"))
         array_tags.update(t for (t,) in read_duckdb(path, "SELECT DISTINCT tag FROM arrays", table="arrays"))
     layers: dict[str, set[int]] = defaultdict(set)
@@ -303,25 +303,25 @@ def parse_cursor(text: str | None) -> dict[int, int]:
         raise DataError(f"bad cursor {text!r}: expected 'rank:step,rank:step'", 400) from exc
 
 
-# Parameters in order: the tag filter values, the cursor step, the point budget.
+# Parameters in order: the tag filter values, the cursor step, the point budget twice. A series with more
+# points than the budget is cut into budget/2 buckets of equal step width; each keeps its min and max.
+# Plain aggregates and a hash join: window functions cost several times more on big runs.
 _SERIES_SQL = """
 WITH dedup AS (
     SELECT tag, step, arg_max(value, ts) AS value FROM metrics
     WHERE ({where}) AND step >= ? GROUP BY tag, step
-), numbered AS (
-    SELECT tag, step, value, row_number() OVER (PARTITION BY tag ORDER BY step) - 1 AS i,
-           count(*) OVER (PARTITION BY tag) AS n
-    FROM dedup
-), bucketed AS (
-    SELECT *, greatest(1, ceil(2 * n / ?)::BIGINT) AS k FROM numbered
-), extremes AS (
-    SELECT *, arg_min(step, value) OVER (PARTITION BY tag, i // k) AS lo_step,
-              arg_max(step, value) OVER (PARTITION BY tag, i // k) AS hi_step
-    FROM bucketed
+), span AS (
+    SELECT tag, min(step) AS lo, max(step) AS hi, count(*) AS n FROM dedup GROUP BY tag
+), keyed AS (
+    SELECT d.tag, d.step, d.value, d.step = s.lo OR d.step = s.hi AS edge,
+           CASE WHEN s.n <= ? THEN d.step ELSE (d.step - s.lo) * greatest(1, ? // 2) // (s.hi - s.lo + 1) END AS b
+    FROM dedup d JOIN span s USING (tag)
+), picked AS (
+    SELECT tag, b, arg_min(step, value) AS step_min, arg_max(step, value) AS step_max FROM keyed GROUP BY tag, b
 )
-SELECT tag, step, value FROM extremes
-WHERE k = 1 OR step = lo_step OR step = hi_step OR i = 0 OR i = n - 1
-ORDER BY tag, step
+SELECT k.tag, list(k.step ORDER BY k.step), list(k.value ORDER BY k.step) FROM keyed k JOIN picked p USING (tag, b)
+WHERE k.edge OR k.step = p.step_min OR k.step = p.step_max
+GROUP BY k.tag ORDER BY k.tag
 """
 
 
@@ -352,19 +352,15 @@ def series(
     for r in ranks:
         after = cursor.get(r, -(2**63))
         sql = _SERIES_SQL.format(where=" OR ".join(clauses))
-        params = [*prefixes, *tags, after, max_points if r not in cursor else 2**62]
+        budget = max_points if r not in cursor else 2**62
+        params = [*prefixes, *tags, after, budget, budget]
         rows = read_duckdb(rank_path(src.metrics_dir, run_id, r), sql, params)
-        by_tag: dict[str, dict[str, list]] = {}
-        for tag, step, value in rows:
-            s = by_tag.setdefault(tag, {"tag": tag, "rank": r, "steps": [], "values": [], "nonfinite": []})
-            s["steps"].append(step)
-            if math.isfinite(value):
-                s["values"].append(value)
-            else:
-                s["values"].append(None)
-                s["nonfinite"].append([step, str(value)])
-        out.extend(by_tag.values())
-        new_cursor[r] = max([after, *(s["steps"][-1] for s in by_tag.values())])
+        for tag, steps, values in rows:
+            nonfinite = [[step, str(v)] for step, v in zip(steps, values) if not math.isfinite(v)]
+            if nonfinite:
+                values = [v if math.isfinite(v) else None for v in values]
+            out.append({"tag": tag, "rank": r, "steps": steps, "values": values, "nonfinite": nonfinite})
+        new_cursor[r] = max([after, *(steps[-1] for _, steps, _ in rows)])
     return {"series": out, "cursor": ",".join(f"{r}:{s}" for r, s in new_cursor.items() if s >= 0)}
 
 
