@@ -257,4 +257,5 @@ def test_serve_command_serves_and_warns_about_damaged_rank_files(nviz_sources):
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
-    assert "warning: cannot read" in err and "broken/rank_0.duckdb" in err and "Traceback" not in err
+    assert "warning: cannot read" in err and "broken/rank_0.duckdb" in err and "DuckDB header" in err
+    assert "Traceback" not in err

@@ -65,11 +65,11 @@ def read_duckdb(path: Path, sql: str, params: list | dict | None = None, *, tabl
         with open_duckdb(path, read_only=True, timeout_s=READ_TIMEOUT_S) as con:
             if not has_table(con, table):
                 if table == "metrics":
-                    raise DataError(_damaged_duckdb(path, "it has no 'metrics' table"))
+                    raise DataError(damaged_duckdb_message(path, "it has no 'metrics' table"))
                 return []
             return con.execute(sql, params or []).fetchall()
     except duckdb.Error as exc:
-        raise DataError(_damaged_duckdb(path, str(exc).splitlines()[0])) from exc
+        raise DataError(damaged_duckdb_message(path, str(exc).splitlines()[0])) from exc
     except TimeoutError as exc:
         raise DataError(
             f"{path} is busy (its writer held it for {READ_TIMEOUT_S:.0f}s); the page retries", 503
@@ -78,7 +78,8 @@ def read_duckdb(path: Path, sql: str, params: list | dict | None = None, *, tabl
         raise DataError(f"{path} disappeared while reading it", 404) from exc
 
 
-def _damaged_duckdb(path: Path, detail: str) -> str:
+def damaged_duckdb_message(path: Path, detail: str) -> str:
+    """What the page and the CLI say about a rank file DuckDB cannot read."""
     return (
         f"cannot read {path}: {detail.rstrip('.! ')}. It is damaged or not an nmoe metrics file: "
         f"move it out of {path.parent}"

@@ -44,11 +44,19 @@ def check_sources(src: Sources, *, leaderboard_required: bool) -> list[str]:
     warnings = []
     for run_id in list_metric_runs(src.metrics_dir):
         for r in list_ranks(src.metrics_dir, run_id):
-            try:
-                data.read_duckdb(rank_path(src.metrics_dir, run_id, r), "SELECT 1")
-            except DataError as exc:
-                warnings.append(exc.message)
+            path = rank_path(src.metrics_dir, run_id, r)
+            if not _has_duckdb_header(path):  # deeper damage shows on the run's page when it is read
+                warnings.append(data.damaged_duckdb_message(path, "it does not start with a DuckDB header"))
     return warnings
+
+
+def _has_duckdb_header(path: Path) -> bool:
+    """Cheap check (no open, no lock): a DuckDB file carries the magic bytes 'DUCK' at offset 8."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(12)[8:12] == b"DUCK"
+    except OSError:
+        return False
 
 
 def bind(host: str, port: int) -> socket.socket:
