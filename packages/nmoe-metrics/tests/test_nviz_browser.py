@@ -185,3 +185,14 @@ def test_damaged_run_shows_a_clear_message(browser, server):
     assert "broken/rank_0.duckdb" in text and "move it out of" in text
     errors = _console_errors(browser)
     assert all("status of 500" in e for e in errors), errors  # only the failed API call itself is logged
+
+
+def test_registry_only_and_unknown_runs_explain_themselves(browser, server):
+    _open(browser, f"{server}/#/run/crashed")
+    note = "const e = document.getElementById('no-metrics'); return e && e.innerText"
+    assert "no metrics files yet" in _wait(lambda: browser.execute_script(note), what="the no-metrics note")
+    assert "failed" in browser.find_element("id", "run-header").text
+    assert _console_errors(browser) == []
+    _open(browser, f"{server}/#/run/nope")
+    message = "const e = document.getElementById('run-error'); return e && e.innerText"
+    assert "unknown run 'nope'" in _wait(lambda: browser.execute_script(message), what="the unknown-run message")
