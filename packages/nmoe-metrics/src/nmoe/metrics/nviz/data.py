@@ -188,7 +188,7 @@ def _run_entry(src: Sources, row: dict[str, Any] | None, run_id: str) -> dict[st
         "gpu_count": 0 if device is None or device.lower().startswith("cpu") else world,
         "started_at": row.get("started_at"),
         "ended_at": row.get("ended_at"),
-        "steps": row.get("last_step", final.get("step")),
+        "steps": row["last_step"] if row.get("last_step") is not None else final.get("step"),
         "ranks": ranks,
         "last_write_age_s": None if last_write is None else max(0.0, time.time() - last_write),
         "error": None,
