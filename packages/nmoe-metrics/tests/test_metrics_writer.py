@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nmoe.metrics import MetricsWriter, latest, rank_path, read_metrics, run_headers
+from nmoe.metrics import MetricsWriter, latest, rank_path, read_arrays, read_metrics, run_headers
 
 
 def _count(path) -> int:
@@ -173,3 +173,72 @@ def test_any_logged_values_come_back_bit_exact(tmp_path_factory, entries):
     expected = sorted((tag, step, repr(v)) for step, vals in entries for tag, v in vals.items())
     got = sorted((r.tag, r.step, repr(r.value)) for r in read_metrics(root, "h"))
     assert got == expected
+
+
+def test_log_array_round_trips_and_shares_the_scalar_transaction(tmp_path):
+    w = MetricsWriter(tmp_path, "r", flush_every_s=3600, max_buffer=10**9)
+    for step in range(3):
+        w.log(step, {"train/loss": float(step)})
+        w.log_array(step, "router/layer00/expert_load", [step, 2.0, math.nan])
+        w.log_array(step, "router/layer01/expert_load", [1.0] * 4)
+    assert w.pending_rows == 9
+    w.close()
+    got = read_arrays(tmp_path, "r", "router/layer00/")
+    assert [(a.rank, a.step, a.tag) for a in got] == [(0, s, "router/layer00/expert_load") for s in range(3)]
+    assert got[2].values[:2] == [2.0, 2.0] and math.isnan(got[2].values[2])
+    assert len(read_arrays(tmp_path, "r")) == 6
+    assert [a.step for a in read_arrays(tmp_path, "r", "router/layer01", after_step=0)] == [1, 2]
+    assert [r.step for r in read_metrics(tmp_path, "r")] == [0, 1, 2]  # arrays stay out of `metrics`
+    con = duckdb.connect(str(w.path), read_only=True)
+    assert [tuple(c[1:3]) for c in con.execute("PRAGMA table_info(arrays)").fetchall()] == [
+        ("run_id", "VARCHAR"),
+        ("step", "BIGINT"),
+        ("tag", "VARCHAR"),
+        ("value", "DOUBLE[]"),
+        ("ts", "TIMESTAMP"),
+    ]
+    con.close()
+
+
+def test_a_failed_batch_writes_neither_scalars_nor_arrays(tmp_path, monkeypatch):
+    from nmoe.metrics import writer as writer_module
+
+    w = MetricsWriter(tmp_path, "r", flush_every_s=3600)
+    monkeypatch.setattr(writer_module, "INSERT_ARRAY_BATCH", "INSERT INTO no_such_table VALUES (1)")
+    w.log(0, {"a": 1.0})
+    w.log_array(0, "e", [1.0])
+    with pytest.raises(RuntimeError, match="no_such_table"):
+        w.flush()
+    assert _count(w.path) == 0, "the scalar insert of the failed batch must roll back"
+    with pytest.raises(RuntimeError, match="no_such_table"):
+        w.close()
+
+
+def test_log_array_bad_input_fails_at_the_call_site(tmp_path):
+    with MetricsWriter(tmp_path, "r") as w:
+        with pytest.raises(ValueError, match="empty"):
+            w.log_array(0, "e", [])
+        with pytest.raises(TypeError, match="sequence of floats"):
+            w.log_array(0, "e", "123")
+        with pytest.raises(TypeError, match="'e'.*not convertible"):
+            w.log_array(0, "e", [1.0, "x"])
+        with pytest.raises(TypeError, match="step must be an int"):
+            w.log_array(0.5, "e", [1.0])
+    assert read_arrays(tmp_path, "r") == []
+
+
+def test_resume_step_drops_arrays_after_the_checkpoint_and_old_files_read_empty(tmp_path):
+    with MetricsWriter(tmp_path, "r") as w:
+        for step in range(6):
+            w.log_array(step, "e", [float(step)])
+    with MetricsWriter(tmp_path, "r", resume_step=3) as w:
+        w.log_array(4, "e", [40.0])
+    assert [(a.step, a.values) for a in read_arrays(tmp_path, "r")] == [(s, [float(s)]) for s in range(4)] + [
+        (4, [40.0])
+    ]
+    old = rank_path(tmp_path, "old", 0)
+    old.parent.mkdir()
+    con = duckdb.connect(str(old))
+    con.execute("CREATE TABLE metrics (run_id VARCHAR, step BIGINT, tag VARCHAR, value DOUBLE, ts TIMESTAMP)")
+    con.close()
+    assert read_arrays(tmp_path, "old") == []

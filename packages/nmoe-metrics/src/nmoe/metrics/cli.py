@@ -1,4 +1,4 @@
-"""`nmoe-metrics`: list runs from the registry, show a run's latest metrics with sparklines, export CSV."""
+"""`nmoe-metrics`: list runs from the registry, show a run's latest metrics with sparklines, export CSV, serve NVIZ."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from nmoe.metrics.sparkline import sparkline
 
 DEFAULT_DB = "./runs/experiments.sqlite"
 DEFAULT_METRICS_DIR = "./runs/metrics"
+DEFAULT_LEADERBOARD = "./LEADERBOARD.json"
 LOSS_KEYS = ("train/loss", "loss")
 VAL_LOSS_KEYS = ("val/loss", "val_loss")
 
@@ -77,6 +78,17 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--metrics-dir", default=None, help=dir_help)
     export.add_argument("--rank", type=int, default=None, help="only this rank (default: every rank)")
     export.set_defaults(func=cmd_export)
+
+    serve = sub.add_parser("serve", help="NVIZ: the web dashboard of runs, charts, router health and the leaderboard")
+    serve.add_argument("--metrics-dir", default=None, help=dir_help)
+    serve.add_argument("--db", default=None, help=db_help)
+    serve.add_argument(
+        "--leaderboard", default=None, help=f"leaderboard JSON (default: $NMOE_LEADERBOARD or {DEFAULT_LEADERBOARD})"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine)")
+    serve.add_argument("--port", type=int, default=8050, help="port (default 8050; 0 picks a free one)")
+    serve.add_argument("--poll-s", type=float, default=3.0, help="how often the page fetches new points (default 3)")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -198,6 +210,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Check the sources, bind the port, then serve NVIZ until Ctrl-C."""
+    from nmoe.metrics.nviz.server import ServeError, serve
+
+    leaderboard = Path(args.leaderboard or os.environ.get("NMOE_LEADERBOARD") or DEFAULT_LEADERBOARD)
+    try:
+        serve(
+            _metrics_dir(args.metrics_dir),
+            _registry_path(args.db),
+            leaderboard,
+            host=args.host,
+            port=args.port,
+            poll_s=args.poll_s,
+            leaderboard_required=args.leaderboard is not None,
+        )
+    except ServeError as exc:
+        raise CliError(str(exc)) from exc
+    return 0
+
+
 # ---------------------------------------------------------------------- helpers
 
 
@@ -208,8 +243,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _registry_path(db: str | None) -> Path:
+    return Path(db or os.environ.get("NMOE_EXPERIMENTS_DB") or DEFAULT_DB)
+
+
 def _open_registry(db: str | None, *, must_exist: bool) -> Registry | None:
-    path = Path(db or os.environ.get("NMOE_EXPERIMENTS_DB") or DEFAULT_DB)
+    path = _registry_path(db)
     if not path.exists():
         if must_exist:
             raise CliError(f"no experiment registry at {path}; pass --db PATH or set NMOE_EXPERIMENTS_DB")

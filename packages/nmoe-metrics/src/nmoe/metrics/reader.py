@@ -8,6 +8,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
+import duckdb
+
 from nmoe.metrics._duckdb_lock import LOCK_TIMEOUT_S, open_duckdb
 from nmoe.metrics.writer import rank_path, validate_run_id
 
@@ -21,6 +23,16 @@ class MetricRow(NamedTuple):
     step: int
     tag: str
     value: float
+    ts: datetime
+
+
+class ArrayRow(NamedTuple):
+    """One stored vector: `(rank, step, tag, values, ts)`; `values` is a list of floats, `ts` naive UTC."""
+
+    rank: int
+    step: int
+    tag: str
+    values: list[float]
     ts: datetime
 
 
@@ -74,6 +86,37 @@ def latest(
             if tag not in best or step > best[tag][0]:
                 best[tag] = (step, value)
     return dict(sorted(best.items()))
+
+
+def read_arrays(
+    metrics_dir: str | Path,
+    run_id: str,
+    tag_prefix: str = "",
+    rank: int | None = None,
+    *,
+    after_step: int | None = None,
+    timeout_s: float = LOCK_TIMEOUT_S,
+) -> list[ArrayRow]:
+    """Vectors logged by `MetricsWriter.log_array` whose tag starts with `tag_prefix` (and step > `after_step`),
+    ordered by (tag, step, rank, ts); files written before the `arrays` table existed contribute none."""
+    query = "SELECT step, tag, value, ts FROM arrays WHERE starts_with(tag, ?) AND step > ?"
+    rows: list[ArrayRow] = []
+    lowest = -(2**63) if after_step is None else int(after_step)
+    for r in _ranks_to_read(metrics_dir, run_id, rank):
+        path = rank_path(metrics_dir, run_id, r)
+        with open_duckdb(path, read_only=True, timeout_s=timeout_s) as con:
+            if not has_table(con, "arrays"):
+                continue
+            fetched = con.execute(query, [tag_prefix, lowest]).fetchall()
+        rows.extend(ArrayRow(r, *row) for row in fetched)
+    rows.sort(key=lambda row: (row.tag, row.step, row.rank, row.ts))
+    return rows
+
+
+def has_table(con: duckdb.DuckDBPyConnection, table: str) -> bool:
+    """True when the open metrics file has `table` (older files lack `arrays`)."""
+    found = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ? AND schema_name = 'main'", [table])
+    return found.fetchone()[0] > 0
 
 
 def run_headers(metrics_dir: str | Path, run_id: str, *, timeout_s: float = LOCK_TIMEOUT_S) -> list[tuple]:

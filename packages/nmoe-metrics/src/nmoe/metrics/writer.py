@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from numbers import Integral
 from pathlib import Path
 from typing import Any
@@ -24,17 +24,28 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS metrics (
     run_id VARCHAR, step BIGINT, tag VARCHAR, value DOUBLE, ts TIMESTAMP
 );
+CREATE TABLE IF NOT EXISTS arrays (
+    run_id VARCHAR, step BIGINT, tag VARCHAR, value DOUBLE[], ts TIMESTAMP
+);
 CREATE TABLE IF NOT EXISTS runs (
     run_id VARCHAR, rank INTEGER, started TIMESTAMP, hostname VARCHAR, pid INTEGER, meta JSON
 );
 """
 
-# One statement per batch: the batch travels as four typed lists that DuckDB unnests column-wise.
+# One statement per table and batch: the batch travels as four typed lists that DuckDB unnests column-wise.
 INSERT_BATCH = """
 INSERT INTO metrics
 SELECT $run_id, unnest($steps::BIGINT[]), unnest($tags::VARCHAR[]), unnest($values::DOUBLE[]),
        make_timestamp(unnest($ts_us::BIGINT[]))
 """
+INSERT_ARRAY_BATCH = """
+INSERT INTO arrays
+SELECT $run_id, unnest($steps::BIGINT[]), unnest($tags::VARCHAR[]), unnest($values::DOUBLE[][]),
+       make_timestamp(unnest($ts_us::BIGINT[]))
+"""
+
+# A queued entry: (step, ts_us, scalar rows [(tag, value)], array rows [(tag, [values])]).
+_Entry = tuple[int, int, list[tuple[str, float]], list[tuple[str, list[float]]]]
 
 
 def rank_path(metrics_dir: str | Path, run_id: str, rank: int) -> Path:
@@ -51,8 +62,9 @@ def validate_run_id(run_id: str) -> None:
 class MetricsWriter:
     """Append `(step, tag, value)` rows to `{metrics_dir}/{run_id}/rank_{rank}.duckdb` off the caller's thread.
 
-    `log()` only queues; a daemon thread writes every `flush_every_s` seconds, or as soon as
-    `max_buffer` values are queued. `flush()` blocks until everything logged so far is on disk.
+    `log()` (scalars) and `log_array()` (one float vector per tag, e.g. per-expert load) only queue;
+    a daemon thread writes every `flush_every_s` seconds, or as soon as `max_buffer` rows are queued,
+    both tables in one transaction. `flush()` blocks until everything logged so far is on disk.
     `resume_step`: when resuming from a checkpoint at that step, rows with a larger step (logged
     after the checkpoint by the interrupted process) are deleted so the history stays single-valued.
     """
@@ -86,7 +98,7 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._init_file(meta or {}, resume_step)
 
-        self._queue: deque[tuple[int, int, list[tuple[str, float]]]] = deque()
+        self._queue: deque[_Entry] = deque()
         self._cond = threading.Condition()
         self._wake = threading.Event()
         self._queued_rows = 0  # rows in _queue, not yet taken by the thread
@@ -104,22 +116,21 @@ class MetricsWriter:
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         """Queue one float per tag for `step` (never touches disk; NaN/inf are kept as they are)."""
-        if self._closed:
-            raise RuntimeError(f"MetricsWriter for {self.path} is closed; create a new one to log more")
-        self._raise_background_error()
-        if not isinstance(step, Integral):
-            raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
+        self._check_open(step)
         rows = [(_check_tag(tag), _to_float(tag, value)) for tag, value in values.items()]
-        if not rows:
-            return
-        ts_us = time.time_ns() // 1000
-        with self._cond:
-            self._queue.append((int(step), ts_us, rows))
-            self._queued_rows += len(rows)
-            self._logged_rows += len(rows)
-            backlog = self._queued_rows
-        if backlog >= self._max_buffer:
-            self._wake.set()
+        if rows:
+            self._enqueue((int(step), time.time_ns() // 1000, rows, []))
+
+    def log_array(self, step: int, tag: str, values: Sequence[float]) -> None:
+        """Queue one vector of floats (e.g. E per-expert loads; pass `tensor.tolist()`) for `step` in table `arrays`."""
+        self._check_open(step)
+        _check_tag(tag)
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise TypeError(f"array {tag!r}: values must be a sequence of floats, got {type(values).__name__}")
+        floats = [_to_float(tag, v) for v in values]
+        if not floats:
+            raise ValueError(f"array {tag!r}: values is empty; log at least one float")
+        self._enqueue((int(step), time.time_ns() // 1000, [], [(tag, floats)]))
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until every row logged before this call is committed; TimeoutError after `timeout` s."""
@@ -169,6 +180,23 @@ class MetricsWriter:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _check_open(self, step: object) -> None:
+        if self._closed:
+            raise RuntimeError(f"MetricsWriter for {self.path} is closed; create a new one to log more")
+        self._raise_background_error()
+        if not isinstance(step, Integral):
+            raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
+
+    def _enqueue(self, entry: _Entry) -> None:
+        n_rows = len(entry[2]) + len(entry[3])
+        with self._cond:
+            self._queue.append(entry)
+            self._queued_rows += n_rows
+            self._logged_rows += n_rows
+            backlog = self._queued_rows
+        if backlog >= self._max_buffer:
+            self._wake.set()
+
     def _raise_background_error(self) -> None:
         if self._error is not None:
             raise RuntimeError(f"metrics writer thread for {self.path} failed: {self._error!r}") from self._error
@@ -180,6 +208,7 @@ class MetricsWriter:
             con.execute(SCHEMA)
             if resume_step is not None:
                 con.execute("DELETE FROM metrics WHERE step > ?", [int(resume_step)])
+                con.execute("DELETE FROM arrays WHERE step > ?", [int(resume_step)])
             con.execute(
                 "INSERT INTO runs VALUES (?, ?, make_timestamp(?), ?, ?, ?)",
                 [
@@ -221,7 +250,7 @@ class MetricsWriter:
         except TimeoutError as exc:
             with self._cond:
                 self._queue.extendleft(reversed(batch))
-                self._queued_rows += sum(len(rows) for _, _, rows in batch)
+                self._queued_rows += sum(len(rows) + len(arrays) for _, _, rows, arrays in batch)
                 self._lock_error = str(exc)
             self._wake.set()  # retry at once; open_duckdb already waited
             return
@@ -229,22 +258,28 @@ class MetricsWriter:
             self._written_rows += n_rows
             self._cond.notify_all()
 
-    def _append(self, batch: list[tuple[int, int, list[tuple[str, float]]]]) -> int:
-        steps: list[int] = []
-        tags: list[str] = []
-        values: list[float] = []
-        ts_us: list[int] = []
-        for step, ts, rows in batch:
-            for tag, value in rows:
-                steps.append(step)
-                tags.append(tag)
-                values.append(value)
-                ts_us.append(ts)
+    def _append(self, batch: list[_Entry]) -> int:
+        scalars = _columns((step, ts, rows) for step, ts, rows, _ in batch)
+        arrays = _columns((step, ts, rows) for step, ts, _, rows in batch)
         with open_duckdb(self.path, read_only=False, timeout_s=self._lock_timeout_s) as con:
-            con.execute(
-                INSERT_BATCH, {"run_id": self.run_id, "steps": steps, "tags": tags, "values": values, "ts_us": ts_us}
-            )
-        return len(steps)
+            con.begin()  # readers see a batch's scalars and arrays together or not at all
+            for sql, columns in ((INSERT_BATCH, scalars), (INSERT_ARRAY_BATCH, arrays)):
+                if columns["steps"]:
+                    con.execute(sql, {"run_id": self.run_id, **columns})
+            con.commit()
+        return len(scalars["steps"]) + len(arrays["steps"])
+
+
+def _columns(entries: Iterable[tuple[int, int, list[tuple[str, Any]]]]) -> dict[str, list]:
+    """Row-wise `(step, ts_us, [(tag, value)])` entries as the column lists the INSERT statements unnest."""
+    columns: dict[str, list] = {"steps": [], "tags": [], "values": [], "ts_us": []}
+    for step, ts, rows in entries:
+        for tag, value in rows:
+            columns["steps"].append(step)
+            columns["tags"].append(tag)
+            columns["values"].append(value)
+            columns["ts_us"].append(ts)
+    return columns
 
 
 def _check_tag(tag: object) -> str:
