@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from nmoe.kernels import sort_by_expert
+from nmoe.kernels import rank_in_expert, sort_by_expert
 
 
 class SourcePlan(NamedTuple):
