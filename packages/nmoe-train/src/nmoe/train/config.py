@@ -130,6 +130,13 @@ class EvalConfig:
     eval_every: int = _f(0, "validation loss every N steps (0: only at the end)", range=(0, None), operational=True)
     eval_batches: int = _f(8, "validation batches per evaluation (fixed set)", range=(1, None))
     target_loss: float = _f(0.0, "stop when validation loss ≤ this (0: off)", range=(0.0, None))
+    core_bundle: str = _f(
+        "", "CORE eval bundle directory, run at the end of the run (empty: no CORE); see nmoe-eval", operational=True
+    )
+    core_max_per_task: int = _f(
+        0, "CORE items per task (0: all; fewer is a quick, noisier estimate)", range=(0, None), operational=True
+    )
+    leaderboard: str = _f("", "LEADERBOARD.json to append the run's entry to (empty: none)", operational=True)
 
 
 @dataclass(frozen=True)
