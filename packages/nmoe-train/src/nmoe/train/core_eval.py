@@ -242,12 +242,14 @@ def score_requests(model, requests: Sequence[Request], pad_id: int, device, batc
         batch = batch.to(device)
         with autocast:
             logits = model(batch).logits
+        nlls, greedy = [], []
         for r, req in enumerate(rows):
             pred_logits = logits[r, req.start - 1 : req.end - 1].float()  # position t predicts token t + 1
             target = batch[r, req.start : req.end]
-            nll = torch.nn.functional.cross_entropy(pred_logits, target, reduction="mean")
-            greedy = bool((pred_logits.argmax(-1) == target).all())
-            out[order[lo + r]] = (float(nll), greedy)
+            nlls.append(torch.nn.functional.cross_entropy(pred_logits, target, reduction="mean"))
+            greedy.append((pred_logits.argmax(-1) == target).all())
+        for r, (nll, match) in enumerate(zip(torch.stack(nlls).tolist(), torch.stack(greedy).tolist())):  # one sync
+            out[order[lo + r]] = (nll, bool(match))
         if bar is not None:
             bar.update(len(rows))
     return out
