@@ -82,6 +82,19 @@ def test_bf16_export_loads_with_transformers_defaults(random_model, tmp_path):
         torch.testing.assert_close(hf(IDX).logits, model(IDX).logits, atol=2e-4, rtol=0)
 
 
+def test_large_models_are_sharded_with_an_index(random_model, tmp_path, monkeypatch):
+    model = random_model(seed=8)
+    monkeypatch.setattr(export_hf, "MAX_SHARD_BYTES", 40_000)
+    files = export_model(model.cfg, model.state_dict(), tmp_path, bos_id=0, dtype=torch.float32)
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
+    assert not list(tmp_path.glob(".part-*")) and (tmp_path / "model.safetensors.index.json") in files
+    hf = load_hf(tmp_path, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDX).logits, model(IDX).logits, atol=1e-4, rtol=0)
+
+
 def test_safetensors_files_and_config_follow_deepseek_v3(random_model, tmp_path):
     from safetensors import safe_open
 

@@ -219,33 +219,38 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def export_model(
     cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: str | Path, *, bos_id: int | None, dtype=torch.bfloat16
 ) -> list[Path]:
-    """Write config.json and model(-0000k-of-0000n).safetensors (+ index) into out_dir; return the files."""
+    """Write config.json and model(-0000k-of-0000n).safetensors (+ index) into out_dir; return the files.
+
+    Shards of at most MAX_SHARD_BYTES are written as they fill, so memory holds one shard beyond `state`.
+    """
     check_exportable(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    parts: list[tuple[Path, list[str]]] = []  # written shards under temporary names, with their tensor names
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
     for name, t in hf_tensors(cfg, state):
         t = t.detach().cpu().to(torch.float32 if name.endswith("e_score_correction_bias") else dtype).contiguous()
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
+        if shard and size + nbytes > MAX_SHARD_BYTES:
+            parts.append(_write_part(out, len(parts), shard))
+            shard, size = {}, 0
+        shard[name] = t
         size += nbytes
+        total += nbytes
+    parts.append(_write_part(out, len(parts), shard))
+    if len(parts) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{k + 1:05d}-of-{len(parts):05d}.safetensors" for k in range(len(parts))]
     files = []
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    )
-    for name, shard in zip(names, shards):
-        write_safetensors(out / name, shard)
+    for name, (tmp, _) in zip(names, parts):
+        os.replace(tmp, out / name)
         files.append(out / name)
-    if len(shards) > 1:
+    if len(parts) > 1:
         index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
-            "weight_map": {t: n for n, s in zip(names, shards) for t in s},
+            "metadata": {"total_size": total},
+            "weight_map": {t: n for n, (_, ts) in zip(names, parts) for t in ts},
         }
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
         files.append(out / "model.safetensors.index.json")
@@ -254,6 +259,12 @@ def export_model(
         json.dumps({"bos_token_id": bos_id, "eos_token_id": bos_id, "do_sample": False}, indent=1) + "\n"
     )
     return [out / "config.json", out / "generation_config.json", *files]
+
+
+def _write_part(out: Path, k: int, shard: dict[str, torch.Tensor]) -> tuple[Path, list[str]]:
+    path = out / f".part-{k:05d}.safetensors"
+    write_safetensors(path, shard)
+    return path, list(shard)
 
 
 def export_tokenizer(tokenizer, out_dir: str | Path) -> list[Path]:

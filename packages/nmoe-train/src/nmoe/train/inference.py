@@ -53,13 +53,14 @@ def checkpoint_config(step_dir: Path) -> Config:
 
 
 def load_state(step_dir: Path) -> dict[str, torch.Tensor]:
-    """Model tensors of a checkpoint (dense.pt + every experts_ep{r}.pt), on CPU."""
+    """Model tensors of a checkpoint (dense.pt + every experts_ep{r}.pt), on CPU (memory-mapped)."""
     shards = sorted((p for p in step_dir.iterdir() if _EXPERT_SHARD.fullmatch(p.name)), key=lambda p: p.name)
     if not (step_dir / "dense.pt").is_file() or not shards:
         raise LoadError(f"checkpoint {step_dir} is incomplete (needs dense.pt and experts_ep0.pt); use an earlier step")
-    state = dict(torch.load(step_dir / "dense.pt", map_location="cpu", weights_only=True))
+    # memory-mapped: the tensors are read from disk as they are copied into the model, not held twice in RAM
+    state = dict(torch.load(step_dir / "dense.pt", map_location="cpu", weights_only=True, mmap=True))
     for shard in shards:
-        state.update(torch.load(shard, map_location="cpu", weights_only=True))
+        state.update(torch.load(shard, map_location="cpu", weights_only=True, mmap=True))
     return state
 
 
