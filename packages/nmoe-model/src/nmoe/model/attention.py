@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from nmoe.model.config import ModelConfig
+from nmoe.model.kv_cache import LayerKV, decode_mask
 from nmoe.model.layers import RMSNorm, apply_rope
 
 _compiled_flex = None
@@ -90,6 +91,27 @@ class GQAttention(nn.Module):
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, self.window, block_mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, self.n_heads * hd))
 
+    def decode(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, kv: LayerKV
+    ) -> torch.Tensor:
+        """Cached inference: x[B,S,dim] at absolute `positions` [S] -> [B,S,dim]; appends roped k and v to kv."""
+        bsz, seq, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
+        q = apply_rope(q.view(bsz, seq, self.n_heads, hd), cos, sin)
+        k = apply_rope(k.view(bsz, seq, self.n_kv, hd), cos, sin)
+        (k_all, v_all), key_pos = kv.extend((k, v.view(bsz, seq, self.n_kv, hd)), positions)
+        mask = decode_mask(positions, key_pos, self.window)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k_all.transpose(1, 2),
+            v_all.transpose(1, 2),
+            attn_mask=mask,
+            scale=self.scale,
+            enable_gqa=self.n_heads != self.n_kv,
+        )
+        return self.wo(out.transpose(1, 2).reshape(bsz, seq, self.n_heads * hd))
+
 
 class MLAttention(nn.Module):
     """DeepSeek-V2/V3 multi-head latent attention (training form: keys/values expanded from the latent).
@@ -134,6 +156,39 @@ class MLAttention(nn.Module):
         k = torch.cat((k_nope, k_rope.expand(bsz, seq, heads, self.rope).to(k_nope.dtype)), dim=-1)
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, self.window, block_mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, heads * self.v_dim))
+
+    def decode(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, kv: LayerKV
+    ) -> torch.Tensor:
+        """Cached inference: x[B,S,dim] at absolute `positions` [S] -> [B,S,dim].
+
+        Caches only the latent [norm(c_kv) | rope(k_rope)] (kv_lora_rank + qk_rope_head_dim per token) and
+        attends in latent space: W_kvb's key half is absorbed into the query and its value half applied
+        after the softmax, so keys and values are never expanded per head.
+        """
+        bsz, seq, _ = x.shape
+        heads = self.n_heads
+        q, c_kv, k_rope = self.wqkv_a(x).split(self.split, dim=-1)
+        if self.q_lora_rank:
+            q = self.wq_b(self.q_norm(q))
+        q_nope, q_rope = q.view(bsz, seq, heads, self.qk_dim).split([self.nope, self.rope], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)
+        c_kv = self.kv_norm(c_kv)
+        k_rope = apply_rope(k_rope.view(bsz, seq, 1, self.rope), cos, sin).view(bsz, seq, self.rope)
+        (latent,), key_pos = kv.extend((torch.cat((c_kv, k_rope.to(c_kv.dtype)), dim=-1),), positions)
+        c_all, k_rope_all = latent.split([self.kv_lora_rank, self.rope], dim=-1)
+        w_kvb = self.wkv_b.weight.view(heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_k, w_v = w_kvb[:, : self.nope], w_kvb[:, self.nope :]
+        q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_k.to(q_nope.dtype))
+        scores = torch.einsum("bshc,btc->bhst", q_latent, c_all.to(q_latent.dtype)) + torch.einsum(
+            "bshr,btr->bhst", q_rope, k_rope_all.to(q_rope.dtype)
+        )
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.scale
+        scores = scores.masked_fill(~decode_mask(positions, key_pos, self.window), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(c_all.dtype)
+        out_latent = torch.einsum("bhst,btc->bshc", probs, c_all)
+        out = torch.einsum("bshc,hvc->bshv", out_latent, w_v.to(out_latent.dtype))
+        return self.wo(out.reshape(bsz, seq, heads * self.v_dim))
 
 
 def make_attention(cfg: ModelConfig, layer: int) -> nn.Module:

@@ -11,6 +11,7 @@ from torch import nn
 
 from nmoe.model.attention import make_attention, sliding_window_block_mask
 from nmoe.model.config import ModelConfig
+from nmoe.model.kv_cache import KVCache, LayerKV
 from nmoe.model.layers import RMSNorm, SwiGLU, rope_tables
 from nmoe.model.moe import MoE
 from nmoe.model.stats import LayerRouterStats, RouterStats
@@ -46,6 +47,12 @@ class Block(nn.Module):
             y, aux = self.ffn(h)
             return x + y, aux
         return x + self.ffn(h), None
+
+    def decode(self, x: torch.Tensor, cos, sin, positions: torch.Tensor, kv: LayerKV) -> torch.Tensor:
+        """Cached inference step (no aux loss): x[B,S,D] at absolute positions[S] -> x[B,S,D]."""
+        x = x + self.attn.decode(self.attn_norm(x), cos, sin, positions, kv)
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h)[0] if isinstance(self.ffn, MoE) else self.ffn(h))
 
 
 class Transformer(nn.Module):
@@ -102,6 +109,34 @@ class Transformer(nn.Module):
                 aux = aux + block_aux
         logits = self.head(self.norm(x))
         return ModelOutput(logits.float(), aux)
+
+    # ------------------------------------------------------------------ inference
+    def new_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for `batch_size` sequences of up to `capacity` tokens (default model.max_seq_len)."""
+        return KVCache(self.cfg, batch_size, self.cfg.max_seq_len if capacity is None else capacity)
+
+    @torch.no_grad()
+    def decode(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Cached inference: idx[B,S] int64 continues the cached sequences -> logits[B,S,V] float32.
+
+        The first call passes the prompt (prefill), later calls the sampled tokens; equal to `forward`
+        on the whole sequence so far (dropless routing; with model.capacity_factor > 0 the drops
+        depend on how many tokens a call routes together). Separate from `forward`, which it leaves
+        untouched; MoE router statistics accumulate as in any forward.
+        """
+        bsz, seq = idx.shape
+        start, end = cache.position, cache.position + seq
+        if bsz != cache.batch_size:
+            raise ValueError(f"idx has {bsz} sequences but the cache was made for {cache.batch_size}")
+        if end > cache.capacity:
+            raise ValueError(f"{end} tokens exceed the cache capacity ({cache.capacity}): allocate a larger cache")
+        positions = torch.arange(start, end, device=idx.device)
+        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        x = self.tok_emb(idx)
+        for block, kv in zip(self.blocks, cache.layers):
+            x = block.decode(x, cos, sin, positions, kv)
+        cache.position = end
+        return self.head(self.norm(x)).float()
 
     def _local_block_mask(self, seq: int, device: torch.device):
         """Flex block mask shared by the sliding-window layers; None when there are none or on CPU autograd."""

@@ -127,6 +127,13 @@ class EvalConfig:
     )
     eval_batches: int = config_field(8, "validation batches per evaluation (fixed set)", range=(1, None))
     target_loss: float = config_field(0.0, "stop when validation loss ≤ this (0: off)", range=(0.0, None))
+    core_bundle: str = config_field(
+        "", "CORE eval bundle directory, run at the end of the run (empty: no CORE); see nmoe-eval", operational=True
+    )
+    core_max_per_task: int = config_field(
+        0, "CORE items per task (0: all; fewer is a quick, noisier estimate)", range=(0, None), operational=True
+    )
+    leaderboard: str = config_field("", "LEADERBOARD.json to append the run's entry to (empty: none)", operational=True)
 
 
 @dataclass(frozen=True)
