@@ -24,7 +24,7 @@ def test_real_corpus_prep_round_trip_and_load(corpus, tmp_path, h):
         docs = [json.loads(line)["text"] for line in islice(f, MAX_DOCS)]
     opts = PrepOptions(
         input=str(corpus),
-        output=str(tmp_path),
+        data_dir=str(tmp_path),
         name="docs",
         tokenizer=str(tmp_path / "tok.json"),
         tokenizer_vocab_size=2048,

@@ -15,11 +15,13 @@ import re
 import shlex
 import shutil
 import time
+import types
+import typing
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
-from itertools import islice
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from itertools import chain, islice
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -32,14 +34,16 @@ from nmoe.data.sources import expand_glob, iter_file_documents, iter_hf_document
 from nmoe.data.tokenizer import Tokenizer
 
 SPLITS = ("train", "val")
-DEFAULT_SHARD_TOKENS = 100_000_000
-DEFAULT_VAL_TOKENS = 1_000_000
-# With --val-tokens N, each document is a val candidate with this probability (by a hash of its
+DEFAULT_SHARD_TOKENS = 1 << 24
+DEFAULT_VAL_TOKENS = 1 << 20
+# With val_tokens N, each document is a val candidate with this probability (by a hash of its
 # index) until val holds N tokens, so val is spread over the stream instead of being its head.
 VAL_TOKENS_RATE = 1 / 16
 CHUNK_CHARS = 1 << 19  # characters of text sent to a worker per task
 STATE_DIR = ".prep"
 SHARD_RE = re.compile(r"^(train|val)_\d{6}\.npy$")
+# The options that say which documents are read (also the source arguments of `nmoe-data tokenizer train`).
+SOURCE_FIELDS = ("source", "input", "dataset", "dataset_config", "dataset_split", "text_field", "max_docs")
 
 
 def default_workers() -> int:
@@ -50,62 +54,125 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def _opt(default=MISSING, help: str = "", *, range=None, choices=None, cli=None, operational=False):
+    """A PrepOptions field with its schema metadata (see PrepOptions)."""
+    meta = {"help": help}
+    if range is not None:
+        meta["range"] = range
+    if choices is not None:
+        meta["choices"] = choices
+    if cli is not None:
+        meta["cli"] = cli
+    if operational:
+        meta["operational"] = True
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True, kw_only=True)
 class PrepOptions:
-    """Everything `prepare` needs; the same options always produce byte-identical shards."""
+    """Everything `prepare` needs; the same options always produce byte-identical shards.
 
-    name: str
-    output: str | Path
-    tokenizer: str | Path
-    source: str = "files"
-    input: str | None = None
-    dataset: str | None = None
-    dataset_config: str | None = None
-    dataset_split: str = "train"
-    text_field: str = "text"
-    tokenizer_vocab_size: int | None = None
-    shard_tokens: int = DEFAULT_SHARD_TOKENS
-    val_tokens: int | None = None
-    val_fraction: float | None = None
-    workers: int | None = None
-    max_docs: int | None = None
+    The one schema of the data options: the `nmoe-data prep` flags are built from these fields
+    (`--field-name`, or metadata "cli"), and a training config's `[data]` section holds them under
+    the same names. Field metadata: "help"; "range": (lo, hi), inclusive, None = open; or
+    "choices"; optionally "cli" (the flag, when not `--field-name`) and "operational": True (the
+    value never changes the shard bytes, so it is not part of the prep fingerprint). Types are
+    str, int, float, bool or `X | None`; None means "not given" (see each help).
+    """
+
+    source: str = _opt("files", "where prep reads text from: 'files' (input glob) or 'hf' (Hugging Face dataset, "
+                       "streamed)", choices=("files", "hf"))
+    input: str | None = _opt(None, "glob of .txt / .jsonl / .jsonl.gz / .parquet files, relative to the current "
+                             "directory (source = files; quote it in a shell)")
+    dataset: str | None = _opt(None, "Hugging Face dataset id or local folder, e.g. HuggingFaceFW/fineweb-edu "
+                               "(source = hf)")
+    dataset_config: str | None = _opt(None, "Hugging Face dataset config, e.g. sample-10BT (source = hf)")
+    dataset_split: str = _opt("train", "Hugging Face split (source = hf)")
+    data_dir: str = _opt("data", "root folder of prepared datasets: the dataset goes to {data_dir}/{name}",
+                         cli="--output", operational=True)
+    name: str = _opt(help="dataset name: its shards and manifest.json go to {data_dir}/{name}")
+    tokenizer: str = _opt(help="tokenizer file (tokenizer.json or tiktoken rank file); when missing and "
+                          "tokenizer_vocab_size is given, one is trained on the source first")
+    text_field: str = _opt("text", "column / JSON field holding the text")
+    tokenizer_vocab_size: int | None = _opt(None, "vocab size of the tokenizer trained when the tokenizer file "
+                                            "is missing (None: the file must exist)", range=(257, 1 << 22))
+    shard_tokens: int = _opt(DEFAULT_SHARD_TOKENS, "tokens per shard file", range=(1, None))
+    val_tokens: int = _opt(DEFAULT_VAL_TOKENS, "tokens held out for validation: documents drawn 1 in 16 by hash "
+                           "until val holds this many (not used when val_fraction is given)", range=(0, None))
+    val_fraction: float | None = _opt(None, "fraction of documents (chosen by hash) held out for validation, "
+                                      "instead of val_tokens; must be < 1", range=(0.0, 1.0))
+    workers: int | None = _opt(None, "tokenizer processes (None: one per CPU core)", range=(1, 1024),
+                               operational=True)
+    max_docs: int | None = _opt(None, "read at most this many documents (None: all)", range=(1, None))
 
     def __post_init__(self):
-        if self.source not in ("files", "hf"):
-            raise DataError(f"source must be 'files' or 'hf', got {self.source!r}")
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            object.__setattr__(self, f.name, _checked(f, hints[f.name], getattr(self, f.name)))
         if self.source == "files" and not self.input:
             raise DataError("source 'files' needs input, a glob such as 'corpus/*.jsonl.gz' (--input)")
         if self.source == "hf" and not self.dataset:
             raise DataError("source 'hf' needs dataset, e.g. 'HuggingFaceFW/fineweb-edu' (--dataset)")
         if not self.name or "/" in self.name:
             raise DataError(f"name must be a non-empty directory name, got {self.name!r}")
-        if self.shard_tokens < 1:
-            raise DataError(f"shard_tokens must be >= 1, got {self.shard_tokens}")
-        if self.val_tokens is not None and self.val_fraction is not None:
-            raise DataError("give val_tokens or val_fraction, not both")
-        if self.val_fraction is not None and not 0 <= self.val_fraction < 1:
-            raise DataError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.val_tokens is not None and self.val_tokens < 0:
-            raise DataError(f"val_tokens must be >= 0, got {self.val_tokens}")
-        if self.workers is not None and self.workers < 1:
-            raise DataError(f"workers must be >= 1, got {self.workers}")
-        if self.max_docs is not None and self.max_docs < 0:
-            raise DataError(f"max_docs must be >= 0, got {self.max_docs}")
+        if self.val_fraction is not None and self.val_tokens != DEFAULT_VAL_TOKENS:
+            raise DataError("give val_tokens or val_fraction, not both (--val-tokens / --val-fraction)")
+        if self.val_fraction is not None and self.val_fraction >= 1:
+            raise DataError(f"val_fraction must be < 1 (1 leaves no training data), got {self.val_fraction}")
+
+
+def prep_option_fields() -> tuple[Field, ...]:
+    """The PrepOptions fields: the keys a training config's [data] section must include (same names, types,
+    defaults and metadata; resolve the types with typing.get_type_hints(PrepOptions))."""
+    return fields(PrepOptions)
+
+
+def cli_flag(f: Field) -> str:
+    """The command-line flag of a PrepOptions field: metadata "cli", or `--field-name`."""
+    return f.metadata.get("cli", "--" + f.name.replace("_", "-"))
+
+
+def base_type(hint) -> type:
+    """str, int, float or bool: the type of a PrepOptions field without its `| None`."""
+    args = [t for t in typing.get_args(hint) if t is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+    return args[0]
+
+
+def _checked(f: Field, hint, value):
+    """`value` of field `f` after its type / choices / range check; DataError naming the field and flag."""
+    where = f"{f.name} ({cli_flag(f)})"
+    if value is None and isinstance(hint, types.UnionType):
+        return None
+    kind = base_type(hint)
+    if kind is str and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DataError(f"{where} must be {kind.__name__}, got {value!r} ({type(value).__name__}); {f.metadata['help']}")
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        raise DataError(f"{where} = {value!r} is not allowed; choose one of {', '.join(map(repr, f.metadata['choices']))}")
+    if "range" in f.metadata:
+        lo, hi = f.metadata["range"]
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            span = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            raise DataError(f"{where} = {value!r} is out of range {span}; {f.metadata['help']}")
+    return value
 
 
 def dataset_dir(opts: PrepOptions) -> Path:
-    """Directory holding the shards and manifest.json: output/name."""
-    return Path(opts.output) / opts.name
+    """Directory holding the shards and manifest.json: data_dir/name."""
+    return Path(opts.data_dir) / opts.name
 
 
 def _val_rule(opts: PrepOptions) -> dict:
     if opts.val_fraction is not None:
         return {"val_fraction": opts.val_fraction}
-    return {"val_tokens": DEFAULT_VAL_TOKENS if opts.val_tokens is None else opts.val_tokens}
+    return {"val_tokens": opts.val_tokens}
 
 
 def _fingerprint(opts: PrepOptions, tok: Tokenizer) -> dict:
-    """Everything that determines the shard bytes (not workers, output or paths of the tokenizer)."""
+    """Everything that determines the shard bytes (not workers, data_dir or paths of the tokenizer)."""
     src = {"source": opts.source, "text_field": opts.text_field}
     if opts.source == "files":
         src["input"] = str(opts.input)
@@ -115,28 +182,21 @@ def _fingerprint(opts: PrepOptions, tok: Tokenizer) -> dict:
             "tokenizer_sha256": tok.sha256}
 
 
+# Always on the command line (the others only when they differ from their default).
+_ALWAYS_SHOWN = ("source", "data_dir")
+
+
 def prep_command(opts: PrepOptions) -> str:
     """The `uv run nmoe-data prep ...` command line that prepares exactly `opts`."""
-    args = ["uv", "run", "nmoe-data", "prep", "--source", opts.source]
-    if opts.source == "files":
-        args += ["--input", str(opts.input)]
-    else:
-        args += ["--dataset", opts.dataset]
-        if opts.dataset_config:
-            args += ["--dataset-config", opts.dataset_config]
-        if opts.dataset_split != "train":
-            args += ["--dataset-split", opts.dataset_split]
-    args += ["--output", str(opts.output), "--name", opts.name, "--tokenizer", str(opts.tokenizer)]
-    optional = [
-        ("--text-field", opts.text_field, "text"),
-        ("--tokenizer-vocab-size", opts.tokenizer_vocab_size, None),
-        ("--shard-tokens", opts.shard_tokens, DEFAULT_SHARD_TOKENS),
-        ("--val-tokens", opts.val_tokens, None),
-        ("--val-fraction", opts.val_fraction, None),
-        ("--workers", opts.workers, None),
-        ("--max-docs", opts.max_docs, None),
-    ]
-    args += [a for flag, value, default in optional if value != default for a in (flag, str(value))]
+    args = ["uv", "run", "nmoe-data", "prep"]
+    for f in prep_option_fields():
+        value = getattr(opts, f.name)
+        if f.default is not MISSING and value == f.default and f.name not in _ALWAYS_SHOWN:
+            continue
+        if isinstance(value, bool):
+            args.append(cli_flag(f) if value else "--no-" + cli_flag(f).removeprefix("--"))
+        else:
+            args += [cli_flag(f), str(value)]
     return shlex.join(args)
 
 
@@ -181,14 +241,21 @@ def ensure_tokenizer(opts: PrepOptions, progress: bool = True) -> Tokenizer:
         return Tokenizer.load(path)
     if not opts.tokenizer_vocab_size:
         raise DataError(
-            f"tokenizer {path} does not exist; pass --tokenizer-vocab-size N to train it from the input, "
-            f"or run `uv run nmoe-data tokenizer train --input GLOB --vocab-size N --output {path}`"
+            f"tokenizer {path} does not exist; set tokenizer_vocab_size (--tokenizer-vocab-size N) to train it "
+            f"from the source, or run `uv run nmoe-data tokenizer train --input GLOB --vocab-size N --output {path}`"
         )
+    docs = islice(iter_source_documents(opts), opts.max_docs)
+    read = 0
+    for first in docs:  # never leave a tokenizer trained on nothing behind
+        read += 1
+        if first:
+            break
+    else:
+        raise _no_documents(opts, read)
     if progress:
         print(f"nmoe-data: training a {opts.tokenizer_vocab_size}-token BPE tokenizer -> {path}", flush=True)
     t0 = time.perf_counter()
-    docs = islice(iter_source_documents(opts), opts.max_docs)
-    tok = Tokenizer.train(docs, opts.tokenizer_vocab_size, text_field=opts.text_field)
+    tok = Tokenizer.train(chain([first], docs), opts.tokenizer_vocab_size, text_field=opts.text_field)
     tok.save(path)
     if progress:
         print(f"nmoe-data: tokenizer trained in {time.perf_counter() - t0:.1f}s (sha256 {tok.sha256[:12]})", flush=True)
@@ -225,10 +292,30 @@ def prepare(opts: PrepOptions, progress: bool = True) -> Manifest:
     t0 = time.perf_counter()
     resumed_from = state.docs_consumed
     _run(opts, tok, out, state, progress)
+    if state.docs_consumed == state.empty_documents:
+        raise _no_documents(opts, state.docs_consumed)
     manifest = _finish(opts, tok, out, state)
     if progress:
         _print_summary(manifest, time.perf_counter() - t0, resumed_from)
     return manifest
+
+
+def _source_description(opts: PrepOptions) -> str:
+    if opts.source == "hf":
+        return f"Hugging Face dataset {opts.dataset!r} (split {opts.dataset_split!r})"
+    files = [str(p) for p in expand_glob(opts.input)]
+    if files == [str(opts.input)]:
+        return f"input {opts.input!r}"
+    listed = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+    return f"input {opts.input!r} ({len(files)} file{'s' if len(files) > 1 else ''}: {listed})"
+
+
+def _no_documents(opts: PrepOptions, read: int) -> DataError:
+    what = "it holds none" if read == 0 else f"all {read} documents read have an empty {opts.text_field!r} field"
+    return DataError(
+        f"{_source_description(opts)} has no documents to prepare: {what}. Point input (--input) at files that "
+        "hold text, or set text_field (--text-field) to the field that holds it"
+    )
 
 
 # ---------------------------------------------------------------- resume state
@@ -295,11 +382,19 @@ class _PrepState:
             if any(not (out / s.file).is_file() or (out / s.file).stat().st_size != s.bytes for s in shards):
                 shutil.rmtree(sdir)
                 return None
+            shards = [_with_max_id(out, s) for s in shards]  # state saved by an nmoe-data before max_id
             pending = np.load(sdir / sd["pending"], allow_pickle=False).astype(dtype, copy=False)
             state.splits[split] = _SplitState(shards, sd["documents"], [pending], int(pending.size))
         if progress:
             print(f"nmoe-data: resuming {out} after {state.docs_consumed} documents", flush=True)
         return state
+
+
+def _with_max_id(out: Path, info: ShardInfo) -> ShardInfo:
+    if info.max_id is not None:
+        return info
+    tokens = np.load(out / info.file, mmap_mode="r", allow_pickle=False)
+    return replace(info, max_id=int(tokens.max()) if tokens.size else -1)
 
 
 def _concat(parts: list[np.ndarray], dtype: str) -> np.ndarray:

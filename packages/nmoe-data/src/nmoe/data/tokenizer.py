@@ -129,10 +129,14 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=show_progress,
         )
-        sample = _training_sample(_documents(files_or_texts, text_field), max_chars, doc_chars)
+        chars = [0]
+        sample = _training_sample(_documents(files_or_texts, text_field), max_chars, doc_chars, chars)
         hf.train_from_iterator(sample, trainer)
-        if hf.get_vocab_size() < 257:
-            raise DataError("tokenizer training saw no text; check the input")
+        if chars[0] == 0 or hf.get_vocab_size() < 257:
+            raise DataError(
+                "tokenizer training saw no text: there are no documents, or all are empty; "
+                "check the input (--input) and the text field (--text-field)"
+            )
         hf.encode_special_tokens = True
         return cls("hf", hf.to_str(), bos_token)
 
@@ -232,11 +236,11 @@ def _documents(files_or_texts, text_field: str) -> Iterator[str]:
         yield text
 
 
-def _training_sample(docs: Iterable[str], max_chars: int, doc_chars: int) -> Iterator[str]:
-    seen = 0
+def _training_sample(docs: Iterable[str], max_chars: int, doc_chars: int, chars: list[int]) -> Iterator[str]:
+    """Each document cut to doc_chars, until max_chars; chars[0] counts the characters yielded."""
     for text in docs:
-        if seen >= max_chars:
+        if chars[0] >= max_chars:
             return
-        piece = text[: min(doc_chars, max_chars - seen)]
-        seen += len(piece)
+        piece = text[: min(doc_chars, max_chars - chars[0])]
+        chars[0] += len(piece)
         yield piece
