@@ -1,4 +1,5 @@
 """`nmoe-data`: prep | tokenizer train | prep-mixture | inspect."""
+
 from __future__ import annotations
 
 import argparse
@@ -101,8 +102,9 @@ def _cmd_tokenizer_train(a: argparse.Namespace) -> None:
     docs = islice(iter_source_documents(probe), probe.max_docs)
     tok = Tokenizer.train(docs, a.vocab_size, max_chars=a.max_chars, doc_chars=a.doc_chars, show_progress=True)
     tok.save(a.output)
-    print(f"nmoe-data: wrote {a.output}: vocab {tok.vocab_size}, bos {tok.bos_token!r}={tok.bos_id}, "
-          f"sha256 {tok.sha256}")
+    print(
+        f"nmoe-data: wrote {a.output}: vocab {tok.vocab_size}, bos {tok.bos_token!r}={tok.bos_id}, sha256 {tok.sha256}"
+    )
 
 
 def _cmd_inspect(a: argparse.Namespace) -> None:
@@ -114,23 +116,29 @@ def _cmd_inspect(a: argparse.Namespace) -> None:
         doc = json.loads((d / "mixture.json").read_text())
         print(f"mixture {d}: vocab {doc['vocab_size']}, tokenizer sha256 {doc['tokenizer']['sha256'][:12]}")
         for ds in doc["datasets"]:
-            print(f"  {ds['name']:<20} p={ds['probability']:.3f} weight={ds['weight']} "
-                  f"temperature={ds['temperature']} train tokens {ds['train_tokens']:,}  {ds['path']}")
+            print(
+                f"  {ds['name']:<20} p={ds['probability']:.3f} weight={ds['weight']} "
+                f"temperature={ds['temperature']} train tokens {ds['train_tokens']:,}  {ds['path']}"
+            )
         return
     m = Manifest.load(d)
     if a.json:
         print(m.to_json(), end="")
         return
     print(f"dataset {d} ({m.name}): source {m.source}")
-    print(f"  tokenizer {m.tokenizer['kind']} vocab {m.vocab_size} bos {m.bos_id} "
-          f"sha256 {m.tokenizer['sha256'][:12]}, dtype {m.dtype}, shard_tokens {m.shard_tokens:,}")
+    print(
+        f"  tokenizer {m.tokenizer['kind']} vocab {m.vocab_size} bos {m.bos_id} "
+        f"sha256 {m.tokenizer['sha256'][:12]}, dtype {m.dtype}, shard_tokens {m.shard_tokens:,}"
+    )
     for name, s in m.splits.items():
         ids = [info.max_id for info in s.shards]
         if a.verify:
             ids = [open_shard(d, info, m.dtype, verify=True)[1] for info in s.shards]
         max_id = "unknown (manifest format 1)" if None in ids else max(ids, default=-1)
-        print(f"  {name:<5} {s.tokens:>14,} tokens {s.documents:>10,} documents {len(s.shards):>5} shards, "
-              f"max token id {max_id}")
+        print(
+            f"  {name:<5} {s.tokens:>14,} tokens {s.documents:>10,} documents {len(s.shards):>5} shards, "
+            f"max token id {max_id}"
+        )
     if a.verify:
         print(f"  verified sha256 of {sum(len(s.shards) for s in m.splits.values())} shards: OK")
 

@@ -12,6 +12,7 @@ probabilities), and the `c`-th slot of source `i` reads that source's sample
 exactly once per epoch, and ranks never overlap. The state is `(step, per-source slot counts)`.
 The val split is read in order (no permutation) and its batches stop before any source wraps.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -57,7 +58,7 @@ class _TokenStream:
         while filled < length:
             lo = start + filled - int(self.starts[shard])
             take = min(length - filled, self.shards[shard].size - lo)
-            out[filled:filled + take] = self.shards[shard][lo:lo + take]
+            out[filled : filled + take] = self.shards[shard][lo : lo + take]
             filled += take
             shard += 1
 
@@ -65,10 +66,21 @@ class _TokenStream:
 class Loader:
     """Batches `(inputs, targets)` of int64 `[batch_size, seq_len]` for one data-parallel rank."""
 
-    def __init__(self, sources: list[SourceSpec], *, split: str, seq_len: int, batch_size: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0,
-                 expect_tokenizer_sha256: str | None = None, expect_vocab_size: int | None = None,
-                 verify: bool = True, vocab_limit: int | None = None):
+    def __init__(
+        self,
+        sources: list[SourceSpec],
+        *,
+        split: str,
+        seq_len: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        expect_tokenizer_sha256: str | None = None,
+        expect_vocab_size: int | None = None,
+        verify: bool = True,
+        vocab_limit: int | None = None,
+    ):
         """Open and check every source's shards; see open_loader for the arguments."""
         _check_layout(seq_len, batch_size, rank, world_size)
         if split not in ("train", "val"):
@@ -86,7 +98,8 @@ class Loader:
             if n == 0:
                 raise DataError(
                     f"{m.dir}: split {split!r} has too few tokens for one sequence of {seq_len + 1}; "
-                    f"prep more data (or a larger --val-tokens / --val-fraction for val) or lower seq_len")
+                    f"prep more data (or a larger --val-tokens / --val-fraction for val) or lower seq_len"
+                )
         self.probabilities = mixture_probabilities([(s.weight, s.temperature) for s in sources])
         self._thresholds = _thresholds(self.probabilities)
         self._offset = int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1, np.uint64)[0])
@@ -131,14 +144,23 @@ class Loader:
         if not out:
             raise DataError(
                 f"val split has {int(self.samples.min())} sequences, fewer than one global batch of "
-                f"{self.batch_size * self.world_size}; prep a larger val split or use a smaller batch")
+                f"{self.batch_size * self.world_size}; prep a larger val split or use a smaller batch"
+            )
         return out
 
     def state_dict(self) -> dict:
         """JSON-serialisable position; the same for every rank, so rank 0's copy resumes all ranks."""
-        return {"format": STATE_FORMAT, "split": self.split, "seed": self.seed, "seq_len": self.seq_len,
-                "batch_size": self.batch_size, "world_size": self.world_size, "step": self.step,
-                "consumed": [int(c) for c in self.consumed], "sources": self._source_ids()}
+        return {
+            "format": STATE_FORMAT,
+            "split": self.split,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "step": self.step,
+            "consumed": [int(c) for c in self.consumed],
+            "sources": self._source_ids(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from `state_dict()` output: the following batches equal an uninterrupted run's."""
@@ -149,7 +171,8 @@ class Loader:
             if state[key] != mine:
                 raise DataError(
                     f"loader state has {key}={state[key]!r} but this loader has {mine!r}; exact resume needs "
-                    f"the same {key} (restore the run's data config, or start a fresh run)")
+                    f"the same {key} (restore the run's data config, or start a fresh run)"
+                )
         self.step = int(state["step"])
         self.consumed = np.array(state["consumed"], dtype=np.int64)
 
@@ -218,9 +241,20 @@ def _check_layout(seq_len: int, batch_size: int, rank: int, world_size: int) -> 
         raise DataError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
 
 
-def open_loader(path: str | Path, *, split: str = "train", seq_len: int, batch_size: int, rank: int = 0,
-                world_size: int = 1, seed: int = 0, expect_tokenizer_sha256: str | None = None,
-                expect_vocab_size: int | None = None, verify: bool = True, vocab_limit: int | None = None) -> Loader:
+def open_loader(
+    path: str | Path,
+    *,
+    split: str = "train",
+    seq_len: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    expect_tokenizer_sha256: str | None = None,
+    expect_vocab_size: int | None = None,
+    verify: bool = True,
+    vocab_limit: int | None = None,
+) -> Loader:
     """Loader over a prepared dataset dir, a mixture TOML, or a prep-mixture dir.
 
     Batches are `(inputs, targets)` int64 `[batch_size, seq_len]`. `verify` checks every shard's
@@ -239,7 +273,18 @@ def open_loader(path: str | Path, *, split: str = "train", seq_len: int, batch_s
     else:
         raise DataError(
             f"{path} is neither a prepared dataset (no {MANIFEST}) nor a mixture (.toml or dir with mixture.json); "
-            "run `uv run nmoe-data prep ...` or `uv run nmoe-data prep-mixture --mixture FILE` first")
-    return Loader(sources, split=split, seq_len=seq_len, batch_size=batch_size, rank=rank,
-                  world_size=world_size, seed=seed, expect_tokenizer_sha256=expect_tokenizer_sha256,
-                  expect_vocab_size=expect_vocab_size, verify=verify, vocab_limit=vocab_limit)
+            "run `uv run nmoe-data prep ...` or `uv run nmoe-data prep-mixture --mixture FILE` first"
+        )
+    return Loader(
+        sources,
+        split=split,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        expect_tokenizer_sha256=expect_tokenizer_sha256,
+        expect_vocab_size=expect_vocab_size,
+        verify=verify,
+        vocab_limit=vocab_limit,
+    )

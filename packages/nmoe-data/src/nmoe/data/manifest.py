@@ -1,4 +1,5 @@
 """`manifest.json`: what a prepared dataset holds (source, tokenizer identity, shards with sha256)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -97,7 +98,9 @@ class Manifest:
         directory = Path(directory)
         path = directory / MANIFEST
         if not path.is_file():
-            raise DataError(f"{path} not found: {directory} is not a prepared dataset; run `uv run nmoe-data prep ...` first")
+            raise DataError(
+                f"{path} not found: {directory} is not a prepared dataset; run `uv run nmoe-data prep ...` first"
+            )
         try:
             return cls.from_json(path.read_text(encoding="utf-8"), directory)
         except (json.JSONDecodeError, KeyError, TypeError) as e:

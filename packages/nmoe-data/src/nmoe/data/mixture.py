@@ -74,7 +74,9 @@ def read_mixture(path: str | Path) -> tuple[dict, list[dict]]:
     _renamed_key_error(path, "top-level", doc)
     unknown = set(doc) - TOP_LEVEL_KEYS
     if unknown:
-        raise DataError(f"mixture file {path}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(TOP_LEVEL_KEYS)}")
+        raise DataError(
+            f"mixture file {path}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(TOP_LEVEL_KEYS)}"
+        )
     entries = doc.get("dataset")
     if not isinstance(entries, list) or not entries:
         raise DataError(f"mixture file {path} needs at least one [[dataset]] table")

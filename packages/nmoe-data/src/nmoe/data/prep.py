@@ -7,6 +7,7 @@ Output layout of `dataset_dir(opts)` (= output/name):
   manifest.json                              written last: its presence marks a finished prep
   .prep/                                     resume state while a prep is running
 """
+
 from __future__ import annotations
 
 import json
@@ -80,29 +81,51 @@ class PrepOptions:
     str, int, float, bool or `X | None`; None means "not given" (see each help).
     """
 
-    source: str = _opt("files", "where prep reads text from: 'files' (input glob) or 'hf' (Hugging Face dataset, "
-                       "streamed)", choices=("files", "hf"))
-    input: str | None = _opt(None, "glob of .txt / .jsonl / .jsonl.gz / .parquet files, relative to the current "
-                             "directory (source = files; quote it in a shell)")
-    dataset: str | None = _opt(None, "Hugging Face dataset id or local folder, e.g. HuggingFaceFW/fineweb-edu "
-                               "(source = hf)")
+    source: str = _opt(
+        "files",
+        "where prep reads text from: 'files' (input glob) or 'hf' (Hugging Face dataset, streamed)",
+        choices=("files", "hf"),
+    )
+    input: str | None = _opt(
+        None,
+        "glob of .txt / .jsonl / .jsonl.gz / .parquet files, relative to the current "
+        "directory (source = files; quote it in a shell)",
+    )
+    dataset: str | None = _opt(
+        None, "Hugging Face dataset id or local folder, e.g. HuggingFaceFW/fineweb-edu (source = hf)"
+    )
     dataset_config: str | None = _opt(None, "Hugging Face dataset config, e.g. sample-10BT (source = hf)")
     dataset_split: str = _opt("train", "Hugging Face split (source = hf)")
-    data_dir: str = _opt("data", "root folder of prepared datasets: the dataset goes to {data_dir}/{name}",
-                         cli="--output", operational=True)
+    data_dir: str = _opt(
+        "data",
+        "root folder of prepared datasets: the dataset goes to {data_dir}/{name}",
+        cli="--output",
+        operational=True,
+    )
     name: str = _opt(help="dataset name: its shards and manifest.json go to {data_dir}/{name}")
-    tokenizer: str = _opt(help="tokenizer file (tokenizer.json or tiktoken rank file); when missing and "
-                          "tokenizer_vocab_size is given, one is trained on the source first")
+    tokenizer: str = _opt(
+        help="tokenizer file (tokenizer.json or tiktoken rank file); when missing and "
+        "tokenizer_vocab_size is given, one is trained on the source first"
+    )
     text_field: str = _opt("text", "column / JSON field holding the text")
-    tokenizer_vocab_size: int | None = _opt(None, "vocab size of the tokenizer trained when the tokenizer file "
-                                            "is missing (None: the file must exist)", range=(257, 1 << 22))
+    tokenizer_vocab_size: int | None = _opt(
+        None,
+        "vocab size of the tokenizer trained when the tokenizer file is missing (None: the file must exist)",
+        range=(257, 1 << 22),
+    )
     shard_tokens: int = _opt(DEFAULT_SHARD_TOKENS, "tokens per shard file", range=(1, None))
-    val_tokens: int = _opt(DEFAULT_VAL_TOKENS, "tokens held out for validation: documents drawn 1 in 16 by hash "
-                           "until val holds this many (not used when val_fraction is given)", range=(0, None))
-    val_fraction: float | None = _opt(None, "fraction of documents (chosen by hash) held out for validation, "
-                                      "instead of val_tokens; must be < 1", range=(0.0, 1.0))
-    workers: int | None = _opt(None, "tokenizer processes (None: one per CPU core)", range=(1, 1024),
-                               operational=True)
+    val_tokens: int = _opt(
+        DEFAULT_VAL_TOKENS,
+        "tokens held out for validation: documents drawn 1 in 16 by hash "
+        "until val holds this many (not used when val_fraction is given)",
+        range=(0, None),
+    )
+    val_fraction: float | None = _opt(
+        None,
+        "fraction of documents (chosen by hash) held out for validation, instead of val_tokens; must be < 1",
+        range=(0.0, 1.0),
+    )
+    workers: int | None = _opt(None, "tokenizer processes (None: one per CPU core)", range=(1, 1024), operational=True)
     max_docs: int | None = _opt(None, "read at most this many documents (None: all)", range=(1, None))
 
     def __post_init__(self):
@@ -149,9 +172,13 @@ def _checked(f: Field, hint, value):
     elif kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise DataError(f"{where} must be {kind.__name__}, got {value!r} ({type(value).__name__}); {f.metadata['help']}")
+        raise DataError(
+            f"{where} must be {kind.__name__}, got {value!r} ({type(value).__name__}); {f.metadata['help']}"
+        )
     if "choices" in f.metadata and value not in f.metadata["choices"]:
-        raise DataError(f"{where} = {value!r} is not allowed; choose one of {', '.join(map(repr, f.metadata['choices']))}")
+        raise DataError(
+            f"{where} = {value!r} is not allowed; choose one of {', '.join(map(repr, f.metadata['choices']))}"
+        )
     if "range" in f.metadata:
         lo, hi = f.metadata["range"]
         if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -178,8 +205,13 @@ def _fingerprint(opts: PrepOptions, tok: Tokenizer) -> dict:
         src["input"] = str(opts.input)
     else:
         src.update(dataset=opts.dataset, dataset_config=opts.dataset_config, dataset_split=opts.dataset_split)
-    return {**src, **_val_rule(opts), "shard_tokens": opts.shard_tokens, "max_docs": opts.max_docs,
-            "tokenizer_sha256": tok.sha256}
+    return {
+        **src,
+        **_val_rule(opts),
+        "shard_tokens": opts.shard_tokens,
+        "max_docs": opts.max_docs,
+        "tokenizer_sha256": tok.sha256,
+    }
 
 
 # Always on the command line (the others only when they differ from their default).
@@ -274,8 +306,11 @@ def prepare(opts: PrepOptions, progress: bool = True) -> Manifest:
         if not damaged:
             return existing
         if progress:
-            print(f"nmoe-data: {len(damaged)} shard(s) of {out} missing or damaged ({', '.join(damaged[:3])}"
-                  f"{', ...' if len(damaged) > 3 else ''}); preparing again", flush=True)
+            print(
+                f"nmoe-data: {len(damaged)} shard(s) of {out} missing or damaged ({', '.join(damaged[:3])}"
+                f"{', ...' if len(damaged) > 3 else ''}); preparing again",
+                flush=True,
+            )
         (out / MANIFEST).unlink()  # the shards are deterministic: a fresh prep rewrites identical bytes
         existing = None
     if existing is not None:
@@ -446,8 +481,9 @@ def _tokenized(chunks: Iterator[list[str]], tok: Tokenizer, workers: int):
             yield texts, _encode_chunk(texts)
         return
     ctx = get_context("spawn")  # fork is unsafe in a threaded parent (e.g. a trainer)
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(tok.kind, tok.to_str(), tok.bos_token)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(tok.kind, tok.to_str(), tok.bos_token)
+    ) as pool:
         inflight: deque = deque()
         for texts in chunks:
             inflight.append((texts, pool.submit(_encode_chunk, texts)))
@@ -476,8 +512,14 @@ def _run(opts: PrepOptions, tok: Tokenizer, out: Path, state: _PrepState, progre
     val_cap = rule.get("val_tokens")
     workers = opts.workers or default_workers()
     docs = islice(iter_source_documents(opts), state.docs_consumed, opts.max_docs)
-    bar = tqdm(total=opts.max_docs, initial=state.docs_consumed, unit="doc", disable=not progress,
-               desc=f"prep {opts.name}", dynamic_ncols=True)
+    bar = tqdm(
+        total=opts.max_docs,
+        initial=state.docs_consumed,
+        unit="doc",
+        disable=not progress,
+        desc=f"prep {opts.name}",
+        dynamic_ncols=True,
+    )
     t0, tokens_done = time.perf_counter(), 0
     with bar:
         for texts, (tokens, lengths) in _tokenized(_chunks(docs), tok, workers):
@@ -489,9 +531,15 @@ def _run(opts: PrepOptions, tok: Tokenizer, out: Path, state: _PrepState, progre
                     state.empty_documents += 1
                     continue
                 val = _is_val_candidate(index, val_probability) and (
-                    val_cap is None or state.splits["val"].tokens < val_cap)
-                if _add(out, "val" if val else "train", state.splits["val" if val else "train"],
-                        tokens[end - n:end], opts.shard_tokens):
+                    val_cap is None or state.splits["val"].tokens < val_cap
+                )
+                if _add(
+                    out,
+                    "val" if val else "train",
+                    state.splits["val" if val else "train"],
+                    tokens[end - n : end],
+                    opts.shard_tokens,
+                ):
                     state.save(out)
             tokens_done += int(tokens.size)
             bar.update(len(texts))
@@ -508,7 +556,7 @@ def _add(out: Path, split: str, st: _SplitState, doc: np.ndarray, shard_tokens: 
     buf = _concat(st.pending, doc.dtype)
     start = 0
     while buf.size - start >= shard_tokens:
-        st.shards.append(write_shard(out, split, len(st.shards), buf[start:start + shard_tokens]))
+        st.shards.append(write_shard(out, split, len(st.shards), buf[start : start + shard_tokens]))
         start += shard_tokens
     st.pending = [buf[start:].copy()]
     st.pending_tokens = int(st.pending[0].size)
@@ -524,8 +572,9 @@ def _finish(opts: PrepOptions, tok: Tokenizer, out: Path, state: _PrepState) -> 
     tok_file = "tokenizer.json" if tok.kind == "hf" else "tokenizer.tiktoken"
     tok.save(out / tok_file)
     fingerprint = state.fingerprint
-    source = {k: fingerprint[k] for k in ("source", "input", "dataset", "dataset_config", "dataset_split")
-              if k in fingerprint}
+    source = {
+        k: fingerprint[k] for k in ("source", "input", "dataset", "dataset_config", "dataset_split") if k in fingerprint
+    }
     manifest = Manifest(
         name=opts.name,
         source=source,

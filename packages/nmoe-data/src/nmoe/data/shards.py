@@ -1,4 +1,5 @@
 """Shard files: `.npy` arrays of token ids written atomically and checked against the manifest."""
+
 from __future__ import annotations
 
 import hashlib

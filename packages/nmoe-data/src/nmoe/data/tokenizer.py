@@ -1,5 +1,6 @@
 """Byte-level BPE tokenizer: trained with Hugging Face `tokenizers`, or loaded from a
 `tokenizer.json` or a tiktoken rank file. One special token separates documents (`bos_id`)."""
+
 from __future__ import annotations
 
 import base64
@@ -114,7 +115,9 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         if vocab_size < 257:
-            raise DataError(f"vocab_size {vocab_size} is too small; byte-level BPE needs at least 257 (256 bytes + bos)")
+            raise DataError(
+                f"vocab_size {vocab_size} is too small; byte-level BPE needs at least 257 (256 bytes + bos)"
+            )
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.Sequence(
             [
@@ -216,7 +219,9 @@ def _parse_tiktoken_ranks(text: str) -> dict[bytes, int]:
         raise DataError("tiktoken ranks must be 0..N-1 without gaps or repeats")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise DataError(f"tiktoken rank file lacks {len(missing)} single bytes (e.g. {missing[:4]}); it is not byte-level")
+        raise DataError(
+            f"tiktoken rank file lacks {len(missing)} single bytes (e.g. {missing[:4]}); it is not byte-level"
+        )
     return ranks
 
 
