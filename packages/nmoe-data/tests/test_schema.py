@@ -167,3 +167,14 @@ def test_prep_command_round_trips_through_the_cli(shard_tokens, val, max_docs, w
     argv = shlex.split(prep_command(opts))
     assert argv[:4] == ["uv", "run", "nmoe-data", "prep"] and argv[4:6] == ["--source", opts.source]
     assert _prep_options(_parser().parse_args(argv[3:])) == opts
+
+
+def test_an_empty_string_means_not_given_and_other_sources_options_stay_off_the_command():
+    opts = PrepOptions(name="n", tokenizer="t", source="hf", dataset="org/set", input="", dataset_config="")
+    assert opts.input is None and opts.dataset_config is None
+    cmd = prep_command(PrepOptions(name="n", tokenizer="t", source="hf", dataset="org/set", input="x/*.txt"))
+    assert cmd.startswith("uv run nmoe-data prep --source hf --dataset org/set --output data") and "x/" not in cmd
+    cmd = prep_command(PrepOptions(name="n", tokenizer="t", input="x.txt", dataset="d", dataset_split="s"))
+    assert cmd == "uv run nmoe-data prep --source files --input x.txt --output data --name n --tokenizer t"
+    with pytest.raises(DataError, match="needs input"):
+        PrepOptions(name="n", tokenizer="t", input="")

@@ -164,8 +164,8 @@ def base_type(hint) -> type:
 def _checked(f: Field, hint, value):
     """`value` of field `f` after its type / choices / range check; DataError naming the field and flag."""
     where = f"{f.name} ({cli_flag(f)})"
-    if value is None and isinstance(hint, types.UnionType):
-        return None
+    if isinstance(hint, types.UnionType) and (value is None or value == ""):
+        return None  # TOML has no null: an empty string means "not given"
     kind = base_type(hint)
     if kind is str and isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -216,6 +216,8 @@ def _fingerprint(opts: PrepOptions, tok: Tokenizer) -> dict:
 
 # Always on the command line (the others only when they differ from their default).
 _ALWAYS_SHOWN = ("source", "data_dir")
+# Options that only one kind of source reads.
+_SOURCE_ONLY = {"input": "files", "dataset": "hf", "dataset_config": "hf", "dataset_split": "hf"}
 
 
 def prep_command(opts: PrepOptions) -> str:
@@ -224,6 +226,8 @@ def prep_command(opts: PrepOptions) -> str:
     for f in prep_option_fields():
         value = getattr(opts, f.name)
         if f.default is not MISSING and value == f.default and f.name not in _ALWAYS_SHOWN:
+            continue
+        if _SOURCE_ONLY.get(f.name, opts.source) != opts.source:
             continue
         if isinstance(value, bool):
             args.append(cli_flag(f) if value else "--no-" + cli_flag(f).removeprefix("--"))
