@@ -43,9 +43,10 @@ def _add_option_args(p: argparse.ArgumentParser, names: tuple[str, ...] | None =
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = kind
-            kw["metavar"] = f.name.upper()
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
+        elif kind is not bool:
+            kw["metavar"] = f.name.upper()
         p.add_argument(cli_flag(f), help=help_text, **kw)
 
 

@@ -1,6 +1,6 @@
 """`prepare`: stream documents, tokenize them in worker processes, write shards + manifest.json.
 
-Output layout of `dataset_dir(opts)` (= output/name):
+Output layout of `dataset_dir(opts)` (= data_dir/name):
   train_000000.npy ...  val_000000.npy ...   fixed-size uint16/uint32 shards, documents in stream
                                               order, each document preceded by the bos token
   tokenizer.json | tokenizer.tiktoken        copy of the tokenizer used
