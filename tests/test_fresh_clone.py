@@ -41,5 +41,5 @@ def test_fresh_clone_runs_the_main_command(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert re.search(r"\[nmoe\] completed: run \S+, step 200, val loss \d", out), out[-4000:]
-    assert "shared" not in out, "the run referred to ../shared"
+    assert "../shared" not in out and "shared/corpus" not in out, "the run referred to ../shared"
     assert (clone / "data" / "python-docs-4k" / "manifest.json").is_file()

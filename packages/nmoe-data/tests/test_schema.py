@@ -102,6 +102,7 @@ def test_a_new_field_appears_in_the_cli(monkeypatch):
         ("tokenizer_vocab_size", 100, r"tokenizer_vocab_size \(--tokenizer-vocab-size\) = 100 is out of range"),
         ("val_fraction", 1.5, r"val_fraction \(--val-fraction\) = 1.5 is out of range \[0.0, 1.0\]"),
         ("val_fraction", 1.0, r"val_fraction must be < 1"),
+        ("val_fraction", float("nan"), r"val_fraction \(--val-fraction\) = nan must be a finite number"),
         ("source", "s3", r"source \(--source\) = 's3' is not allowed; choose one of 'files', 'hf'"),
         ("shard_tokens", "many", r"shard_tokens \(--shard-tokens\) must be int, got 'many'"),
         ("shard_tokens", True, r"must be int, got True"),

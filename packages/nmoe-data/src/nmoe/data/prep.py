@@ -11,6 +11,7 @@ Output layout of `dataset_dir(opts)` (= data_dir/name):
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -175,6 +176,8 @@ def _checked(f: Field, hint, value):
         raise DataError(
             f"{where} must be {kind.__name__}, got {value!r} ({type(value).__name__}); {f.metadata['help']}"
         )
+    if kind is float and not math.isfinite(value):
+        raise DataError(f"{where} = {value!r} must be a finite number; {f.metadata['help']}")
     if "choices" in f.metadata and value not in f.metadata["choices"]:
         raise DataError(
             f"{where} = {value!r} is not allowed; choose one of {', '.join(map(repr, f.metadata['choices']))}"
