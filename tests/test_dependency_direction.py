@@ -110,3 +110,105 @@ def test_no_namespace_init():
         assert not (ROOT / "packages" / f"nmoe-{pkg}" / "src" / "nmoe" / "__init__.py").exists(), (
             "nmoe is a PEP 420 namespace"
         )
+
+
+def package_modules(pkg: str) -> dict[str, Path]:
+    """{dotted module name: file} of one package's sources; a package's __init__.py is the package name."""
+    src = ROOT / "packages" / f"nmoe-{pkg}" / "src"
+    modules = {}
+    for path in src.rglob("*.py"):
+        parts = list(path.relative_to(src).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    return modules
+
+
+def _import_targets(node: ast.AST, module: str, is_package: bool) -> list[str]:
+    """Dotted names an import statement may load: `from a import b` may load a.b (a module) or just a."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    base = node.module or ""
+    if node.level:
+        anchor = module.split(".") if is_package else module.split(".")[:-1]
+        anchor = anchor[: len(anchor) - (node.level - 1)]
+        base = ".".join(anchor + ([base] if base else []))
+    return [f"{base}.{a.name}" for a in node.names] + [base]
+
+
+def import_graph(pkg: str) -> dict[str, set[str]]:
+    """{module: modules of the same package it imports}, imports inside functions included.
+
+    Each import maps to the deepest module of the package that it names (`from nmoe.data.x import f` -> nmoe.data.x,
+    `from nmoe.data import x` -> nmoe.data.x when x is a module, else the package's __init__).
+    """
+    modules = package_modules(pkg)
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            targets = _import_targets(node, module, is_package)
+            if isinstance(node, ast.ImportFrom):
+                named = [t for t in targets[:-1] if t in modules]
+                targets = named if len(named) == len(targets) - 1 else named + [targets[-1]]
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != module:
+                    graph[module].add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` as [a, b, ..., a], or None when the graph is a DAG."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+@pytest.mark.parametrize("pkg", PACKAGES)
+def test_no_import_cycle_inside_a_package(pkg):
+    cycle = find_cycle(import_graph(pkg))
+    assert cycle is None, f"nmoe-{pkg} has an import cycle (function-level imports included): {' -> '.join(cycle)}"
+
+
+def test_cycle_finder_reports_the_cycle_and_maps_imports(tmp_path, monkeypatch):
+    pkg_dir = tmp_path / "packages" / "nmoe-fake" / "src" / "nmoe" / "fake"
+    (pkg_dir / "sub").mkdir(parents=True)
+    (pkg_dir / "__init__.py").write_text("from nmoe.fake.a import f\n")
+    (pkg_dir / "a.py").write_text("import os\nfrom nmoe.fake import b\n\ndef f():\n    pass\n")
+    (pkg_dir / "b.py").write_text("def g():\n    from .sub.c import h\n")
+    (pkg_dir / "sub" / "__init__.py").write_text("")
+    (pkg_dir / "sub" / "c.py").write_text("def h():\n    from ..a import f\n    import nmoe.fake.sub\n")
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    graph = import_graph("fake")
+    assert graph == {
+        "nmoe.fake": {"nmoe.fake.a"},
+        "nmoe.fake.a": {"nmoe.fake.b"},
+        "nmoe.fake.b": {"nmoe.fake.sub.c"},
+        "nmoe.fake.sub": set(),
+        "nmoe.fake.sub.c": {"nmoe.fake.a", "nmoe.fake.sub"},
+    }
+    assert find_cycle(graph) == ["nmoe.fake.a", "nmoe.fake.b", "nmoe.fake.sub.c", "nmoe.fake.a"]
+    (pkg_dir / "sub" / "c.py").write_text("def h():\n    from nmoe.fake import a\n")
+    assert find_cycle(import_graph("fake")) == ["nmoe.fake.a", "nmoe.fake.b", "nmoe.fake.sub.c", "nmoe.fake.a"]
+    (pkg_dir / "sub" / "c.py").write_text("def h():\n    import os\n")
+    assert find_cycle(import_graph("fake")) is None

@@ -20,7 +20,7 @@ from nmoe.data import Manifest, SplitInfo, Tokenizer
 from nmoe.data.shards import token_dtype, write_shard
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-SHARED_CORPUS = REPO_ROOT.parent / "shared" / "corpus" / "docs.jsonl.gz"
+REPO_CORPUS = REPO_ROOT / "corpus" / "python-docs.jsonl.gz"  # shipped in the repo: always present
 
 WORDS = (
     "alpha beta gamma delta kernel scheduler memory page tensor expert router token "
@@ -140,6 +140,6 @@ def h():
         write_parquet=write_parquet,
         synthetic_dataset=synthetic_dataset,
         split_documents=split_documents,
-        shared_corpus=SHARED_CORPUS,
+        repo_corpus=REPO_CORPUS,
         fake_tokenizer=FAKE_TOKENIZER,
     )

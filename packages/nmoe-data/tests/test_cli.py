@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from nmoe.data import Tokenizer, open_loader
+from nmoe.data import DataError, Tokenizer, open_loader, prep_mixture
 from nmoe.data.cli import main
 
 
@@ -97,7 +97,7 @@ def test_prep_mixture(tmp_path, corpus, tokenizer_path, capsys):
     )
     mix = tmp_path / "mix.toml"
     mix.write_text(
-        f'name = "mix"\noutput = "data"\ntokenizer = "{tokenizer_path}"\n'
+        f'name = "mix"\ndata_dir = "data"\ntokenizer = "{tokenizer_path}"\n'
         '[[dataset]]\npath = "data/a"\nweight = 3\n'
         f'[[dataset]]\nname = "b"\ninput = "{corpus}"\nmax_docs = 60\nval_fraction = 0.2\n'
         "weight = 1\ntemperature = 1.0\n"
@@ -112,3 +112,50 @@ def test_prep_mixture(tmp_path, corpus, tokenizer_path, capsys):
         ld = open_loader(path, seq_len=16, batch_size=4)
         inputs, targets = ld.next_batch()
         assert inputs.shape == (4, 16) and np.array_equal(inputs[:, 1:], targets[:, :-1])
+
+
+def test_prep_of_an_empty_input_exits_2_naming_it(tmp_path, tokenizer_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    out = tmp_path / "data"
+    rc = main(
+        [
+            "prep",
+            "--input",
+            str(tmp_path / "empty.jsonl"),
+            "--output",
+            str(out),
+            "--name",
+            "e",
+            "--tokenizer",
+            str(tokenizer_path),
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and f"input '{tmp_path / 'empty.jsonl'}' has no documents" in err
+    assert not (out / "e" / "manifest.json").exists()
+    rc = main(
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            str(tmp_path / "empty.jsonl"),
+            "--vocab-size",
+            "300",
+            "--output",
+            str(tmp_path / "tok.json"),
+        ]
+    )
+    assert rc == 2 and "saw no text" in capsys.readouterr().err and not (tmp_path / "tok.json").exists()
+
+
+def test_mixture_keys_are_checked(tmp_path, corpus, tokenizer_path):
+    mix = tmp_path / "mix.toml"
+    mix.write_text(f'output = "data"\ntokenizer = "{tokenizer_path}"\n[[dataset]]\nname = "b"\ninput = "{corpus}"\n')
+    assert main(["prep-mixture", "--mixture", str(mix)]) == 2
+    mix.write_text(f'tokenizer = "{tokenizer_path}"\n[[dataset]]\nname = "b"\noutput = "x"\ninput = "{corpus}"\n')
+    with pytest.raises(DataError, match="`output` is now called `data_dir`"):
+        prep_mixture(mix, progress=False)
+    mix.write_text(f'tokenizr = "{tokenizer_path}"\n[[dataset]]\nname = "b"\ninput = "{corpus}"\n')
+    with pytest.raises(DataError, match=r"unknown top-level keys \['tokenizr'\]"):
+        prep_mixture(mix, progress=False)

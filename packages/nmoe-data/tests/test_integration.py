@@ -1,4 +1,4 @@
-"""Real text: a subset of ../shared/corpus/docs.jsonl.gz (Linux kernel + Python docs)."""
+"""Real text: the first documents of the corpus shipped in the repo (corpus/python-docs.jsonl.gz)."""
 
 import gzip
 import json
@@ -9,14 +9,12 @@ import pytest
 
 from nmoe.data import PrepOptions, Tokenizer, open_loader, prepare
 
-MAX_DOCS = 500
+MAX_DOCS = 200
 
 
 @pytest.fixture(scope="module")
 def corpus(h):
-    if not h.shared_corpus.is_file():
-        pytest.skip(f"shared corpus absent at {h.shared_corpus} (../shared beside the repo root)")
-    return h.shared_corpus
+    return h.repo_corpus
 
 
 def test_real_corpus_prep_round_trip_and_load(corpus, tmp_path, h):
@@ -24,7 +22,7 @@ def test_real_corpus_prep_round_trip_and_load(corpus, tmp_path, h):
         docs = [json.loads(line)["text"] for line in islice(f, MAX_DOCS)]
     opts = PrepOptions(
         input=str(corpus),
-        output=str(tmp_path),
+        data_dir=str(tmp_path),
         name="docs",
         tokenizer=str(tmp_path / "tok.json"),
         tokenizer_vocab_size=2048,

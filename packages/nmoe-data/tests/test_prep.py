@@ -15,7 +15,7 @@ def _opts(tmp_path, tokenizer_path, input, **kw):
         kw.setdefault("dataset", str(input))
     else:
         kw.setdefault("input", str(input))
-    return PrepOptions(output=str(tmp_path / "out"), tokenizer=str(tokenizer_path), **kw)
+    return PrepOptions(data_dir=str(tmp_path / "out"), tokenizer=str(tokenizer_path), **kw)
 
 
 def _stream(manifest, split):
@@ -220,7 +220,7 @@ def test_max_docs(tmp_path, tokenizer_path, docs, h):
 )
 def test_prep_command_parses_back_to_the_same_options(tmp_path, extra):
     extra = extra if "dataset" in extra else {"input": "in/*.jsonl", **extra}
-    opts = PrepOptions(output="data dir", name="n", tokenizer="t.json", **extra)
+    opts = PrepOptions(data_dir="data dir", name="n", tokenizer="t.json", **extra)
     cmd = prep_command(opts)
     assert cmd.startswith("uv run nmoe-data prep ")
     assert _prep_options(_parser().parse_args(shlex.split(cmd)[3:])) == opts
@@ -228,11 +228,11 @@ def test_prep_command_parses_back_to_the_same_options(tmp_path, extra):
 
 def test_option_validation():
     with pytest.raises(DataError, match="needs input"):
-        PrepOptions(output="o", name="n", tokenizer="t")
+        PrepOptions(data_dir="o", name="n", tokenizer="t")
     with pytest.raises(DataError, match="not both"):
-        PrepOptions(output="o", name="n", tokenizer="t", input="x", val_tokens=1, val_fraction=0.1)
+        PrepOptions(data_dir="o", name="n", tokenizer="t", input="x", val_tokens=1, val_fraction=0.1)
     with pytest.raises(DataError, match="needs dataset"):
-        PrepOptions(output="o", name="n", tokenizer="t", source="hf")
+        PrepOptions(data_dir="o", name="n", tokenizer="t", source="hf")
 
 
 def test_bad_inputs_name_the_file_and_line(tmp_path, tokenizer_path):
@@ -245,3 +245,64 @@ def test_bad_inputs_name_the_file_and_line(tmp_path, tokenizer_path):
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unsupported file type"):
         prepare(_opts(tmp_path, tokenizer_path, tmp_path / "data.csv", name="c"), progress=False)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", '{"text": ""}\n{"text": null}\n'])
+def test_input_without_documents_is_refused(tmp_path, tokenizer_path, content):
+    (tmp_path / "empty.jsonl").write_text(content)
+    opts = _opts(tmp_path, tokenizer_path, tmp_path / "empty.jsonl")
+    with pytest.raises(DataError, match=r"input '.*empty.jsonl' .*has no documents"):
+        prepare(opts, progress=False)
+    assert not (dataset_dir(opts) / "manifest.json").exists() and not is_prepared(opts)
+
+
+def test_input_without_documents_trains_no_tokenizer(tmp_path):
+    (tmp_path / "empty.jsonl").write_text('{"text": ""}\n')
+    opts = _opts(tmp_path, tmp_path / "tok.json", tmp_path / "empty.jsonl", tokenizer_vocab_size=300)
+    with pytest.raises(DataError, match=r"empty.jsonl.*has no documents.*all 1 documents read have an empty 'text'"):
+        prepare(opts, progress=False)
+    assert not (tmp_path / "tok.json").exists()  # a rerun after fixing the input must not reuse a blank tokenizer
+
+
+def test_max_docs_and_text_field_name_no_documents_too(tmp_path, tokenizer_path, docs, h):
+    h.write_jsonl(tmp_path / "a.jsonl", [""] * 3 + docs[:5])
+    with pytest.raises(DataError, match="all 3 documents read"):
+        prepare(_opts(tmp_path, tokenizer_path, tmp_path / "a.jsonl", max_docs=3), progress=False)
+    m = prepare(_opts(tmp_path, tokenizer_path, tmp_path / "a.jsonl", max_docs=4, name="ok"), progress=False)
+    assert m.stats == {"documents_read": 4, "empty_documents_skipped": 3}
+
+
+def test_manifest_records_each_shards_max_token_id(tmp_path, tokenizer_path, docs, h):
+    glob = _write_inputs("jsonl", tmp_path / "in", docs, h)
+    m = prepare(_opts(tmp_path, tokenizer_path, glob), progress=False)
+    assert m.format == "nmoe.data.manifest/2"
+    for split in m.splits.values():
+        for shard in split.shards:
+            assert shard.max_id == int(np.load(m.dir / shard.file).max())
+    assert json.loads((m.dir / "manifest.json").read_text())["splits"]["train"]["shards"][0]["max_id"] >= 0
+
+
+def test_resume_from_a_state_saved_before_max_id(tmp_path, tokenizer_path, docs, h, monkeypatch):
+    glob = _write_inputs("jsonl", tmp_path / "in", docs, h)
+    clean = prepare(_opts(tmp_path, tokenizer_path, glob, name="clean"), progress=False)
+    opts = _opts(tmp_path, tokenizer_path, glob, name="resumed")
+    real_write, calls = prep_mod.write_shard, [0]
+
+    def failing_write(*args):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return real_write(*args)
+
+    monkeypatch.setattr(prep_mod, "CHUNK_CHARS", 2000)
+    monkeypatch.setattr(prep_mod, "write_shard", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(opts, progress=False)
+    state_file = dataset_dir(opts) / ".prep" / "state.json"
+    state = json.loads(state_file.read_text())
+    for split in state["splits"].values():
+        for shard in split["shards"]:
+            del shard["max_id"]  # as an older nmoe-data wrote it
+    state_file.write_text(json.dumps(state))
+    monkeypatch.setattr(prep_mod, "write_shard", real_write)
+    assert prepare(opts, progress=False).splits == clean.splits

@@ -78,3 +78,9 @@ def test_train_from_files(tmp_path, docs, h):
     from_glob = Tokenizer.train(str(tmp_path / "*.jsonl"), 400)
     from_paths = Tokenizer.train([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], 400)
     assert from_glob.sha256 == from_paths.sha256 == Tokenizer.train(docs, 400).sha256
+
+
+@pytest.mark.parametrize("texts", [[], ["", ""]])
+def test_training_on_no_text_is_refused(texts):
+    with pytest.raises(DataError, match="saw no text.*--input"):
+        Tokenizer.train(texts, 300)

@@ -1,4 +1,5 @@
 """Errors raised by nmoe.data; every message says what went wrong and how to fix it."""
+
 from __future__ import annotations
 
 

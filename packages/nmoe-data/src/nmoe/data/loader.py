@@ -12,17 +12,19 @@ probabilities), and the `c`-th slot of source `i` reads that source's sample
 exactly once per epoch, and ranks never overlap. The state is `(step, per-source slot counts)`.
 The val split is read in order (no permutation) and its batches stop before any source wraps.
 """
+
 from __future__ import annotations
 
-import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from nmoe.data.errors import DataError, TokenizerMismatchError
-from nmoe.data.manifest import MANIFEST, Manifest
+from nmoe.data.manifest import MANIFEST, Manifest, check_tokenizers
+from nmoe.data.mixture import SourceSpec, mixture_probabilities, mixture_sources
 from nmoe.data.shards import open_shard
+
+__all__ = ["Loader", "SourceSpec", "mixture_probabilities", "open_loader"]
 
 STATE_FORMAT = "nmoe.data.loader/1"
 _WEYL = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: consecutive multiples spread evenly mod 2^64
@@ -31,10 +33,20 @@ _WEYL = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: consecutive multiples spread 
 class _TokenStream:
     """One split of one prepared dataset as a single memory-mapped token stream."""
 
-    def __init__(self, manifest: Manifest, split: str, verify: bool):
+    def __init__(self, manifest: Manifest, split: str, verify: bool, vocab_limit: int | None):
         info = manifest.split(split)
         self.manifest = manifest
-        self.shards = [open_shard(manifest.dir, s, manifest.dtype, verify=verify) for s in info.shards]
+        opened = [open_shard(manifest.dir, s, manifest.dtype, verify=verify) for s in info.shards]
+        self.shards = [tokens for tokens, _ in opened]
+        known = [(max_id, s.file) for s, (_, max_id) in zip(info.shards, opened) if max_id is not None]
+        if vocab_limit is not None and known and max(known)[0] >= vocab_limit:
+            max_id, file = max(known)
+            raise TokenizerMismatchError(
+                f"shard {manifest.dir / file} holds token id {max_id} (the largest of split {split!r}), but the "
+                f"model has only {vocab_limit} ids (vocab_limit; the dataset's tokenizer reports vocab "
+                f"{manifest.vocab_size}); set the model vocab size to at least {max_id + 1}, or re-prep the data "
+                f"with a tokenizer of at most {vocab_limit} tokens (new --name)"
+            )
         sizes = np.array([s.size for s in self.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])
         self.tokens = int(self.starts[-1])
@@ -46,27 +58,29 @@ class _TokenStream:
         while filled < length:
             lo = start + filled - int(self.starts[shard])
             take = min(length - filled, self.shards[shard].size - lo)
-            out[filled:filled + take] = self.shards[shard][lo:lo + take]
+            out[filled : filled + take] = self.shards[shard][lo : lo + take]
             filled += take
             shard += 1
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """One dataset of a loader: its prepared dir, mixture weight and temperature."""
-
-    path: Path
-    weight: float = 1.0
-    temperature: float = 1.0
 
 
 class Loader:
     """Batches `(inputs, targets)` of int64 `[batch_size, seq_len]` for one data-parallel rank."""
 
-    def __init__(self, sources: list[SourceSpec], *, split: str, seq_len: int, batch_size: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0,
-                 expect_tokenizer_sha256: str | None = None, expect_vocab_size: int | None = None,
-                 verify: bool = True):
+    def __init__(
+        self,
+        sources: list[SourceSpec],
+        *,
+        split: str,
+        seq_len: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        expect_tokenizer_sha256: str | None = None,
+        expect_vocab_size: int | None = None,
+        verify: bool = True,
+        vocab_limit: int | None = None,
+    ):
         """Open and check every source's shards; see open_loader for the arguments."""
         _check_layout(seq_len, batch_size, rank, world_size)
         if split not in ("train", "val"):
@@ -74,17 +88,18 @@ class Loader:
         self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         manifests = [Manifest.load(s.path) for s in sources]
-        _check_tokenizers(manifests, expect_tokenizer_sha256, expect_vocab_size)
+        check_tokenizers(manifests, expect_tokenizer_sha256, expect_vocab_size)
         self.manifests = manifests
         self.vocab_size = manifests[0].vocab_size
         self.tokenizer_sha256 = manifests[0].tokenizer["sha256"]
-        self.streams = [_TokenStream(m, split, verify) for m in manifests]
+        self.streams = [_TokenStream(m, split, verify, vocab_limit) for m in manifests]
         self.samples = np.array([(s.tokens - 1) // seq_len if s.tokens > 1 else 0 for s in self.streams])
         for m, n in zip(manifests, self.samples):
             if n == 0:
                 raise DataError(
                     f"{m.dir}: split {split!r} has too few tokens for one sequence of {seq_len + 1}; "
-                    f"prep more data (or a larger --val-tokens / --val-fraction for val) or lower seq_len")
+                    f"prep more data (or a larger --val-tokens / --val-fraction for val) or lower seq_len"
+                )
         self.probabilities = mixture_probabilities([(s.weight, s.temperature) for s in sources])
         self._thresholds = _thresholds(self.probabilities)
         self._offset = int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1, np.uint64)[0])
@@ -129,14 +144,23 @@ class Loader:
         if not out:
             raise DataError(
                 f"val split has {int(self.samples.min())} sequences, fewer than one global batch of "
-                f"{self.batch_size * self.world_size}; prep a larger val split or use a smaller batch")
+                f"{self.batch_size * self.world_size}; prep a larger val split or use a smaller batch"
+            )
         return out
 
     def state_dict(self) -> dict:
         """JSON-serialisable position; the same for every rank, so rank 0's copy resumes all ranks."""
-        return {"format": STATE_FORMAT, "split": self.split, "seed": self.seed, "seq_len": self.seq_len,
-                "batch_size": self.batch_size, "world_size": self.world_size, "step": self.step,
-                "consumed": [int(c) for c in self.consumed], "sources": self._source_ids()}
+        return {
+            "format": STATE_FORMAT,
+            "split": self.split,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "step": self.step,
+            "consumed": [int(c) for c in self.consumed],
+            "sources": self._source_ids(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from `state_dict()` output: the following batches equal an uninterrupted run's."""
@@ -147,7 +171,8 @@ class Loader:
             if state[key] != mine:
                 raise DataError(
                     f"loader state has {key}={state[key]!r} but this loader has {mine!r}; exact resume needs "
-                    f"the same {key} (restore the run's data config, or start a fresh run)")
+                    f"the same {key} (restore the run's data config, or start a fresh run)"
+                )
         self.step = int(state["step"])
         self.consumed = np.array(state["consumed"], dtype=np.int64)
 
@@ -203,15 +228,6 @@ class Loader:
         return int(perm[pos])
 
 
-def mixture_probabilities(weights_temperatures: list[tuple[float, float]]) -> np.ndarray:
-    """Sampling probability of each source: p_i proportional to weight_i ** (1 / temperature_i)."""
-    for w, t in weights_temperatures:
-        if not w > 0 or not t > 0:
-            raise DataError(f"mixture weight and temperature must be > 0, got weight={w}, temperature={t}")
-    raw = np.array([w ** (1.0 / t) for w, t in weights_temperatures], dtype=np.float64)
-    return raw / raw.sum()
-
-
 def _thresholds(p: np.ndarray) -> np.ndarray:
     """uint64 cut points of the cumulative probabilities (all but the last, which is 2^64)."""
     cum = np.cumsum(p)[:-1]
@@ -225,74 +241,29 @@ def _check_layout(seq_len: int, batch_size: int, rank: int, world_size: int) -> 
         raise DataError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
 
 
-def _check_tokenizers(manifests: list[Manifest], expect_sha: str | None, expect_vocab: int | None) -> None:
-    first = manifests[0]
-    for m in manifests:
-        if m.tokenizer["sha256"] != first.tokenizer["sha256"] or m.vocab_size != first.vocab_size:
-            raise TokenizerMismatchError(
-                f"mixture datasets {first.dir} and {m.dir} were tokenized differently "
-                f"(sha256 {first.tokenizer['sha256'][:12]} vs {m.tokenizer['sha256'][:12]}); "
-                "prep every dataset of a mixture with the same --tokenizer")
-        if expect_sha is not None and m.tokenizer["sha256"] != expect_sha:
-            raise TokenizerMismatchError(
-                f"{m.dir} was tokenized with tokenizer sha256 {m.tokenizer['sha256'][:12]}, but the config's "
-                f"tokenizer has {expect_sha[:12]}; point the config at {m.dir / m.tokenizer['file']} or "
-                "re-prep the data with the config's tokenizer (new --name)")
-        if expect_vocab is not None and m.vocab_size != expect_vocab:
-            raise TokenizerMismatchError(
-                f"{m.dir} has vocab size {m.vocab_size} but {expect_vocab} was expected; "
-                f"set the model vocab size to {m.vocab_size} or re-prep with a matching tokenizer")
-
-
-# ----------------------------------------------------------------- mixtures
-def read_mixture(path: str | Path) -> tuple[dict, list[dict]]:
-    """Parse a mixture TOML: top-level `name`/`output` and `[[dataset]]` tables (paths relative to it)."""
-    path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise DataError(f"cannot read mixture file {path}: {e}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise DataError(f"mixture file {path} is not valid TOML: {e}") from e
-    entries = doc.get("dataset")
-    if not isinstance(entries, list) or not entries:
-        raise DataError(f"mixture file {path} needs at least one [[dataset]] table")
-    for i, entry in enumerate(entries):
-        for key in ("weight", "temperature"):
-            value = entry.get(key, 1.0)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise DataError(f"mixture file {path}: [[dataset]] #{i + 1} has {key} = {value!r}; "
-                                f"{key} must be a number > 0 (e.g. {key} = 1.0)")
-    return doc, entries
-
-
-def mixture_sources(path: str | Path) -> list[SourceSpec]:
-    """SourceSpecs of a mixture TOML file or a `prep-mixture` output dir (mixture.json)."""
-    import json
-
-    path = Path(path)
-    if path.is_dir():
-        doc = json.loads((path / "mixture.json").read_text(encoding="utf-8"))
-        return [SourceSpec(Path(d["path"]), d["weight"], d["temperature"]) for d in doc["datasets"]]
-    from nmoe.data.mixture import entry_dir
-
-    doc, entries = read_mixture(path)
-    specs = []
-    for entry in entries:
-        d = entry_dir(path, doc, entry)
-        if not (d / MANIFEST).is_file():
-            raise DataError(f"mixture dataset {d} is not prepared; run `uv run nmoe-data prep-mixture --mixture {path}`")
-        specs.append(SourceSpec(d, float(entry.get("weight", 1.0)), float(entry.get("temperature", 1.0))))
-    return specs
-
-
-def open_loader(path: str | Path, *, split: str = "train", seq_len: int, batch_size: int, rank: int = 0,
-                world_size: int = 1, seed: int = 0, expect_tokenizer_sha256: str | None = None,
-                expect_vocab_size: int | None = None, verify: bool = True) -> Loader:
+def open_loader(
+    path: str | Path,
+    *,
+    split: str = "train",
+    seq_len: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    expect_tokenizer_sha256: str | None = None,
+    expect_vocab_size: int | None = None,
+    verify: bool = True,
+    vocab_limit: int | None = None,
+) -> Loader:
     """Loader over a prepared dataset dir, a mixture TOML, or a prep-mixture dir.
 
     Batches are `(inputs, targets)` int64 `[batch_size, seq_len]`. `verify` checks every shard's
     sha256 up front (reads all shards of the split once); size and dtype are always checked.
+    `expect_vocab_size`: the datasets' tokenizer must have exactly this vocab (TokenizerMismatchError).
+    `vocab_limit` (e.g. the model's vocab size): every token id must be < it, checked at open from
+    each shard's max id in the manifest (no scan), so an out-of-range id fails here, naming the shard,
+    rather than deep in the embedding. Datasets prepared before manifest format 2 do not record the
+    max id: with `verify` it is found during the sha256 pass; without `verify` their ids are unchecked.
     """
     path = Path(path)
     if path.is_dir() and (path / MANIFEST).is_file():
@@ -302,7 +273,18 @@ def open_loader(path: str | Path, *, split: str = "train", seq_len: int, batch_s
     else:
         raise DataError(
             f"{path} is neither a prepared dataset (no {MANIFEST}) nor a mixture (.toml or dir with mixture.json); "
-            "run `uv run nmoe-data prep ...` or `uv run nmoe-data prep-mixture --mixture FILE` first")
-    return Loader(sources, split=split, seq_len=seq_len, batch_size=batch_size, rank=rank,
-                  world_size=world_size, seed=seed, expect_tokenizer_sha256=expect_tokenizer_sha256,
-                  expect_vocab_size=expect_vocab_size, verify=verify)
+            "run `uv run nmoe-data prep ...` or `uv run nmoe-data prep-mixture --mixture FILE` first"
+        )
+    return Loader(
+        sources,
+        split=split,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        expect_tokenizer_sha256=expect_tokenizer_sha256,
+        expect_vocab_size=expect_vocab_size,
+        verify=verify,
+        vocab_limit=vocab_limit,
+    )

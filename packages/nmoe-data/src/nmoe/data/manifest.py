@@ -1,4 +1,5 @@
 """`manifest.json`: what a prepared dataset holds (source, tokenizer identity, shards with sha256)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -6,21 +7,16 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nmoe.data.errors import DataError
-from nmoe.data.shards import atomic_write_text
+from nmoe.data.errors import DataError, TokenizerMismatchError
+from nmoe.data.shards import ShardInfo, atomic_write_text
 
 MANIFEST = "manifest.json"
-FORMAT = "nmoe.data.manifest/1"
+# Format 2 records each shard's largest token id (`max_id`); format 1 (datasets prepared before) is still
+# read, with max_id unknown (None).
+FORMAT = "nmoe.data.manifest/2"
+FORMAT_1 = "nmoe.data.manifest/1"
 
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """One `.npy` shard: file name (relative to the dataset dir), token count, size and hash."""
-
-    file: str
-    tokens: int
-    bytes: int
-    sha256: str
+__all__ = ["FORMAT", "MANIFEST", "Manifest", "ShardInfo", "SplitInfo", "check_tokenizers"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +60,10 @@ class Manifest:
         """Deterministic JSON text (sorted keys, no timestamps)."""
         d = asdict(self)
         d.pop("dir")
+        for split in d["splits"].values():
+            for shard in split["shards"]:
+                if shard["max_id"] is None:  # a format-1 manifest: keep its text (and sha256) as it was
+                    del shard["max_id"]
         return json.dumps(d, indent=1, sort_keys=True) + "\n"
 
     @property
@@ -81,10 +81,13 @@ class Manifest:
     def from_json(cls, text: str, directory: Path | None = None) -> Manifest:
         """Parse manifest JSON text."""
         d = json.loads(text)
-        if d.get("format") != FORMAT:
-            raise DataError(f"{directory}: manifest format {d.get('format')!r} is not {FORMAT!r}; re-run `nmoe-data prep`")
+        if d.get("format") not in (FORMAT, FORMAT_1):
+            raise DataError(
+                f"{directory}: manifest format {d.get('format')!r} is not {FORMAT!r} (or {FORMAT_1!r}); "
+                "re-run `nmoe-data prep` with this nmoe-data, or upgrade nmoe-data"
+            )
         d["splits"] = {
-            k: SplitInfo(v["tokens"], v["documents"], tuple(ShardInfo(**s) for s in v["shards"]))
+            k: SplitInfo(v["tokens"], v["documents"], tuple(_shard_info(s, d["format"]) for s in v["shards"]))
             for k, v in d["splits"].items()
         }
         return cls(**d, dir=directory)
@@ -95,8 +98,39 @@ class Manifest:
         directory = Path(directory)
         path = directory / MANIFEST
         if not path.is_file():
-            raise DataError(f"{path} not found: {directory} is not a prepared dataset; run `uv run nmoe-data prep ...` first")
+            raise DataError(
+                f"{path} not found: {directory} is not a prepared dataset; run `uv run nmoe-data prep ...` first"
+            )
         try:
             return cls.from_json(path.read_text(encoding="utf-8"), directory)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(f"{path} is unreadable ({e}); delete {directory} and re-run `nmoe-data prep`") from e
+
+
+def _shard_info(d: dict, fmt: str) -> ShardInfo:
+    if fmt == FORMAT_1:
+        return ShardInfo(d["file"], d["tokens"], d["bytes"], d["sha256"])
+    return ShardInfo(d["file"], d["tokens"], d["bytes"], d["sha256"], d["max_id"])
+
+
+def check_tokenizers(manifests: list[Manifest], expect_sha: str | None, expect_vocab: int | None) -> None:
+    """TokenizerMismatchError unless every manifest has the same tokenizer (and the expected sha256 / vocab)."""
+    first = manifests[0]
+    for m in manifests:
+        if m.tokenizer["sha256"] != first.tokenizer["sha256"] or m.vocab_size != first.vocab_size:
+            raise TokenizerMismatchError(
+                f"mixture datasets {first.dir} and {m.dir} were tokenized differently "
+                f"(sha256 {first.tokenizer['sha256'][:12]} vs {m.tokenizer['sha256'][:12]}); "
+                "prep every dataset of a mixture with the same --tokenizer"
+            )
+        if expect_sha is not None and m.tokenizer["sha256"] != expect_sha:
+            raise TokenizerMismatchError(
+                f"{m.dir} was tokenized with tokenizer sha256 {m.tokenizer['sha256'][:12]}, but the config's "
+                f"tokenizer has {expect_sha[:12]}; point the config at {m.dir / m.tokenizer['file']} or "
+                "re-prep the data with the config's tokenizer (new --name)"
+            )
+        if expect_vocab is not None and m.vocab_size != expect_vocab:
+            raise TokenizerMismatchError(
+                f"{m.dir} has vocab size {m.vocab_size} but {expect_vocab} was expected; "
+                f"set the model vocab size to {m.vocab_size} or re-prep with a matching tokenizer"
+            )

@@ -1,13 +1,29 @@
 """Shard files: `.npy` arrays of token ids written atomically and checked against the manifest."""
+
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from nmoe.data.errors import ShardCorruptError
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One `.npy` shard: file name (relative to the dataset dir), token count, size, hash and largest token id.
+
+    `max_id` is None for shards of a dataset prepared before manifest format 2 (unknown).
+    """
+
+    file: str
+    tokens: int
+    bytes: int
+    sha256: str
+    max_id: int | None = None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -49,17 +65,40 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def write_shard(directory: Path, split: str, index: int, tokens: np.ndarray):
-    """Write one shard atomically; returns its ShardInfo (name, tokens, bytes, sha256)."""
-    from nmoe.data.manifest import ShardInfo
+def scan_shard(path: Path, tokens: np.ndarray, chunk: int = 1 << 22) -> tuple[str, int]:
+    """sha256 of a shard file's bytes and its largest token id (-1 when empty), in one read of the file.
 
+    `tokens` is the file's memory map (np.load(mmap_mode="r")); its `offset` is where the data starts.
+    """
+    h = hashlib.sha256()
+    itemsize, max_id, header_left, rest = tokens.dtype.itemsize, -1, tokens.offset, b""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            skip = min(header_left, len(block))
+            header_left -= skip
+            data = rest + block[skip:]
+            whole = len(data) // itemsize * itemsize  # an id may straddle two blocks
+            if whole:
+                max_id = max(max_id, int(np.frombuffer(data[:whole], dtype=tokens.dtype).max()))
+            rest = data[whole:]
+    return h.hexdigest(), max_id
+
+
+def write_shard(directory: Path, split: str, index: int, tokens: np.ndarray) -> ShardInfo:
+    """Write one shard atomically; returns its ShardInfo (name, tokens, bytes, sha256, max id)."""
     path = Path(directory) / shard_name(split, index)
     atomic_save_npy(path, tokens)
-    return ShardInfo(path.name, int(tokens.size), path.stat().st_size, sha256_file(path))
+    max_id = int(tokens.max()) if tokens.size else -1
+    return ShardInfo(path.name, int(tokens.size), path.stat().st_size, sha256_file(path), max_id)
 
 
-def open_shard(directory: Path, info, dtype: str, *, verify: bool) -> np.ndarray:
-    """Memory-map a shard after checking presence, dtype, size (and sha256 when `verify`)."""
+def open_shard(directory: Path, info: ShardInfo, dtype: str, *, verify: bool) -> tuple[np.ndarray, int | None]:
+    """Memory-map a shard after checking presence, dtype, size (and sha256 when `verify`).
+
+    Returns the tokens and the shard's largest token id: `info.max_id`, or, when the manifest does
+    not record it (format 1), the id found during the sha256 pass when `verify`, else None (unchecked).
+    """
     path = Path(directory) / info.file
     fix = f"delete {path} and re-run the same `nmoe-data prep` command to rewrite it"
     if not path.is_file():
@@ -77,6 +116,12 @@ def open_shard(directory: Path, info, dtype: str, *, verify: bool) -> np.ndarray
         raise ShardCorruptError(
             f"shard {path} has {size} bytes / {tokens.size} tokens, manifest says {info.bytes} / {info.tokens}; {fix}"
         )
-    if verify and sha256_file(path) != info.sha256:
-        raise ShardCorruptError(f"shard {path} fails its sha256 check (content changed); {fix}")
-    return tokens
+    max_id = info.max_id
+    if verify:
+        if max_id is None:
+            digest, max_id = scan_shard(path, tokens)
+        else:
+            digest = sha256_file(path)
+        if digest != info.sha256:
+            raise ShardCorruptError(f"shard {path} fails its sha256 check (content changed); {fix}")
+    return tokens, max_id

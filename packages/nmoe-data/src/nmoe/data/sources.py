@@ -1,4 +1,5 @@
 """Document sources: local .txt/.jsonl/.jsonl.gz/.parquet files, or a Hugging Face dataset (streaming)."""
+
 from __future__ import annotations
 
 import glob

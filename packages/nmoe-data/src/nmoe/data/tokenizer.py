@@ -1,5 +1,6 @@
 """Byte-level BPE tokenizer: trained with Hugging Face `tokenizers`, or loaded from a
 `tokenizer.json` or a tiktoken rank file. One special token separates documents (`bos_id`)."""
+
 from __future__ import annotations
 
 import base64
@@ -114,7 +115,9 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         if vocab_size < 257:
-            raise DataError(f"vocab_size {vocab_size} is too small; byte-level BPE needs at least 257 (256 bytes + bos)")
+            raise DataError(
+                f"vocab_size {vocab_size} is too small; byte-level BPE needs at least 257 (256 bytes + bos)"
+            )
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.Sequence(
             [
@@ -129,10 +132,14 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=show_progress,
         )
-        sample = _training_sample(_documents(files_or_texts, text_field), max_chars, doc_chars)
+        chars = [0]
+        sample = _training_sample(_documents(files_or_texts, text_field), max_chars, doc_chars, chars)
         hf.train_from_iterator(sample, trainer)
-        if hf.get_vocab_size() < 257:
-            raise DataError("tokenizer training saw no text; check the input")
+        if chars[0] == 0 or hf.get_vocab_size() < 257:
+            raise DataError(
+                "tokenizer training saw no text: there are no documents, or all are empty; "
+                "check the input (--input) and the text field (--text-field)"
+            )
         hf.encode_special_tokens = True
         return cls("hf", hf.to_str(), bos_token)
 
@@ -212,7 +219,9 @@ def _parse_tiktoken_ranks(text: str) -> dict[bytes, int]:
         raise DataError("tiktoken ranks must be 0..N-1 without gaps or repeats")
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
-        raise DataError(f"tiktoken rank file lacks {len(missing)} single bytes (e.g. {missing[:4]}); it is not byte-level")
+        raise DataError(
+            f"tiktoken rank file lacks {len(missing)} single bytes (e.g. {missing[:4]}); it is not byte-level"
+        )
     return ranks
 
 
@@ -232,11 +241,11 @@ def _documents(files_or_texts, text_field: str) -> Iterator[str]:
         yield text
 
 
-def _training_sample(docs: Iterable[str], max_chars: int, doc_chars: int) -> Iterator[str]:
-    seen = 0
+def _training_sample(docs: Iterable[str], max_chars: int, doc_chars: int, chars: list[int]) -> Iterator[str]:
+    """Each document cut to doc_chars, until max_chars; chars[0] counts the characters yielded."""
     for text in docs:
-        if seen >= max_chars:
+        if chars[0] >= max_chars:
             return
-        piece = text[: min(doc_chars, max_chars - seen)]
-        seen += len(piece)
+        piece = text[: min(doc_chars, max_chars - chars[0])]
+        chars[0] += len(piece)
         yield piece
