@@ -91,7 +91,7 @@ def bench_prep(corpus: Path, tok_path: Path, out: Path, workers: int, max_docs: 
 
     opts = PrepOptions(
         input=str(corpus),
-        output=str(out),
+        data_dir=str(out),
         name=f"w{workers}",
         tokenizer=str(tok_path),
         workers=workers,

@@ -63,13 +63,10 @@ def test_missing_config_file(capsys):
 
 def test_missing_tokenizer_without_vocab_size_names_the_config_keys(tmp_path, make_config, text_corpus, capsys):
     cfg = tmp_path / "notok.toml"
-    cfg.write_text(
-        make_config(
-            tmp_path, text_corpus, data={"tokenizer": str(tmp_path / "missing.json"), "tokenizer_vocab_size": 0}
-        )
-    )
+    text = make_config(tmp_path, text_corpus, data={"tokenizer": str(tmp_path / "missing.json")})
+    cfg.write_text("\n".join(line for line in text.splitlines() if not line.startswith("tokenizer_vocab_size")))
     assert main([str(cfg)]) == 1
     err = capsys.readouterr().err
-    assert "data.tokenizer = " in err and "missing.json' does not exist and data.tokenizer_vocab_size = 0" in err
+    assert "data.tokenizer = " in err and "missing.json' does not exist and data.tokenizer_vocab_size is not set" in err
     assert "--set data.tokenizer_vocab_size=" in err
     assert not any((tmp_path / "data").iterdir())  # checked writable up front, nothing prepared

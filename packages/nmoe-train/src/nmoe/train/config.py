@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nmoe.data import PrepOptions, prep_option_fields
 from nmoe.model.config import ModelConfig, config_field, field_problem
 
 ENV_PREFIX = "NMOE_"
@@ -31,33 +32,33 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message says what to change."""
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    name: str = config_field(help="dataset name: shards live in {data_dir}/{name}")
-    tokenizer: str = config_field(
-        help="tokenizer file (tokenizer.json or tiktoken); trained from the input if missing and tokenizer_vocab_size > 0"
-    )
-    data_dir: str = config_field("data", "root folder of prepared datasets", operational=True)
-    source: str = config_field("files", "where prep reads text from", choices=("files", "hf"))
-    input: str = config_field("", "glob of local .txt/.jsonl/.jsonl.gz/.parquet files (source = files)")
-    dataset: str = config_field("", "Hugging Face dataset id (source = hf)")
-    dataset_config: str = config_field("", "Hugging Face dataset config name (source = hf)")
-    dataset_split: str = config_field("train", "Hugging Face split (source = hf)")
-    text_field: str = config_field("text", "column / JSON key holding the text")
-    tokenizer_vocab_size: int = config_field(
-        0, "vocab size when training the tokenizer (0: the file must exist)", range=(0, 1 << 22)
-    )
-    shard_tokens: int = config_field(1 << 24, "tokens per shard file", range=(1024, 1 << 32))
-    val_tokens: int = config_field(1 << 20, "tokens held out for validation", range=(0, None))
-    max_docs: int = config_field(0, "read at most this many documents (0: all)", range=(0, None))
-    mixture: str = config_field("", "mixture TOML (several prepared datasets with weights); overrides name/source")
-    workers: int = config_field(0, "prep worker processes (0: one per core)", range=(0, 1024), operational=True)
-    verify_shards: bool = config_field(
+def _data_fields() -> list[tuple[str, Any, Any]]:
+    """The [data] keys: every PrepOptions field (nmoe-data's one schema, shared with the nmoe-data CLI) plus the
+    trainer's own keys."""
+    hints = typing.get_type_hints(PrepOptions)
+    keys = []
+    for f in prep_option_fields():
+        meta = f.metadata
+        spec = config_field(
+            f.default,
+            meta.get("help", ""),
+            range=meta.get("range"),
+            choices=meta.get("choices"),
+            operational=meta.get("operational", False),
+        )
+        keys.append((f.name, hints[f.name], spec))
+    mixture = config_field("", "mixture TOML (several prepared datasets with weights); overrides name/source")
+    verify = config_field(
         True,
-        "sha256-check every shard at start (sizes and dtypes are always checked); "
+        "sha256-check every shard at start (sizes, dtypes and max token ids are always checked); "
         "turn off for very large datasets on trusted storage",
         operational=True,
     )
+    return keys + [("mixture", str, mixture), ("verify_shards", bool, verify)]
+
+
+DataConfig = dataclasses.make_dataclass("DataConfig", _data_fields(), frozen=True, kw_only=True)
+DataConfig.__module__ = __name__
 
 
 @dataclass(frozen=True)

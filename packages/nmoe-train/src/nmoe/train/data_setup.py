@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nmoe.data import PrepOptions, SourceUnavailableError, dataset_dir, is_prepared, prep_command, prepare
+from nmoe.data import (
+    PrepOptions,
+    SourceUnavailableError,
+    dataset_dir,
+    is_prepared,
+    prep_command,
+    prep_option_fields,
+    prepare,
+)
 from nmoe.train.config import Config, DataConfig
 
 
@@ -13,23 +21,8 @@ class DataNotReady(RuntimeError):
 
 
 def prep_options(data: DataConfig) -> PrepOptions:
-    """The PrepOptions equivalent to a config's [data] section."""
-    return PrepOptions(
-        source=data.source,
-        input=data.input,
-        dataset=data.dataset,
-        dataset_config=data.dataset_config,
-        dataset_split=data.dataset_split,
-        text_field=data.text_field,
-        output=data.data_dir,
-        name=data.name,
-        tokenizer=data.tokenizer,
-        tokenizer_vocab_size=data.tokenizer_vocab_size,
-        shard_tokens=data.shard_tokens,
-        val_tokens=data.val_tokens,
-        workers=data.workers or None,
-        max_docs=data.max_docs or None,
-    )
+    """The PrepOptions of a config's [data] section (the same keys)."""
+    return PrepOptions(**{f.name: getattr(data, f.name) for f in prep_option_fields()})
 
 
 def ensure_data(cfg: Config, log=print) -> Path:
@@ -44,9 +37,9 @@ def ensure_data(cfg: Config, log=print) -> Path:
     opts = prep_options(cfg.data)
     if is_prepared(opts):
         return dataset_dir(opts)
-    if cfg.data.tokenizer_vocab_size == 0 and not Path(cfg.data.tokenizer).is_file():
+    if cfg.data.tokenizer_vocab_size is None and not Path(cfg.data.tokenizer).is_file():
         raise DataNotReady(
-            f"data.tokenizer = {cfg.data.tokenizer!r} does not exist and data.tokenizer_vocab_size = 0, so the data "
+            f"data.tokenizer = {cfg.data.tokenizer!r} does not exist and data.tokenizer_vocab_size is not set, so the data "
             f"'{cfg.data.name}' cannot be prepared. Point data.tokenizer at an existing tokenizer file, or set "
             "data.tokenizer_vocab_size = N to train one from data.input (e.g. --set data.tokenizer_vocab_size=32768)."
         )

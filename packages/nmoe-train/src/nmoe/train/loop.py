@@ -131,6 +131,7 @@ class Trainer:
                 seed=cfg.train.seed,
                 expect_tokenizer_sha256=expect_sha,
                 verify=cfg.data.verify_shards,
+                vocab_limit=cfg.model.vocab_size,
             )
             loader = open_loader(path, split="train", **common)
             val_loader = open_loader(path, split="val", **common)
