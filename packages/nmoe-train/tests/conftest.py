@@ -61,7 +61,7 @@ def tiny_config(tmp: Path, corpus: Path, **sections) -> str:
         "runtime": dict(device="cpu", progress=False),
     }
     for name, values in sections.items():
-        base[name] = {**base[name], **values}
+        base[name] = {**base.get(name, {}), **values}
     lines = []
     for name, values in base.items():
         lines.append(f"[{name}]")

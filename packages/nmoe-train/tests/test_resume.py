@@ -14,7 +14,7 @@ from nmoe.train.checkpoint import find_latest
 pytestmark = pytest.mark.slow
 
 
-FAULTS = Path(__file__).with_name("faults.py")
+FAULTS = Path(__file__).with_name("harness.py")
 
 
 def train(cfg_path: Path, *, fault: str | None = None, extra_env=None) -> subprocess.CompletedProcess:

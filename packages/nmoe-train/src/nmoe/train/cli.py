@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None, hooks=()) -> int:
 
 def _train(cfg, extend_steps: int, hooks) -> int:
     from nmoe.data import DataError
+    from nmoe.rdep import RdepCapacityError, RdepTimeoutError
     from nmoe.train.checkpoint import CheckpointError
     from nmoe.train.data_setup import DataNotReady
     from nmoe.train.distributed import PeerLost
@@ -140,7 +141,16 @@ def _train(cfg, extend_steps: int, hooks) -> int:
         if extend_steps:
             trainer.extend(extend_steps)
         result = trainer.run()
-    except (DataError, DataNotReady, CheckpointError, NonFiniteError, SetupError, PeerLost) as e:
+    except (
+        DataError,
+        DataNotReady,
+        CheckpointError,
+        NonFiniteError,
+        SetupError,
+        PeerLost,
+        RdepTimeoutError,
+        RdepCapacityError,
+    ) as e:
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
