@@ -229,7 +229,8 @@ class TinyMoE(torch.nn.Module):
         ids = torch.where(weights > 0.8, -1, ids)  # stands in for a capacity limit
         y = nk.moe_experts(x, ids, weights, self.w_up, self.w_down)
         first = ids[:, 0]  # group sizes from each token's first kept choice: they sum to <= T rows of y
-        kept = torch.nn.functional.one_hot(first.clamp_min(0), self.n_experts) * (first >= 0)[:, None]
+        experts = torch.arange(self.n_experts, device=first.device)
+        kept = (first[:, None] == experts[None, :]).to(torch.int32)  # dropped (-1) matches no expert
         offsets = kept.sum(0).cumsum(0).to(torch.int32)
         z = nk.expert_mlp(y, offsets, self.w_up, self.w_down) + nk.grouped_mm(y, self.w_down, offsets)
         return nk.linear_cross_entropy(torch.tanh(z) + x, self.head, targets, chunk_size=1024)

@@ -121,7 +121,7 @@ def routing(n_tokens, top_k, n_experts, layout, g):
     )
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.integers(0, 40),
     st.integers(1, 4),
@@ -187,7 +187,7 @@ def test_gpu_path_refuses_misaligned_dims_and_fp16():
         nk.grouped_mm(torch.randn(3, 16), torch.randn(1, 16, 16).bfloat16(), offsets)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     layouts,
     st.integers(1, 6),
