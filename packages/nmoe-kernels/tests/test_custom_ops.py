@@ -106,3 +106,28 @@ def test_compiled_graph_refuses_bad_input_at_trace_time():
     torch.testing.assert_close(fn(x, w, offsets), nk.grouped_mm(x, w, offsets))
     with pytest.raises(Exception, match="offsets must be int32"):  # dynamo wraps the UnsupportedInput
         fn(x, w, offsets.long())
+
+
+def test_flop_counter_sees_the_ops():
+    """FlopCounterMode cannot look inside an op: registered formulas count the GEMMs (fwd + bwd = 3x fwd)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(0)
+    w_up, w_down = (t.requires_grad_() for t in expert_weights(g))
+    x = torch.randn(10, 16, generator=g, requires_grad=True)
+    ids, weights = torch.randint(0, 4, (10, 2), generator=g), torch.rand(10, 2, generator=g, requires_grad=True)
+    head, targets = torch.randn(40, 16, generator=g, requires_grad=True), torch.randint(0, 40, (10,), generator=g)
+    with FlopCounterMode(display=False) as counter:
+        y = nk.moe_experts(x, ids, weights, w_up, w_down)
+        z = nk.expert_mlp(y, torch.tensor([3, 3, 9, 10], dtype=torch.int32), w_up, w_down)
+        loss = nk.linear_cross_entropy(
+            nk.grouped_mm(
+                z, w_down.transpose(1, 2)[:, :, :16].contiguous(), torch.tensor([2, 4, 6, 10], dtype=torch.int32)
+            ),
+            head,
+            targets,
+        )
+        loss.backward()
+    expert = 2 * 16 * 32 + 2 * 16 * 16  # per row: up [16 -> 32] + down [16 -> 16]
+    want = 3 * (20 * expert + 10 * expert + 2 * 10 * 16 * 16 + 2 * 10 * 16 * 40)
+    assert counter.get_total_flops() == want

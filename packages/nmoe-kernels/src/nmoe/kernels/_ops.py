@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from nmoe.kernels import _dispatch, _linear_ce, reference
 
@@ -246,3 +247,48 @@ def _linear_ce_grad(ctx, d_loss, _dh, _dw):
 
 
 linear_cross_entropy.register_autograd(_linear_ce_grad, setup_context=_linear_ce_setup)
+
+
+# ------------------------------------------------------------------------------------------- FLOP formulas
+# FlopCounterMode cannot see inside an op: count its GEMMs from shapes (every row, dropped slots included).
+
+
+@register_flop_formula(torch.ops.nmoe.grouped_mm)
+def _(x_shape, w_shape, offsets_shape, out_shape=None) -> int:
+    return 2 * x_shape[0] * w_shape[1] * w_shape[2]
+
+
+@register_flop_formula(torch.ops.nmoe.grouped_mm_backward)
+def _(dy_shape, x_shape, w_shape, offsets_shape, need_dx, need_dw, out_shape=None) -> int:
+    return 2 * x_shape[0] * w_shape[1] * w_shape[2] * (int(need_dx) + int(need_dw))
+
+
+def _expert_flops(rows: int, w_up_shape) -> int:
+    """up [rows,D]x[D,2H] + down [rows,H]x[H,D]."""
+    _, d, h2 = w_up_shape
+    return 2 * rows * d * h2 + 2 * rows * (h2 // 2) * d
+
+
+@register_flop_formula(torch.ops.nmoe.expert_mlp)
+def _(rows_shape, offsets_shape, w_up_shape, w_down_shape, out_shape=None) -> int:
+    return _expert_flops(rows_shape[0], w_up_shape)
+
+
+@register_flop_formula(torch.ops.nmoe.expert_mlp_backward)
+def _(dy_shape, rows_shape, offsets_shape, w_up_shape, *_, out_shape=None) -> int:
+    return 2 * _expert_flops(rows_shape[0], w_up_shape)
+
+
+@register_flop_formula(torch.ops.nmoe.moe_experts)
+def _(x_shape, ids_shape, weights_shape, w_up_shape, w_down_shape, out_shape=None) -> int:
+    return _expert_flops(ids_shape[0] * ids_shape[1], w_up_shape)
+
+
+@register_flop_formula(torch.ops.nmoe.moe_experts_backward)
+def _(dy_shape, x_shape, weights_shape, w_up_shape, *_, out_shape=None) -> int:
+    return 2 * _expert_flops(weights_shape[0] * weights_shape[1], w_up_shape)
+
+
+@register_flop_formula(torch.ops.nmoe.linear_cross_entropy)
+def _(h_shape, weight_shape, targets_shape, chunk_size, ignore_index, with_grads, out_shape=None) -> int:
+    return 2 * h_shape[0] * h_shape[1] * weight_shape[0] * (3 if with_grads else 1)  # dh and dW in the forward
