@@ -57,7 +57,7 @@ SHAPES = [
 ]
 
 
-CE_SHAPES = [(24576, 1024, 32768)]  # moonlet: 12 x 2048 tokens, dim 1024, vocab 32768
+CE_SHAPES = [(24576, 1024, 32768, 4096), (24576, 1024, 32768, 8192)]  # moonlet: 12 x 2048 tokens; chunk sizes
 
 
 def bench_ms(fn) -> float:
@@ -324,7 +324,7 @@ def bench_expert_mlp(shape: Shape) -> dict:
     return row
 
 
-def bench_linear_cross_entropy(n: int, dim: int, vocab: int) -> dict:
+def bench_linear_cross_entropy(n: int, dim: int, vocab: int, chunk: int) -> dict:
     """linear_cross_entropy vs head matmul + F.cross_entropy(logits.float()) (the trainer's loss), fwd+bwd."""
     import torch
     import torch.nn.functional as F
@@ -342,10 +342,10 @@ def bench_linear_cross_entropy(n: int, dim: int, vocab: int) -> dict:
         return loss, torch.autograd.grad(loss, (h, weight))
 
     def fused():
-        loss = nk.linear_cross_entropy(h, weight, targets)
+        loss = nk.linear_cross_entropy(h, weight, targets, chunk_size=chunk)
         return loss, torch.autograd.grad(loss, (h, weight))
 
-    row: dict = dict(n=n, dim=dim, vocab=vocab)
+    row: dict = dict(n=n, dim=dim, vocab=vocab, chunk=chunk)
     (l_base, g_base), (l_ours, g_ours) = baseline(), fused()
     row["loss_diff"] = abs(l_base.item() - l_ours.item())
     row["err_grads"] = max(rel_err(a, b) for a, b in zip(g_ours, g_base))
@@ -424,11 +424,11 @@ def run(out_dir: Path, only: list[str] | None) -> dict:
         result["expert_mlp"].append(row)
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
-    for n, dim, vocab in CE_SHAPES:
+    for n, dim, vocab, chunk in CE_SHAPES:
         try:
-            row = bench_linear_cross_entropy(n, dim, vocab)
+            row = bench_linear_cross_entropy(n, dim, vocab, chunk)
         except Exception as err:
-            row = dict(n=n, dim=dim, vocab=vocab, error=traceback.format_exc(limit=3)[-600:])
+            row = dict(n=n, dim=dim, vocab=vocab, chunk=chunk, error=traceback.format_exc(limit=3)[-600:])
             print(err, file=sys.stderr)
         result["linear_cross_entropy"].append(row)
         print(json.dumps(row), flush=True)
@@ -521,11 +521,12 @@ def render(result: dict) -> str:
         "linear_cross_entropy (bf16 h, fp32 master weight) vs autocast head matmul + F.cross_entropy(logits.float()), "
         "forward+backward; peak = bytes allocated above the inputs.",
         "",
-        "| N×D×V | ours ms | baseline ms | × | ours peak GiB | baseline peak GiB | saved GiB | loss diff | err grads |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| N×D×V | chunk | ours ms | baseline ms | × | ours peak GiB | baseline peak GiB | saved GiB | loss diff | "
+        "err grads |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result.get("linear_cross_entropy", []):
-        shape = f"{r['n']}×{r['dim']}×{r['vocab']}"
+        shape = f"{r['n']}×{r['dim']}×{r['vocab']} | {r.get('chunk')}"
         if "error" in r:
             lines.append(f"| {shape} | error: {r['error'][-120:]!r} |")
             continue
