@@ -221,6 +221,7 @@ class TinyMoE(torch.nn.Module):
 
         self.gate = param(n_experts, d, scale=d**-0.5)
         self.w_up, self.w_down = param(n_experts, d, 2 * h, scale=d**-0.5), param(n_experts, h, d, scale=h**-0.5)
+        self.w_mix = param(n_experts, d, d, scale=d**-0.5)
         self.head = param(vocab, d, scale=d**-0.5)
         self.n_experts = n_experts
 
@@ -232,7 +233,7 @@ class TinyMoE(torch.nn.Module):
         experts = torch.arange(self.n_experts, device=first.device)
         kept = (first[:, None] == experts[None, :]).to(torch.int32)  # dropped (-1) matches no expert
         offsets = kept.sum(0).cumsum(0).to(torch.int32)
-        z = nk.expert_mlp(y, offsets, self.w_up, self.w_down) + nk.grouped_mm(y, self.w_down, offsets)
+        z = nk.expert_mlp(y, offsets, self.w_up, self.w_down) + nk.grouped_mm(y, self.w_mix, offsets)
         return nk.linear_cross_entropy(torch.tanh(z) + x, self.head, targets, chunk_size=1024)
 
 
