@@ -32,7 +32,7 @@ def forward(h, weight, targets, chunk_size: int, ignore_index: int, with_grads: 
     count = valid.sum().to(acc_dtype)
     scale = (1.0 / count).reshape(1)  # inf when every target is ignored: those rows get scale 0, the loss is nan
     loss_rows = torch.empty(n, dtype=acc_dtype, device=h.device)
-    dh = torch.empty_like(h) if with_grads else h.new_empty(0)
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if with_grads else h.new_empty(0)
     dw = None
     if with_grads:  # dW accumulates over chunks in (at least) fp32
         dw = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=h.device)

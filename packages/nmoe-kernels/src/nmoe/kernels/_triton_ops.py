@@ -370,11 +370,13 @@ def expert_mlp_forward(rows, offsets, w_up, w_down):
 def expert_mlp_backward(dy, rows, offsets, w_up, w_down, pre, act):
     """dy[M,D] -> (d_rows[M,D], dw_up[E,D,2H], dw_down[E,H,D])."""
     dy = dy.contiguous()
-    d_pre = torch.empty_like(pre)
+    d_pre = torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)  # row-major, whatever pre's strides
     _launch_gmm(dy, w_down, offsets, d_pre, transpose=True, mode=K.EPILOGUE_SWIGLU_BWD, h=pre)
     dw_down = _launch_dw(act, dy, offsets, torch.empty(w_down.shape, dtype=w_down.dtype, device=dy.device))
     dw_up = _launch_dw(rows, d_pre, offsets, torch.empty(w_up.shape, dtype=w_up.dtype, device=dy.device))
-    d_rows = _launch_gmm(d_pre, w_up, offsets, torch.empty_like(rows), transpose=True)
+    d_rows = _launch_gmm(
+        d_pre, w_up, offsets, torch.empty(rows.shape, dtype=rows.dtype, device=rows.device), transpose=True
+    )
     return d_rows, dw_up, dw_down
 
 
@@ -396,7 +398,7 @@ def moe_backward(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, 
     dy = dy.contiguous()
     n_tokens, top_k = topk_weights.shape
     weights = topk_weights.reshape(-1)
-    d_pre = torch.empty_like(pre)
+    d_pre = torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)  # row-major, whatever pre's strides
     d_weights = torch.zeros(pre.shape[0], dtype=torch.float32, device=x.device)
     _launch_gmm(
         dy,
