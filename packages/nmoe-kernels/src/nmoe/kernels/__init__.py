@@ -1,9 +1,10 @@
-"""nmoe.kernels: grouped GEMM, expert routing and the fused MoE expert path.
+"""nmoe.kernels: grouped GEMM, expert routing, the fused MoE expert path and the fused output-head loss.
 
-CUDA tensors (sm_90 / sm_100) run Triton kernels; CPU tensors run `nmoe.kernels.reference`.
+CUDA tensors (sm_90 / sm_100) run Triton kernels; CPU tensors run `nmoe.kernels.reference`. The ops are
+torch.library custom ops (namespace "nmoe"), so torch.compile(fullgraph=True) traces them without a break.
 """
 
-from nmoe.kernels.api import grouped_mm, moe_experts, sort_by_expert
+from nmoe.kernels.api import expert_mlp, grouped_mm, linear_cross_entropy, moe_experts, sort_by_expert
 from nmoe.kernels.capacity import drop_over_capacity, expert_capacity, rank_in_expert
 from nmoe.kernels.errors import UnsupportedInput
 from nmoe.kernels.reference import ExpertSort
@@ -12,6 +13,8 @@ __all__ = [
     "grouped_mm",
     "sort_by_expert",
     "moe_experts",
+    "expert_mlp",
+    "linear_cross_entropy",
     "ExpertSort",
     "UnsupportedInput",
     "drop_over_capacity",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nmoe.kernels import _kernels as K
 from nmoe.kernels.reference import ExpertSort
@@ -59,37 +61,152 @@ else:
         True: [_cfg(32, 128, 64, 4, 3, _DW_NAMES), _cfg(32, 64, 64, 4, 3, _DW_NAMES)],
     }
 
-_GMM = {
-    key: triton.autotune(
-        configs, key=["N", "K", "E", "GATHER_A"], restore_value=["dw_ptr"] if key[0] == K.EPILOGUE_SWIGLU_BWD else []
+
+def _set_tma_blocks(nargs) -> None:
+    """Autotune pre-hook: give the TMA descriptors of a launch the block shapes of the config being run."""
+    if isinstance(nargs["a_ptr"], TensorDescriptor):
+        nargs["a_ptr"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    if isinstance(nargs["b_ptr"], TensorDescriptor):
+        bk, bn = nargs["BLOCK_K"], nargs["BLOCK_N"]
+        nargs["b_ptr"].block_shape = [1, bn, bk] if nargs["TRANS_B"] else [1, bk, bn]
+
+
+def _set_tma_blocks_dw(nargs) -> None:
+    if isinstance(nargs["a_ptr"], TensorDescriptor):
+        nargs["a_ptr"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_KA"]]
+    if isinstance(nargs["b_ptr"], TensorDescriptor):
+        nargs["b_ptr"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"]]
+
+
+def _with_hook(configs, hook):
+    return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=hook) for c in configs]
+
+
+if INTERPRET:
+    _GMM_TMA_CONFIGS = _GMM_CONFIGS
+    _DW_TMA_CONFIGS = _DW_CONFIGS
+else:
+    # TMA variants (bf16 tiles; fp32 "wide" halves BLOCK_K): deeper pipelines than the pointer kernels
+    _GMM_TMA_CONFIGS = {
+        (K.EPILOGUE_STORE, False): [
+            _cfg(128, 256, 64, 8, 3),
+            _cfg(128, 256, 64, 8, 4),
+            _cfg(128, 128, 64, 8, 4),
+            _cfg(128, 128, 64, 4, 5),
+            _cfg(64, 128, 64, 4, 5),
+        ],
+        (K.EPILOGUE_SWIGLU, False): [
+            _cfg(128, 128, 64, 8, 3),
+            _cfg(128, 128, 64, 8, 4),
+            _cfg(128, 64, 64, 4, 5),
+            _cfg(64, 128, 64, 4, 4),
+        ],
+        (K.EPILOGUE_SWIGLU_BWD, False): [
+            _cfg(128, 128, 64, 8, 3),
+            _cfg(128, 128, 64, 8, 4),
+            _cfg(128, 64, 64, 4, 5),
+        ],
+    }
+    for mode in (0, 1, 2):
+        _GMM_TMA_CONFIGS[(mode, True)] = [_cfg(128, 64, 32, 4, 4), _cfg(64, 64, 32, 4, 4)]
+    _DW_TMA_CONFIGS = {
+        False: [
+            _cfg(64, 128, 128, 8, 3, _DW_NAMES),
+            _cfg(64, 128, 128, 8, 4, _DW_NAMES),
+            _cfg(128, 128, 128, 8, 3, _DW_NAMES),
+            _cfg(64, 128, 256, 8, 3, _DW_NAMES),
+        ],
+        True: [_cfg(32, 128, 64, 4, 3, _DW_NAMES), _cfg(32, 64, 64, 4, 3, _DW_NAMES)],
+    }
+
+
+def _gmm_autotuner(configs, mode):
+    return triton.autotune(
+        configs,
+        key=["N", "K", "E", "GATHER_A", "TRANS_B", "WEIGHTED"],
+        restore_value=["dw_ptr"] if mode == K.EPILOGUE_SWIGLU_BWD else [],
     )(K.gmm_kernel)
-    for key, configs in _GMM_CONFIGS.items()
-}
-_GMM_DW = {
-    wide: triton.autotune(configs, key=["KA", "N", "E", "GATHER_A", "GATHER_B", "SCALE_B"])(K.gmm_dw_kernel)
-    for wide, configs in _DW_CONFIGS.items()
-}
+
+
+def _dw_autotuner(configs):
+    return triton.autotune(configs, key=["KA", "N", "E", "GATHER_A", "GATHER_B", "SCALE_B"])(K.gmm_dw_kernel)
+
+
+# (epilogue, fp32) -> autotuned kernel; one autotuner per variant so that their tuning caches stay apart
+_GMM = {key: _gmm_autotuner(configs, key[0]) for key, configs in _GMM_CONFIGS.items()}
+_GMM_TMA = {key: _gmm_autotuner(_with_hook(c, _set_tma_blocks), key[0]) for key, c in _GMM_TMA_CONFIGS.items()}
+_GMM_DW = {wide: _dw_autotuner(configs) for wide, configs in _DW_CONFIGS.items()}
+_GMM_DW_TMA = {wide: _dw_autotuner(_with_hook(c, _set_tma_blocks_dw)) for wide, c in _DW_TMA_CONFIGS.items()}
+
+GEMM_VARIANTS = ("pointer", "tma")
+# "pointer": masked pointer loads (the measured default); "tma": operands that are not row-gathered come in
+# through TMA tensor descriptors (Hopper+). Tests and benchmarks switch it with `use_gemm_variant`.
+_gemm_variant = os.environ.get("NMOE_KERNELS_GEMM", "pointer")
+if _gemm_variant not in GEMM_VARIANTS:
+    raise ValueError(f"NMOE_KERNELS_GEMM={_gemm_variant!r}: expected one of {GEMM_VARIANTS}")
+
+
+@contextlib.contextmanager
+def use_gemm_variant(name: str):
+    """Run the grouped GEMMs of this block with the given variant ("pointer" or "tma")."""
+    global _gemm_variant
+    if name not in GEMM_VARIANTS:
+        raise ValueError(f"unknown grouped GEMM variant {name!r}; expected one of {GEMM_VARIANTS}")
+    previous, _gemm_variant = _gemm_variant, name
+    try:
+        yield
+    finally:
+        _gemm_variant = previous
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base, unit last stride and 16-byte aligned other strides."""
+    size = t.element_size()
+    return (
+        t.numel() > 0
+        and t.stride(-1) == 1
+        and t.data_ptr() % 16 == 0
+        and all(st * size % 16 == 0 for st in t.stride()[:-1])
+    )
+
+
+def _descriptor(t: torch.Tensor) -> TensorDescriptor:
+    """Descriptor over all of t; the autotune pre-hook sets the block shape of the config being run."""
+    return TensorDescriptor.from_tensor(t, [1] * (t.dim() - 2) + [16, 16])
 
 
 def _launch_gmm(
-    a, b, b_strides, offsets, out, n, k, *, a_idx=None, mode=K.EPILOGUE_STORE, h=None, w=None, w_idx=None, dw=None
+    a, w, offsets, out, *, transpose=False, a_idx=None, mode=K.EPILOGUE_STORE, h=None, wts=None, w_idx=None, dw=None
 ):
-    """Grouped product into `out` (rows in expert order); b_strides = (expert, reduction, output column)."""
+    """Grouped product into `out` (rows in expert order): out[rows of e] = a[rows] @ (w[e]^T if transpose else w[e]).
+
+    a_idx gathers the rows of a; mode picks the epilogue (see `_kernels.gmm_kernel`): h holds pre-activations,
+    wts[w_idx[row]] are routing weights and dw their gradient (SWIGLU_BWD).
+    """
     m, n_experts = out.shape[0], offsets.shape[0]
+    n = w.shape[1] if transpose else w.shape[2]
+    if mode == K.EPILOGUE_SWIGLU:
+        n //= 2
+    k = w.shape[2] if transpose else w.shape[1]
     if m == 0 or n == 0:
         return out
 
     def grid(meta):
         return ((triton.cdiv(m, meta["BLOCK_M"]) + n_experts + 1) * triton.cdiv(n, meta["BLOCK_N"]),)
 
+    strides = (w.stride(0), w.stride(2), w.stride(1)) if transpose else (w.stride(0), w.stride(1), w.stride(2))
+    wide = a.element_size() > 2
+    a_tma = _gemm_variant == "tma" and a_idx is None and _tma_ok(a)
+    b_tma = _gemm_variant == "tma" and _tma_ok(w)
+    kernel = (_GMM_TMA if a_tma or b_tma else _GMM)[(mode, wide)]
     dummy = offsets
-    _GMM[(mode, a.element_size() > 2)][grid](
-        a,
+    kernel[grid](
+        _descriptor(a) if a_tma else a,
         dummy if a_idx is None else a_idx,
-        b,
+        _descriptor(w) if b_tma else w,
         out,
         dummy if h is None else h,
-        dummy if w is None else w,
+        dummy if wts is None else wts,
         dummy if w_idx is None else w_idx,
         dummy if dw is None else dw,
         offsets,
@@ -99,13 +216,17 @@ def _launch_gmm(
         n_experts,
         a.stride(0),
         a.stride(1),
-        *b_strides,
+        *strides,
         out.stride(0),
         0 if h is None else h.stride(0),
         GATHER_A=a_idx is not None,
         EPILOGUE=mode,
         UPCAST=INTERPRET,
         BLOCK_E=triton.next_power_of_2(n_experts),
+        WEIGHTED=wts is not None,
+        A_TMA=a_tma,
+        B_TMA=b_tma,
+        TRANS_B=transpose,
     )
     return out
 
@@ -117,12 +238,17 @@ def _launch_dw(a, b, offsets, out, *, a_idx=None, b_idx=None, scale=None, scale_
     def grid(meta):
         return (n_experts * triton.cdiv(ka, meta["BLOCK_KA"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
+    a_tma = _gemm_variant == "tma" and a_idx is None and _tma_ok(a)
+    b_tma = _gemm_variant == "tma" and b_idx is None and _tma_ok(b)
+    kernel = (_GMM_DW_TMA if a_tma or b_tma else _GMM_DW)[a.element_size() > 2]
     dummy = offsets
-    _GMM_DW[a.element_size() > 2][grid](
-        a,
+    kernel[grid](
+        _descriptor(a) if a_tma else a,
         dummy if a_idx is None else a_idx,
-        b,
+        _descriptor(b) if b_tma else b,
         dummy if b_idx is None else b_idx,
+        a,
+        b,
         dummy if scale is None else scale,
         dummy if scale_idx is None else scale_idx,
         out,
@@ -140,57 +266,41 @@ def _launch_dw(a, b, offsets, out, *, a_idx=None, b_idx=None, scale=None, scale_
         GATHER_B=b_idx is not None,
         SCALE_B=scale is not None,
         UPCAST=INTERPRET,
+        A_TMA=a_tma,
+        B_TMA=b_tma,
     )
     return out
-
-
-def _weight_strides(w: torch.Tensor, transpose: bool) -> tuple[int, int, int]:
-    return (w.stride(0), w.stride(2), w.stride(1)) if transpose else (w.stride(0), w.stride(1), w.stride(2))
 
 
 def gmm_forward(x, w, offsets):
     """x[M,K] @ w[e][K,N] per group -> [M,N] (rows past offsets[-1] zero)."""
     out = torch.empty(x.shape[0], w.shape[2], dtype=x.dtype, device=x.device)
-    return _launch_gmm(x, w, _weight_strides(w, False), offsets, out, w.shape[2], w.shape[1])
+    return _launch_gmm(x, w, offsets, out)
 
 
-def gmm_dx(dy, w, offsets):
-    """dy[M,N] @ w[e]^T per group -> dx[M,K]."""
-    out = torch.empty(dy.shape[0], w.shape[1], dtype=dy.dtype, device=dy.device)
-    return _launch_gmm(dy, w, _weight_strides(w, True), offsets, out, w.shape[1], w.shape[2])
+def gmm_backward(dy, x, w, offsets, need_dx: bool, need_dw: bool):
+    """dy[M,N] -> (dx[M,K] = dy @ w[e]^T per group, dw[E,K,N] = x[rows of e]^T @ dy[rows of e]); empty [0] if not needed."""
+    dy = dy.contiguous()
+    dx = dy.new_empty(0)
+    dw = dy.new_empty(0)
+    if need_dx:
+        dx = _launch_gmm(
+            dy, w, offsets, torch.empty(dy.shape[0], w.shape[1], dtype=dy.dtype, device=dy.device), transpose=True
+        )
+    if need_dw:
+        dw = _launch_dw(x, dy, offsets, torch.empty(w.shape, dtype=x.dtype, device=x.device))
+    return dx, dw
 
 
-def gmm_dw(x, dy, offsets, n_experts):
-    """x[rows of e]^T @ dy[rows of e] -> dw[E,K,N]."""
-    out = torch.empty(n_experts, x.shape[1], dy.shape[1], dtype=x.dtype, device=x.device)
-    return _launch_dw(x, dy, offsets, out)
-
-
-class GroupedMM(torch.autograd.Function):
-    """grouped_mm with Triton forward, dX (grouped, transposed w) and per-expert dW kernels."""
-
-    @staticmethod
-    def forward(ctx, x, w, offsets):
-        """x[M,K], w[E,K,N], offsets[E] int32 -> [M,N] (x.dtype)."""
-        ctx.save_for_backward(x, w, offsets)
-        return gmm_forward(x, w, offsets)
-
-    @staticmethod
-    def backward(ctx, dy):
-        """dy[M,N] -> (dx[M,K], dw[E,K,N], None)."""
-        x, w, offsets = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = gmm_dx(dy, w, offsets) if ctx.needs_input_grad[0] else None
-        dw = gmm_dw(x, dy, offsets, w.shape[0]) if ctx.needs_input_grad[1] else None
-        return dx, dw, None
-
-
-def _sort_block(n_experts: int) -> int:
-    return max(32, min(128, 8192 // triton.next_power_of_2(n_experts)))
+def _sort_block(n_bins: int) -> int:
+    return max(32, min(128, 8192 // triton.next_power_of_2(n_bins)))
 
 
 def route(topk_ids: torch.Tensor, n_experts: int):
-    """-> (ExpertSort, token[T*K] int32 of each grouped row, pos[T*K] int32 grouped row of each slot)."""
+    """-> (ExpertSort, token[T*K] int32 of each grouped row, pos[T*K] int32 grouped row of each slot).
+
+    Slots with a negative id (dropped) go to a trailing bin after the last expert: rows [offsets[-1], T*K).
+    """
     ids = topk_ids.reshape(-1).to(torch.int32)
     n, dev = ids.shape[0], ids.device
     order = torch.empty(n, dtype=torch.int64, device=dev)
@@ -199,24 +309,24 @@ def route(topk_ids: torch.Tensor, n_experts: int):
     if n == 0:
         zeros = torch.zeros(n_experts, dtype=torch.int32, device=dev)
         return ExpertSort(zeros, zeros.clone(), order), token, pos
-    block = _sort_block(n_experts)
+    n_bins = n_experts + 1
+    block = _sort_block(n_bins)
     n_blocks = triton.cdiv(n, block)
-    hist = torch.empty(n_blocks, n_experts, dtype=torch.int32, device=dev)
-    K.expert_histogram_kernel[(n_blocks,)](
-        ids, hist, n, n_experts, BLOCK=block, BLOCK_E=triton.next_power_of_2(n_experts)
-    )
+    hist = torch.empty(n_blocks, n_bins, dtype=torch.int32, device=dev)
+    K.expert_histogram_kernel[(n_blocks,)](ids, hist, n, n_experts, BLOCK=block, BLOCK_E=triton.next_power_of_2(n_bins))
     cum = hist.cumsum(0, dtype=torch.int32)
     counts = cum[-1]
-    offsets = counts.cumsum(0, dtype=torch.int32)
-    base = cum - hist + (offsets - counts)[None, :]
+    ends = counts.cumsum(0, dtype=torch.int32)
+    base = cum - hist + (ends - counts)[None, :]
     K.expert_scatter_kernel[(n_blocks,)](
         ids, base, order, token, pos, n, n_experts, TOP_K=topk_ids.shape[1], BLOCK=block
     )
-    return ExpertSort(counts.contiguous(), offsets, order), token, pos
+    return ExpertSort(counts[:n_experts].contiguous(), ends[:n_experts].contiguous(), order), token, pos
 
 
-def combine(src, pos, weights, n_tokens, top_k):
-    """out[t] = sum_k weights[t,k] * src[pos[t*K+k]] (unweighted when weights is None) -> [T,D]."""
+def combine(src, pos, weights, offsets, n_tokens, top_k):
+    """out[t] = sum_k weights[t,k] * src[pos[t*K+k]] (unweighted when weights is None) over the kept slots
+    (row < offsets[-1]) -> [T,D]."""
     d = src.shape[1]
     out = torch.empty(n_tokens, d, dtype=src.dtype, device=src.device)
     if n_tokens == 0:
@@ -228,6 +338,7 @@ def combine(src, pos, weights, n_tokens, top_k):
         pos,
         pos if weights is None else weights,
         out,
+        offsets[-1:],
         n_tokens,
         d,
         src.stride(0),
@@ -241,70 +352,93 @@ def combine(src, pos, weights, n_tokens, top_k):
     return out
 
 
-class MoEExperts(torch.autograd.Function):
-    """Routed SwiGLU experts: gather -> up+SwiGLU -> down -> weighted combine, fused backward."""
+def _swiglu_up(a, w_up, offsets, a_idx=None):
+    """(pre[R,2H] = a[rows] @ w_up[e], act[R,H] = silu(gate) * up) per group; R = len(a_idx) or a.shape[0]."""
+    rows = a.shape[0] if a_idx is None else a_idx.shape[0]
+    pre = torch.empty(rows, w_up.shape[2], dtype=a.dtype, device=a.device)
+    act = torch.empty(rows, w_up.shape[2] // 2, dtype=a.dtype, device=a.device)
+    _launch_gmm(a, w_up, offsets, act, a_idx=a_idx, mode=K.EPILOGUE_SWIGLU, h=pre)
+    return pre, act
 
-    @staticmethod
-    def forward(ctx, x, topk_ids, topk_weights, w_up, w_down):
-        """x[T,D], topk_ids[T,K], topk_weights[T,K] float, w_up[E,D,2H], w_down[E,H,D] -> y[T,D] (x.dtype)."""
-        n_tokens, top_k = topk_ids.shape
-        n_experts, d, h2 = w_up.shape
-        hdim = h2 // 2
-        routing, token, pos = route(topk_ids, n_experts)
-        rows = token.shape[0]
-        weights = topk_weights.reshape(-1)
-        pre = torch.empty(rows, h2, dtype=x.dtype, device=x.device)
-        act = torch.empty(rows, hdim, dtype=x.dtype, device=x.device)
-        _launch_gmm(
-            x,
-            w_up,
-            _weight_strides(w_up, False),
-            routing.offsets,
-            act,
-            hdim,
-            d,
-            a_idx=token,
-            mode=K.EPILOGUE_SWIGLU,
-            h=pre,
-        )
-        out = torch.empty(rows, d, dtype=x.dtype, device=x.device)
-        _launch_gmm(act, w_down, _weight_strides(w_down, False), routing.offsets, out, d, hdim)
-        y = combine(out, pos, weights, n_tokens, top_k)
-        ctx.save_for_backward(x, weights, w_up, w_down, routing.offsets, routing.order, token, pos, pre, act)
-        ctx.weights_dtype = topk_weights.dtype
-        ctx.top_k = top_k
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        """dy[T,D] -> (dx[T,D], None, d_topk_weights[T,K] (weights' dtype), dw_up, dw_down)."""
-        x, weights, w_up, w_down, offsets, order, token, pos, pre, act = ctx.saved_tensors
-        dy = dy.contiguous()
-        n_tokens, d = x.shape
-        rows, hdim = act.shape
-        d_pre = torch.empty(rows, 2 * hdim, dtype=x.dtype, device=x.device)
-        d_weights = torch.zeros(rows, dtype=torch.float32, device=x.device)
-        _launch_gmm(
-            dy,
-            w_down,
-            _weight_strides(w_down, True),
-            offsets,
-            d_pre,
-            hdim,
-            d,
-            a_idx=token,
-            mode=K.EPILOGUE_SWIGLU_BWD,
-            h=pre,
-            w=weights,
-            w_idx=order,
-            dw=d_weights,
-        )
-        dw_down = torch.empty(w_down.shape, dtype=w_down.dtype, device=x.device)
-        _launch_dw(act, dy, offsets, dw_down, b_idx=token, scale=weights, scale_idx=order)
-        dw_up = torch.empty(w_up.shape, dtype=w_up.dtype, device=x.device)
-        _launch_dw(x, d_pre, offsets, dw_up, a_idx=token)
-        d_rows = torch.empty(rows, d, dtype=x.dtype, device=x.device)
-        _launch_gmm(d_pre, w_up, _weight_strides(w_up, True), offsets, d_rows, d, 2 * hdim)
-        dx = combine(d_rows, pos, None, n_tokens, ctx.top_k)
-        d_topk = d_weights.view(n_tokens, ctx.top_k).to(ctx.weights_dtype)
-        return dx, None, d_topk, dw_up, dw_down
+def expert_mlp_forward(rows, offsets, w_up, w_down):
+    """rows[M,D] grouped by expert -> (y[M,D], pre[M,2H], act[M,H]); rows past offsets[-1] give 0."""
+    pre, act = _swiglu_up(rows, w_up, offsets)
+    return gmm_forward(act, w_down, offsets), pre, act
+
+
+def expert_mlp_backward(dy, rows, offsets, w_up, w_down, pre, act):
+    """dy[M,D] -> (d_rows[M,D], dw_up[E,D,2H], dw_down[E,H,D])."""
+    dy = dy.contiguous()
+    d_pre = torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)  # row-major, whatever pre's strides
+    _launch_gmm(dy, w_down, offsets, d_pre, transpose=True, mode=K.EPILOGUE_SWIGLU_BWD, h=pre)
+    dw_down = _launch_dw(act, dy, offsets, torch.empty(w_down.shape, dtype=w_down.dtype, device=dy.device))
+    dw_up = _launch_dw(rows, d_pre, offsets, torch.empty(w_up.shape, dtype=w_up.dtype, device=dy.device))
+    d_rows = _launch_gmm(
+        d_pre, w_up, offsets, torch.empty(rows.shape, dtype=rows.dtype, device=rows.device), transpose=True
+    )
+    return d_rows, dw_up, dw_down
+
+
+def moe_forward(x, topk_ids, topk_weights, w_up, w_down):
+    """Routed SwiGLU experts: gather -> up+SwiGLU -> down -> weighted combine.
+
+    -> (y[T,D], pre[R,2H], act[R,H], offsets[E], order[R], token[R], pos[R]) with R = T*K (saved for backward).
+    """
+    n_tokens, top_k = topk_ids.shape
+    routing, token, pos = route(topk_ids, w_up.shape[0])
+    pre, act = _swiglu_up(x, w_up, routing.offsets, a_idx=token)
+    out = gmm_forward(act, w_down, routing.offsets)
+    y = combine(out, pos, topk_weights.reshape(-1), routing.offsets, n_tokens, top_k)
+    return y, pre, act, routing.offsets, routing.order, token, pos
+
+
+def moe_backward(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act):
+    """dy[T,D] -> (dx[T,D], d_topk_weights[T,K] (weights' dtype), dw_up, dw_down); fused as in the forward."""
+    dy = dy.contiguous()
+    n_tokens, top_k = topk_weights.shape
+    weights = topk_weights.reshape(-1)
+    d_pre = torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)  # row-major, whatever pre's strides
+    d_weights = torch.zeros(pre.shape[0], dtype=torch.float32, device=x.device)
+    _launch_gmm(
+        dy,
+        w_down,
+        offsets,
+        d_pre,
+        transpose=True,
+        a_idx=token,
+        mode=K.EPILOGUE_SWIGLU_BWD,
+        h=pre,
+        wts=weights,
+        w_idx=order,
+        dw=d_weights,
+    )
+    dw_down = torch.empty(w_down.shape, dtype=w_down.dtype, device=x.device)
+    _launch_dw(act, dy, offsets, dw_down, b_idx=token, scale=weights, scale_idx=order)
+    dw_up = torch.empty(w_up.shape, dtype=w_up.dtype, device=x.device)
+    _launch_dw(x, d_pre, offsets, dw_up, a_idx=token)
+    d_rows = _launch_gmm(
+        d_pre, w_up, offsets, torch.empty(pre.shape[0], x.shape[1], dtype=x.dtype, device=x.device), transpose=True
+    )
+    dx = combine(d_rows, pos, None, offsets, n_tokens, top_k)
+    return dx, d_weights.view(n_tokens, top_k).to(topk_weights.dtype), dw_up, dw_down
+
+
+def cross_entropy_rows(logits, targets, loss_out, scale, ignore_index: int, with_grad: bool) -> None:
+    """loss_out[r] = CE of logits row r (0 if ignored); with_grad: logits <- scale[0] * (softmax - onehot) in place."""
+    n, v = logits.shape
+    if n == 0:
+        return
+    block_v = 16 if INTERPRET else min(4096, triton.next_power_of_2(v))
+    K.cross_entropy_rows_kernel[(n,)](
+        logits,
+        targets,
+        loss_out,
+        scale,
+        v,
+        logits.stride(0),
+        ignore_index,
+        WITH_GRAD=with_grad,
+        BLOCK_V=block_v,
+        num_warps=8 if block_v >= 2048 else 4,
+    )

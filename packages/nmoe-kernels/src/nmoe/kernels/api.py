@@ -1,71 +1,21 @@
-"""Public ops: validate input, then dispatch to Triton (CUDA) or the reference (CPU)."""
+"""Public ops: validate shapes, then call the `nmoe` custom ops (Triton on CUDA, the reference on CPU).
+
+The checks here read only tensor metadata, so torch.compile(fullgraph=True) traces through them; the device
+checks (architecture, dtype and alignment of the GPU path) run inside the ops and their fake implementations.
+"""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from nmoe.kernels import reference
+from nmoe.kernels import _dispatch, _ops, reference
 from nmoe.kernels.errors import UnsupportedInput
 from nmoe.kernels.reference import ExpertSort
 
-GPU_DTYPES = (torch.bfloat16, torch.float32)
-ALIGN = 16  # feature dims (D, H, grouped_mm K and N) must be multiples of this on the GPU path
-SUPPORTED_CAPABILITIES = (9, 10)  # Hopper (sm_90) and Blackwell (sm_100)
+# Kept importable from here (older call sites and tests).
+GPU_DTYPES, ALIGN, SUPPORTED_CAPABILITIES = _dispatch.GPU_DTYPES, _dispatch.ALIGN, _dispatch.SUPPORTED_CAPABILITIES
 
-
-def _force_triton() -> bool:
-    """Tests run the Triton kernels on CPU tensors under TRITON_INTERPRET=1 with NMOE_KERNELS_FORCE_TRITON=1."""
-    if os.environ.get("NMOE_KERNELS_FORCE_TRITON") != "1":
-        return False
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise UnsupportedInput(
-            "NMOE_KERNELS_FORCE_TRITON=1 on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported"
-        )
-    return True
-
-
-def _check_gpu(device: torch.device) -> None:
-    major, minor = torch.cuda.get_device_capability(device)
-    if major not in SUPPORTED_CAPABILITIES:
-        name = torch.cuda.get_device_name(device)
-        raise UnsupportedInput(
-            f"{name} has compute capability {major}.{minor}; nmoe.kernels supports sm_90 (Hopper) and sm_100 "
-            "(Blackwell) only. Move the tensors to the CPU to use the reference implementation."
-        )
-
-
-def _use_triton(*tensors: torch.Tensor) -> bool:
-    device = tensors[0].device
-    for t in tensors[1:]:
-        if t.device != device:
-            raise UnsupportedInput(f"all tensors must be on one device; got {device} and {t.device}")
-    if device.type == "cpu":
-        return _force_triton()
-    if device.type != "cuda":
-        raise UnsupportedInput(f"device type {device.type!r} is not supported: use CUDA (sm_90/sm_100) or CPU tensors")
-    _check_gpu(device)
-    try:
-        import triton  # noqa: F401
-    except ImportError as err:
-        raise UnsupportedInput(
-            "the CUDA path needs triton; install it (pip install triton) or use CPU tensors"
-        ) from err
-    return True
-
-
-def _check_float(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
-    if t.dtype != dtype:
-        raise UnsupportedInput(f"{name} has dtype {t.dtype}; expected {dtype} like the other operands")
-    if dtype not in GPU_DTYPES:
-        raise UnsupportedInput(f"dtype {dtype} is not supported on the GPU path; use torch.bfloat16 or torch.float32")
-
-
-def _check_aligned(**dims: int) -> None:
-    for name, value in dims.items():
-        if value % ALIGN:
-            raise UnsupportedInput(f"{name}={value} must be a multiple of {ALIGN} on the GPU path (pad the weights)")
+DEFAULT_CE_CHUNK = 4096  # rows of logits formed at once by linear_cross_entropy (bf16 [4096, V])
 
 
 def _check_ndim(name: str, t: torch.Tensor, ndim: int, shape_doc: str) -> None:
@@ -73,27 +23,25 @@ def _check_ndim(name: str, t: torch.Tensor, ndim: int, shape_doc: str) -> None:
         raise UnsupportedInput(f"{name} must be {shape_doc}; got shape {tuple(t.shape)}")
 
 
+def _check_offsets(offsets: torch.Tensor, n_experts: int) -> None:
+    _check_ndim("offsets", offsets, 1, "[E]")
+    if offsets.shape[0] != n_experts or offsets.dtype != torch.int32:
+        raise UnsupportedInput(f"offsets must be int32 [E={n_experts}]; got {offsets.dtype} {tuple(offsets.shape)}")
+
+
 def _check_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> None:
     _check_ndim("x", x, 2, "[M,K]")
     _check_ndim("w", w, 3, "[E,K,N]")
-    _check_ndim("offsets", offsets, 1, "[E]")
     if x.shape[1] != w.shape[1]:
         raise UnsupportedInput(f"x[M,K] and w[E,K,N] disagree on K: {x.shape[1]} vs {w.shape[1]}")
-    if offsets.shape[0] != w.shape[0] or offsets.dtype != torch.int32:
-        raise UnsupportedInput(f"offsets must be int32 [E={w.shape[0]}]; got {offsets.dtype} {tuple(offsets.shape)}")
+    _check_offsets(offsets, w.shape[0])
+    _dispatch.check_same_device(x, w, offsets)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x[M,K] @ w[e][K,N] per expert group (offsets[E] int32 cumulative end rows) -> [M,N]; rows >= offsets[-1] are 0."""
     _check_grouped_mm(x, w, offsets)
-    if not _use_triton(x, w, offsets):
-        return reference.grouped_mm(x, w, offsets)
-    _check_float("w", w, x.dtype)
-    _check_float("x", x, x.dtype)
-    _check_aligned(K=x.shape[1], N=w.shape[2])
-    from nmoe.kernels._triton_ops import GroupedMM
-
-    return GroupedMM.apply(x.contiguous(), w, offsets.contiguous())
+    return _ops.grouped_mm(x.contiguous(), w, offsets.contiguous())
 
 
 def _check_topk(topk_ids: torch.Tensor) -> None:
@@ -103,34 +51,42 @@ def _check_topk(topk_ids: torch.Tensor) -> None:
 
 
 def sort_by_expert(topk_ids: torch.Tensor, n_experts: int) -> ExpertSort:
-    """topk_ids[T,K] in [0,E) -> ExpertSort(counts[E] int32, offsets[E] int32, order[T*K] int64), stable, no host sync."""
+    """topk_ids[T,K] in [0,E), -1 = dropped -> ExpertSort(counts[E] int32, offsets[E] int32, order[T*K] int64).
+
+    Stable within an expert; dropped slots are not counted and come last in `order`. No host sync on the GPU.
+    """
     _check_topk(topk_ids)
     if n_experts < 1:
         raise UnsupportedInput(f"n_experts must be positive; got {n_experts}")
-    if not _use_triton(topk_ids):
+    if not _dispatch.use_triton(topk_ids):
         return reference.sort_by_expert(topk_ids, n_experts)
     from nmoe.kernels._triton_ops import route
 
     return route(topk_ids.contiguous(), n_experts)[0]
 
 
+def _check_expert_weights(w_up: torch.Tensor, w_down: torch.Tensor, d: int, rows_name: str) -> None:
+    _check_ndim("w_up", w_up, 3, "[E,D,2H]")
+    _check_ndim("w_down", w_down, 3, "[E,H,D]")
+    n_experts, d_up, h2 = w_up.shape
+    if d_up != d or h2 % 2:
+        raise UnsupportedInput(f"{rows_name}[..,D={d}] and w_up {tuple(w_up.shape)} must be [..,D] and [E,D,2H]")
+    if tuple(w_down.shape) != (n_experts, h2 // 2, d):
+        raise UnsupportedInput(f"w_down must be [E,H,D]={(n_experts, h2 // 2, d)}; got {tuple(w_down.shape)}")
+
+
 def _check_moe(x, topk_ids, topk_weights, w_up, w_down) -> None:
     _check_ndim("x", x, 2, "[T,D]")
     _check_topk(topk_ids)
     _check_ndim("w_up", w_up, 3, "[E,D,2H]")
-    _check_ndim("w_down", w_down, 3, "[E,H,D]")
-    n_experts, d, h2 = w_up.shape
     if topk_weights.shape != topk_ids.shape or not topk_weights.dtype.is_floating_point:
         raise UnsupportedInput(
             f"topk_weights must be float {tuple(topk_ids.shape)}; got {topk_weights.dtype} {tuple(topk_weights.shape)}"
         )
-    if x.shape[0] != topk_ids.shape[0] or x.shape[1] != d or h2 % 2:
-        raise UnsupportedInput(
-            f"x {tuple(x.shape)}, topk_ids {tuple(topk_ids.shape)} and w_up {tuple(w_up.shape)} "
-            "must be [T,D], [T,K] and [E,D,2H]"
-        )
-    if tuple(w_down.shape) != (n_experts, h2 // 2, d):
-        raise UnsupportedInput(f"w_down must be [E,H,D]={(n_experts, h2 // 2, d)}; got {tuple(w_down.shape)}")
+    if x.shape[0] != topk_ids.shape[0]:
+        raise UnsupportedInput(f"x {tuple(x.shape)} and topk_ids {tuple(topk_ids.shape)} must be [T,D] and [T,K]")
+    _check_expert_weights(w_up, w_down, x.shape[1], "x")
+    _dispatch.check_same_device(x, topk_ids, topk_weights, w_up, w_down)
 
 
 def moe_experts(
@@ -140,14 +96,58 @@ def moe_experts(
     w_up: torch.Tensor,
     w_down: torch.Tensor,
 ) -> torch.Tensor:
-    """x[T,D], topk ids/weights[T,K], w_up[E,D,2H] (gate|up), w_down[E,H,D] -> y[T,D] = sum_k w_tk expert(x_t)."""
-    _check_moe(x, topk_ids, topk_weights, w_up, w_down)
-    if not _use_triton(x, topk_ids, topk_weights, w_up, w_down):
-        return reference.moe_experts(x, topk_ids, topk_weights, w_up, w_down)
-    _check_float("w_up", w_up, x.dtype)
-    _check_float("w_down", w_down, x.dtype)
-    _check_float("x", x, x.dtype)
-    _check_aligned(D=x.shape[1], H=w_down.shape[1])
-    from nmoe.kernels._triton_ops import MoEExperts
+    """x[T,D], topk ids/weights[T,K], w_up[E,D,2H] (gate|up), w_down[E,H,D] -> y[T,D] = sum_k w_tk expert(x_t).
 
-    return MoEExperts.apply(x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), w_up, w_down)
+    topk_ids == -1 marks a slot dropped (e.g. by a capacity limit): it skips the expert GEMMs, adds 0 to y and
+    gets a zero topk_weights gradient.
+    """
+    _check_moe(x, topk_ids, topk_weights, w_up, w_down)
+    return _ops.moe_experts(x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), w_up, w_down)[0]
+
+
+def expert_mlp(rows: torch.Tensor, offsets: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """rows[M,D] grouped by expert (offsets[E] int32 end rows), w_up[E,D,2H], w_down[E,H,D] -> y[M,D].
+
+    y = down(silu(gate) * up) per expert group; rows past offsets[-1] give 0. Autograd through rows, w_up, w_down.
+    """
+    _check_ndim("rows", rows, 2, "[M,D]")
+    _check_expert_weights(w_up, w_down, rows.shape[1], "rows")
+    _check_offsets(offsets, w_up.shape[0])
+    _dispatch.check_same_device(rows, offsets, w_up, w_down)
+    return _ops.expert_mlp(rows.contiguous(), offsets.contiguous(), w_up, w_down)[0]
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CE_CHUNK,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Mean cross-entropy of logits h[N,D] @ weight[V,D]^T against targets[N] int64, without the [N,V] logits.
+
+    Same value as F.cross_entropy(h @ weight.T, targets, ignore_index=ignore_index) (mean over non-ignored rows;
+    plain CE, no z-loss). Logits are formed chunk_size rows at a time in h's dtype and reduced in fp32; dh and dW
+    are computed in the forward (dW accumulated in fp32) and scaled in backward. weight may be float32 while h
+    is bfloat16 (fp32 master weights): the GEMMs run in h's dtype and dW comes back in float32.
+    """
+    _check_ndim("h", h, 2, "[N,D]")
+    _check_ndim("weight", weight, 2, "[V,D]")
+    _check_ndim("targets", targets, 1, "[N]")
+    if weight.shape[1] != h.shape[1] or targets.shape[0] != h.shape[0]:
+        raise UnsupportedInput(
+            f"h {tuple(h.shape)}, weight {tuple(weight.shape)} and targets {tuple(targets.shape)} must be "
+            "[N,D], [V,D] and [N]"
+        )
+    if targets.dtype != torch.int64:
+        raise UnsupportedInput(f"targets must be int64 (class indices); got {targets.dtype}")
+    if not h.dtype.is_floating_point or weight.dtype not in (h.dtype, torch.float32):
+        raise UnsupportedInput(f"h must be float and weight of h's dtype or float32; got {h.dtype} and {weight.dtype}")
+    if chunk_size < 1:
+        raise UnsupportedInput(f"chunk_size must be positive; got {chunk_size}")
+    _dispatch.check_same_device(h, weight, targets)
+    with_grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _ops.linear_cross_entropy(
+        h.contiguous(), weight.contiguous(), targets.contiguous(), chunk_size, ignore_index, with_grads
+    )[0]

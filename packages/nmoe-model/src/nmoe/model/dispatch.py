@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from nmoe.kernels import moe_experts, sort_by_expert
+from nmoe.kernels import expert_mlp, moe_experts, sort_by_expert
 
 
 class ExpertDispatch(Protocol):
@@ -81,8 +81,6 @@ class RdepDispatch:
     @torch.compiler.disable  # one host sync per dispatch (the received row count) keeps RDEP out of compiled graphs
     def experts(self, x, topk_ids, weights, w_up, w_down) -> torch.Tensor:
         """dispatch -> fused SwiGLU expert MLP on the received rows -> combine."""
-        from nmoe.kernels import expert_mlp  # TEMP until the kernels branch lands
-
         rows, offsets, handle = self.dispatch(x, topk_ids, weights)
         out = expert_mlp(rows, offsets, w_up.to(rows.dtype), w_down.to(rows.dtype))
         return self.combine(out, handle).to(x.dtype)
