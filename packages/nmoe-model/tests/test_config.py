@@ -56,7 +56,7 @@ def test_frozen():
         (dict(n_kv_heads=3), ["n_kv_heads (3)", "model.n_kv_heads"]),
         (dict(attn="flash"), ["model.attn", "'mla', 'sdpa'"]),
         (dict(score_func="relu"), ["model.score_func"]),
-        (dict(top_k=0), ["model.top_k = 0", "outside [1, None]"]),
+        (dict(top_k=0), ["model.top_k = 0", "out of range; allowed range is [1, inf]"]),
         (dict(qk_rope_head_dim=5, attn="mla"), ["qk_rope_head_dim (5)"]),
     ],
 )

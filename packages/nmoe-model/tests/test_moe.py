@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nmoe.model import ModelConfig
-from nmoe.model.moe import MoE, balance_loss, route, z_loss
+from nmoe.model.dispatch import LocalDispatch
+from nmoe.model.moe import MoE, balance_loss, capacity_ids, route, z_loss
 
 
 def moe_config(**overrides) -> ModelConfig:
@@ -72,11 +73,11 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         choices.append(ids)
         gates.append(g * cfg.route_scale)
     kept = [[True] * cfg.top_k for _ in range(tokens)]
-    if cfg.capacity_factor > 0:
-        cap = math.ceil(cfg.capacity_factor * tokens * cfg.top_k / cfg.n_routed_experts)
+    if cfg.capacity_factor > 0:  # token order: each expert keeps its first `cap` (token, k) slots
+        cap = max(1, math.ceil(cfg.capacity_factor * tokens * cfg.top_k / cfg.n_routed_experts))
         used = [0] * cfg.n_routed_experts
-        for k in range(cfg.top_k):
-            for t in range(tokens):
+        for t in range(tokens):
+            for k in range(cfg.top_k):
                 e = choices[t][k]
                 kept[t][k] = used[e] < cap
                 used[e] += kept[t][k]
@@ -150,7 +151,6 @@ def test_routing_distinct_experts_and_weight_sums(score_func, route_norm, route_
     r = route(x, gate, bias, cfg)
     assert r.topk_ids.shape == (64, top_k)
     assert all(len(set(row)) == top_k for row in r.topk_ids.tolist())
-    assert r.kept.all()
     picked = r.scores.gather(1, r.topk_ids)
     expected = picked / picked.sum(-1, keepdim=True) * route_scale if route_norm else picked * route_scale
     torch.testing.assert_close(r.weights, expected.float() if r.weights.dtype == torch.float32 else expected)
@@ -168,14 +168,32 @@ def test_capacity_limits_every_expert_and_counts_drops():
     moe = build_moe(cfg, seed=3)
     x = torch.randn(4, 16, cfg.dim, dtype=torch.float64)
     r = route(x.view(-1, cfg.dim), moe.gate, moe.expert_bias, cfg)
+    ids = capacity_ids(r.topk_ids, cfg)
     cap = math.ceil(0.5 * 64 * 2 / cfg.n_routed_experts)
-    kept_ids = r.topk_ids[r.kept]
-    assert torch.bincount(kept_ids, minlength=cfg.n_routed_experts).max() <= cap
-    assert (~r.kept).sum() > 0  # 50% capacity must drop something
-    assert (r.weights[~r.kept] == 0).all()
+    kept = ids >= 0
+    assert torch.bincount(ids[kept], minlength=cfg.n_routed_experts).max() <= cap
+    assert (~kept).sum() > 0  # 50% capacity must drop something
+    assert torch.equal(ids[kept], r.topk_ids[kept])
     moe(x)
     stats = moe.take_stats()
-    assert stats[cfg.n_routed_experts + 3].item() == (~r.kept).sum().item()
+    assert stats[cfg.n_routed_experts + 3].item() == (~kept).sum().item()
+
+
+def test_dropped_pairs_skip_the_experts():
+    cfg = moe_config(capacity_factor=0.25, top_k=2, n_shared_experts=0)
+    moe = build_moe(cfg, seed=4)
+    x = torch.randn(2, 8, cfg.dim, dtype=torch.float64)
+    calls = []
+
+    class Spy:
+        def experts(self, x, topk_ids, weights, w_up, w_down):
+            calls.append(topk_ids)
+            return LocalDispatch(cfg.n_routed_experts).experts(x, topk_ids, weights, w_up, w_down)
+
+    moe.dispatcher = Spy()
+    moe(x)
+    (ids,) = calls
+    assert (ids == -1).any()  # a capacity exists to save compute: dropped pairs never reach the expert GEMMs
 
 
 def test_bias_updates_move_load_towards_balance():
