@@ -173,7 +173,8 @@ def copy(root, tmp_path):
 
 
 def _open(path, **kw):
-    return open_loader(path, seq_len=16, batch_size=2, **kw)
+    kw.setdefault("batch_size", 2)
+    return open_loader(path, seq_len=16, **kw)
 
 
 def test_corrupt_shard_is_named(copy):
@@ -214,10 +215,27 @@ def test_tokenizer_and_vocab_mismatch(root, tmp_path, h):
         _open(mix)
 
 
+def test_the_global_position_resumes_under_another_rank_layout(root):
+    two = [_open(root / "ds0", world_size=2, rank=r) for r in range(2)]
+    for loader in two:
+        loader.next_batch(), loader.next_batch(), loader.next_batch()
+    state = two[0].state_dict()  # 3 steps x 2 sequences x 2 ranks = 12 sequences handed out
+    one = _open(root / "ds0", batch_size=4)
+    one.load_state_dict(state)
+    first = one.next_batch()[0]
+    assert np.array_equal(first, np.concatenate([loader.next_batch()[0] for loader in two]))
+    four = [_open(root / "ds0", batch_size=1, world_size=4, rank=r) for r in range(4)]
+    for loader in four:
+        loader.load_state_dict(state)
+    assert np.array_equal(np.concatenate([loader.next_batch()[0] for loader in four]), first)
+    with pytest.raises(DataError, match="stopped after 12 sequences over all ranks, not a multiple of this loader's 8"):
+        _open(root / "ds0", batch_size=8).load_state_dict(state)
+
+
 def test_state_mismatch_and_bad_paths(root, tmp_path):
-    state = _open(root / "ds0", world_size=2).state_dict()
-    with pytest.raises(DataError, match="world_size"):
-        _open(root / "ds0").load_state_dict(state)
+    state = _open(root / "ds0").state_dict()
+    with pytest.raises(DataError, match="seq_len"):
+        open_loader(root / "ds0", seq_len=8, batch_size=2).load_state_dict(state)
     with pytest.raises(DataError, match="nmoe-data prep"):
         _open(tmp_path)
     (tmp_path / "m.toml").write_text('[[dataset]]\npath = "missing"\n')

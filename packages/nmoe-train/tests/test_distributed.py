@@ -32,6 +32,7 @@ def write_config(tmp: Path, make_config, corpus, prepared, name: str, **sections
         "steps": 10,
         "seq_len": 32,
         "global_batch_size": 8,
+        "batch_size": 0,
         "seed": 7,
         "log_every": 2,
         **sections["train"],

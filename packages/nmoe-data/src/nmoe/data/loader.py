@@ -9,7 +9,8 @@ rank `r` gets slots `s*G + r*batch_size ...` (+ batch_size). Each slot is given 
 source 0 without a mixture; with one, by a Weyl low-discrepancy sequence over the sources'
 probabilities), and the `c`-th slot of source `i` reads that source's sample
 `perm(seed, i, c // N_i)[c % N_i]`: every epoch is a fresh permutation, every sample appears
-exactly once per epoch, and ranks never overlap. The state is `(step, per-source slot counts)`.
+exactly once per epoch, and ranks never overlap. The state is (global sequences handed out, per-source slot
+counts): any rank layout whose global batch divides the first resumes it exactly.
 The val split is read in order (no permutation) and its batches stop before any source wraps.
 """
 
@@ -26,7 +27,8 @@ from nmoe.data.shards import open_shard
 
 __all__ = ["Loader", "SourceSpec", "mixture_probabilities", "open_loader"]
 
-STATE_FORMAT = "nmoe.data.loader/1"
+STATE_FORMAT = "nmoe.data.loader/2"
+STATE_FORMATS = ("nmoe.data.loader/1", STATE_FORMAT)  # /1: no "slots" (step x batch_size x world_size)
 _WEYL = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: consecutive multiples spread evenly mod 2^64
 
 
@@ -149,7 +151,11 @@ class Loader:
         return out
 
     def state_dict(self) -> dict:
-        """JSON-serialisable position; the same for every rank, so rank 0's copy resumes all ranks."""
+        """JSON-serialisable position; the same for every rank, so rank 0's copy resumes all ranks.
+
+        The position is global (`slots`: sequences handed out over all ranks), so a loader of another
+        batch_size x world_size resumes it exactly when its global batch divides `slots`.
+        """
         return {
             "format": STATE_FORMAT,
             "split": self.split,
@@ -158,22 +164,31 @@ class Loader:
             "batch_size": self.batch_size,
             "world_size": self.world_size,
             "step": self.step,
+            "slots": self.step * self.batch_size * self.world_size,
             "consumed": [int(c) for c in self.consumed],
             "sources": self._source_ids(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from `state_dict()` output: the following batches equal an uninterrupted run's."""
-        if state.get("format") != STATE_FORMAT:
-            raise DataError(f"loader state format {state.get('format')!r} is not {STATE_FORMAT!r}")
-        for key in ("split", "seed", "seq_len", "batch_size", "world_size", "sources"):
+        """Resume from `state_dict()` output (of any rank layout): the following batches equal an uninterrupted run's."""
+        if state.get("format") not in STATE_FORMATS:
+            raise DataError(f"loader state format {state.get('format')!r} is not one of {STATE_FORMATS}")
+        for key in ("split", "seed", "seq_len", "sources"):
             mine = self.state_dict()[key]
             if state[key] != mine:
                 raise DataError(
                     f"loader state has {key}={state[key]!r} but this loader has {mine!r}; exact resume needs "
                     f"the same {key} (restore the run's data config, or start a fresh run)"
                 )
-        self.step = int(state["step"])
+        slots = int(state.get("slots", int(state["step"]) * int(state["batch_size"]) * int(state["world_size"])))
+        per_step = self.batch_size * self.world_size
+        if slots % per_step:
+            raise DataError(
+                f"loader state stopped after {slots} sequences over all ranks, not a multiple of this loader's "
+                f"{per_step} (batch_size {self.batch_size} x world size {self.world_size}); resume with a global "
+                "batch that divides it"
+            )
+        self.step = slots // per_step
         self.consumed = np.array(state["consumed"], dtype=np.int64)
 
     # ------------------------------------------------------------- internals

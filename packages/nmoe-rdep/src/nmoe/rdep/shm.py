@@ -103,7 +103,7 @@ class ShmTransport:
             late = [(peer, v) for peer, v in enumerate(flags.tolist()) if v not in accepted]
             if not late:
                 return
-            gone = [peer for peer, _ in late if not _alive(self._pids[peer])]
+            gone = [peer for peer, _ in late if process_gone(self._pids[peer])]
             if gone or time.monotonic() > deadline:
                 peer, seen = late[0]
                 why = (
@@ -131,11 +131,16 @@ class ShmTransport:
         self._maps.clear()
 
 
-def _alive(pid: int) -> bool:
+def process_gone(pid: int) -> bool:
+    """Whether process `pid` of this host has ended (a killed process nobody reaped yet, a zombie, counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False

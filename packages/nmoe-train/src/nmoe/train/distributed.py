@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from nmoe.rdep.shm import process_gone
 from nmoe.train.runtime import RunPlan, SetupError
 
 T = TypeVar("T")
@@ -118,14 +119,8 @@ class World:
         host = socket.gethostname()
         gone = []
         for rank, (peer_host, pid) in sorted(self._peers.items()):
-            if rank == self.rank or peer_host != host:
-                continue
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if rank != self.rank and peer_host == host and process_gone(pid):
                 gone.append(rank)
-            except PermissionError:
-                pass
         return gone
 
     def _collective(self, call: Callable[[], Any]) -> Any:
