@@ -14,8 +14,8 @@ import triton.language as tl
 
 from nmoe.kernels._kernels import _locate_tile
 
-E4M3_MAX: tl.constexpr = 448.0
-FP8_BLOCK: tl.constexpr = 128
+E4M3_MAX = tl.constexpr(448.0)
+FP8_BLOCK = tl.constexpr(128)
 
 EPILOGUE_STORE = 0  # C = scaled A @ B
 EPILOGUE_SWIGLU_QUANT = 1  # H = A @ [Bg | Bu] stored; act = silu(Hg) * Hu quantised to fp8 with 1x128 scales
@@ -432,9 +432,10 @@ def fp8_quant_grouped_cols_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """x[M,C] grouped by offsets -> qt[C, M] (transposed, for the dW GEMM) with scales s[chunk, C] per 128 rows.
+    """x[M,C] grouped by offsets -> transposed qt[C, chunk*128 + r] (zero-padded) and scales s[chunk, C].
 
-    Chunks are the grouped GEMM's 128-row tiles (a tile never crosses a group); tail tiles are skipped.
+    Chunks are the grouped GEMM's 128-row tiles (a tile never crosses a group; tail tiles are skipped).
+    Each chunk gets its own 128-aligned column slot, so the dW kernel reads aligned, unmasked tiles.
     """
     tiles_c = tl.cdiv(C, BLOCK_C)
     chunk = tl.program_id(0) // tiles_c
@@ -442,12 +443,17 @@ def fp8_quant_grouped_cols_kernel(
     _, row0, end, is_tail = _locate_tile(chunk, offsets_ptr, M, E, FP8_BLOCK, BLOCK_E)
     if is_tail:
         return
-    rows = row0 + tl.arange(0, FP8_BLOCK)
+    r = tl.arange(0, FP8_BLOCK)
     col_ok = cols < C
-    ok = (rows < end)[:, None] & col_ok[None, :]
-    x = _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT)
+    ok = (row0 + r < end)[:, None] & col_ok[None, :]
+    x = _load_rows(x_ptr, row0 + r, cols, ok, stride_xm, C, SWIGLU_INPUT)
     scale = _fp8_scale(tl.max(tl.abs(x), 0))
-    tl.store(qt_ptr + cols[None, :].to(tl.int64) * stride_qt + rows[:, None], _to_fp8(x, scale[None, :]), mask=ok)
+    slot = chunk.to(tl.int64) * FP8_BLOCK + r
+    tl.store(
+        qt_ptr + cols[None, :].to(tl.int64) * stride_qt + slot[:, None],
+        _to_fp8(x, scale[None, :]),
+        mask=col_ok[None, :],
+    )
     tl.store(s_ptr + chunk.to(tl.int64) * C + cols, scale, mask=col_ok)
 
 
@@ -606,10 +612,11 @@ def gmm_fp8_dw_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """out[e] = A[rows of e]^T @ B[rows of e] from transposed e4m3 copies a[KA, M], b[N, M] (row-contiguous).
+    """out[e] = A[rows of e]^T @ B[rows of e] from chunked transposed e4m3 copies a[KA, slot], b[N, slot].
 
-    Scales sa[chunk, KA], sb[chunk, N] per 128-row chunk (numbered as fp8_quant_grouped_cols_kernel does);
-    BLOCK_M divides 128, so each partial product has one chunk. Empty groups store zeros.
+    Slots as written by fp8_quant_grouped_cols_kernel (128 zero-padded columns per chunk); scales
+    sa[chunk, KA], sb[chunk, N]. BLOCK_M divides 128, so each partial product has one chunk's scales.
+    Empty groups store zeros.
     """
     pid = tl.program_id(0)
     tiles_k = tl.cdiv(KA, BLOCK_KA)
@@ -624,27 +631,20 @@ def gmm_fp8_dw_kernel(
     starts = tl.load(offsets_ptr + e_idx - 1, mask=valid & (e_idx > 0), other=0)
     chunks = tl.where(valid, (ends - starts + FP8_BLOCK - 1) // FP8_BLOCK, 0)
     first_chunk = tl.sum(tl.where(e_idx < expert, chunks, 0), 0)
-    start = tl.sum(tl.where(e_idx == expert, starts, 0), 0)
-    end = tl.sum(tl.where(e_idx == expert, ends, 0), 0)
+    n_chunks = tl.sum(tl.where(e_idx == expert, chunks, 0), 0)
     kas = pid_k * BLOCK_KA + tl.arange(0, BLOCK_KA)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ka_ok = kas < KA
     col_ok = cols < N
+    a_rows = a_ptr + kas[:, None].to(tl.int64) * stride_a
+    b_cols = b_ptr + cols[None, :].to(tl.int64) * stride_b
+    steps: tl.constexpr = FP8_BLOCK // BLOCK_M
     acc = tl.zeros((BLOCK_KA, BLOCK_N), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        a = tl.load(
-            a_ptr + kas[:, None].to(tl.int64) * stride_a + rows[None, :],
-            mask=ka_ok[:, None] & row_ok[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + cols[None, :].to(tl.int64) * stride_b + rows[:, None],
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        chunk = (first_chunk + (r0 - start) // FP8_BLOCK).to(tl.int64)
+    for j in range(first_chunk * steps, (first_chunk + n_chunks) * steps):
+        slot = tl.multiple_of(j * BLOCK_M, BLOCK_M) + tl.arange(0, BLOCK_M)
+        a = tl.load(a_rows + slot[None, :], mask=ka_ok[:, None], other=0.0)
+        b = tl.load(b_cols + slot[:, None], mask=col_ok[None, :], other=0.0)
+        chunk = j // steps  # int32 is enough: chunks * max(KA, N) < 2^31
         sa = tl.load(sa_ptr + chunk * KA + kas, mask=ka_ok, other=0.0)
         sb = tl.load(sb_ptr + chunk * N + cols, mask=col_ok, other=0.0)
         zero = tl.zeros((BLOCK_KA, BLOCK_N), dtype=tl.float32)
