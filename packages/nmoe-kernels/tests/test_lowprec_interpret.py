@@ -110,7 +110,8 @@ def test_nvfp4_adamw_kernel_is_bitwise(rule):
     q, m, v, residual, g = adamw_state((7, 160), 10, rule=rule)  # 70 blocks: a partial program
     q_ref, m_ref, v_ref = clone_q(q), m.clone(), v.clone()
     r_ref = None if residual is None else residual.clone()
-    for step, dtype in ((1, torch.float32), (2, torch.bfloat16)):
+    assert R.stream_key(99, 1) < 2**31 <= R.stream_key(99, 3)  # both halves of the uint32 key range
+    for step, dtype in ((1, torch.float32), (3, torch.bfloat16)):
         grad = torch.randn(7, 160, generator=g).to(dtype)
         kw = dict(step=step, **HYPER, rule=rule, seed=99, dither=0.25)
         got = nk.nvfp4_adamw_(q, grad, m, v, residual=residual, **kw)
@@ -121,7 +122,8 @@ def test_nvfp4_adamw_kernel_is_bitwise(rule):
         assert_bitwise(v, v_ref, "exp_avg_sq")
         if residual is not None:
             assert_bitwise(residual, r_ref, "residual")
-        assert got.flips.dtype == torch.int64 and got.flips.item() == want.flips.item() > 0
+        assert got.flips.dtype == torch.int64 and got.flips.item() == want.flips.item()
+        assert step > 1 or got.flips.item() > 0  # the first step moves codes under every rule
         assert got.saturated.item() == want.saturated.item()
         torch.testing.assert_close(got.sq_err, want.sq_err, rtol=1e-5, atol=0)
         torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-5, atol=0)

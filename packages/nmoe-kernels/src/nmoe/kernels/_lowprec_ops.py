@@ -130,7 +130,7 @@ def nvfp4_adamw(q, grad, exp_avg, exp_avg_sq, residual, c: R.AdamWConstants, rul
             sat,
             n_blocks,
             *c,
-            key,
+            key - 2**32 if key >= 2**31 else key,  # always an i32 argument: one compiled variant per rule
             R.f32(dither),
             RULE=_RULE_IDS[rule],
             BLOCK_B=NVFP4_BLOCKS,
