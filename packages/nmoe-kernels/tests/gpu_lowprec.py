@@ -135,6 +135,28 @@ def check_expert_mlp_fp8(name: str, m_rows: int, d: int, h: int, n_experts: int,
     )
 
 
+def check_every_config() -> None:
+    """Autotuning keeps only the fastest config's output: force each fp8 GEMM config in turn and check it.
+
+    expert_mlp_fp8 runs every fp8 GEMM kernel (plain, fused SwiGLU+quantise, SwiGLU backward, dW).
+    """
+    from nmoe.kernels import _lowprec_ops as ops
+
+    tuners = [*ops._GMM.values(), ops._GMM_DW]
+    originals = [t.configs for t in tuners]
+    try:
+        for i in range(max(len(c) for c in originals)):
+            for tuner, configs in zip(tuners, originals):
+                tuner.configs = [configs[min(i, len(configs) - 1)]]
+                tuner.cache.clear()
+            for scaling in R.SCALINGS:
+                check_expert_mlp_fp8(f"config #{i}", 8192, 1024, 704, 8, "skewed", scaling)
+    finally:
+        for tuner, configs in zip(tuners, originals):
+            tuner.configs = configs
+            tuner.cache.clear()
+
+
 def check_nvfp4_adamw(shape: tuple[int, ...], rule: str) -> None:
     w = torch.randn(shape, device="cuda") * 0.02
     q = nk.quantize_nvfp4(w)
@@ -234,6 +256,7 @@ def main() -> int:
             lambda s=scaling: check_expert_mlp_fp8("moonlet", moonlet_rows, 1024, 704, 64, "balanced", s),
             lambda s=scaling: check_expert_mlp_fp8("speedrun-256 skewed", 8192 * 8, 1024, 512, 256, "skewed", s),
         ]
+    checks += [check_every_config]
     checks += [lambda r=rule: check_nvfp4_adamw((64, 1024, 1408), r) for rule in R.RULES]
     checks += [check_no_host_sync, check_refusals]
     for check in checks:
