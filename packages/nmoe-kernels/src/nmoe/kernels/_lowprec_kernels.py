@@ -1,0 +1,653 @@
+"""Triton kernels of the low-precision path (FP8 grouped GEMM, FP8/NVFP4 quantisers, NVFP4 AdamW).
+
+Rounding to e4m3 / bf16 is done in software (an exact float32 add of a power-of-two "magic" constant, or
+integer rounding of the float32 bits) and only exactly representable values are converted, because the
+Triton interpreter's float32 -> fp8/bf16 conversions truncate; on the GPU this costs a few integer ops.
+Kernels that must match the reference bit for bit use div_rn / sqrt_rn and are launched without FMA
+contraction (enable_fp_fusion=False).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from nmoe.kernels._kernels import _locate_tile
+
+E4M3_MAX = tl.constexpr(448.0)
+FP8_BLOCK = tl.constexpr(128)
+
+EPILOGUE_STORE = 0  # C = scaled A @ B
+EPILOGUE_SWIGLU_QUANT = 1  # H = A @ [Bg | Bu] stored; act = silu(Hg) * Hu quantised to fp8 with 1x128 scales
+EPILOGUE_SWIGLU_BWD = 2  # A @ B is d(act); H holds the forward gate|up; C = [d gate | d up]
+
+RULE_NEAREST = 0
+RULE_SEED = 1
+RULE_STOCHASTIC = 2
+RULE_RESIDUAL = 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rounding, codes, hashing
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_e4m3(x):
+    """float32 -> float32 holding the nearest e4m3 value (ties to even, saturating at ±448)."""
+    x = tl.minimum(tl.maximum(x, -E4M3_MAX), E4M3_MAX)
+    exponent = (x.to(tl.uint32, bitcast=True) >> 23) & 0xFF
+    # quantum of e4m3 at this binade is 2^(max(e, -6) - 3); adding 2^(max(e,-6) + 20) rounds to it exactly
+    magic = ((tl.maximum(exponent, 121) + 20) << 23).to(tl.float32, bitcast=True)
+    a = tl.abs(x)
+    r = (a + magic) - magic
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _round_bf16(x):
+    """float32 -> float32 holding the nearest bfloat16 value (ties to even)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rounded_for(ptr, x):
+    """float32 x rounded (to nearest even) to the dtype of ptr (bf16 or fp32), still as float32."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        x = _round_bf16(x)
+    return x
+
+
+@triton.jit
+def _store_rounded(ptr, x, mask):
+    """Store float32 x into ptr's dtype with round to nearest even (bf16 and fp32 outputs)."""
+    tl.store(ptr, _rounded_for(ptr, x).to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fp8_scale(amax):
+    return tl.where(amax > 0, tl.math.div_rn(amax, E4M3_MAX), 1.0)
+
+
+@triton.jit
+def _to_fp8(x, scale):
+    """float32 x / scale rounded to e4m3 (as tl.float8e4nv)."""
+    return _round_e4m3(tl.math.div_rn(x, scale)).to(tl.float8e4nv)
+
+
+@triton.jit
+def _e2m1_encode(y):
+    """float32 y -> e2m1 code (uint8), round to nearest even, saturating at ±6, no -0."""
+    a = tl.abs(y)
+    c = (
+        (a > 0.25).to(tl.uint8)
+        + (a >= 0.75).to(tl.uint8)
+        + (a > 1.25).to(tl.uint8)
+        + (a >= 1.75).to(tl.uint8)
+        + (a > 2.5).to(tl.uint8)
+        + (a >= 3.5).to(tl.uint8)
+        + (a > 5.0).to(tl.uint8)
+    )
+    return c + 8 * ((y < 0) & (c > 0)).to(tl.uint8)
+
+
+@triton.jit
+def _e2m1_magnitude(c):
+    """e2m1 code of a magnitude (0..7) -> its value (exact)."""
+    e = c >> 1
+    m = (c & 1).to(tl.float32)
+    binade = tl.where(e == 1, 0.5, tl.where(e == 2, 1.0, 2.0))
+    return tl.where(e == 0, m * 0.5, (2.0 + m) * binade)
+
+
+@triton.jit
+def _e2m1_decode(c):
+    mag = _e2m1_magnitude(c & 7)
+    return tl.where((c & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def _e2m1_stochastic(y, u):
+    """Unbiased stochastic rounding of y onto the e2m1 grid with uniform u in [0,1) (see the reference)."""
+    a = tl.minimum(tl.abs(y), 6.0)
+    lo_code = (
+        (a >= 0.5).to(tl.uint8)
+        + (a >= 1.0).to(tl.uint8)
+        + (a >= 1.5).to(tl.uint8)
+        + (a >= 2.0).to(tl.uint8)
+        + (a >= 3.0).to(tl.uint8)
+        + (a >= 4.0).to(tl.uint8)
+        + (a >= 6.0).to(tl.uint8)
+    )
+    step = tl.where(lo_code < 4, 0.5, tl.where(lo_code < 6, 1.0, 2.0))
+    up = ((a - _e2m1_magnitude(lo_code)) > u * step) & (lo_code < 7)
+    c = lo_code + up.to(tl.uint8)
+    return c + 8 * ((y < 0) & (c > 0)).to(tl.uint8)
+
+
+@triton.jit
+def _hash32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x21F0AAAD
+    x = x ^ (x >> 15)
+    x = x * 0x735A2D97
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def _element_bits(key, index):
+    """uint32 random bits of int64 element indices in the stream `key` (reference: element_bits)."""
+    lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    hi = (index >> 32).to(tl.uint32)
+    return _hash32(_hash32(lo ^ key.to(tl.uint32)) ^ hi)
+
+
+@triton.jit
+def _silu_mul(gate, up):
+    return gate * tl.sigmoid(gate) * up
+
+
+# ---------------------------------------------------------------------------------------------------------
+# NVFP4
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _unpack_codes(packed, BLOCK_B: tl.constexpr):
+    """uint8 [B,8] (two codes a byte, even element low) -> codes [B,16]."""
+    return tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_B, 16))
+
+
+@triton.jit
+def _pack_codes(codes, BLOCK_B: tl.constexpr):
+    lo, hi = tl.split(tl.reshape(codes, (BLOCK_B, 8, 2)))
+    return (lo | (hi << 4)).to(tl.uint8)
+
+
+@triton.jit
+def _nvfp4_scales(target, ok, st):
+    """Block amax -> (e4m3 block scale as float32 [B], requested float32 scale [B], normalised values [B,16])."""
+    amax = tl.max(tl.where(ok, tl.abs(target), 0.0), 1)
+    requested = tl.math.div_rn(amax, st * 6.0)
+    scale = _round_e4m3(requested)
+    denom = scale * st
+    y = tl.where(denom[:, None] > 0, tl.math.div_rn(target, tl.where(denom > 0, denom, 1.0)[:, None]), 0.0)
+    return scale, requested, y
+
+
+@triton.jit
+def nvfp4_quantize_kernel(w_ptr, codes_ptr, scales_ptr, st_ptr, n_blocks, BLOCK_B: tl.constexpr):
+    """w (contiguous, n_blocks x 16) -> packed e2m1 codes and e4m3 block scales under tensor scale *st_ptr."""
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = b < n_blocks
+    b64 = b.to(tl.int64)
+    idx = b64[:, None] * 16 + tl.arange(0, 16)[None, :]
+    ok = b_ok[:, None] & (idx >= 0)
+    w = tl.load(w_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    scale, _, y = _nvfp4_scales(w, ok, tl.load(st_ptr))
+    codes = _pack_codes(_e2m1_encode(y), BLOCK_B)
+    tl.store(codes_ptr + b64[:, None] * 8 + tl.arange(0, 8)[None, :], codes, mask=b_ok[:, None])
+    tl.store(scales_ptr + b64, scale.to(tl.float8e4nv), mask=b_ok)
+
+
+@triton.jit
+def nvfp4_dequantize_kernel(codes_ptr, scales_ptr, st_ptr, out_ptr, n_blocks, BLOCK_B: tl.constexpr):
+    """Packed codes, block scales, tensor scale -> out (bf16 or fp32) = (e2m1 * scale) * tensor_scale."""
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = b < n_blocks
+    b64 = b.to(tl.int64)
+    packed = tl.load(codes_ptr + b64[:, None] * 8 + tl.arange(0, 8)[None, :], mask=b_ok[:, None], other=0)
+    scale = tl.load(scales_ptr + b64, mask=b_ok, other=0.0).to(tl.float32)
+    values = (_e2m1_decode(_unpack_codes(packed, BLOCK_B)) * scale[:, None]) * tl.load(st_ptr)
+    idx = b64[:, None] * 16 + tl.arange(0, 16)[None, :]
+    _store_rounded(out_ptr + idx, values, b_ok[:, None] & (idx >= 0))
+
+
+@triton.jit(do_not_specialize=["key"])
+def nvfp4_adamw_kernel(
+    codes_ptr,
+    scales_ptr,
+    st_dec_ptr,
+    st_enc_ptr,
+    grad_ptr,
+    m_ptr,
+    v_ptr,
+    r_ptr,
+    flips_ptr,
+    sq_err_ptr,
+    sq_norm_ptr,
+    sat_ptr,
+    n_blocks,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    bias_correction1,
+    bias_correction2,
+    eps,
+    lr,
+    decay,
+    key,
+    dither,
+    RULE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """One AdamW step on NVFP4-stored weights, in place; per-program statistics into the *_ptr partial arrays.
+
+    Per 16-block: dequantise (plus the bf16 residual for RULE_RESIDUAL), update the moments and the value,
+    recompute the block scale from the updated block's amax under the encode tensor scale, re-quantise with
+    the rule. Same float32 op sequence as reference_lowprec.nvfp4_adamw_.
+    """
+    pid = tl.program_id(0)
+    b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = b < n_blocks
+    b64 = b.to(tl.int64)
+    idx = b64[:, None] * 16 + tl.arange(0, 16)[None, :]
+    ok = b_ok[:, None] & (idx >= 0)
+    code_ptrs = codes_ptr + b64[:, None] * 8 + tl.arange(0, 8)[None, :]
+    codes_old = _unpack_codes(tl.load(code_ptrs, mask=b_ok[:, None], other=0), BLOCK_B)
+    scale_old = tl.load(scales_ptr + b64, mask=b_ok, other=0.0).to(tl.float32)
+    st_enc = tl.load(st_enc_ptr)
+    old = (_e2m1_decode(codes_old) * scale_old[:, None]) * tl.load(st_dec_ptr)
+    w = old
+    if RULE == 3:
+        w = old + tl.load(r_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+
+    g = tl.load(grad_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + idx, mask=ok, other=0.0)
+    v = tl.load(v_ptr + idx, mask=ok, other=0.0)
+    m = m * beta1 + g * one_minus_beta1
+    v = v * beta2 + (g * g) * one_minus_beta2
+    denom = tl.sqrt_rn(tl.math.div_rn(v, bias_correction2)) + eps
+    direction = tl.math.div_rn(tl.math.div_rn(m, bias_correction1), denom)
+    target = w * decay - direction * lr
+
+    scale, requested, y = _nvfp4_scales(target, ok, st_enc)
+    codes = _e2m1_encode(y)
+    if RULE == 1 or RULE == 2:
+        bits = _element_bits(key, idx)
+        if RULE == 2:
+            codes = _e2m1_stochastic(y, (bits & 0xFFFFFF).to(tl.float32) * 5.9604644775390625e-08)
+        else:
+            stuck = ((_e2m1_decode(codes) * scale[:, None]) * st_enc) == old
+            chosen = stuck & ((bits >> 31) == 1)
+            shift = tl.where(((bits >> 30) & 1) == 1, dither, -dither)
+            codes = tl.where(chosen, _e2m1_encode(y + shift), codes)
+    new = (_e2m1_decode(codes) * scale[:, None]) * st_enc
+
+    tl.store(code_ptrs, _pack_codes(codes, BLOCK_B), mask=b_ok[:, None])
+    tl.store(scales_ptr + b64, scale.to(tl.float8e4nv), mask=b_ok)
+    tl.store(m_ptr + idx, m, mask=ok)
+    tl.store(v_ptr + idx, v, mask=ok)
+    err = tl.where(ok, target - new, 0.0)
+    if RULE == 3:
+        _store_rounded(r_ptr + idx, err, ok)
+    tl.store(flips_ptr + pid, tl.sum(tl.sum(((new != old) & ok).to(tl.int32), 1), 0))
+    tl.store(sq_err_ptr + pid, tl.sum(tl.sum(err * err, 1), 0))
+    tl.store(sq_norm_ptr + pid, tl.sum(tl.sum(tl.where(ok, target * target, 0.0), 1), 0))
+    tl.store(sat_ptr + pid, tl.sum(((requested > E4M3_MAX) & b_ok).to(tl.int32), 0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FP8 quantisers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT: tl.constexpr):
+    """float32 tile of x[rows, cols], or of silu(x[:, cols]) * x[:, C + cols] when x is a gate|up pre-activation."""
+    ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
+    if SWIGLU_INPUT:
+        gate = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(ptrs + C, mask=ok, other=0.0).to(tl.float32)
+        return _silu_mul(gate, up)
+    return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def fp8_quant_rows_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    M,
+    C,
+    stride_xm,
+    stride_qm,
+    stride_sm,
+    SWIGLU_INPUT: tl.constexpr,
+    BLOCKWISE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """x[M,C] -> q[M,C] e4m3 with one scale per row (s[M]) or per row and 128 columns (s[M, C/128], BLOCK_C=128)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)
+    if BLOCKWISE:
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < C)[None, :]
+        x = _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT)
+        scale = _fp8_scale(tl.max(tl.abs(x), 1))
+        tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], _to_fp8(x, scale[:, None]), mask=ok)
+        tl.store(s_ptr + rows64 * stride_sm + tl.program_id(1), scale, mask=row_ok)
+    else:
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            ok = row_ok[:, None] & (cols < C)[None, :]
+            amax = tl.maximum(amax, tl.max(tl.abs(_load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT)), 1))
+        scale = _fp8_scale(amax)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            ok = row_ok[:, None] & (cols < C)[None, :]
+            x = _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT)
+            tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], _to_fp8(x, scale[:, None]), mask=ok)
+        tl.store(s_ptr + rows64 * stride_sm, scale, mask=row_ok)
+
+
+@triton.jit
+def fp8_quant_weight_rowwise_kernel(
+    w_ptr,
+    q_ptr,
+    s_ptr,
+    R,
+    C,
+    stride_we,
+    stride_wr,
+    stride_wc,
+    stride_qe,
+    stride_qr,
+    stride_qc,
+    stride_se,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """w[e] viewed as [R,C] -> q (any strides) with one scale per column c over all R (s[e, c])."""
+    e = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    w_base = w_ptr + e * stride_we + cols[None, :] * stride_wc
+    amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        ok = (rs < R)[:, None] & col_ok[None, :]
+        w = tl.load(w_base + rs[:, None].to(tl.int64) * stride_wr, mask=ok, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(w), 0))
+    scale = _fp8_scale(amax)
+    q_base = q_ptr + e * stride_qe + cols[None, :] * stride_qc
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        ok = (rs < R)[:, None] & col_ok[None, :]
+        w = tl.load(w_base + rs[:, None].to(tl.int64) * stride_wr, mask=ok, other=0.0).to(tl.float32)
+        tl.store(q_base + rs[:, None].to(tl.int64) * stride_qr, _to_fp8(w, scale[None, :]), mask=ok)
+    tl.store(s_ptr + e * stride_se + cols, scale, mask=col_ok)
+
+
+@triton.jit
+def fp8_quant_weight_blockwise_kernel(
+    w_ptr,
+    q_ptr,
+    qt_ptr,
+    s_ptr,
+    K,
+    N,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    WRITE_Q: tl.constexpr,
+    WRITE_QT: tl.constexpr,
+):
+    """w[E,K,N] -> 128x128-tile e4m3: q[E,K,N] and/or qt[E,N,K] (contiguous), scales s[E, K/128, N/128]."""
+    e = tl.program_id(0).to(tl.int64)
+    kb = tl.program_id(1)
+    nb = tl.program_id(2)
+    ks = kb * FP8_BLOCK + tl.arange(0, FP8_BLOCK)
+    ns = nb * FP8_BLOCK + tl.arange(0, FP8_BLOCK)
+    ok = (ks < K)[:, None] & (ns < N)[None, :]
+    w = tl.load(w_ptr + e * stride_we + ks[:, None] * stride_wk + ns[None, :] * stride_wn, mask=ok, other=0.0)
+    w = w.to(tl.float32)
+    scale = _fp8_scale(tl.max(tl.max(tl.abs(w), 1), 0))
+    q = _to_fp8(w, scale)
+    if WRITE_Q:
+        tl.store(q_ptr + e * K * N + ks[:, None] * N + ns[None, :], q, mask=ok)
+    if WRITE_QT:
+        tl.store(qt_ptr + e * K * N + ns[None, :] * K + ks[:, None], q, mask=ok)
+    tl.store(s_ptr + (e * tl.num_programs(1) + kb) * tl.num_programs(2) + nb, scale)
+
+
+@triton.jit
+def fp8_quant_grouped_cols_kernel(
+    x_ptr,
+    qt_ptr,
+    s_ptr,
+    offsets_ptr,
+    M,
+    C,
+    E,
+    stride_xm,
+    stride_qt,
+    SWIGLU_INPUT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """x[M,C] grouped by offsets -> transposed qt[C, chunk*128 + r] (zero-padded) and scales s[chunk, C].
+
+    Chunks are the grouped GEMM's 128-row tiles (a tile never crosses a group; tail tiles are skipped).
+    Each chunk gets its own 128-aligned column slot, so the dW kernel reads aligned, unmasked tiles.
+    """
+    tiles_c = tl.cdiv(C, BLOCK_C)
+    chunk = tl.program_id(0) // tiles_c
+    cols = (tl.program_id(0) % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    _, row0, end, is_tail = _locate_tile(chunk, offsets_ptr, M, E, FP8_BLOCK, BLOCK_E)
+    if is_tail:
+        return
+    r = tl.arange(0, FP8_BLOCK)
+    col_ok = cols < C
+    ok = (row0 + r < end)[:, None] & col_ok[None, :]
+    x = _load_rows(x_ptr, row0 + r, cols, ok, stride_xm, C, SWIGLU_INPUT)
+    scale = _fp8_scale(tl.max(tl.abs(x), 0))
+    slot = chunk.to(tl.int64) * FP8_BLOCK + r
+    tl.store(
+        qt_ptr + cols[None, :].to(tl.int64) * stride_qt + slot[:, None],
+        _to_fp8(x, scale[None, :]),
+        mask=col_ok[None, :],
+    )
+    tl.store(s_ptr + chunk.to(tl.int64) * C + cols, scale, mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FP8 grouped GEMM
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot_fp8(a, b, acc, UPCAST: tl.constexpr, PROMOTE_EVERY: tl.constexpr):
+    """acc + a @ b on e4m3 operands; the fp32 promotion interval bounds Hopper's reduced-precision accumulation."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, max_num_imprecise_acc=PROMOTE_EVERY)
+
+
+@triton.jit
+def gmm_fp8_kernel(
+    a_ptr,
+    sa_ptr,
+    b_ptr,
+    sb_ptr,
+    c_ptr,
+    h_ptr,
+    q_ptr,
+    sq_ptr,
+    offsets_ptr,
+    M,
+    N,
+    K,
+    E,
+    stride_am,
+    stride_sam,
+    stride_sak,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_sbe,
+    stride_sbk,
+    stride_sbn,
+    stride_cm,
+    stride_hm,
+    BLOCKWISE: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """Grouped C[rows of e] = (A[rows] @ B[e]) on e4m3 operands with float32 scales; A is K-contiguous.
+
+    Scales: rowwise -> sa[row], sb[e, col] applied once after the K loop; blockwise -> sa[row, k/128] and
+    sb[e, k/128, col/128], applied to each BLOCK_K partial product (BLOCK_K divides 128). The B strides
+    (expert, reduction, output column) let one kernel serve forward (B = w^T copy) and dgrad (B = w).
+    Tail tiles (rows >= offsets[-1]) store zeros.
+    """
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    expert, row0, end, is_tail = _locate_tile(pid_m, offsets_ptr, M, E, BLOCK_M, BLOCK_E)
+    if row0 >= end:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    rows64 = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    e64 = tl.where(is_tail, 0, expert).to(tl.int64)  # tail tiles (expert == E) read no weight, but valid scales
+    a_ptrs = a_ptr + rows64[:, None] * stride_am + ks[None, :]
+    b_ptrs = b_ptr + e64 * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    up_off = N * stride_bn
+    sa_ptrs = sa_ptr + rows64 * stride_sam
+    if BLOCKWISE:
+        sb_ptrs = sb_ptr + e64 * stride_sbe + (cols // FP8_BLOCK) * stride_sbn
+        sb_up_ptrs = sb_ptr + e64 * stride_sbe + ((cols + N) // FP8_BLOCK) * stride_sbn
+    else:
+        sb_ptrs = sb_ptr + e64 * stride_sbe + cols * stride_sbn
+        sb_up_ptrs = sb_ptrs + N * stride_sbn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_end = tl.where(is_tail, 0, K)
+    for k0 in range(0, k_end, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if BLOCKWISE:
+            kb = k0 // FP8_BLOCK
+            sa = tl.load(sa_ptrs + kb * stride_sak, mask=row_ok, other=0.0)
+            sb = tl.load(sb_ptrs + kb * stride_sbk, mask=col_ok, other=0.0)
+            zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc += _dot_fp8(a, b, zero, UPCAST, BLOCK_K) * (sa[:, None] * sb[None, :])
+            if EPILOGUE == 1:
+                b_up = tl.load(b_ptrs + up_off, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                sb_up = tl.load(sb_up_ptrs + kb * stride_sbk, mask=col_ok, other=0.0)
+                acc_up += _dot_fp8(a, b_up, zero, UPCAST, BLOCK_K) * (sa[:, None] * sb_up[None, :])
+        else:
+            acc = _dot_fp8(a, b, acc, UPCAST, BLOCK_K)
+            if EPILOGUE == 1:
+                b_up = tl.load(b_ptrs + up_off, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc_up = _dot_fp8(a, b_up, acc_up, UPCAST, BLOCK_K)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    if not BLOCKWISE:
+        sa = tl.load(sa_ptrs, mask=row_ok, other=0.0)
+        acc = acc * sa[:, None] * tl.load(sb_ptrs, mask=col_ok, other=0.0)[None, :]
+        if EPILOGUE == 1:
+            acc_up = acc_up * sa[:, None] * tl.load(sb_up_ptrs, mask=col_ok, other=0.0)[None, :]
+
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    c_ptrs = c_ptr + rows64[:, None] * stride_cm + cols[None, :]
+    if EPILOGUE == 0:
+        _store_rounded(c_ptrs, acc, out_ok)
+    elif EPILOGUE == 1:
+        # pre-activation stored in its dtype; act from the stored (rounded) values, quantised per 128 columns
+        h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
+        gate = _rounded_for(h_ptr, acc)
+        up = _rounded_for(h_ptr, acc_up)
+        tl.store(h_ptrs, gate.to(h_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(h_ptrs + N, up.to(h_ptr.dtype.element_ty), mask=out_ok)
+        act = tl.where(out_ok, _silu_mul(gate, up), 0.0)
+        scale = _fp8_scale(tl.max(tl.abs(act), 1))
+        tl.store(q_ptr + rows64[:, None] * N + cols[None, :], _to_fp8(act, scale[:, None]), mask=out_ok)
+        tl.store(sq_ptr + rows64 * tl.cdiv(N, FP8_BLOCK) + pid_n, scale, mask=row_ok)
+    else:
+        h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
+        gate = tl.load(h_ptrs, mask=out_ok, other=0.0).to(tl.float32)
+        up = tl.load(h_ptrs + N, mask=out_ok, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        d_up = acc * (gate * sig)
+        d_gate = acc * up * sig * (1.0 + gate * (1.0 - sig))
+        _store_rounded(c_ptrs, d_gate, out_ok)
+        _store_rounded(c_ptrs + N, d_up, out_ok)
+
+
+@triton.jit
+def gmm_fp8_dw_kernel(
+    a_ptr,
+    sa_ptr,
+    b_ptr,
+    sb_ptr,
+    out_ptr,
+    offsets_ptr,
+    KA,
+    N,
+    E,
+    stride_a,
+    stride_b,
+    stride_oe,
+    stride_ok,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_KA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """out[e] = A[rows of e]^T @ B[rows of e] from chunked transposed e4m3 copies a[KA, slot], b[N, slot].
+
+    Slots as written by fp8_quant_grouped_cols_kernel (128 zero-padded columns per chunk); scales
+    sa[chunk, KA], sb[chunk, N]. BLOCK_M divides 128, so each partial product has one chunk's scales.
+    Empty groups store zeros.
+    """
+    pid = tl.program_id(0)
+    tiles_k = tl.cdiv(KA, BLOCK_KA)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_expert = tiles_k * tiles_n
+    expert = pid // per_expert
+    pid_k = (pid % per_expert) // tiles_n
+    pid_n = pid % tiles_n
+    e_idx = tl.arange(0, BLOCK_E)
+    valid = e_idx < E
+    ends = tl.load(offsets_ptr + e_idx, mask=valid, other=0)
+    starts = tl.load(offsets_ptr + e_idx - 1, mask=valid & (e_idx > 0), other=0)
+    chunks = tl.where(valid, (ends - starts + FP8_BLOCK - 1) // FP8_BLOCK, 0)
+    first_chunk = tl.sum(tl.where(e_idx < expert, chunks, 0), 0)
+    n_chunks = tl.sum(tl.where(e_idx == expert, chunks, 0), 0)
+    kas = pid_k * BLOCK_KA + tl.arange(0, BLOCK_KA)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ka_ok = kas < KA
+    col_ok = cols < N
+    a_rows = a_ptr + kas[:, None].to(tl.int64) * stride_a
+    b_cols = b_ptr + cols[None, :].to(tl.int64) * stride_b
+    steps: tl.constexpr = FP8_BLOCK // BLOCK_M
+    acc = tl.zeros((BLOCK_KA, BLOCK_N), dtype=tl.float32)
+    for j in range(first_chunk * steps, (first_chunk + n_chunks) * steps):
+        slot = tl.multiple_of(j * BLOCK_M, BLOCK_M) + tl.arange(0, BLOCK_M)
+        a = tl.load(a_rows + slot[None, :], mask=ka_ok[:, None], other=0.0)
+        b = tl.load(b_cols + slot[:, None], mask=col_ok[None, :], other=0.0)
+        chunk = j // steps  # int32 is enough: chunks * max(KA, N) < 2^31
+        sa = tl.load(sa_ptr + chunk * KA + kas, mask=ka_ok, other=0.0)
+        sb = tl.load(sb_ptr + chunk * N + cols, mask=col_ok, other=0.0)
+        zero = tl.zeros((BLOCK_KA, BLOCK_N), dtype=tl.float32)
+        acc += _dot_fp8(a, b, zero, UPCAST, BLOCK_M) * (sa[:, None] * sb[None, :])
+    out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + kas[:, None].to(tl.int64) * stride_ok + cols[None, :]
+    _store_rounded(out_ptrs, acc, ka_ok[:, None] & col_ok[None, :])

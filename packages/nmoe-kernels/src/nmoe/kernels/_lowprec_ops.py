@@ -1,0 +1,442 @@
+"""Launchers and autograd Functions over the low-precision Triton kernels (GPU; CPU under TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+
+from nmoe.kernels import _lowprec_kernels as K
+from nmoe.kernels import reference_lowprec as R
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+FP8 = torch.float8_e4m3fn
+BLOCK = R.FP8_BLOCK
+# bit-exact kernels: no FMA contraction (the interpreter rounds every op anyway and takes no such option)
+EXACT = {} if INTERPRET else {"enable_fp_fusion": False}
+
+
+def _cfg(names, values, warps, stages):
+    return triton.Config(dict(zip(names, values)), num_warps=warps, num_stages=stages)
+
+
+_GMM_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+_DW_NAMES = ("BLOCK_M", "BLOCK_KA", "BLOCK_N")
+if INTERPRET:
+    # the interpreter's cost is per op, not per element: few, large tiles (still several per test shape)
+    _GMM_CONFIGS = {
+        K.EPILOGUE_STORE: [_cfg(_GMM_NAMES, (64, 64, 64), 4, 1)],
+        K.EPILOGUE_SWIGLU_QUANT: [_cfg(_GMM_NAMES, (64, BLOCK, 64), 4, 1)],
+        K.EPILOGUE_SWIGLU_BWD: [_cfg(_GMM_NAMES, (64, 64, 64), 4, 1)],
+    }
+    _DW_CONFIGS = [_cfg(_DW_NAMES, (64, 64, 64), 4, 1)]
+    QUANT_ROWS, QUANT_COLS, NVFP4_BLOCKS = 64, 64, 64
+else:
+    # fp8 wgmma tiles for H100: BLOCK_K divides 128 (blockwise scales); every config here compiles for sm_90
+    # without register spills (tests/compile_lowprec.py); the autotuner picks among them by measured time
+    _GMM_CONFIGS = {
+        K.EPILOGUE_STORE: [
+            _cfg(_GMM_NAMES, (128, 128, 128), 8, 3),
+            _cfg(_GMM_NAMES, (128, 128, 128), 8, 4),
+            _cfg(_GMM_NAMES, (64, 256, 128), 8, 3),
+            _cfg(_GMM_NAMES, (128, 128, 64), 8, 4),
+        ],
+        K.EPILOGUE_SWIGLU_QUANT: [  # BLOCK_N is the 128-column quantisation block of the activation
+            _cfg(_GMM_NAMES, (64, BLOCK, 128), 8, 3),
+            _cfg(_GMM_NAMES, (64, BLOCK, 64), 8, 4),
+        ],
+        K.EPILOGUE_SWIGLU_BWD: [
+            _cfg(_GMM_NAMES, (64, 128, 128), 8, 3),
+            _cfg(_GMM_NAMES, (64, 128, 128), 8, 4),
+            _cfg(_GMM_NAMES, (64, 128, 64), 8, 4),
+        ],
+    }
+    _DW_CONFIGS = [
+        _cfg(_DW_NAMES, (128, 128, 128), 8, 3),
+        _cfg(_DW_NAMES, (64, 128, 128), 8, 3),
+        _cfg(_DW_NAMES, (128, 128, 64), 8, 3),
+    ]
+    QUANT_ROWS, QUANT_COLS, NVFP4_BLOCKS = 32, 64, 64
+
+_GMM = {
+    epilogue: triton.autotune(configs, key=["N", "K", "E", "BLOCKWISE"])(K.gmm_fp8_kernel)
+    for epilogue, configs in _GMM_CONFIGS.items()
+}
+_GMM_DW = triton.autotune(_DW_CONFIGS, key=["KA", "N", "E"])(K.gmm_fp8_dw_kernel)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# NVFP4
+# ---------------------------------------------------------------------------------------------------------
+
+
+def nvfp4_quantize(w: torch.Tensor, tensor_scale: torch.Tensor) -> R.NVFP4Tensor:
+    """w[..., K] contiguous -> NVFP4Tensor under the given float32 0-d tensor scale."""
+    n_blocks = w.numel() // R.NVFP4_BLOCK
+    lead, k = w.shape[:-1], w.shape[-1]
+    codes = torch.empty(*lead, k // 2, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(*lead, k // R.NVFP4_BLOCK, dtype=FP8, device=w.device)
+    if n_blocks:
+        K.nvfp4_quantize_kernel[(triton.cdiv(n_blocks, NVFP4_BLOCKS),)](
+            w, codes, scales, tensor_scale, n_blocks, BLOCK_B=NVFP4_BLOCKS, **EXACT
+        )
+    return R.NVFP4Tensor(codes, scales, tensor_scale)
+
+
+def nvfp4_dequantize(q: R.NVFP4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(q.shape, dtype=dtype, device=q.codes.device)
+    n_blocks = out.numel() // R.NVFP4_BLOCK
+    if n_blocks:
+        K.nvfp4_dequantize_kernel[(triton.cdiv(n_blocks, NVFP4_BLOCKS),)](
+            q.codes, q.scales, q.tensor_scale, out, n_blocks, BLOCK_B=NVFP4_BLOCKS, **EXACT
+        )
+    return out
+
+
+_RULE_IDS = {
+    "nearest": K.RULE_NEAREST,
+    "seed": K.RULE_SEED,
+    "stochastic": K.RULE_STOCHASTIC,
+    "residual": K.RULE_RESIDUAL,
+}
+
+
+def nvfp4_adamw(q, grad, exp_avg, exp_avg_sq, residual, c: R.AdamWConstants, rule, key, dither):
+    """Launch the fused NVFP4 AdamW kernel in place -> NVFP4UpdateStats (device tensors, no sync)."""
+    numel = q.numel()
+    n_blocks = numel // R.NVFP4_BLOCK
+    dev = grad.device
+    n_programs = max(triton.cdiv(n_blocks, NVFP4_BLOCKS), 1)
+    flips = torch.zeros(n_programs, dtype=torch.int32, device=dev)
+    sat = torch.zeros(n_programs, dtype=torch.int32, device=dev)
+    sq_err = torch.zeros(n_programs, dtype=torch.float32, device=dev)
+    sq_norm = torch.zeros(n_programs, dtype=torch.float32, device=dev)
+    st_enc = R.nvfp4_encode_scale(q)
+    if n_blocks:
+        K.nvfp4_adamw_kernel[(n_programs,)](
+            q.codes,
+            q.scales,
+            q.tensor_scale,
+            st_enc,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            grad if residual is None else residual,
+            flips,
+            sq_err,
+            sq_norm,
+            sat,
+            n_blocks,
+            *c,
+            key - 2**32 if key >= 2**31 else key,  # always an i32 argument: one compiled variant per rule
+            R.f32(dither),
+            RULE=_RULE_IDS[rule],
+            BLOCK_B=NVFP4_BLOCKS,
+            **EXACT,
+        )
+    q.tensor_scale.copy_(st_enc)
+    return R.NVFP4UpdateStats(
+        flips.sum(dtype=torch.int64), sq_err.sum(), sq_norm.sum(), sat.sum(dtype=torch.int64), numel
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FP8 quantisers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def quantize_rows(x: torch.Tensor, blockwise: bool, swiglu_input: bool = False):
+    """x[M,C] (or gate|up [M,2C] with swiglu_input) -> (e4m3 [M,C], float32 scales [M] or [M, C/128])."""
+    m = x.shape[0]
+    c = x.shape[1] // 2 if swiglu_input else x.shape[1]
+    q = torch.empty(m, c, dtype=FP8, device=x.device)
+    if blockwise:
+        s = torch.empty(m, triton.cdiv(c, BLOCK), dtype=torch.float32, device=x.device)
+        grid, block_c = (triton.cdiv(m, QUANT_ROWS), triton.cdiv(c, BLOCK)), BLOCK
+    else:
+        s = torch.empty(m, dtype=torch.float32, device=x.device)
+        grid, block_c = (triton.cdiv(m, QUANT_ROWS),), min(256, triton.next_power_of_2(max(c, 16)))
+    if m and c:
+        K.fp8_quant_rows_kernel[grid](
+            x,
+            q,
+            s,
+            m,
+            c,
+            x.stride(0),
+            q.stride(0),
+            s.stride(0),
+            SWIGLU_INPUT=swiglu_input,
+            BLOCKWISE=blockwise,
+            BLOCK_M=QUANT_ROWS,
+            BLOCK_C=block_c,
+            **EXACT,
+        )
+    return q, s
+
+
+class WeightOperand(NamedTuple):
+    """An e4m3 weight as the B operand of gmm_fp8_kernel: strides (expert, reduction, output column)."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    strides: tuple[int, int, int]
+    scale_strides: tuple[int, int, int]
+
+
+def _weight_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """w[E,K,N] -> (e4m3, scales[E, other dim]) with one scale per slice along reduce_dim (1 or 2).
+
+    transpose: q is laid out [E, other, reduce] (reduction contiguous), else like w ([E,K,N] contiguous).
+    """
+    e, k, n = w.shape
+    other_dim = 3 - reduce_dim
+    r, c = w.shape[reduce_dim], w.shape[other_dim]
+    q = torch.empty((e, c, r) if transpose else (e, k, n), dtype=FP8, device=w.device)
+    s = torch.empty(e, c, dtype=torch.float32, device=w.device)
+    q_r, q_c = (1, r) if transpose else (q.stride(reduce_dim), q.stride(other_dim))
+    if q.numel():
+        K.fp8_quant_weight_rowwise_kernel[(e, triton.cdiv(c, QUANT_COLS))](
+            w,
+            q,
+            s,
+            r,
+            c,
+            w.stride(0),
+            w.stride(reduce_dim),
+            w.stride(other_dim),
+            q.stride(0),
+            q_r,
+            q_c,
+            s.stride(0),
+            BLOCK_R=QUANT_COLS,
+            BLOCK_C=QUANT_COLS,
+            **EXACT,
+        )
+    return q, s
+
+
+def _weight_blockwise(w: torch.Tensor, write_q: bool, write_qt: bool):
+    """w[E,K,N] -> (q[E,K,N] or None, qt[E,N,K] or None, scales[E, K/128, N/128]) with 128x128 tiles."""
+    e, k, n = w.shape
+    q = torch.empty(e, k, n, dtype=FP8, device=w.device) if write_q else None
+    qt = torch.empty(e, n, k, dtype=FP8, device=w.device) if write_qt else None
+    s = torch.empty(e, triton.cdiv(k, BLOCK), triton.cdiv(n, BLOCK), dtype=torch.float32, device=w.device)
+    if s.numel():
+        K.fp8_quant_weight_blockwise_kernel[s.shape](
+            w,
+            w if q is None else q,
+            w if qt is None else qt,
+            s,
+            k,
+            n,
+            *w.stride(),
+            WRITE_Q=write_q,
+            WRITE_QT=write_qt,
+            **EXACT,
+        )
+    return q, qt, s
+
+
+def quantize_weight(w: torch.Tensor, blockwise: bool, pass_: str) -> WeightOperand:
+    """w[E,K,N] -> B operand of the forward (x @ w, reduce K) or dgrad (dy @ w^T, reduce N) fp8 GEMM."""
+    e, k, n = w.shape
+    if blockwise:
+        kb, nb = triton.cdiv(k, BLOCK), triton.cdiv(n, BLOCK)
+        if pass_ == "fwd":
+            _, qt, s = _weight_blockwise(w, False, True)
+            return WeightOperand(qt, s, (n * k, 1, k), (kb * nb, nb, 1))
+        q, _, s = _weight_blockwise(w, True, False)
+        return WeightOperand(q, s, (k * n, 1, n), (kb * nb, 1, nb))
+    if pass_ == "fwd":
+        qt, s = _weight_rowwise(w, reduce_dim=1, transpose=True)
+        return WeightOperand(qt, s, (n * k, 1, k), (n, 0, 1))
+    q, s = _weight_rowwise(w, reduce_dim=2, transpose=True)
+    return WeightOperand(q, s, (k * n, 1, n), (k, 0, 1))
+
+
+def quantize_grouped_cols(x: torch.Tensor, offsets: torch.Tensor, swiglu_input: bool = False):
+    """x[M,C] grouped rows -> (qt e4m3 [C, chunks*128], float32 scales [chunks, C]) for the dW GEMM.
+
+    chunks = M/128 + E bounds the 128-row pieces of all groups; chunk c's rows sit, transposed and
+    zero-padded, in columns [128c, 128c + 128) of qt (unused slots stay unwritten and are never read).
+    """
+    m = x.shape[0]
+    c = x.shape[1] // 2 if swiglu_input else x.shape[1]
+    n_experts = offsets.shape[0]
+    n_chunks = R.grouped_col_chunks(m, n_experts)
+    qt = torch.empty(c, n_chunks * BLOCK, dtype=FP8, device=x.device)
+    s = torch.ones(n_chunks, c, dtype=torch.float32, device=x.device)
+    if m and c:
+        grid = (n_chunks * triton.cdiv(c, QUANT_COLS),)
+        K.fp8_quant_grouped_cols_kernel[grid](
+            x,
+            qt,
+            s,
+            offsets,
+            m,
+            c,
+            n_experts,
+            x.stride(0),
+            qt.stride(0),
+            SWIGLU_INPUT=swiglu_input,
+            BLOCK_C=QUANT_COLS,
+            BLOCK_E=triton.next_power_of_2(n_experts),
+            **EXACT,
+        )
+    return qt, s
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FP8 grouped GEMM
+# ---------------------------------------------------------------------------------------------------------
+
+
+def gemm(qa, sa, blockwise, b: WeightOperand, offsets, out, n, k, *, epilogue=K.EPILOGUE_STORE, h=None, q_out=None):
+    """Grouped fp8 GEMM of rows qa[M,k] (scales sa) with the weight operand b into out (or the fused epilogue)."""
+    m, n_experts = qa.shape[0], offsets.shape[0]
+    if m == 0 or n == 0:
+        return
+
+    def grid(meta):
+        return ((triton.cdiv(m, meta["BLOCK_M"]) + n_experts + 1) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    q, sq = (offsets, offsets) if q_out is None else q_out
+    _GMM[epilogue][grid](
+        qa,
+        sa,
+        b.q,
+        b.scales,
+        out,
+        offsets if h is None else h,
+        q,
+        sq,
+        offsets,
+        m,
+        n,
+        k,
+        n_experts,
+        qa.stride(0),
+        sa.stride(0),
+        sa.stride(1) if blockwise else 0,
+        *b.strides,
+        *b.scale_strides,
+        out.stride(0),
+        0 if h is None else h.stride(0),
+        BLOCKWISE=blockwise,
+        EPILOGUE=epilogue,
+        UPCAST=INTERPRET,
+        BLOCK_E=triton.next_power_of_2(n_experts),
+    )
+
+
+def wgrad(a, b, offsets, dtype, a_swiglu=False):
+    """dW[e] = a[rows of e]^T @ b[rows of e] -> [E, KA, N] in dtype (a may be a gate|up pre-activation)."""
+    n_experts = offsets.shape[0]
+    ka = a.shape[1] // 2 if a_swiglu else a.shape[1]
+    n = b.shape[1]
+    out = torch.empty(n_experts, ka, n, dtype=dtype, device=a.device)
+    if a.shape[0] == 0:
+        return out.zero_()
+    qa, sa = quantize_grouped_cols(a, offsets, a_swiglu)
+    qb, sb = quantize_grouped_cols(b, offsets)
+
+    def grid(meta):
+        return (n_experts * triton.cdiv(ka, meta["BLOCK_KA"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _GMM_DW[grid](
+        qa,
+        sa,
+        qb,
+        sb,
+        out,
+        offsets,
+        ka,
+        n,
+        n_experts,
+        qa.stride(0),
+        qb.stride(0),
+        out.stride(0),
+        out.stride(1),
+        UPCAST=INTERPRET,
+        BLOCK_E=triton.next_power_of_2(n_experts),
+    )
+    return out
+
+
+class GroupedMMFP8(torch.autograd.Function):
+    """grouped_mm on e4m3 operands quantised inside (bf16/fp32 in, x.dtype out); fp8 forward, dgrad and wgrad."""
+
+    @staticmethod
+    def forward(ctx, x, w, offsets, scaling):
+        """x[M,K], w[E,K,N], offsets[E] int32, scaling 'rowwise'|'blockwise' -> [M,N] (x.dtype)."""
+        blockwise = scaling == "blockwise"
+        qx, sx = quantize_rows(x, blockwise)
+        out = torch.empty(x.shape[0], w.shape[2], dtype=x.dtype, device=x.device)
+        gemm(qx, sx, blockwise, quantize_weight(w, blockwise, "fwd"), offsets, out, w.shape[2], w.shape[1])
+        ctx.save_for_backward(x, w, offsets)
+        ctx.blockwise = blockwise
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        """dy[M,N] -> (dx[M,K] x.dtype, dw[E,K,N] w.dtype, None, None)."""
+        x, w, offsets = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            qdy, sdy = quantize_rows(dy, ctx.blockwise)
+            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            gemm(
+                qdy, sdy, ctx.blockwise, quantize_weight(w, ctx.blockwise, "dgrad"), offsets, dx, w.shape[1], w.shape[2]
+            )
+        if ctx.needs_input_grad[1]:
+            dw = wgrad(x, dy, offsets, w.dtype)
+        return dx, dw, None, None
+
+
+class ExpertMLPFP8(torch.autograd.Function):
+    """Grouped SwiGLU expert MLP with fp8 GEMMs; blockwise fuses the activation's quantisation into the up GEMM."""
+
+    @staticmethod
+    def forward(ctx, rows, offsets, w_up, w_down, scaling):
+        """rows[M,D] grouped by offsets[E], w_up[E,D,2H], w_down[E,H,D] -> [M,D] (rows.dtype)."""
+        blockwise = scaling == "blockwise"
+        m, d = rows.shape
+        h = w_down.shape[1]
+        qr, sr = quantize_rows(rows, blockwise)
+        up = quantize_weight(w_up, blockwise, "fwd")
+        pre = torch.empty(m, 2 * h, dtype=rows.dtype, device=rows.device)
+        if blockwise:
+            q_act = torch.empty(m, h, dtype=FP8, device=rows.device)
+            s_act = torch.empty(m, triton.cdiv(h, BLOCK), dtype=torch.float32, device=rows.device)
+            gemm(qr, sr, True, up, offsets, pre, h, d, epilogue=K.EPILOGUE_SWIGLU_QUANT, h=pre, q_out=(q_act, s_act))
+        else:
+            gemm(qr, sr, False, up, offsets, pre, 2 * h, d)
+            q_act, s_act = quantize_rows(pre, False, swiglu_input=True)
+        out = torch.empty(m, d, dtype=rows.dtype, device=rows.device)
+        gemm(q_act, s_act, blockwise, quantize_weight(w_down, blockwise, "fwd"), offsets, out, d, h)
+        ctx.save_for_backward(rows, offsets, w_up, w_down, pre)
+        ctx.blockwise = blockwise
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        """dy[M,D] -> (d_rows, None, dw_up, dw_down, None)."""
+        rows, offsets, w_up, w_down, pre = ctx.saved_tensors
+        blockwise = ctx.blockwise
+        dy = dy.contiguous()
+        m, d = rows.shape
+        h = w_down.shape[1]
+        qdy, sdy = quantize_rows(dy, blockwise)
+        d_pre = torch.empty(m, 2 * h, dtype=rows.dtype, device=rows.device)
+        down = quantize_weight(w_down, blockwise, "dgrad")
+        gemm(qdy, sdy, blockwise, down, offsets, d_pre, h, d, epilogue=K.EPILOGUE_SWIGLU_BWD, h=pre)
+        dw_down = wgrad(pre, dy, offsets, w_down.dtype, a_swiglu=True)
+        qdp, sdp = quantize_rows(d_pre, blockwise)
+        d_rows = torch.empty(m, d, dtype=rows.dtype, device=rows.device)
+        gemm(qdp, sdp, blockwise, quantize_weight(w_up, blockwise, "dgrad"), offsets, d_rows, d, 2 * h)
+        dw_up = wgrad(rows, d_pre, offsets, w_up.dtype)
+        return d_rows, None, dw_up, dw_down, None

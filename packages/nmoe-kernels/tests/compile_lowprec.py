@@ -1,0 +1,242 @@
+"""Compile every low-precision Triton kernel variant for sm_90 (and sm_100) without a GPU (not collected by pytest).
+
+    uv run python packages/nmoe-kernels/tests/compile_lowprec.py [--arch 90] [--quick]
+
+The Triton interpreter runs the kernels' Python, not the compiler: it accepts code that fails to lower
+(globals, dtype rules, layouts). This builds each launched (constexpr, dtype, config) combination to a
+cubin with the ptxas shipped in the triton wheel and prints register / shared-memory use per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from nmoe.kernels import _lowprec_kernels as K  # noqa: E402
+from nmoe.kernels import _lowprec_ops as ops  # noqa: E402
+
+DIV16 = {"N", "K", "C", "KA", "R"} | {
+    f"stride_{s}" for s in ("am", "sam", "be", "bn", "sbe", "cm", "hm", "a", "b", "oe")
+}
+DIV16 |= {f"stride_{s}" for s in ("ok", "xm", "qm", "qt", "we", "wr", "wc", "qe", "qc", "se", "wk", "wn")}
+
+
+def compile_variant(fn, types: dict[str, str], constants: dict, config: dict, target: GPUTarget):
+    """types: argument -> Triton type ('*bf16', 'i32', ...); constants: constexpr / specialised (=1) arguments."""
+    signature = {name: ("constexpr" if name in constants else types[name]) for name in fn.arg_names}
+    missing = [n for n, t in signature.items() if t is None]
+    if missing:
+        raise ValueError(f"no type for {missing}")
+    # what the runtime JIT infers at real shapes: 16-byte aligned tensors, strides and feature dims % 16 == 0
+    aligned = [i for i, n in enumerate(fn.arg_names) if n in types and (types[n].startswith("*") or n in DIV16)]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    src = ASTSource(fn=fn, signature=signature, constexprs=dict(constants), attrs=attrs)
+    backend = triton.compiler.make_backend(target)
+    options = backend.parse_options(config)
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def resource_usage(kernel) -> str:
+    """'REG:.. STACK:..' of the compiled cubin, from the cuobjdump shipped with triton."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    fields = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return f"regs={fields[1]} stack={fields[2]}" if fields else "regs=?"
+
+
+def gmm_variants(quick: bool):
+    base = {
+        **dict.fromkeys(("a_ptr", "b_ptr"), "*fp8e4nv"),
+        **dict.fromkeys(("sa_ptr", "sb_ptr"), "*fp32"),
+        "offsets_ptr": "*i32",
+        **dict.fromkeys(
+            (
+                "M",
+                "N",
+                "K",
+                "E",
+                "stride_am",
+                "stride_sam",
+                "stride_sak",
+                "stride_be",
+                "stride_sbe",
+                "stride_sbk",
+                "stride_sbn",
+                "stride_cm",
+                "stride_hm",
+                "stride_bn",
+            ),
+            "i32",
+        ),
+    }
+    for epilogue, configs in ops._GMM_CONFIGS.items():
+        for blockwise in (False, True):
+            if epilogue == K.EPILOGUE_SWIGLU_QUANT and not blockwise:
+                continue
+            for out in ("bf16", "fp32"):
+                types = dict(base, c_ptr=f"*{out}", h_ptr="*i32", q_ptr="*i32", sq_ptr="*i32")
+                if epilogue != K.EPILOGUE_STORE:
+                    types.update(h_ptr=f"*{out}")
+                if epilogue == K.EPILOGUE_SWIGLU_QUANT:
+                    types.update(q_ptr="*fp8e4nv", sq_ptr="*fp32")
+                constants = dict(stride_bk=1, BLOCKWISE=blockwise, EPILOGUE=epilogue, UPCAST=False, BLOCK_E=64)
+                for cfg in configs[:1] if quick else configs:
+                    yield (
+                        f"gmm_fp8 epilogue={epilogue} blockwise={blockwise} out={out} {cfg.kwargs}",
+                        K.gmm_fp8_kernel,
+                        types,
+                        {**constants, **cfg.kwargs},
+                        dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                    )
+
+
+def dw_variants(quick: bool):
+    types = {
+        **dict.fromkeys(("a_ptr", "b_ptr"), "*fp8e4nv"),
+        **dict.fromkeys(("sa_ptr", "sb_ptr"), "*fp32"),
+        "offsets_ptr": "*i32",
+        **dict.fromkeys(("KA", "N", "E", "stride_a", "stride_b", "stride_oe", "stride_ok"), "i32"),
+    }
+    for out in ("bf16", "fp32"):
+        for cfg in ops._DW_CONFIGS[:1] if quick else ops._DW_CONFIGS:
+            yield (
+                f"gmm_fp8_dw out={out} {cfg.kwargs}",
+                K.gmm_fp8_dw_kernel,
+                dict(types, out_ptr=f"*{out}"),
+                dict(UPCAST=False, BLOCK_E=256, **cfg.kwargs),
+                dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+            )
+
+
+def quantiser_variants():
+    exact = dict(num_warps=4, num_stages=1, enable_fp_fusion=False)
+    for src in ("bf16", "fp32"):
+        ints = dict.fromkeys(("M", "C", "stride_xm", "stride_qm", "stride_sm"), "i32")
+        for blockwise in (False, True):
+            for swiglu in (False, True):
+                yield (
+                    f"fp8_quant_rows src={src} blockwise={blockwise} swiglu={swiglu}",
+                    K.fp8_quant_rows_kernel,
+                    dict(ints, x_ptr=f"*{src}", q_ptr="*fp8e4nv", s_ptr="*fp32"),
+                    dict(SWIGLU_INPUT=swiglu, BLOCKWISE=blockwise, BLOCK_M=ops.QUANT_ROWS, BLOCK_C=128),
+                    exact,
+                )
+            yield (
+                f"fp8_quant_grouped_cols src={src} swiglu={blockwise}",
+                K.fp8_quant_grouped_cols_kernel,
+                dict(
+                    x_ptr=f"*{src}",
+                    qt_ptr="*fp8e4nv",
+                    s_ptr="*fp32",
+                    offsets_ptr="*i32",
+                    **dict.fromkeys(("M", "C", "E", "stride_xm", "stride_qt"), "i32"),
+                ),
+                dict(SWIGLU_INPUT=blockwise, BLOCK_C=ops.QUANT_COLS, BLOCK_E=256),
+                exact,
+            )
+        weight_ints = ("R", "C", "stride_we", "stride_wr", "stride_wc", "stride_qe", "stride_qr", "stride_qc")
+        yield (
+            f"fp8_quant_weight_rowwise src={src}",
+            K.fp8_quant_weight_rowwise_kernel,
+            dict(
+                w_ptr=f"*{src}", q_ptr="*fp8e4nv", s_ptr="*fp32", **dict.fromkeys(weight_ints + ("stride_se",), "i32")
+            ),
+            dict(BLOCK_R=ops.QUANT_COLS, BLOCK_C=ops.QUANT_COLS),
+            exact,
+        )
+        for write_q in (False, True):
+            yield (
+                f"fp8_quant_weight_blockwise src={src} write_q={write_q}",
+                K.fp8_quant_weight_blockwise_kernel,
+                dict(
+                    w_ptr=f"*{src}",
+                    q_ptr="*fp8e4nv",
+                    qt_ptr="*fp8e4nv",
+                    s_ptr="*fp32",
+                    **dict.fromkeys(("K", "N", "stride_we", "stride_wk", "stride_wn"), "i32"),
+                ),
+                dict(WRITE_Q=write_q, WRITE_QT=not write_q),
+                exact,
+            )
+        yield (
+            f"nvfp4_quantize src={src}",
+            K.nvfp4_quantize_kernel,
+            dict(w_ptr=f"*{src}", codes_ptr="*u8", scales_ptr="*fp8e4nv", st_ptr="*fp32", n_blocks="i32"),
+            dict(BLOCK_B=ops.NVFP4_BLOCKS),
+            exact,
+        )
+        yield (
+            f"nvfp4_dequantize out={src}",
+            K.nvfp4_dequantize_kernel,
+            dict(codes_ptr="*u8", scales_ptr="*fp8e4nv", st_ptr="*fp32", out_ptr=f"*{src}", n_blocks="i32"),
+            dict(BLOCK_B=ops.NVFP4_BLOCKS),
+            exact,
+        )
+    floats = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "bias_correction1", "bias_correction2")
+    for rule in range(4):
+        for grad in ("bf16", "fp32"):
+            yield (
+                f"nvfp4_adamw rule={rule} grad={grad}",
+                K.nvfp4_adamw_kernel,
+                dict(
+                    codes_ptr="*u8",
+                    scales_ptr="*fp8e4nv",
+                    st_dec_ptr="*fp32",
+                    st_enc_ptr="*fp32",
+                    grad_ptr=f"*{grad}",
+                    m_ptr="*fp32",
+                    v_ptr="*fp32",
+                    r_ptr="*bf16" if rule == K.RULE_RESIDUAL else f"*{grad}",
+                    flips_ptr="*i32",
+                    sq_err_ptr="*fp32",
+                    sq_norm_ptr="*fp32",
+                    sat_ptr="*i32",
+                    n_blocks="i32",
+                    key="i32",
+                    **dict.fromkeys(floats + ("eps", "lr", "decay", "dither"), "fp32"),
+                ),
+                dict(RULE=rule, BLOCK_B=ops.NVFP4_BLOCKS),
+                exact,
+            )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--quick", action="store_true", help="first autotune config of each GEMM only")
+    args = parser.parse_args()
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = 0
+    variants = [*gmm_variants(args.quick), *dw_variants(args.quick), *quantiser_variants()]
+    start = time.time()
+    for name, fn, types, constants, config in variants:
+        t0 = time.time()
+        try:
+            kernel = compile_variant(fn, types, constants, config, target)
+            print(f"ok   {time.time() - t0:5.1f}s smem={kernel.metadata.shared} {resource_usage(kernel)} {name}")
+        except Exception as err:
+            failures += 1
+            print(f"FAIL {name}: {type(err).__name__}: {str(err)[:1500]}")
+    print(
+        f"{len(variants) - failures}/{len(variants)} variants compiled for sm_{args.arch} in {time.time() - start:.0f}s"
+    )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

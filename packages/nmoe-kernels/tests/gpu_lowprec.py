@@ -1,0 +1,283 @@
+"""GPU check of the low-precision kernels at real shapes (run by hand on a CUDA machine; not collected by pytest).
+
+    PYTHONPATH=$(ls -d packages/*/src | paste -sd:) python3 packages/nmoe-kernels/tests/gpu_lowprec.py [--out DIR]
+
+Quantisers and the NVFP4 AdamW must equal reference_lowprec bit for bit (run on the same GPU); fp8 GEMMs are
+compared with float64 of the same quantised math (and, for information, with the exact bf16 math). Outputs
+are poisoned first (0xFF bytes: NaN in bf16/fp32/e4m3) so unwritten elements show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_check import RESULTS, offsets_for, poison_allocator, record, rel_err  # noqa: E402
+
+import nmoe.kernels as nk  # noqa: E402
+from nmoe.kernels import reference  # noqa: E402
+from nmoe.kernels import reference_lowprec as R
+
+_INT_VIEW = {torch.float8_e4m3fn: torch.uint8, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+def mismatches(got: torch.Tensor, want: torch.Tensor) -> int:
+    """Number of elements whose bits differ (-1 for a shape/dtype mismatch)."""
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return -1
+    view = _INT_VIEW.get(got.dtype)
+    a, b = (got.view(view), want.view(view)) if view else (got, want)
+    return int((a != b).sum())
+
+
+def grouped_offsets(rows: int, n_experts: int, layout: str) -> tuple[torch.Tensor, int]:
+    """Expert offsets for `rows` routed rows -> (offsets, total rows incl. a tail past offsets[-1])."""
+    if layout == "balanced":
+        sizes = [rows // n_experts] * n_experts
+        return offsets_for(sizes), rows
+    if layout == "one_huge":
+        sizes = [0] * n_experts
+        sizes[n_experts // 2] = rows
+        return offsets_for(sizes), rows
+    g = torch.Generator().manual_seed(0)  # skewed, half the experts empty, 77 tail rows
+    weights = torch.rand(n_experts, generator=g) ** 3 * (torch.arange(n_experts) % 2 == 0)
+    sizes = (weights / weights.sum() * rows).long().tolist()
+    return offsets_for(sizes), sum(sizes) + 77
+
+
+def check_quantisers(m: int, d: int, h: int, n_experts: int) -> None:
+    x = (torch.randn(m, d, device="cuda") * torch.logspace(-3, 2, m, device="cuda")[:, None]).bfloat16()
+    w = torch.randn(n_experts, d, 2 * h, device="cuda") * 0.02
+    poison_allocator(2 * x.numel() * 4)
+    cases = {
+        "fp8 rowwise x": (nk.quantize_fp8_rowwise(x), R.quantize_fp8_rowwise(x)),
+        "fp8 blockwise x": (nk.quantize_fp8_blockwise(x), R.quantize_fp8_blockwise(x, (1, 128))),
+        "fp8 rowwise w dim1": (nk.quantize_fp8_rowwise(w, 1), R.quantize_fp8_rowwise(w, 1)),
+        "fp8 blockwise w": (nk.quantize_fp8_blockwise(w), R.quantize_fp8_blockwise(w, (128, 128))),
+        "nvfp4 w": (nk.quantize_nvfp4(w), R.quantize_nvfp4(w)),
+    }
+    for name, (got, want) in cases.items():
+        bad = {f"mismatch_{i}": mismatches(a, b) for i, (a, b) in enumerate(zip(got, want))}
+        record(f"quantiser {name} {tuple(got[0].shape)}", all(v == 0 for v in bad.values()), **bad)
+    q = nk.quantize_nvfp4(w)
+    for dtype in (torch.bfloat16, torch.float32):
+        poison_allocator(w.numel() * 4 * 2)
+        bad = mismatches(nk.dequantize_nvfp4(q, dtype), R.dequantize_nvfp4(q, dtype))
+        record(
+            f"dequantize_nvfp4 -> {dtype}",
+            bad == 0,
+            mismatches=bad,
+            rel_err=rel_err(R.dequantize_nvfp4(q, torch.float32), w),
+        )
+
+
+def check_grouped_mm_fp8(name: str, m_rows: int, k: int, n: int, n_experts: int, layout: str, scaling: str) -> None:
+    offsets, m = grouped_offsets(m_rows, n_experts, layout)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = (torch.randn(n_experts, k, n, device="cuda") / k**0.5).requires_grad_()  # fp32 master weights
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    poison_allocator(m * (k + n) * 8)
+    y = nk.grouped_mm_fp8(x, w, offsets, scaling)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
+    want = R.grouped_mm_fp8(*leaves, offsets, scaling, compute=torch.float64)
+    want_dx, want_dw = torch.autograd.grad(want, leaves, dy)
+    used = int(offsets[-1])
+    exact = reference.grouped_mm(x.detach().float(), w.detach(), offsets)
+    errs = dict(y=rel_err(y, want), dx=rel_err(dx, want_dx), dw=rel_err(dw, want_dw))
+    tail_ok = bool(y[used:].eq(0).all() and dx[used:].eq(0).all())
+    record(
+        f"grouped_mm_fp8 {scaling} {name}",
+        max(errs.values()) < 1e-2 and tail_ok and y.dtype == torch.bfloat16 and dw.dtype == torch.float32,
+        m=m,
+        k=k,
+        n=n,
+        layout=layout,
+        **errs,
+        tail_zero=tail_ok,
+        err_vs_exact_bf16_math=rel_err(y, exact),
+    )
+
+
+def check_expert_mlp_fp8(name: str, m_rows: int, d: int, h: int, n_experts: int, layout: str, scaling: str) -> None:
+    offsets, m = grouped_offsets(m_rows, n_experts, layout)
+    rows = torch.randn(m, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w_up = (torch.randn(n_experts, d, 2 * h, device="cuda") / d**0.5).requires_grad_()
+    w_down = (torch.randn(n_experts, h, d, device="cuda") / h**0.5).requires_grad_()
+    dy = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+    poison_allocator(m * (d + 3 * h) * 8)
+    y = nk.expert_mlp_fp8(rows, offsets, w_up, w_down, scaling)
+    grads = torch.autograd.grad(y, (rows, w_up, w_down), dy)
+    leaves = [t.detach().clone().requires_grad_() for t in (rows, w_up, w_down)]
+    want = R.expert_mlp_fp8(leaves[0], offsets, leaves[1], leaves[2], scaling, compute=torch.float64)
+    want_grads = torch.autograd.grad(want, leaves, dy)
+    errs = dict(y=rel_err(y, want))
+    errs.update({f"d_{n}": rel_err(g, r) for n, g, r in zip(("rows", "w_up", "w_down"), grads, want_grads)})
+    ex = [t.detach().float().requires_grad_() for t in (rows, w_up, w_down)]
+    exact = reference.grouped_mm(reference.swiglu(reference.grouped_mm(ex[0], ex[1], offsets)), ex[2], offsets)
+    record(
+        f"expert_mlp_fp8 {scaling} {name}",
+        max(errs.values()) < 2e-2,
+        m=m,
+        d=d,
+        h=h,
+        experts=n_experts,
+        layout=layout,
+        **errs,
+        err_vs_exact_math=rel_err(y, exact),
+    )
+
+
+def check_every_config() -> None:
+    """Autotuning keeps only the fastest config's output: force each fp8 GEMM config in turn and check it.
+
+    expert_mlp_fp8 runs every fp8 GEMM kernel (plain, fused SwiGLU+quantise, SwiGLU backward, dW).
+    """
+    from nmoe.kernels import _lowprec_ops as ops
+
+    tuners = [*ops._GMM.values(), ops._GMM_DW]
+    originals = [t.configs for t in tuners]
+    try:
+        for i in range(max(len(c) for c in originals)):
+            for tuner, configs in zip(tuners, originals):
+                tuner.configs = [configs[min(i, len(configs) - 1)]]
+                tuner.cache.clear()
+            for scaling in R.SCALINGS:
+                check_expert_mlp_fp8(f"config #{i}", 8192, 1024, 704, 8, "skewed", scaling)
+    finally:
+        for tuner, configs in zip(tuners, originals):
+            tuner.configs = configs
+            tuner.cache.clear()
+
+
+def check_nvfp4_adamw(shape: tuple[int, ...], rule: str) -> None:
+    w = torch.randn(shape, device="cuda") * 0.02
+    q = nk.quantize_nvfp4(w)
+    q_ref = R.NVFP4Tensor(*(t.clone() for t in q))
+    m, v = torch.zeros(shape, device="cuda"), torch.zeros(shape, device="cuda")
+    m_ref, v_ref = m.clone(), v.clone()
+    residual = torch.zeros(shape, device="cuda", dtype=torch.bfloat16) if rule == "residual" else None
+    r_ref = None if residual is None else residual.clone()
+    bad: dict[str, int] = {}
+    for step in (1, 2):
+        grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        kw = dict(step=step, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, rule=rule, seed=1234)
+        got = nk.nvfp4_adamw_(q, grad, m, v, residual=residual, **kw)
+        want = R.nvfp4_adamw_(q_ref, grad, m_ref, v_ref, residual=r_ref, **kw)
+        pairs = list(zip(q._fields, q, q_ref)) + [("exp_avg", m, m_ref), ("exp_avg_sq", v, v_ref)]
+        if residual is not None:
+            pairs.append(("residual", residual, r_ref))
+        for name, a, b in pairs:
+            bad[f"step{step}_{name}"] = mismatches(a, b)
+        bad[f"step{step}_flips_diff"] = int(got.flips) - int(want.flips)
+    flip_frac = int(got.flips) / got.numel
+    record(f"nvfp4_adamw_ {rule} {shape}", all(v == 0 for v in bad.values()), flip_frac=flip_frac, **bad)
+
+
+def check_no_host_sync() -> None:
+    offsets, m = grouped_offsets(8192, 64, "skewed")
+    x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w_up = torch.randn(64, 256, 256, device="cuda", requires_grad=True)
+    w_down = torch.randn(64, 128, 256, device="cuda", requires_grad=True)
+    q = nk.quantize_nvfp4(w_up.detach())
+    state = [torch.zeros(w_up.shape, device="cuda") for _ in range(2)]
+    residual = torch.zeros(w_up.shape, device="cuda", dtype=torch.bfloat16)
+    hyper = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, seed=0)
+
+    def run():
+        for scaling in R.SCALINGS:
+            y = nk.expert_mlp_fp8(x, offsets, w_up, w_down, scaling)
+            torch.autograd.grad(y, (x, w_up, w_down), torch.ones_like(y))
+            y = nk.grouped_mm_fp8(x, w_up, offsets, scaling)
+            torch.autograd.grad(y, (x, w_up), torch.ones_like(y))
+        for rule in R.RULES:
+            nk.nvfp4_adamw_(
+                q, w_up.detach(), *state, **hyper, rule=rule, residual=residual if rule == "residual" else None
+            )
+        nk.dequantize_nvfp4(q)
+
+    run()  # warm up: autotuning synchronises
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+        record("no host synchronisation in fp8 GEMMs fwd+bwd, nvfp4_adamw_, dequantize_nvfp4", True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def check_refusals() -> None:
+    offsets = torch.tensor([4], dtype=torch.int32, device="cuda")
+    cases = {
+        "misaligned K": lambda: nk.grouped_mm_fp8(
+            torch.randn(4, 24, device="cuda"), torch.randn(1, 24, 16, device="cuda"), offsets
+        ),
+        "fp16": lambda: nk.grouped_mm_fp8(
+            torch.randn(4, 16, device="cuda").half(), torch.randn(1, 16, 16, device="cuda"), offsets
+        ),
+        "nvfp4 tensor-core GEMM on this GPU": lambda: nk.check_precision_supported("nvfp4_gemm", "cuda"),
+    }
+    for name, call in cases.items():
+        try:
+            call()
+            record(f"refuses {name}", False)
+        except nk.UnsupportedInput as err:
+            record(f"refuses {name}", True, message=str(err))
+    record("precision nvfp4 on this GPU", True, meaning=nk.check_precision_supported("nvfp4", "cuda"))
+    record("precision fp8 on this GPU", True, meaning=nk.check_precision_supported("fp8", "cuda"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_lowprec.py needs a CUDA GPU")
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    start = time.time()
+    moonlet_rows = 16384 * 6
+    checks = [lambda: check_quantisers(moonlet_rows, 1024, 704, 64)]
+    for scaling in R.SCALINGS:
+        checks += [
+            lambda s=scaling: check_grouped_mm_fp8("moonlet up", moonlet_rows, 1024, 1408, 64, "balanced", s),
+            lambda s=scaling: check_grouped_mm_fp8(
+                "moonlet down skewed+tail", moonlet_rows, 704, 1024, 64, "skewed", s
+            ),
+            lambda s=scaling: check_grouped_mm_fp8("one huge group", 40000, 1024, 1024, 64, "one_huge", s),
+            lambda s=scaling: check_expert_mlp_fp8("moonlet", moonlet_rows, 1024, 704, 64, "balanced", s),
+            lambda s=scaling: check_expert_mlp_fp8("speedrun-256 skewed", 8192 * 8, 1024, 512, 256, "skewed", s),
+        ]
+    checks += [check_every_config]
+    checks += [lambda r=rule: check_nvfp4_adamw((64, 1024, 1408), r) for rule in R.RULES]
+    checks += [check_no_host_sync, check_refusals]
+    for check in checks:
+        try:
+            check()
+        except Exception as err:  # keep going: one device call should report every check
+            record("crashed", False, error=repr(err)[:400], trace=traceback.format_exc(limit=6)[-1500:])
+        torch.cuda.empty_cache()
+    failed = [r for r in RESULTS if not r["ok"]]
+    print("\n| check | ok |\n| --- | --- |")
+    for r in RESULTS:
+        print(f"| {r['check']} | {'PASS' if r['ok'] else 'FAIL'} |")
+    print(
+        f"\ngpu_lowprec: {len(RESULTS) - len(failed)}/{len(RESULTS)} passed on {torch.cuda.get_device_name()} "
+        f"in {time.time() - start:.0f}s"
+    )
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_lowprec.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

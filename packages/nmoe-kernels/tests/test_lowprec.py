@@ -1,0 +1,348 @@
+"""Low-precision reference (the CPU path): code tables, quantiser bounds, NVFP4 AdamW semantics, refusals.
+The Triton kernels are checked against this reference in test_lowprec_interpret.py."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nmoe.kernels as nk
+from nmoe.kernels import lowprec
+from nmoe.kernels import reference_lowprec as R
+from nmoe.kernels.reference import grouped_mm
+
+E4M3_SUBNORMAL = 2.0**-9
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Code tables and rounding
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_e2m1_code_table_and_round_to_nearest_even():
+    values = [0, 0.5, 1, 1.5, 2, 3, 4, 6]
+    assert R.e2m1_decode(torch.arange(16, dtype=torch.uint8)).tolist() == values + [-v for v in values]
+    codes = torch.tensor([c for c in range(16) if c != 8], dtype=torch.uint8)
+    assert torch.equal(R.e2m1_encode(R.e2m1_decode(codes)), codes)  # every value is its own code
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # ties go to the even code (mantissa 0)
+    assert R.e2m1_decode(R.e2m1_encode(ties)).tolist() == [0, 1, 1, 2, 2, 4, 4]
+    near = torch.tensor([0.26, 0.74, 1.26, 1.76, 2.51, 3.49, 5.01, 6.9, 1e9])
+    assert R.e2m1_decode(R.e2m1_encode(near)).tolist() == [0.5, 0.5, 1.5, 2, 3, 3, 6, 6, 6]
+    assert R.e2m1_encode(torch.tensor([-0.1, -0.0, -0.3])).tolist() == [0, 0, 9]  # never -0
+
+
+def test_e4m3_code_table_and_round_to_nearest_even():
+    table = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = table[torch.isfinite(table)]
+    assert finite.numel() == 254 and finite.max() == 448 and finite[finite > 0].min() == E4M3_SUBNORMAL
+    pos = finite[finite >= 0].unique()  # sorted; the index of a positive value is its code
+    assert torch.equal(pos, table[:127])
+    mids = (pos[:-1] + pos[1:]) / 2
+    even = torch.where(torch.arange(126) % 2 == 0, pos[:-1], pos[1:])
+    assert torch.equal(R.round_e4m3(mids).float(), even)
+    assert torch.equal(R.round_e4m3(-mids).float(), -even)
+    assert R.round_e4m3(torch.tensor([460.0, 1e30, -1e30])).float().tolist() == [448, 448, -448]
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(0, 15), min_size=2, max_size=64).filter(lambda c: len(c) % 2 == 0))
+def test_pack_e2m1_is_low_nibble_first_and_round_trips(codes):
+    t = torch.tensor(codes, dtype=torch.uint8).reshape(1, -1)
+    packed = R.pack_e2m1(t)
+    assert packed[0, 0] == codes[0] | (codes[1] << 4)
+    assert torch.equal(R.unpack_e2m1(packed), t)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantiser round-trip bounds (reference)
+# ---------------------------------------------------------------------------------------------------------
+
+magnitudes = st.sampled_from([1e-3, 0.02, 1.0, 300.0])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 5), st.sampled_from([16, 32, 64]), magnitudes, st.booleans(), st.integers(0, 2**31 - 1))
+def test_nvfp4_round_trip_error_is_at_most_half_a_code_step(rows, k, magnitude, zero_block, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, k, generator=g) * magnitude * torch.rand(rows, 1, generator=g).add(0.1)
+    if zero_block:
+        w[0, :16] = 0
+    q = R.quantize_nvfp4(w)
+    assert q.codes.shape == (rows, k // 2) and q.scales.shape == (rows, k // 16) and q.tensor_scale.dim() == 0
+    assert q.shape == w.shape and q.scales.float().max() <= 448
+    back = R.dequantize_nvfp4(q, torch.float32)
+    unit = (q.scales.float() * q.tensor_scale).repeat_interleave(16, dim=1)  # one normalised FP4 unit
+    y = (w / unit).abs()
+    half_step = torch.where(y <= 2, 0.25, torch.where(y <= 4, 0.5, 1.0))
+    assert ((w - back).abs() <= half_step * unit * (1 + 1e-6) + 1e-30).all()
+    if zero_block:
+        assert back[0, :16].eq(0).all()
+    assert rel_err(back, w) < 0.12
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(1, 40),
+    st.integers(1, 300),
+    magnitudes,
+    st.sampled_from(["rowwise", "blockwise"]),
+    st.integers(0, 2**31 - 1),
+)
+def test_fp8_activation_round_trip_within_half_an_e4m3_ulp(m, c, magnitude, scaling, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, c, generator=g) * magnitude
+    x[0] = 0  # an all-zero row gets scale 1 and zero codes
+    q, s = R.quantize_activation(x, scaling)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == ((m,) if scaling == "rowwise" else (m, -(-c // 128)))
+    back = R.dequantize_activation(q, s, scaling, torch.float32)
+    scale = R.dequantize_activation(torch.ones_like(x).to(torch.float8_e4m3fn), s, scaling, torch.float32)
+    bound = x.abs() * 2.0**-4 + scale * E4M3_SUBNORMAL / 2
+    assert ((x - back).abs() <= bound * (1 + 1e-6)).all()
+    assert back[0].eq(0).all() and s[0].eq(1).all()
+    assert ((q.float().abs().amax(dim=1) == 448) | (x.abs().amax(dim=1) == 0)).all()  # the row amax maps to 448
+
+
+def test_fp8_weight_quantisers_scale_the_right_axes():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 200, 144, generator=g)
+    for dim, other in ((1, 2), (2, 1)):
+        q, s = R.quantize_fp8_rowwise(w, dim)
+        assert s.shape == (3, w.shape[other]) and torch.equal(s, w.abs().amax(dim=dim) / 448)
+    q, s = R.quantize_fp8_blockwise(w, (128, 128))
+    assert s.shape == (3, 2, 2) and s[1, 1, 0] == w[1, 128:, :128].abs().max() / 448
+    assert rel_err(R.dequantize_weight(q, s, "blockwise", "fwd", torch.float32), w) < 0.04
+
+
+def test_grouped_col_quantiser_chunks_never_cross_groups():
+    g = torch.Generator().manual_seed(0)
+    offsets = torch.tensor([3, 3, 300, 301], dtype=torch.int32)
+    x = torch.randn(310, 40, generator=g)
+    chunks = R.group_chunks(offsets)
+    assert [(a, b) for _, a, b in chunks] == [(0, 3), (3, 131), (131, 259), (259, 300), (300, 301)]
+    q, s = R.quantize_fp8_grouped_cols(x, offsets)
+    assert s.shape == (R.grouped_col_chunks(310, 4), 40)
+    for cid, first, end in chunks:
+        assert torch.equal(s[cid], x[first:end].abs().amax(0) / 448)
+    assert q[301:].float().eq(0).all() and s[len(chunks) :].eq(1).all()
+    back = R.dequantize_fp8_grouped_cols(q, s, offsets, torch.float32)
+    assert rel_err(back[:301], x[:301]) < 0.04
+
+
+# ---------------------------------------------------------------------------------------------------------
+# NVFP4 AdamW semantics (reference)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def adamw_state(shape, seed, magnitude=0.02, rule="nearest"):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * magnitude
+    q = R.quantize_nvfp4(w)
+    residual = torch.zeros(shape, dtype=torch.bfloat16) if rule == "residual" else None
+    return q, torch.zeros(shape), torch.zeros(shape), residual, g
+
+
+def clone_q(q):
+    return R.NVFP4Tensor(*(t.clone() for t in q))
+
+
+HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+
+
+def torch_style_adamw(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    """torch.optim.AdamW's single-tensor update (its op forms: lerp, addcmul, addcdiv), written out."""
+    param.mul_(1 - lr * weight_decay)
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+    param.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+
+
+def test_nvfp4_adamw_matches_torch_adamw_then_nearest_rounding():
+    q, m, v, _, g = adamw_state((8, 64), 0)
+    param = R.dequantize_nvfp4(q, torch.float32)
+    m_torch, v_torch = m.clone(), v.clone()
+    for step in (1, 2, 3):
+        grad = torch.randn(param.shape, generator=g)
+        torch_style_adamw(param, grad, m_torch, v_torch, step, **HYPER)
+        R.nvfp4_adamw_(q, grad, m, v, step=step, **HYPER, rule="nearest", seed=0)
+        torch.testing.assert_close(m, m_torch, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(v, v_torch, rtol=1e-5, atol=1e-12)
+        # ours stores torch's updated value rounded to a neighbouring code
+        stored = R.dequantize_nvfp4(q, torch.float32)
+        unit = (q.scales.float() * q.tensor_scale).repeat_interleave(16, dim=1)
+        assert ((stored - param).abs() <= unit * 1.0 + 1e-7).all()
+        assert (stored != param).any()
+        param = stored.clone()  # continue from the quantised value, as the NVFP4 optimizer does
+
+
+def test_nvfp4_tensor_scale_grows_by_exact_powers_of_two_and_rescaling_is_lossless():
+    q, m, v, _, _ = adamw_state((4, 64), 1)
+    before = R.dequantize_nvfp4(q, torch.float32)
+    st0 = q.tensor_scale.item()
+    stats = R.nvfp4_adamw_(
+        q, torch.zeros(4, 64), m, v, step=1, **{**HYPER, "weight_decay": 0.0}, rule="nearest", seed=0
+    )
+    assert q.tensor_scale.item() == 4 * st0  # the largest block scale 448 -> 112
+    assert q.scales.float().max() <= 112
+    assert torch.equal(R.dequantize_nvfp4(q, torch.float32), before) and stats.flips.item() == 0
+    R.nvfp4_adamw_(q, torch.zeros(4, 64), m, v, step=2, **{**HYPER, "weight_decay": 0.0}, rule="nearest", seed=0)
+    assert q.tensor_scale.item() == 4 * st0  # steady: no change without growth
+
+
+def test_nvfp4_adamw_counts_saturated_blocks_when_weights_outgrow_the_headroom():
+    q, m, v, _, _ = adamw_state((2, 32), 2)
+    grad = -torch.ones(2, 32)
+    stats = R.nvfp4_adamw_(
+        q, grad, m, v, step=1, lr=1.0, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, rule="nearest", seed=0
+    )
+    assert stats.saturated.item() > 0
+    metrics = stats.metrics("precision/layer00")
+    assert set(metrics) == {
+        "precision/layer00/flip_frac",
+        "precision/layer00/quant_err",
+        "precision/layer00/saturated_blocks",
+    }
+
+
+@pytest.mark.parametrize("rule", ["seed", "stochastic"])
+def test_nvfp4_random_rules_are_pure_functions_of_seed_step_and_index(rule):
+    q0, m0, v0, _, g = adamw_state((4, 64), 3)
+    grad = torch.randn(4, 64, generator=g)
+    # beta1 = beta2 = 0: no bias correction, so the step only enters through the random stream
+    hyper = dict(lr=1e-3, beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0)
+
+    def run(seed, step):
+        q, m, v = clone_q(q0), m0.clone(), v0.clone()
+        R.nvfp4_adamw_(q, grad, m, v, step=step, **hyper, rule=rule, seed=seed)
+        return q.codes
+
+    assert torch.equal(run(7, 5), run(7, 5))
+    assert not torch.equal(run(7, 5), run(7, 6))
+    assert not torch.equal(run(7, 5), run(8, 5))
+    assert R.stream_key(7, 5) == R.stream_key(7, 5) != R.stream_key(7, 5 + 2**32)
+
+
+def test_tiny_updates_stick_with_nearest_and_move_with_seed_dither_and_stochastic_rounding():
+    flips = {}
+    for rule in R.RULES:
+        q, m, v, residual, g = adamw_state((128, 256), 4, magnitude=1.0, rule=rule)
+        grad = torch.randn(128, 256, generator=g)
+        for step, lr in ((1, 0.0), (2, 1e-4)):  # step 1 only settles the tensor scale and the moments
+            stats = R.nvfp4_adamw_(
+                q, grad, m, v, step=step, **{**HYPER, "lr": lr}, rule=rule, seed=0, residual=residual
+            )
+        flips[rule] = stats.flips.item() / stats.numel
+    assert flips["nearest"] == 0 and flips["residual"] == 0  # stored values sit on the grid, updates << half a step
+    assert flips["seed"] > 0.02 and flips["stochastic"] > 1e-4
+    assert flips["seed"] > 10 * flips["stochastic"]  # the dither moves codes whatever the update's size
+
+
+def test_stochastic_rounding_is_unbiased_and_stays_on_neighbouring_codes():
+    g = torch.Generator().manual_seed(5)
+    y = (torch.rand(64, generator=g) * 14 - 7).repeat(20000, 1)
+    u = torch.rand(y.shape, generator=g)
+    got = R.e2m1_decode(R.e2m1_stochastic(y, u))
+    clipped = y[0].clamp(-6, 6)
+    torch.testing.assert_close(got.mean(0), clipped, atol=0.03, rtol=0)
+    down = R.e2m1_decode(R.e2m1_stochastic(y[:1], torch.full((1, 64), 1 - 2.0**-24)))  # never rounds up
+    up = R.e2m1_decode(R.e2m1_stochastic(y[:1], torch.zeros(1, 64)))  # always rounds up
+    assert ((got == down) | (got == up)).all()
+
+
+def test_residual_rule_keeps_the_update_in_the_error_feedback_buffer():
+    q, m, v, residual, g = adamw_state((8, 64), 6, rule="residual")
+    for step in (1, 2, 3):
+        master = R.dequantize_nvfp4(q, torch.float32) + residual.float()
+        grad = torch.randn(8, 64, generator=g)
+        c = R.AdamWConstants.of(step, **{k: HYPER[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay")})
+        _, _, direction = R.adamw_moments(grad, m.clone(), v.clone(), c)
+        target = master * c.decay - direction * c.lr
+        R.nvfp4_adamw_(q, grad, m, v, step=step, **HYPER, rule="residual", seed=0, residual=residual)
+        kept = R.dequantize_nvfp4(q, torch.float32) + residual.float()
+        assert ((kept - target).abs() <= target.abs().max() * 2.0**-8 * 0.2).all()  # only bf16 rounding of r is lost
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API: refusals, bytes, CPU path
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_precision_verdicts_and_refusals(monkeypatch):
+    assert "reference" in nk.check_precision_supported("fp8", "cpu")
+    assert "bf16" in lowprec.precision_verdict("nvfp4", (9, 0), "H100")
+    assert "Hopper has no FP4 tensor cores" in lowprec.precision_verdict("nvfp4", (9, 0), "H100")
+    assert "E4M3" in lowprec.precision_verdict("fp8", (9, 0), "H100")
+    with pytest.raises(nk.UnsupportedInput, match=r"Blackwell \(sm_100a.*'nvfp4' \(NVFP4 storage"):
+        lowprec.precision_verdict("nvfp4_gemm", (9, 0), "H100")
+    with pytest.raises(nk.UnsupportedInput, match="MXFP8 tensor-core GEMMs need Blackwell"):
+        lowprec.precision_verdict("mxfp8", None)
+    with pytest.raises(nk.UnsupportedInput, match="no such kernel yet"):
+        lowprec.precision_verdict("nvfp4_gemm", (10, 0), "B200")
+    with pytest.raises(nk.UnsupportedInput, match=r"sm_89\+"):
+        lowprec.precision_verdict("fp8", (8, 0), "A100")
+    with pytest.raises(nk.UnsupportedInput, match="sm_90 .Hopper. and sm_100"):
+        lowprec.precision_verdict("fp8", (8, 9), "L4")
+    with pytest.raises(nk.UnsupportedInput, match="unknown precision 'fp4'"):
+        nk.check_precision_supported("fp4", "cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    assert "NVIDIA H100" in nk.check_precision_supported("fp8", "cuda:0")
+    with pytest.raises(nk.UnsupportedInput, match="NVIDIA H100 is sm_90"):
+        nk.check_precision_supported("nvfp4_gemm", "cuda")
+
+
+def test_expert_param_bytes():
+    assert nk.expert_param_bytes("bf16")["total"] == 12
+    assert nk.expert_param_bytes("fp8")["total"] == 12
+    assert nk.expert_param_bytes("nvfp4", "seed")["total"] == 8.5625
+    assert nk.expert_param_bytes("nvfp4", "residual") == dict(
+        weights=0.5625, exp_avg=4.0, exp_avg_sq=4.0, residual=2.0, total=10.5625, transient=2.0
+    )
+    with pytest.raises(nk.UnsupportedInput, match="unknown NVFP4 rounding rule"):
+        nk.expert_param_bytes("nvfp4", "dither")
+
+
+def test_nvfp4_adamw_refuses_bad_input():
+    q, m, v, _, _ = adamw_state((2, 32), 0)
+    grad = torch.zeros(2, 32)
+    kw = dict(step=1, **HYPER, seed=0)
+    with pytest.raises(nk.UnsupportedInput, match="unknown NVFP4 rounding rule"):
+        nk.nvfp4_adamw_(q, grad, m, v, rule="magic", **kw)
+    with pytest.raises(nk.UnsupportedInput, match="exactly with rule='residual'"):
+        nk.nvfp4_adamw_(q, grad, m, v, rule="residual", **kw)
+    with pytest.raises(nk.UnsupportedInput, match="grad must be a contiguous"):
+        nk.nvfp4_adamw_(q, grad.half(), m, v, rule="nearest", **kw)
+    with pytest.raises(nk.UnsupportedInput, match="exp_avg must be"):
+        nk.nvfp4_adamw_(q, grad, m[:1], v, rule="nearest", **kw)
+    with pytest.raises(nk.UnsupportedInput, match="step must be"):
+        nk.nvfp4_adamw_(q, grad, m, v, rule="nearest", **{**kw, "step": 0})
+    with pytest.raises(nk.UnsupportedInput, match="multiple of 16"):
+        nk.quantize_nvfp4(torch.zeros(3, 24))
+
+
+def test_fp8_ops_refuse_bad_input():
+    offsets = torch.tensor([4], dtype=torch.int32)
+    with pytest.raises(nk.UnsupportedInput, match="scaling must be one of"):
+        nk.grouped_mm_fp8(torch.randn(4, 16), torch.randn(1, 16, 16), offsets, "tensorwise")
+    with pytest.raises(nk.UnsupportedInput, match="float16"):
+        nk.grouped_mm_fp8(torch.randn(4, 16).half(), torch.randn(1, 16, 16), offsets)
+    with pytest.raises(nk.UnsupportedInput, match=r"\[E,H,D\]"):
+        nk.expert_mlp_fp8(torch.randn(4, 16), offsets, torch.randn(1, 16, 32), torch.randn(1, 8, 16))
+    with pytest.raises(nk.UnsupportedInput, match=r"\(128,128\) tiles"):
+        nk.quantize_fp8_blockwise(torch.randn(2, 4, 4), (1, 128))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        nk.grouped_mm_fp8(torch.randn(4, 16), torch.randn(2, 16, 16), torch.tensor([3, 1], dtype=torch.int32))
+
+
+def test_fp8_gemm_error_vs_exact_math_is_e4m3_sized():
+    g = torch.Generator().manual_seed(0)
+    offsets = torch.tensor([100, 100, 250], dtype=torch.int32)
+    x, w = torch.randn(260, 256, generator=g), torch.randn(3, 256, 96, generator=g)
+    exact = grouped_mm(x, w, offsets)
+    for scaling in R.SCALINGS:
+        err = rel_err(nk.grouped_mm_fp8(x, w, offsets, scaling), exact)
+        assert 0.005 < err < 0.05, (scaling, err)

@@ -1,0 +1,217 @@
+"""Every low-precision Triton kernel, run on CPU by the Triton interpreter, against reference_lowprec:
+bit for bit for the quantisers and the NVFP4 AdamW, float64 of the same quantised math for the fp8 GEMMs."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nmoe.kernels as nk
+from nmoe.kernels import reference_lowprec as R
+from nmoe.kernels.reference import grouped_mm, swiglu
+
+pytest.importorskip("triton")
+
+_INT_VIEW = {torch.float8_e4m3fn: torch.uint8, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+magnitudes = st.sampled_from([1e-3, 0.02, 1.0, 300.0])
+
+
+@pytest.fixture(autouse=True)
+def force_triton(monkeypatch):
+    monkeypatch.setenv("NMOE_KERNELS_FORCE_TRITON", "1")
+    from nmoe.kernels import _lowprec_ops
+
+    assert _lowprec_ops.INTERPRET, "nmoe.kernels._lowprec_ops was imported before TRITON_INTERPRET=1 was set"
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Integer view of a float tensor, so that equality is bitwise."""
+    return t.view(_INT_VIEW[t.dtype]) if t.dtype in _INT_VIEW else t
+
+
+def assert_bitwise(got, want, name=""):
+    assert got.shape == want.shape and got.dtype == want.dtype, name
+    assert torch.equal(bits(got), bits(want)), f"{name}: {int((bits(got) != bits(want)).sum())} elements differ"
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+
+
+def adamw_state(shape, seed, rule="nearest"):
+    g = torch.Generator().manual_seed(seed)
+    q = R.quantize_nvfp4(torch.randn(shape, generator=g) * 0.02)
+    residual = torch.zeros(shape, dtype=torch.bfloat16) if rule == "residual" else None
+    return q, torch.zeros(shape), torch.zeros(shape), residual, g
+
+
+def clone_q(q):
+    return R.NVFP4Tensor(*(t.clone() for t in q))
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    st.sampled_from([(3, 48), (2, 5, 64), (70, 16)]),
+    st.sampled_from([torch.float32, torch.bfloat16]),
+    magnitudes,
+    st.integers(0, 2**31 - 1),
+)
+def test_nvfp4_quantise_and_dequantise_kernels_are_bitwise(shape, dtype, magnitude, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(shape, generator=g) * magnitude).to(dtype)
+    w.view(-1, 16)[0] = 0
+    got, want = nk.quantize_nvfp4(w), R.quantize_nvfp4(w)
+    for name, a, b in zip(got._fields, got, want):
+        assert_bitwise(a, b, name)
+    for out in (torch.bfloat16, torch.float32):
+        assert_bitwise(nk.dequantize_nvfp4(got, out), R.dequantize_nvfp4(want, out), str(out))
+
+
+def test_fp8_quantiser_kernels_are_bitwise():
+    from nmoe.kernels import _lowprec_ops
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 200, generator=g) * torch.logspace(-3, 2, 70)[:, None]
+    x[3] = 0
+    for fn, ref in (
+        (nk.quantize_fp8_rowwise, R.quantize_fp8_rowwise),
+        (nk.quantize_fp8_blockwise, R.quantize_fp8_blockwise),
+    ):
+        for a, b in zip(fn(x), ref(x)):
+            assert_bitwise(a, b, fn.__name__)
+        for a, b in zip(fn(x.bfloat16()), ref(x.bfloat16())):
+            assert_bitwise(a, b, fn.__name__ + " bf16")
+    w = torch.randn(3, 200, 144, generator=g)
+    for dim in (1, 2):
+        for a, b in zip(nk.quantize_fp8_rowwise(w, dim), R.quantize_fp8_rowwise(w, dim)):
+            assert_bitwise(a, b, f"weight rowwise dim {dim}")
+    for a, b in zip(
+        nk.quantize_fp8_blockwise(w.transpose(1, 2)), R.quantize_fp8_blockwise(w.transpose(1, 2), (128, 128))
+    ):
+        assert_bitwise(a.contiguous(), b.contiguous(), "weight blockwise (strided input)")
+    rows = torch.randn(200, 48, generator=g) * torch.logspace(-2, 1, 200)[:, None]
+    offsets = torch.tensor([0, 130, 130, 197], dtype=torch.int32)  # an empty group, a 2-chunk group, 3 tail rows
+    qt, s = _lowprec_ops.quantize_grouped_cols(rows, offsets)
+    q_ref, s_ref = R.quantize_fp8_grouped_cols(rows, offsets)
+    assert_bitwise(s, s_ref, "grouped-col scales")
+    for cid, first, end in R.group_chunks(offsets):  # chunk c: columns [128c, 128c + 128), zero-padded
+        slot = qt[:, 128 * cid : 128 * (cid + 1)].T
+        assert_bitwise(slot[: end - first].contiguous(), q_ref[first:end], f"grouped-col codes, chunk {cid}")
+        assert bits(slot[end - first :]).eq(0).all()
+
+
+@pytest.mark.parametrize("rule", R.RULES)
+def test_nvfp4_adamw_kernel_is_bitwise(rule):
+    q, m, v, residual, g = adamw_state((7, 160), 10, rule=rule)  # 70 blocks: a partial program
+    q_ref, m_ref, v_ref = clone_q(q), m.clone(), v.clone()
+    r_ref = None if residual is None else residual.clone()
+    assert R.stream_key(99, 1) < 2**31 <= R.stream_key(99, 3)  # both halves of the uint32 key range
+    for step, dtype in ((1, torch.float32), (3, torch.bfloat16)):
+        grad = torch.randn(7, 160, generator=g).to(dtype)
+        kw = dict(step=step, **HYPER, rule=rule, seed=99, dither=0.25)
+        got = nk.nvfp4_adamw_(q, grad, m, v, residual=residual, **kw)
+        want = R.nvfp4_adamw_(q_ref, grad, m_ref, v_ref, residual=r_ref, **kw)
+        for name, a, b in zip(q._fields, q, q_ref):
+            assert_bitwise(a, b, f"step {step} {name}")
+        assert_bitwise(m, m_ref, "exp_avg")
+        assert_bitwise(v, v_ref, "exp_avg_sq")
+        if residual is not None:
+            assert_bitwise(residual, r_ref, "residual")
+        assert got.flips.dtype == torch.int64 and got.flips.item() == want.flips.item()
+        assert step > 1 or got.flips.item() > 0  # the first step moves codes under every rule
+        assert got.saturated.item() == want.saturated.item()
+        torch.testing.assert_close(got.sq_err, want.sq_err, rtol=1e-5, atol=0)
+        torch.testing.assert_close(got.sq_norm, want.sq_norm, rtol=1e-5, atol=0)
+
+
+def group_layout(kind, n_experts, g):
+    if kind == "one_huge":
+        sizes = torch.zeros(n_experts, dtype=torch.int64)
+        sizes[int(torch.randint(0, n_experts, (1,), generator=g))] = 150
+        return sizes
+    return torch.randint(0, 60, (n_experts,), generator=g) * (torch.rand(n_experts, generator=g) > 0.3)
+
+
+def float64_oracle_leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    st.sampled_from(["rowwise", "blockwise"]),
+    st.sampled_from(["random", "one_huge"]),
+    st.integers(1, 4),
+    st.sampled_from([(48, 32), (160, 80)]),
+    st.integers(0, 9),
+    st.integers(0, 2**31 - 1),
+)
+def test_grouped_mm_fp8_kernels_match_float64_of_the_quantised_math(scaling, layout, n_experts, kn, tail, seed):
+    g = torch.Generator().manual_seed(seed)
+    k, n = kn
+    sizes = group_layout(layout, n_experts, g)
+    offsets = torch.cumsum(sizes, 0).to(torch.int32)
+    m = int(sizes.sum()) + tail
+    x = torch.randn(m, k, generator=g).requires_grad_()
+    w = (torch.randn(n_experts, k, n, generator=g) / k**0.5).requires_grad_()
+    y = nk.grouped_mm_fp8(x, w, offsets, scaling)
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    xr, wr = float64_oracle_leaves(x, w)
+    want = R.grouped_mm_fp8(xr, wr, offsets, scaling, compute=torch.float64)
+    want.backward(dy)
+    assert y.shape == (m, n) and y[m - tail :].eq(0).all() and x.grad[m - tail :].eq(0).all()
+    if int(sizes.sum()):
+        assert rel_err(y, want) < 1e-5 and rel_err(x.grad, xr.grad) < 1e-5
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-5, atol=1e-5)  # empty groups: exactly 0
+    assert w.grad[sizes == 0].eq(0).all()
+
+
+@pytest.mark.parametrize("scaling", R.SCALINGS)
+def test_expert_mlp_fp8_kernels_match_float64_of_the_quantised_math(scaling):
+    g = torch.Generator().manual_seed(1)
+    offsets = torch.tensor([5, 5, 75, 78], dtype=torch.int32)
+    m, d, h = 83, 144, 80
+    rows = torch.randn(m, d, generator=g).requires_grad_()
+    w_up = (torch.randn(4, d, 2 * h, generator=g) / d**0.5).requires_grad_()
+    w_down = (torch.randn(4, h, d, generator=g) / h**0.5).requires_grad_()
+    y = nk.expert_mlp_fp8(rows, offsets, w_up, w_down, scaling)
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    leaves = float64_oracle_leaves(rows, w_up, w_down)
+    want = R.expert_mlp_fp8(leaves[0], offsets, leaves[1], leaves[2], scaling, compute=torch.float64)
+    want.backward(dy)
+    assert y[78:].eq(0).all() and rows.grad[78:].eq(0).all() and w_up.grad[1].eq(0).all()
+    assert rel_err(y, want) < 1e-4
+    for name, t, ref in zip(("rows", "w_up", "w_down"), (rows, w_up, w_down), leaves):
+        assert rel_err(t.grad, ref.grad) < 1e-4, name
+    exact = float64_oracle_leaves(rows, w_up, w_down)
+    y_exact = grouped_mm(swiglu(grouped_mm(exact[0], exact[1], offsets)), exact[2], offsets)
+    assert rel_err(y, y_exact) < 0.1  # two e4m3 GEMMs in a row
+
+
+def test_bf16_inputs_give_bf16_outputs_within_bf16_rounding():
+    g = torch.Generator().manual_seed(2)
+    offsets = torch.tensor([20, 50], dtype=torch.int32)
+    x = torch.randn(50, 64, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(2, 64, 32, generator=g) / 8).bfloat16().requires_grad_()
+    y = nk.grouped_mm_fp8(x, w, offsets, "blockwise")
+    y.backward(torch.ones_like(y))
+    xr, wr = float64_oracle_leaves(x, w)
+    want = R.grouped_mm_fp8(xr, wr, offsets, "blockwise", compute=torch.float64)
+    want.backward(torch.ones(want.shape, dtype=want.dtype))
+    assert y.dtype == x.grad.dtype == w.grad.dtype == torch.bfloat16
+    assert rel_err(y, want) < 4e-3 and rel_err(x.grad, xr.grad) < 4e-3 and rel_err(w.grad, wr.grad) < 4e-3
+
+
+def test_fp8_gpu_path_refuses_misaligned_dims():
+    with pytest.raises(nk.UnsupportedInput, match="multiple of 16"):
+        nk.grouped_mm_fp8(torch.randn(4, 24), torch.randn(1, 24, 16), torch.tensor([4], dtype=torch.int32))
+    with pytest.raises(nk.UnsupportedInput, match="H=20 must be a multiple of 16"):
+        nk.expert_mlp_fp8(
+            torch.randn(4, 16), torch.tensor([4], dtype=torch.int32), torch.randn(1, 16, 40), torch.randn(1, 20, 16)
+        )
