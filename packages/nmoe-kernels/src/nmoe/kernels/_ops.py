@@ -72,6 +72,24 @@ def _grouped_mm_grad(ctx, dy):
 grouped_mm.register_autograd(_grouped_mm_grad, setup_context=_grouped_mm_setup)
 
 
+# ------------------------------------------------------------------------------------------------ sort_by_expert
+
+
+@torch.library.custom_op("nmoe::sort_by_expert", mutates_args=())
+def sort_by_expert(topk_ids: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """topk_ids[T,K] in [-1,E) -> (counts[E] int32, offsets[E] int32, order[T*K] int64); not differentiable."""
+    if _dispatch.use_triton(topk_ids):
+        return tuple(_triton_ops().route(topk_ids.contiguous(), n_experts)[0])
+    return tuple(t.clone() for t in reference.sort_by_expert(topk_ids, n_experts))
+
+
+@sort_by_expert.register_fake
+def _(topk_ids, n_experts):
+    _dispatch.use_triton(topk_ids)
+    ints = topk_ids.new_empty(n_experts, dtype=torch.int32)
+    return ints, torch.empty_like(ints), topk_ids.new_empty(topk_ids.numel(), dtype=torch.int64)
+
+
 # ------------------------------------------------------------------------------------------------ expert_mlp
 
 

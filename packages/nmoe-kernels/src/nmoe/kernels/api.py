@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from nmoe.kernels import _dispatch, _ops, reference
+from nmoe.kernels import _dispatch, _ops
 from nmoe.kernels.errors import UnsupportedInput
 from nmoe.kernels.reference import ExpertSort
 
@@ -58,11 +58,7 @@ def sort_by_expert(topk_ids: torch.Tensor, n_experts: int) -> ExpertSort:
     _check_topk(topk_ids)
     if n_experts < 1:
         raise UnsupportedInput(f"n_experts must be positive; got {n_experts}")
-    if not _dispatch.use_triton(topk_ids):
-        return reference.sort_by_expert(topk_ids, n_experts)
-    from nmoe.kernels._triton_ops import route
-
-    return route(topk_ids.contiguous(), n_experts)[0]
+    return ExpertSort(*_ops.sort_by_expert(topk_ids, n_experts))
 
 
 def _check_expert_weights(w_up: torch.Tensor, w_down: torch.Tensor, d: int, rows_name: str) -> None:

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from nmoe.kernels import linear_cross_entropy
 from nmoe.model.attention import make_attention, sliding_window_block_mask
 from nmoe.model.config import ModelConfig
 from nmoe.model.kv_cache import KVCache, LayerKV
@@ -24,8 +25,9 @@ _OUTPUT_PROJECTIONS = ("wo.weight", "w2.weight", "w_down")
 class ModelOutput(NamedTuple):
     """Result of Transformer.forward."""
 
-    logits: torch.Tensor  # [B,S,V] float32
+    logits: torch.Tensor | None  # [B,S,V] float32 (None when targets were given: the loss is fused)
     aux_loss: torch.Tensor  # scalar float32: routing losses with their coefficients (0 when off)
+    loss: torch.Tensor | None = None  # scalar float32 mean cross-entropy over the targets (when given)
 
 
 class Block(nn.Module):
@@ -91,8 +93,20 @@ class Transformer(nn.Module):
             moe.dispatcher = dispatcher
 
     # ------------------------------------------------------------------ forward
-    def forward(self, idx: torch.Tensor) -> ModelOutput:
-        """idx[B,S] int64 token ids -> ModelOutput(logits[B,S,V] float32, aux_loss scalar float32)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        """idx[B,S] int64 -> ModelOutput(logits[B,S,V] float32, aux_loss scalar float32).
+
+        With targets[B,S] int64: ModelOutput(None, aux_loss, loss) where loss is the mean cross-entropy
+        computed by the fused head + loss (nmoe.kernels.linear_cross_entropy): the [B*S, V] logits never exist.
+        """
+        h, aux = self.hidden(idx)
+        if targets is not None:
+            flat = h.reshape(-1, h.shape[-1])
+            return ModelOutput(None, aux, linear_cross_entropy(flat, self.head.weight, targets.reshape(-1)))
+        return ModelOutput(self.head(h).float(), aux)
+
+    def hidden(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """idx[B,S] int64 -> (final normalised hidden states [B,S,D] (autocast dtype), aux_loss scalar float32)."""
         seq = idx.shape[1]
         if seq > self.cfg.max_seq_len:
             raise ValueError(
@@ -107,8 +121,10 @@ class Transformer(nn.Module):
             x, block_aux = block(x, cos, sin, block_mask)
             if block_aux is not None:
                 aux = aux + block_aux
-        logits = self.head(self.norm(x))
-        return ModelOutput(logits.float(), aux)
+        h = self.norm(x)
+        if torch.is_autocast_enabled(h.device.type):
+            h = h.to(torch.get_autocast_dtype(h.device.type))  # what the head matmul would see under autocast
+        return h, aux
 
     # ------------------------------------------------------------------ inference
     def new_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:

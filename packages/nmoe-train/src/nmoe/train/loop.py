@@ -14,7 +14,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from nmoe.data import Tokenizer, open_loader
 from nmoe.model import model_summary
@@ -163,12 +162,13 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.plan.amp_dtype)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, eager: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean cross-entropy, router aux loss) of one micro-batch; eager=True bypasses torch.compile."""
+        """(mean cross-entropy, router aux loss) of one micro-batch; eager=True bypasses torch.compile.
+
+        The output head is fused into the loss (nmoe.kernels.linear_cross_entropy): no [B*S, V] logits.
+        """
         with self._autocast():
-            out = (self.model if eager else self.forward)(x)
-        logits = out.logits
-        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-        return ce, out.aux_loss
+            out = (self.model if eager else self.forward)(x, y)
+        return out.loss, out.aux_loss
 
     def train_step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over this rank's micro-batches and the gradient reductions -> (loss part, grad norm).
