@@ -65,7 +65,7 @@ def trained_run(tmp_path_factory, text_corpus, prepared_data):
             val_tokens=2048,
             **prepared_data,
         ),
-        "train": dict(steps=4, seq_len=32, batch_size=4, seed=3, log_every=2),
+        "train": dict(steps=4, seq_len=32, global_batch_size=4, seed=3, log_every=2),
         "optim": dict(lr=3e-3, warmup=1, warmdown=1),
         "checkpoint": dict(dir=str(tmp / "ckpt"), keep_last=2),
         "metrics": dict(dir=str(tmp / "metrics"), experiments_db=str(tmp / "runs.sqlite"), flush_every_s=0.1),

@@ -316,10 +316,10 @@ def evaluate_core(
     """CORE of `model` (forward(idx[B,S]) -> .logits[B,S,V]) over the bundle's task files.
 
     max_per_task: items per task (None or 0: all). tasks: a subset of CORE task names (default all).
-    max_len: longest sequence fed to the model (default model.cfg.max_seq_len). Model buffers (MoE
-    load counters) are restored afterwards, so this may run in the middle of training.
+    max_len: longest sequence fed to the model (default model.cfg.max_seq_len). Runs the model in eval mode
+    (no MoE router load counted), so this may run in the middle of training.
     """
-    from nmoe.train.inference import preserved_buffers
+    from nmoe.train.inference import eval_mode
 
     bundle = Path(bundle_dir)
     if not bundle.is_dir():
@@ -331,7 +331,7 @@ def evaluate_core(
         raise CoreBundleError(f"CORE bundle {bundle} holds none of the CORE task files. {BUNDLE_HINT}")
     max_len = max_len or model.cfg.max_seq_len
     results: dict[str, TaskScore] = {}
-    with preserved_buffers(model):
+    with eval_mode(model):
         for task in selected:
             if files[task.name] is None:
                 continue

@@ -1,7 +1,9 @@
 """Load a trained checkpoint for use (evaluation, sampling, export): the one place that reads its layout.
 
-A checkpoint directory `step_XXXXXXXX/` holds meta.json (with `config_toml`, the resolved config),
-dense.pt and experts_ep{r}.pt (+ optimizer files, not read here). A run folder stands for its latest.
+A checkpoint directory `step_XXXXXXXX/` holds meta.json (with `config_toml`, the resolved config, and each
+file's checksum), dense.pt and the expert shards experts_ep{r}.pt of whatever expert-parallel size wrote it
+(+ optimizer files, not read here); nmoe.train.checkpoint re-assembles the experts by global index. A run
+folder stands for its latest.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from nmoe.model import Transformer
 from nmoe.train import checkpoint as ckpt
 from nmoe.train.config import Config, ConfigError, build_config
 from nmoe.train.data_setup import prep_options
+from nmoe.train.optim import expert_names
 
 _EXPERT_SHARD = re.compile(r"experts_ep(\d+)\.pt")
 
@@ -52,18 +55,6 @@ def checkpoint_config(step_dir: Path) -> Config:
         raise LoadError(f"the config stored in {step_dir}/meta.json does not load with this nmoe: {e}") from None
 
 
-def load_state(step_dir: Path) -> dict[str, torch.Tensor]:
-    """Model tensors of a checkpoint (dense.pt + every experts_ep{r}.pt), on CPU (memory-mapped)."""
-    shards = sorted((p for p in step_dir.iterdir() if _EXPERT_SHARD.fullmatch(p.name)), key=lambda p: p.name)
-    if not (step_dir / "dense.pt").is_file() or not shards:
-        raise LoadError(f"checkpoint {step_dir} is incomplete (needs dense.pt and experts_ep0.pt); use an earlier step")
-    # memory-mapped: the tensors are read from disk as they are copied into the model, not held twice in RAM
-    state = dict(torch.load(step_dir / "dense.pt", map_location="cpu", weights_only=True, mmap=True))
-    for shard in shards:
-        state.update(torch.load(shard, map_location="cpu", weights_only=True, mmap=True))
-    return state
-
-
 def find_tokenizer(cfg: Config, override: str | Path | None = None) -> Tokenizer:
     """The run's tokenizer: `override`, else data.tokenizer, else the copy in the prepared dataset folder."""
     candidates = [Path(override)] if override else [Path(cfg.data.tokenizer)]
@@ -92,16 +83,18 @@ def load_model(
             f"the tokenizer has {tok.vocab_size} tokens but the model only {cfg.model.vocab_size}: "
             "it is not this run's tokenizer; pass the right one with --tokenizer"
         )
-    state = load_state(step_dir)
+    meta = ckpt.read_meta(step_dir)
+    problem = ckpt.verify_files(step_dir, meta, [f for f in ckpt.files_to_check(meta) if "optim" not in f])
+    if problem:
+        raise LoadError(f"checkpoint {step_dir} is damaged: {problem}; use an earlier step")
     with torch.device(device):
         model = Transformer(cfg.model)  # non-persistent buffers (RoPE tables) are built here
-    expected = set(model.state_dict())
-    if set(state) != expected:
-        raise LoadError(
-            f"checkpoint {step_dir} does not match its own config's model: missing "
-            f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}"
-        )
-    model.load_state_dict(state, strict=True)
+    n_experts = cfg.model.n_routed_experts if cfg.model.has_moe else 0
+    shard = ckpt.Shard(expert_names(model).__contains__, 0, 1, n_experts)
+    try:
+        ckpt.load_shard(step_dir, meta, model, None, shard)
+    except ckpt.CheckpointError as e:
+        raise LoadError(str(e)) from None
     return cfg, model.eval(), tok
 
 
@@ -122,15 +115,11 @@ def autocast(device: torch.device):
 
 
 @contextlib.contextmanager
-def preserved_buffers(model: torch.nn.Module):
-    """Restore every buffer afterwards: inference forwards must not feed the MoE load counters of a training run."""
-    saved = [(b, b.clone()) for b in model.buffers()]
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode for the block (an MoE counts no router load in eval), its mode restored after."""
     was_training = model.training
     model.eval()
     try:
         yield model
     finally:
         model.train(was_training)
-        with torch.no_grad():
-            for buf, value in saved:
-                buf.copy_(value)

@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from nmoe.train.config import Config
 from nmoe.train.data_setup import ensure_data
 from nmoe.train.diagnostics import locate_nonfinite
 from nmoe.train.distributed import World, init_world
+from nmoe.train.finish import append_to_leaderboard, core_values, run_core
 from nmoe.train.grads import global_grad_norm, reduce_gradients_, split_params
 from nmoe.train.mfu import peak_tflops
 from nmoe.train.model_setup import build_model
@@ -84,6 +86,7 @@ class Trainer:
         self.peak = peak_tflops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.git_rev = ckpt.git_revision(Path(__file__).parent)
         self.last_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_perf: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------ setup
     def _claim_outputs(self) -> ckpt.RunLock | None:
@@ -263,11 +266,13 @@ class Trainer:
             self._announce()
             with StopFlag() as stop:
                 result = self._train(record, stop)
+            if result.status == "completed" and result.losses:  # trained to its end in this invocation
+                self._finish(record, result)
         except KeyboardInterrupt:
             result.status = "interrupted"
             raise
         finally:
-            extra = {"target_reached": float(state.target_reached)}
+            extra = {"target_reached": float(state.target_reached), **self.last_perf}
             record.close(result.status, final_values(state.step, result.losses, state.last_val_loss, extra), state.step)
             if self.lock is not None:
                 self.lock.release()
@@ -301,6 +306,7 @@ class Trainer:
         console = Console(self.log, world.is_main, cfg.runtime.progress, cfg.name, last, state.step)
         meter = Throughput(state.tokens_seen)
         while state.step < last:
+            started = time.perf_counter()
             step, lr = state.step + 1, self._lr(state.step + 1)
             loss_t, norm_t = self.train_step(lr)
             for hook in self.hooks:
@@ -320,6 +326,7 @@ class Trainer:
             }
             if cadence.log(step):
                 values.update(self._window_metrics(step, last, loss, lr, meter, console, record))
+                self.last_perf = {k: values[k] for k in ("perf/tokens_per_s", "perf/mfu") if k in values}
             if cadence.evaluate(step):
                 result.val_loss = state.last_val_loss = self.evaluate()
                 values["val/loss"] = result.val_loss
@@ -333,6 +340,7 @@ class Trainer:
                     f"[nmoe] target val loss {cfg.eval.target_loss} reached at step {step} ({state.tokens_seen:,} tokens)"
                 )
             reached = state.target_reached and not state.extra_steps
+            state.train_seconds += time.perf_counter() - started  # before the save: it is part of the state
             if cadence.save(step) or reached or signum:
                 record.flush()  # a checkpoint implies its metrics are on disk
                 result.checkpoint = self.checkpoints.save(state, self.loader, {"git_rev": self.git_rev})
@@ -351,6 +359,14 @@ class Trainer:
                 break
         console.close()
         return result
+
+    def _finish(self, record: RunRecord, result: RunResult) -> None:
+        """At the target or the last step: CORE evaluation and the leaderboard entry (when configured)."""
+        core = run_core(self, result.step)
+        if core is not None:
+            record.log(result.step, core_values(core) if self.world.is_main else {})
+            self.last_perf["core/score"] = core.score
+        append_to_leaderboard(self, core)
 
     def _say_finished(self, last: int) -> None:
         state, cfg = self.state, self.cfg

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from nmoe.train.inference import autocast, preserved_buffers
+from nmoe.train.inference import autocast, eval_mode
 
 
 @torch.no_grad()
@@ -42,7 +42,7 @@ def generate(
     gen = torch.Generator(device=device).manual_seed(seed)
     cache = model.new_cache(1, max(needed, 1))
     out: list[int] = []
-    with preserved_buffers(model), autocast(device):
+    with eval_mode(model), autocast(device):
         logits = model.decode(torch.tensor([list(prompt)], device=device), cache)[0, -1]
         for step in range(max_new_tokens):
             token = _pick(logits, temperature, top_k, gen)

@@ -17,6 +17,7 @@ class TrainState:
     target_reached: bool = False
     last_val_loss: float | None = None
     extra_steps: int = 0  # steps added past the config's train.steps by `--extend-steps`
+    train_seconds: float = 0.0  # wall clock spent in training steps, over every resume (time to target)
 
     @classmethod
     def fresh(cls, run_name: str, fingerprint: str) -> TrainState:
@@ -42,4 +43,5 @@ class TrainState:
             target_reached=bool(meta.get("target_reached", False)),
             last_val_loss=meta.get("last_val_loss", meta.get("val_loss")),
             extra_steps=int(meta.get("extra_steps", 0)),
+            train_seconds=float(meta.get("train_seconds", 0.0)),
         )
