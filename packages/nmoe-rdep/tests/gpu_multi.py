@@ -1,6 +1,8 @@
 """RDEP on real GPUs: torchrun --standalone --nproc_per_node=N packages/nmoe-rdep/tests/gpu_multi.py
 
-Checks, on every rank (N = 2, 4 or 8, one NVLink domain, nvshmem4py installed):
+N ranks on N GPUs of one NVLink domain (NCCL), or, when N exceeds the GPUs, N NVSHMEM PEs sharing them
+(NVSHMEM's limited multi-process-per-GPU mode; torch.distributed then uses gloo): correct, not fast.
+Checks, on every rank (N = 1, 2, 4 or 8, nvshmem4py installed):
 1. exact transport: fp32 rows through dispatch -> per-expert scale -> combine, fwd + bwd;
 2. a bf16 MoE layer (SwiGLU experts through nmoe.kernels.grouped_mm on each owner) equals the
    single-GPU reference (nmoe.kernels.reference.moe_experts over all ranks' tokens), fwd + bwd,
@@ -8,7 +10,8 @@ Checks, on every rank (N = 2, 4 or 8, one NVLink domain, nvshmem4py installed):
 3. no torch.distributed collective (all_to_all*, all_reduce, ...) runs on the expert path: they
    are replaced by functions that raise for the whole dispatch -> experts -> combine -> backward;
 4. overflow raises RdepCapacityError on every rank and the transport keeps working afterwards;
-   capacity_factor drops and counts; invalid input on one rank raises ValueError on every rank;
+   slots dropped by a capacity limit (id -1) are never sent and are counted; invalid input on one rank
+   raises ValueError on every rank;
 5. skew: back-to-back fwd+bwd round trips with random GPU sleeps on random ranks (fast ranks run
    ahead into the next phase), exact every time: the flag protocol under real concurrency.
 Every wait gives up after WAIT_S seconds and raises RdepTimeoutError instead of hanging the run.
@@ -23,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nmoe.kernels import grouped_mm
+from nmoe.kernels import drop_over_capacity, grouped_mm
 from nmoe.kernels.reference import moe_experts as reference_moe_experts
 from nmoe.rdep import NvshmemTransport, Rdep, RdepCapacityError, RdepConfig
 from nmoe.rdep.testing import CollectiveCalled, forbid_collectives
@@ -154,16 +157,15 @@ def check_guard_works() -> None:
     raise AssertionError("forbid_collectives did not intercept all_to_all_single")
 
 
+DROP_CAPACITY = 128  # rows one source may send to one expert in the dropping check
+
+
 def overflow_configs(world: int) -> tuple[RdepConfig, RdepConfig]:
-    common = dict(
-        dim=256,
-        n_routed_experts=2 * world,
-        top_k=2,
-        max_tokens_per_rank=512,
-        dtype=torch.float32,
-        wait_timeout_s=WAIT_S,
-    )
-    return RdepConfig(capacity_margin=1.0, **common), RdepConfig(capacity_factor=0.5, **common)
+    # margin 0.5: each receive buffer holds 512 rows; a full step routed to owner 0 (world * 1024 rows) overflows
+    # at every world size, W = 1 included, while a balanced half step (512 rows per owner) fits.
+    common = dict(dim=256, n_routed_experts=2 * world, top_k=2, max_tokens_per_rank=512, dtype=torch.float32,
+                  wait_timeout_s=WAIT_S)  # fmt: skip
+    return RdepConfig(capacity_margin=0.5, **common), RdepConfig(expert_capacity=DROP_CAPACITY, **common)
 
 
 def check_overflow_and_drop(rank: int, world: int, device, transport) -> None:
@@ -178,18 +180,20 @@ def check_overflow_and_drop(rank: int, world: int, device, transport) -> None:
         assert "capacity_margin" in str(err)
     else:
         raise AssertionError("overflow did not raise")
-    spread = (torch.arange(512, device=device)[:, None] * 2 + torch.arange(2, device=device) + 2 * rank) % (2 * world)
-    expert_x, _, handle = rdep.dispatch(x, spread, w)
-    torch.testing.assert_close(rdep.combine(expert_x, handle), 2 * x)
+    half = x[:256]
+    spread = (torch.arange(256, device=device)[:, None] * 2 + torch.arange(2, device=device) + 2 * rank) % (2 * world)
+    expert_x, _, handle = rdep.dispatch(half, spread, w[:256])
+    torch.testing.assert_close(rdep.combine(expert_x, handle), 2 * half)
 
     dropper = Rdep(drop_cfg, transport)
-    expert_x, _, handle = dropper.dispatch(x, to_rank0, w)
-    cap = drop_cfg.expert_capacity(512)
-    assert int(handle.dropped) == 2 * (512 - cap), (int(handle.dropped), cap)
+    capped = drop_over_capacity(to_rank0, 2 * world, DROP_CAPACITY)  # the dispatch layer drops, RDEP never sends
+    expert_x, _, handle = dropper.dispatch(x, capped, w)
+    assert int(handle.dropped) == 2 * (512 - DROP_CAPACITY), int(handle.dropped)
     y = dropper.combine(expert_x, handle)
-    torch.testing.assert_close(y[:cap], 2 * x[:cap])
-    torch.testing.assert_close(y[cap:], torch.zeros_like(y[cap:]))
+    torch.testing.assert_close(y[:DROP_CAPACITY], 2 * x[:DROP_CAPACITY])
+    torch.testing.assert_close(y[DROP_CAPACITY:], torch.zeros_like(y[DROP_CAPACITY:]))
     dropper.check()
+    x, w = half, w[:256]  # the rest of the check reuses the balanced half step
 
     wrong = x.double() if rank == 0 else x  # only rank 0 passes a wrong dtype
     try:
@@ -243,9 +247,17 @@ def check_skewed_round_trips(rank: int, world: int, device, transport, rounds: i
 def main() -> None:
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")  # never create NVLink multicast objects
     local_rank = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank)
-    dist.init_process_group("nccl", device_id=device)
+    world_size = int(os.environ["WORLD_SIZE"])
+    gpus = torch.cuda.device_count()
+    # More ranks than GPUs: several NVSHMEM PEs share a GPU (NVSHMEM's limited multi-process-per-GPU mode:
+    # point-to-point and barrier_all only). NCCL refuses two ranks on one GPU, so torch.distributed uses gloo.
+    shared = world_size > gpus
+    device = torch.device("cuda", local_rank % gpus)
+    torch.cuda.set_device(device)
+    if shared:
+        dist.init_process_group("gloo")
+    else:
+        dist.init_process_group("nccl", device_id=device)
     rank, world = dist.get_rank(), dist.get_world_size()
     transport = NvshmemTransport.for_config(
         exact_config(world), exact_config(world), moe_config(world), *overflow_configs(world)
@@ -255,7 +267,7 @@ def main() -> None:
         ("exact fp32 transport fwd+bwd", lambda: check_exact_transport(rank, world, device, transport)),
         ("bf16 MoE layer == single-GPU reference fwd+bwd", lambda: check_moe_layer(rank, world, device, transport)),
         (
-            "overflow raises, capacity_factor drops and counts, one rank's bad input raises everywhere",
+            "overflow raises, dropped slots are not sent and are counted, one rank's bad input raises everywhere",
             lambda: check_overflow_and_drop(rank, world, device, transport),
         ),
         (
@@ -267,7 +279,7 @@ def main() -> None:
         check()
         dist.barrier()
         if rank == 0:
-            print(f"PASS world={world}: {name}", flush=True)
+            print(f"PASS world={world}{' (shared GPU)' if shared else ''}: {name}", flush=True)
     transport.close()
     dist.destroy_process_group()
 

@@ -18,6 +18,7 @@ from typing import Any
 ATTN_GLOBAL = ("mla", "sdpa")
 ATTN_LOCAL = ("swa", "none")
 SCORE_FUNCS = ("sigmoid", "softmax")
+EXPERT_PRECISIONS = ("bf16", "fp8", "nvfp4")
 
 
 def config_field(
@@ -138,6 +139,20 @@ class ModelConfig:
         "expert capacity = ceil(factor * tokens * top_k / n_routed_experts); overflow "
         "(token, k) pairs are dropped and counted (0 = dropless)",
         range=(0.0, None),
+    )
+
+    # --- precision of the routed experts
+    expert_precision: str = config_field(
+        "bf16",
+        "routed-expert GEMMs and weights: bf16; fp8 (E4M3 GEMMs forward and backward, fp32 master weights; "
+        "sm_89+); nvfp4 (weights stored as NVFP4 and updated by the NVFP4 AdamW; on Hopper the GEMMs run in "
+        "bf16 on the dequantised weights, NVFP4 tensor-core GEMMs are Blackwell-only)",
+        choices=EXPERT_PRECISIONS,
+    )
+    fp8_scaling: str = config_field(
+        "rowwise",
+        "fp8 scales: rowwise (per row / per output column) or blockwise (1x128 activations, 128x128 weights)",
+        choices=("rowwise", "blockwise"),
     )
 
     def __post_init__(self) -> None:

@@ -13,11 +13,15 @@ kernel path (the gather fused into the up-projection, the weighted combine into 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from nmoe.kernels import expert_mlp, moe_experts, sort_by_expert
+
+# rows[M,D] grouped by expert, offsets[El] int32, w_up[El,D,2H], w_down[El,H,D] -> out[M,D]
+ExpertMLP = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class ExpertDispatch(Protocol):
@@ -41,17 +45,24 @@ class LocalHandle(NamedTuple):
 
 
 class LocalDispatch:
-    """Every routed expert on this rank (no expert parallelism): the fused single-GPU path."""
+    """Every routed expert on this rank (no expert parallelism).
 
-    def __init__(self, n_experts: int):
+    With `mlp=None` (bf16), `experts` is the fused single-kernel path; with an expert MLP (e.g. the fp8 one)
+    it is dispatch -> mlp -> combine.
+    """
+
+    def __init__(self, n_experts: int, mlp: ExpertMLP | None = None):
         self.n_experts = n_experts
+        self.mlp = mlp
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor):
-        """x[T,D] -> (rows[M,D] grouped by expert, offsets[E] int32, LocalHandle); dropped pairs excluded."""
+        """x[T,D] -> (rows[T*K,D] grouped by expert, offsets[E] int32, LocalHandle); no host sync.
+
+        Dropped pairs (id -1) sort last, past offsets[-1], where the grouped GEMMs compute nothing (rows 0).
+        """
         routing = sort_by_expert(topk_ids, self.n_experts)
-        order = routing.order[: int(routing.offsets[-1])] if self.n_experts else routing.order[:0]
-        token = order // topk_ids.shape[1]
-        handle = LocalHandle(token, weights.reshape(-1)[order], x.shape[0])
+        token = routing.order // topk_ids.shape[1]
+        handle = LocalHandle(token, weights.reshape(-1)[routing.order], x.shape[0])
         return x[token], routing.offsets, handle
 
     def combine(self, rows_out: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
@@ -60,15 +71,19 @@ class LocalDispatch:
         return y.index_add(0, handle.token, rows_out * handle.weight[:, None].to(rows_out.dtype))
 
     def experts(self, x, topk_ids, weights, w_up, w_down) -> torch.Tensor:
-        """y[T,D] through the fused kernel path (nmoe.kernels.moe_experts)."""
-        return moe_experts(x, topk_ids, weights, w_up, w_down)
+        """y[T,D] through the fused kernel path (nmoe.kernels.moe_experts), or dispatch -> mlp -> combine."""
+        if self.mlp is None:
+            return moe_experts(x, topk_ids, weights, w_up, w_down)
+        rows, offsets, handle = self.dispatch(x, topk_ids, weights)
+        return self.combine(self.mlp(rows, offsets, w_up, w_down), handle)
 
 
 class RdepDispatch:
     """Routed experts sharded over an expert-parallel group; rows move by direct writes (nmoe.rdep)."""
 
-    def __init__(self, rdep):
+    def __init__(self, rdep, mlp: ExpertMLP = expert_mlp):
         self.rdep = rdep  # nmoe.rdep.Rdep, shared by every MoE layer of the model
+        self.mlp = mlp
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor):
         """x[T,D] -> (rows[M,D] for this rank's experts, offsets[El] int32, RdepHandle)."""
@@ -82,5 +97,5 @@ class RdepDispatch:
     def experts(self, x, topk_ids, weights, w_up, w_down) -> torch.Tensor:
         """dispatch -> fused SwiGLU expert MLP on the received rows -> combine."""
         rows, offsets, handle = self.dispatch(x, topk_ids, weights)
-        out = expert_mlp(rows, offsets, w_up.to(rows.dtype), w_down.to(rows.dtype))
+        out = self.mlp(rows, offsets, w_up.to(rows.dtype), w_down.to(rows.dtype))
         return self.combine(out, handle).to(x.dtype)

@@ -6,6 +6,7 @@ import torch
 
 from nmoe.model import Transformer
 from nmoe.model.dispatch import RdepDispatch
+from nmoe.model.moe import expert_mlp_of
 from nmoe.train.checkpoint import Shard
 from nmoe.train.config import Config
 from nmoe.train.distributed import World
@@ -19,7 +20,8 @@ def build_model(cfg: Config, plan: RunPlan, world: World) -> tuple[Transformer, 
     model.init_weights(cfg.train.seed)
     model.to(world.device)
     if plan.ep_size > 1 and cfg.model.has_moe:
-        model.set_dispatcher(RdepDispatch(world.agree(lambda: build_rdep(cfg, plan, world), "starting RDEP")))
+        rdep = world.agree(lambda: build_rdep(cfg, plan, world), "starting RDEP")
+        model.set_dispatcher(RdepDispatch(rdep, expert_mlp_of(cfg.model)))
     n_experts = cfg.model.n_routed_experts if cfg.model.has_moe else 0
     shard = Shard(expert_names(model).__contains__, world.ep_rank, plan.ep_size, n_experts)
     return model, shard
