@@ -1,14 +1,19 @@
-"""End-to-end training throughput: nmoe-train on a config, nmoe kernels vs the composed-PyTorch expert path.
+"""End-to-end training throughput of the real trainer (the same code as `nmoe-train`), variants side by side.
 
-Runs the real trainer (same code as `nmoe-train`) for a few steps per variant, side by side in one process
-on one GPU, and reports tokens/s, MFU and peak memory from the run's own metrics.
+    PYTHONPATH=/tmp/site:$(ls -d packages/*/src | paste -sd:) python3 bench/train.py configs/moonlet.toml \
+        --steps 40 --variants nmoe,tma --profile --out DIR [--set section.key=value ...]
 
-  python3 bench/train.py configs/moonlet.toml --steps 60 --set data.source=files ... --out DIR
+Variants: `nmoe` (the default expert path: fused Triton kernels, pointer-based grouped GEMM), `tma` (the
+grouped GEMMs through TMA tensor descriptors), `pytorch` (the expert path composed from PyTorch ops:
+argsort -> F.grouped_mm -> SwiGLU -> F.grouped_mm -> index_add). Each reports tokens/s, MFU and peak memory
+from the run's own metrics (median of the log windows after the first, which holds the compile). With
+--profile, three steps of the first variant run under torch.profiler and the kernel time is split by phase.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import statistics
@@ -17,9 +22,19 @@ from pathlib import Path
 
 import torch
 
+PHASES = (  # (phase, substrings of kernel names), first match wins
+    ("expert GEMMs (nmoe Triton)", ("gmm_kernel", "gmm_dw_kernel", "gmm_tma")),
+    ("expert gather/combine/sort", ("combine_kernel", "expert_histogram", "expert_scatter")),
+    ("fused head + loss", ("linear_ce", "_ce_")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("dense GEMMs (cuBLAS)", ("gemm", "xmma", "cutlass", "sm90_", "nvjet")),
+    ("optimizer + clipping", ("multi_tensor", "adam", "foreach", "_amp_", "norm_")),
+    ("inductor elementwise / reductions", ("triton_",)),
+)
+
 
 def composed_pytorch_experts(x, topk_ids, topk_weights, w_up, w_down):
-    """The expert path composed from PyTorch ops (sort → grouped_mm → SwiGLU → grouped_mm → index_add)."""
+    """The expert path composed from PyTorch ops (sort -> grouped_mm -> SwiGLU -> grouped_mm -> index_add)."""
     T, K = topk_ids.shape
     E, D, H2 = w_up.shape
     H = H2 // 2
@@ -35,16 +50,65 @@ def composed_pytorch_experts(x, topk_ids, topk_weights, w_up, w_down):
     return torch.zeros_like(x).index_add_(0, order // K, y)
 
 
-def run_variant(cfg, label: str, patch) -> dict:
+@contextlib.contextmanager
+def variant(name: str):
+    """The expert path of one variant, restored afterwards."""
+    import nmoe.model.dispatch as dispatch
+    from nmoe.kernels import _triton_ops
+
+    if name == "nmoe":
+        yield
+    elif name == "tma":
+        with _triton_ops.use_gemm_variant("tma"):
+            yield
+    elif name == "pytorch":
+        original = dispatch.moe_experts
+        dispatch.moe_experts = torch.compiler.disable(composed_pytorch_experts)
+        try:
+            yield
+        finally:
+            dispatch.moe_experts = original
+    else:
+        raise SystemExit(f"unknown variant {name!r}: nmoe, tma or pytorch")
+
+
+class Profile:
+    """A Trainer hook: torch.profiler over steps [start + 1, start + n]; kernel time by phase afterwards."""
+
+    def __init__(self, start: int, n: int = 3):
+        self.start, self.n, self.prof = start, n, None
+
+    def during_step(self, trainer, step):
+        pass
+
+    def after_save(self, trainer, step):
+        if step == self.start:
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self.prof.__enter__()
+        elif step == self.start + self.n and self.prof is not None:
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+
+    def breakdown(self) -> dict[str, float]:
+        """ms per step of each phase (CUDA kernel time)."""
+        per_phase: dict[str, float] = {}
+        for event in self.prof.key_averages():
+            us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+            if us <= 0:
+                continue
+            name = event.key.lower()
+            phase = next((label for label, keys in PHASES if any(k in name for k in keys)), "other")
+            per_phase[phase] = per_phase.get(phase, 0.0) + us / 1e3 / self.n
+        return dict(sorted(per_phase.items(), key=lambda kv: -kv[1]))
+
+
+def run_variant(cfg, label: str, hooks=()) -> dict:
     from nmoe.metrics import read_metrics
     from nmoe.train.loop import Trainer
 
     torch.cuda.reset_peak_memory_stats()
-    undo = patch()
-    try:
-        result = Trainer(cfg).run()
-    finally:
-        undo()
+    with variant(label):
+        result = Trainer(cfg, hooks=hooks).run()
     rows = read_metrics(cfg.metrics.dir, result.run_id, tags=["perf/tokens_per_s", "perf/mfu", "perf/peak_mem_gib"])
     by_tag: dict[str, list[float]] = {}
     for row in rows:
@@ -64,52 +128,41 @@ def run_variant(cfg, label: str, patch) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("config")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--variants", default="nmoe,pytorch")
+    p.add_argument("--variants", default="nmoe")
+    p.add_argument("--profile", action="store_true", help="profile 3 steps of the first variant (after step 20)")
     args = p.parse_args()
-    import nmoe.model.moe as moe_mod
     from nmoe.train.config import load_config
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for variant in args.variants.split(","):
+    results, breakdown = [], None
+    for i, name in enumerate(args.variants.split(",")):
         overrides = dict(o.split("=", 1) for o in args.overrides)
-        overrides.update(
-            {
-                "train.steps": str(args.steps),
-                "optim.warmup": "10",
-                "optim.warmdown": "10",
-                "checkpoint.dir": str(out / "ckpt"),
-                "checkpoint.resume": "never",
-                "metrics.dir": str(out / "metrics"),
-                "metrics.experiments_db": str(out / "runs.sqlite"),
-                "runtime.run_name": f"bench-{variant}",
-                "runtime.progress": "false",
-                "eval.eval_every": "0",
-                "train.log_every": "10",
-            }
-        )
+        overrides.update({
+            "train.steps": str(args.steps), "optim.warmup": "10", "optim.warmdown": "10",
+            "checkpoint.dir": str(out / "ckpt"), "checkpoint.resume": "never", "checkpoint.save_every": "0",
+            "metrics.dir": str(out / "metrics"), "metrics.experiments_db": str(out / "runs.sqlite"),
+            "runtime.run_name": f"bench-{name}-{i}", "runtime.progress": "false", "eval.eval_every": "0",
+            "train.log_every": "10",
+        })  # fmt: skip
         cfg = load_config(args.config, overrides=overrides)
-
-        def patch(variant=variant):
-            if variant == "nmoe":
-                return lambda: None
-            original = moe_mod.moe_experts
-            moe_mod.moe_experts = composed_pytorch_experts
-            return lambda: setattr(moe_mod, "moe_experts", original)
-
-        results.append(run_variant(cfg, variant, patch))
+        profile = Profile(start=min(20, args.steps - 4)) if args.profile and i == 0 else None
+        results.append(run_variant(cfg, name, hooks=[profile] if profile else ()))
+        if profile is not None and profile.prof is not None:
+            breakdown = profile.breakdown()
         print(json.dumps(results[-1]), flush=True)
     record = {
         "config": args.config,
+        "overrides": args.overrides,
         "device": torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "steps": args.steps,
         "results": results,
+        "profile_ms_per_step": breakdown,
     }
     (out / "train.json").write_text(json.dumps(record, indent=1))
     print(f"\n| variant | tokens/s | MFU | peak mem GiB | loss@{args.steps} |\n|---|---|---|---|---|")
@@ -118,6 +171,13 @@ def main() -> int:
         print(
             f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} | {r['final_loss']:.3f} |"
         )
+    if breakdown:
+        total = sum(breakdown.values())
+        print(
+            f"\nkernel time per step ({results[0]['variant']}): {total:.1f} ms\n| phase | ms/step | share |\n|---|---|---|"
+        )
+        for phase, ms in breakdown.items():
+            print(f"| {phase} | {ms:.1f} | {ms / total * 100:.0f}% |")
     return 0
 
 

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One GPU-machine call (device tool), by stages: bash bench/gpu.sh STAGE [STAGE ...]
+# Carry .whl (duckdb, nvshmem4py; ../shared/device/wheels.sh) and, for training stages, .gpu (prepared data:
+# `uv run nmoe-data prep --source files --input ../shared/corpus/docs.jsonl.gz --output .gpu/data
+#  --name corpus-32k --tokenizer .gpu/data/tok-32k.json --tokenizer-vocab-size 32768 --val-tokens 262144`).
+# Every stage logs to $OUT/<stage>.log; the summary of each stage is printed last.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$(ls -d packages/*/src | paste -sd:) PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export TRITON_CACHE_DIR=$PWD/.gpu/triton-cache TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu/inductor-cache
+OUT=${OUT:-/tmp/out}
+DATA=(--set data.source=files --set data.input=unused --set data.data_dir=.gpu/data --set data.name=corpus-32k
+      --set data.tokenizer=.gpu/data/tok-32k.json --set data.shard_tokens=100000000 --set data.val_tokens=262144
+      --set data.max_docs= --set data.verify_shards=false)
+SUMMARY=$OUT/summary.txt
+: >"$SUMMARY"
+
+stage() {  # stage NAME TIMEOUT_S COMMAND...: run, log, keep the last lines for the summary
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  { echo "== $name: exit $rc in $((SECONDS - t0)) s"; tail -n "${TAIL:-14}" "$OUT/$name.log"; } >>"$SUMMARY"
+}
+
+for s in "$@"; do
+  case $s in
+    env) stage env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total --format=csv; python3 -c "
+import torch, triton, duckdb, nvshmem.core; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())
+import nmoe.train.loop, nmoe.rdep, nmoe.kernels; print(\"imports ok\")"' ;;
+    kernels-check) stage kernels-check 300 python3 packages/nmoe-kernels/tests/gpu_check.py ;;
+    lowprec-check) stage lowprec-check 240 python3 packages/nmoe-kernels/tests/gpu_lowprec.py --out "$OUT" ;;
+    rdep-multi) for n in 1 2 4; do
+        TAIL=7 stage "rdep-multi-$n" 240 python3 -m torch.distributed.run --standalone --nproc_per_node=$n \
+          packages/nmoe-rdep/tests/gpu_multi.py; done ;;
+    model-use) stage model-use 300 python3 packages/nmoe-train/tests/gpu_check_model_use.py --config configs/moonlet.toml \
+        --bundle .gpu/core --max-per-task 50 ;;
+    kernels-bench) stage kernels-bench 420 python3 bench/kernels.py --out "$OUT/kernels.json" ;;
+    lowprec-bench) stage lowprec-bench 300 python3 bench/lowprec.py --out "$OUT/lowprec.json" ;;
+    rdep-local) stage rdep-local 240 python3 bench/rdep_local.py --out "$OUT/rdep_local.json" ;;
+    train-moonlet) TAIL=22 stage train-moonlet 560 python3 bench/train.py configs/moonlet.toml --steps "${STEPS:-40}" \
+        --variants "${VARIANTS:-nmoe,tma}" --profile --out "$OUT/train" "${DATA[@]}" ${EXTRA:-} ;;
+    ep-one-gpu) TAIL=16 stage ep-one-gpu 540 python3 bench/ep_one_gpu.py configs/moonlet.toml --out "$OUT/ep" "${DATA[@]}" \
+        --set model.n_layers=4 --set train.steps=20 --set train.global_batch_size=4 --set optim.warmup=5 \
+        --set optim.warmdown=5 --set eval.eval_every=0 --set train.log_every=5 --set runtime.compile=false ;;
+    *) echo "unknown stage $s" >>"$SUMMARY" ;;
+  esac
+done
+cat "$SUMMARY"
