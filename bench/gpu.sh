@@ -11,7 +11,7 @@ export PYTHONPATH=/tmp/site:$(ls -d packages/*/src | paste -sd:) PYTHONUNBUFFERE
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export TRITON_CACHE_DIR=$PWD/.gpu/triton-cache TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu/inductor-cache
 OUT=${OUT:-/tmp/out}
-DATA=(--set data.source=files --set data.input=unused --set data.data_dir=.gpu/data --set data.name=corpus-32k
+DATA=(--set data.source=files --set data.input=../shared/corpus/docs.jsonl.gz --set data.data_dir=.gpu/data --set data.name=corpus-32k
       --set data.tokenizer=.gpu/data/tok-32k.json --set data.shard_tokens=100000000 --set data.val_tokens=262144
       --set data.max_docs= --set data.verify_shards=false)
 SUMMARY=$OUT/summary.txt

@@ -167,9 +167,15 @@ def dequantize_nvfp4(q: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16) -> tor
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _div(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x / divisor correctly rounded on every device (CUDA torch turns division by a Python scalar into a
+    multiplication by its rounded reciprocal, which is not the kernels' div_rn)."""
+    return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
+
+
 def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     """float32 amax -> decode scale amax / 448 (1.0 where amax == 0)."""
-    return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    return torch.where(amax > 0, _div(amax, E4M3_MAX), torch.ones_like(amax))
 
 
 def quantize_fp8_rowwise(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -491,7 +497,7 @@ def nvfp4_encode_scale(q: NVFP4Tensor) -> torch.Tensor:
     shift exponent), so the tensor scale only ever grows, in whole binades, when the weights grow.
     """
     smax = q.scales.float().amax()
-    mant, expo = torch.frexp(smax / (E4M3_MAX / NVFP4_SCALE_HEADROOM))
+    mant, expo = torch.frexp(_div(smax, E4M3_MAX / NVFP4_SCALE_HEADROOM))
     k = torch.where(mant > 0.5, expo, expo - 1).clamp(min=0).to(torch.int32)
     return q.tensor_scale.float() * ((k + 127) << 23).view(torch.float32)
 
@@ -522,8 +528,8 @@ def adamw_moments(g, m, v, c: AdamWConstants) -> tuple[torch.Tensor, torch.Tenso
     # Python-float operands are float32-exact, so each op rounds once whatever precision torch computes it in.
     m = m * c.beta1 + g * c.one_minus_beta1
     v = v * c.beta2 + (g * g) * c.one_minus_beta2
-    denom = (v / c.bias_correction2).double().sqrt().float() + c.eps
-    return m, v, (m / c.bias_correction1) / denom
+    denom = _div(v, c.bias_correction2).double().sqrt().float() + c.eps
+    return m, v, _div(m, c.bias_correction1) / denom
 
 
 def nvfp4_adamw_(
