@@ -35,7 +35,7 @@ def config(make_config, tmp: Path, **optim):
 
 
 def with_spectrum(m: int, n: int, singular: torch.Tensor, seed: int) -> torch.Tensor:
-    """An [m, n] float64 matrix U diag(singular) Vᵀ with random orthonormal U, V; also returns U, V."""
+    """(G, U, V): an [m, n] float64 G = U diag(singular) Vᵀ with random orthonormal columns U, V."""
     gen = torch.Generator().manual_seed(seed)
     u, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))

@@ -8,10 +8,11 @@ optim.optimizer = "adamw" — one torch AdamW:
 - embedding and output head: no decay unless optim.decay_embeddings, lr scaled by optim.embed_lr_scale
   (decided on purpose: decaying the embedding pulls rare tokens' rows to zero between their updates).
 
-optim.optimizer = "muon" — AdamW as above for embedding, head, norms, biases and routers (the router is a
-classifier over experts, its rows compete through the softmax like the head's, so it keeps AdamW as
-modded-nanogpt and nanochat keep it for the head); `nmoe.train.muon.Muon` for the kinds "matrix" (2-D) and
-"expert" (3-D, orthogonalised per expert), at peak lr optim.muon_lr. Both live in one `ChainedOptimizer`.
+optim.optimizer = "muon" — AdamW as above for embedding, head, norms, biases and routers (router and head rows
+are per-class score vectors, for experts and for tokens, not a map between hidden spaces, which is where an
+orthogonalised update is justified; modded-nanogpt and nanochat keep the head on AdamW for this reason);
+`nmoe.train.muon.Muon` for the kinds "matrix" (2-D) and "expert" (3-D, orthogonalised per expert), at peak lr
+optim.muon_lr. Both live in one `ChainedOptimizer`.
 """
 
 from __future__ import annotations
