@@ -96,6 +96,27 @@ class OptimConfig:
     min_lr_ratio: float = config_field(0.0, "final lr as a fraction of lr", range=(0.0, 1.0))
     decay_embeddings: bool = config_field(False, "apply weight decay to embeddings and the output head")
     embed_lr_scale: float = config_field(1.0, "lr multiplier for embeddings", range=(0.0, 100.0))
+    optimizer: str = config_field(
+        "adamw",
+        "adamw: AdamW for every parameter; muon: Muon (momentum orthogonalised per matrix, per routed expert) for "
+        "the attention, FFN and expert matrices, AdamW for embeddings, head, norms, biases and routers",
+        choices=("adamw", "muon"),
+    )
+    muon_lr: float = config_field(
+        0.0,
+        "peak lr of the Muon matrices, scheduled like lr (0: optim.lr). Updates are scaled to AdamW's RMS "
+        "(0.2 sqrt(max(rows, cols))), so AdamW's lr is a sound start",
+        range=(0.0, 10.0),
+    )
+    muon_momentum: float = config_field(0.95, "Muon momentum (an EMA of the gradient)", range=(0.0, 0.999))
+    muon_nesterov: bool = config_field(True, "Muon: Nesterov-style update (1 - momentum) g + momentum m")
+    muon_ns_steps: int = config_field(5, "Muon: Newton-Schulz quintic steps per update", range=(1, 20))
+    muon_weight_decay: float = config_field(
+        0.1,
+        "Muon decoupled weight decay (w *= 1 - lr x this), as AdamW's weight_decay: with RMS-matched updates "
+        "the same value keeps the weights' scale bounded in long runs",
+        range=(0.0, 10.0),
+    )
 
 
 @dataclass(frozen=True)
