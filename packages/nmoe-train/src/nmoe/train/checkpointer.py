@@ -57,6 +57,12 @@ class Checkpointer:
         if not found:
             return None
         path, meta = self._first_intact(found, fallback=mode == "auto")
+        if meta.get("ep_size", 1) != self.shard.ep_size and self.cfg.model.expert_precision == "nvfp4":
+            raise ckpt.CheckpointError(
+                f"{path} was written with expert-parallel size {meta.get('ep_size', 1)}, this run has "
+                f"{self.shard.ep_size}: NVFP4 expert storage keeps one tensor scale per rank's expert tensor, so it "
+                f"cannot be re-sharded. Resume with {meta.get('ep_size', 1)} expert-parallel ranks."
+            )
         self.world.agree(lambda: ckpt.load_shard(path, meta, self.model, self.optimizer, self.shard), f"loading {path}")
         loader.load_state_dict(meta["loader"])
         rngs = meta["rng"]

@@ -89,7 +89,31 @@ def dry_run(cfg, world_size: int | None = None, cuda_available: bool | None = No
         "",
         summary.table(),
     ]
+    if cfg.model.has_moe:
+        lines += ["", *expert_memory_lines(cfg, summary.routed_expert_params)]
     return "\n".join(lines)
+
+
+def expert_memory_lines(cfg, routed_params: int) -> list[str]:
+    """Bytes per routed-expert parameter (weights + optimizer state) of every precision mode; `*` marks the config's."""
+    from nmoe.kernels import expert_param_bytes
+
+    modes = [("bf16", "nearest"), ("fp8", "nearest")] + [
+        ("nvfp4", r) for r in ("nearest", "seed", "stochastic", "residual")
+    ]
+    mine = (cfg.model.expert_precision, cfg.optim.nvfp4_rule if cfg.model.expert_precision == "nvfp4" else "nearest")
+    lines = [
+        f"routed experts: {routed_params:,} params; bytes/param of weights + optimizer state, + the bf16/e4m3 copy",
+        "the GEMMs read (transient for bf16/fp8; kept between steps for nvfp4), per mode:",
+    ]
+    for mode, rule in modes:
+        per = expert_param_bytes(mode, rule)
+        total, copy = per["total"], per["transient"]
+        label = mode if mode != "nvfp4" else f"nvfp4 ({rule})"
+        mark = "*" if (mode, rule) == mine else " "
+        gib = (total + copy) * routed_params / 2**30
+        lines.append(f" {mark} {label:<20} {total:>8.4f} + {copy:g} B/param  {gib:8.2f} GiB")
+    return lines
 
 
 def main(argv: list[str] | None = None, hooks=()) -> int:

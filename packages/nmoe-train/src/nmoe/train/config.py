@@ -117,6 +117,16 @@ class OptimConfig:
         "the same value keeps the weights' scale bounded in long runs",
         range=(0.0, 10.0),
     )
+    nvfp4_rule: str = config_field(
+        "residual",
+        "how NVFP4-stored expert weights are re-quantised after each AdamW update (model.expert_precision = "
+        "'nvfp4'): nearest; seed (the seed project's resonant dither on codes that would not move); stochastic "
+        "(unbiased stochastic rounding); residual (error feedback through a bf16 buffer, +2 bytes/param)",
+        choices=("nearest", "seed", "stochastic", "residual"),
+    )
+    nvfp4_dither: float = config_field(
+        0.25, "dither amplitude of nvfp4_rule = 'seed', in the normalised FP4 domain", range=(0.0, 1.0)
+    )
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from nmoe.train.finish import append_to_leaderboard, core_values, run_core
 from nmoe.train.grads import global_grad_norm, reduce_gradients_, split_params
 from nmoe.train.mfu import peak_tflops
 from nmoe.train.model_setup import build_model
+from nmoe.train.nvfp4 import precision_metrics
 from nmoe.train.optim import build_optimizer, expert_names, set_lr
 from nmoe.train.record import RunRecord, final_values
 from nmoe.train.report import Console, Throughput, perf_values, step_line
@@ -74,8 +75,10 @@ class Trainer:
         self.device = self.world.device
         self.lock = self.world.agree(self._claim_outputs, "checking the output folders")
         self.loader, self.val_set = self._open_data()
-        self.model, self.shard = build_model(cfg, self.plan, self.world)
-        self.optimizer = build_optimizer(self.model, cfg.optim, fused=self.device.type == "cuda")
+        self.model, self.shard, nvfp4 = build_model(cfg, self.plan, self.world)
+        self.optimizer = build_optimizer(
+            self.model, cfg.optim, fused=self.device.type == "cuda", nvfp4_stores=nvfp4, seed=cfg.train.seed
+        )
         self.dense_params, self.expert_params = split_params(self.model, expert_names(self.model))
         self.forward = torch.compile(self.model) if cfg.runtime.compile else self.model
         self.checkpoints = Checkpointer(cfg, self.world, self.model, self.optimizer, self.shard, self.log)
@@ -388,6 +391,7 @@ class Trainer:
         eta = (last - step) * self.plan.tokens_per_step / max(run_rate, 1e-9)
         console.write(step_line(step, last, loss, lr, perf, eta, cpu=self.device.type == "cpu"))
         stats = self.model.router_stats(self._sum_over_world)
+        perf.update(precision_metrics(self.optimizer))  # this rank's experts (NVFP4 storage)
         if self.world.is_main:
             perf.update(stats.as_scalars())
             record.log_arrays(step, stats.expert_loads())

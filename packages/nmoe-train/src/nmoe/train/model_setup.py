@@ -10,21 +10,39 @@ from nmoe.model.moe import expert_mlp_of
 from nmoe.train.checkpoint import Shard
 from nmoe.train.config import Config
 from nmoe.train.distributed import World
+from nmoe.train.nvfp4 import attach_nvfp4_storage
 from nmoe.train.optim import expert_names
 from nmoe.train.runtime import RunPlan, SetupError
 
 
-def build_model(cfg: Config, plan: RunPlan, world: World) -> tuple[Transformer, Shard]:
-    """(model holding this rank's E / ep_size experts, initialised and on the device; its checkpoint Shard)."""
+def build_model(cfg: Config, plan: RunPlan, world: World) -> tuple[Transformer, Shard, dict]:
+    """(model holding this rank's E / ep_size experts, initialised and on the device; its checkpoint Shard;
+    {expert name: NVFP4Tensor} when model.expert_precision = 'nvfp4', else {})."""
+    check_expert_precision(cfg, world)
     model = Transformer(cfg.model, world.ep_rank, plan.ep_size)
     model.init_weights(cfg.train.seed)
     model.to(world.device)
+    experts = expert_names(model)
+    stores = attach_nvfp4_storage(model, sorted(experts)) if cfg.model.expert_precision == "nvfp4" else {}
     if plan.ep_size > 1 and cfg.model.has_moe:
         rdep = world.agree(lambda: build_rdep(cfg, plan, world), "starting RDEP")
         model.set_dispatcher(RdepDispatch(rdep, expert_mlp_of(cfg.model)))
     n_experts = cfg.model.n_routed_experts if cfg.model.has_moe else 0
-    shard = Shard(expert_names(model).__contains__, world.ep_rank, plan.ep_size, n_experts)
-    return model, shard
+    # expert tensors and what derives from them (their NVFP4 codes and scales): leading dim = local experts
+    tensors = frozenset(n for n in model.state_dict() if n in experts or n.rsplit("_nvfp4_", 1)[0] in experts)
+    return model, Shard(tensors.__contains__, world.ep_rank, plan.ep_size, n_experts), stores
+
+
+def check_expert_precision(cfg: Config, world: World) -> None:
+    """Refuse model.expert_precision where this GPU cannot run it, with what to use instead."""
+    if world.device.type != "cuda" or cfg.model.expert_precision == "bf16" or not cfg.model.has_moe:
+        return
+    from nmoe.kernels import UnsupportedInput, check_precision_supported
+
+    try:
+        check_precision_supported(cfg.model.expert_precision, world.device)
+    except UnsupportedInput as err:
+        raise SetupError(f"model.expert_precision = {cfg.model.expert_precision!r}: {err}") from None
 
 
 def rdep_config(cfg: Config, plan: RunPlan):

@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Iterable
 
 import torch
+
 from nmoe.kernels import NVFP4Tensor, dequantize_nvfp4, nvfp4_adamw_, quantize_nvfp4
 
 SUFFIXES = ("_nvfp4_codes", "_nvfp4_scales", "_nvfp4_tscale")
@@ -74,6 +75,16 @@ class NVFP4ExpertAdamW(torch.optim.Optimizer):
                 p.copy_(dequantize_nvfp4(q, p.dtype))
                 self._add_to_window(name, stats)
 
+    def load_state_dict(self, state_dict) -> None:
+        """As torch's, but the moments stay float32 (torch casts floating state to the bf16 parameters' dtype)."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            p = params[int(index)]
+            for key, value in saved.items():
+                if torch.is_tensor(value) and key != "step":
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
     def _add_to_window(self, name: str, stats) -> None:
         counts = torch.stack([stats.flips.double(), stats.sq_err.double(), stats.sq_norm.double(),
                               stats.saturated.double(), torch.tensor(float(stats.numel), device=stats.flips.device,
@@ -101,3 +112,9 @@ class NVFP4ExpertAdamW(torch.optim.Optimizer):
             out[f"{key}/quant_err"] = (sq_err / sq_norm) ** 0.5 if sq_norm > 0 else 0.0
             out[f"{key}/saturated_blocks"] = sat
         return out
+
+
+def precision_metrics(optimizer) -> dict[str, float]:
+    """The NVFP4 experts' precision/layerNN/* window metrics of an optimizer (or a chain holding one); {} if none."""
+    parts = getattr(optimizer, "parts", (optimizer,))
+    return next((p.take_metrics() for p in parts if isinstance(p, NVFP4ExpertAdamW)), {})

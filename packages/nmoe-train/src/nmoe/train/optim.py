@@ -46,12 +46,15 @@ def expert_names(model: torch.nn.Module) -> frozenset[str]:
     return frozenset(n for n, kind in param_kinds(model).items() if kind == "expert")
 
 
-def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
-    """AdamW groups: decayed matrices, undecayed norms and biases, embeddings (decay per config, lr scale)."""
+def param_groups(model: torch.nn.Module, cfg: OptimConfig, exclude: frozenset[str] = frozenset()) -> list[dict]:
+    """AdamW groups: decayed matrices, undecayed norms and biases, embeddings (decay per config, lr scale).
+
+    `exclude`: parameter names another optimizer updates (NVFP4-stored experts).
+    """
     decay, no_decay, embed = [], [], []
     kinds = param_kinds(model)
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or name in exclude:
             continue
         kind = kinds[name]
         if kind in EMBED_KINDS:
@@ -85,12 +88,14 @@ def muon_lr_scale(cfg: OptimConfig) -> float:
     return cfg.muon_lr / cfg.lr
 
 
-def muon_param_groups(model: torch.nn.Module, cfg: OptimConfig) -> tuple[list[dict], list[dict]]:
+def muon_param_groups(
+    model: torch.nn.Module, cfg: OptimConfig, exclude: frozenset[str] = frozenset()
+) -> tuple[list[dict], list[dict]]:
     """(AdamW groups: routers, norms and biases, embeddings; Muon groups: 2-D matrices, 3-D routed experts)."""
     by_kind: dict[str, list] = {}
     kinds = param_kinds(model)
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or name in exclude:
             continue
         kind = kinds[name]
         if kind not in MUON_KINDS + ADAMW_KINDS_WITH_MUON:
@@ -214,13 +219,33 @@ class ChainedOptimizer:
         return f"ChainedOptimizer({', '.join(type(p).__name__ for p in self.parts)})"
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool):
-    """optim.optimizer: torch AdamW (fused kernel on GPU) over param_groups, or AdamW + Muon (ChainedOptimizer)."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool, nvfp4_stores=None, seed: int = 0):
+    """optim.optimizer: torch AdamW (fused kernel on GPU) over param_groups, or AdamW + Muon (ChainedOptimizer).
+
+    With `nvfp4_stores` ({expert name: NVFP4Tensor}, model.expert_precision = 'nvfp4') the routed experts are
+    updated by the NVFP4 AdamW (their codes are the weights), whatever optim.optimizer says, and the rest
+    by the configured optimizer.
+    """
     kwargs = {"fused": True} if fused else {"foreach": False}
     adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kwargs)
+    exclude = frozenset(nvfp4_stores or ())
+    parts: list = []
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups(model, cfg), **adamw)
-    adamw_groups, muon_groups = muon_param_groups(model, cfg)
+        parts.append(torch.optim.AdamW(param_groups(model, cfg, exclude), **adamw))
+    else:
+        parts += _adamw_and_muon(model, cfg, adamw, exclude)
+    if nvfp4_stores:
+        from nmoe.train.nvfp4 import NVFP4ExpertAdamW
+
+        experts = {name: p for name, p in model.named_parameters() if name in nvfp4_stores}
+        parts.append(NVFP4ExpertAdamW(experts, nvfp4_stores, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                      weight_decay=cfg.weight_decay, rule=cfg.nvfp4_rule, dither=cfg.nvfp4_dither,
+                                      seed=seed))  # fmt: skip
+    return parts[0] if len(parts) == 1 else ChainedOptimizer(*parts)
+
+
+def _adamw_and_muon(model: torch.nn.Module, cfg: OptimConfig, adamw: dict, exclude: frozenset[str]) -> list:
+    adamw_groups, muon_groups = muon_param_groups(model, cfg, exclude)
     by_name = dict(model.named_parameters())
     splits = {by_name[name]: split for name, split in fused_splits(model).items()}
     parts = []
@@ -237,7 +262,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, fused: bool):
             splits=splits,
         )
         parts.append(muon)
-    return ChainedOptimizer(*parts)
+    return parts
 
 
 def set_lr(optimizer, lr: float) -> None:
