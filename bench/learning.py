@@ -40,6 +40,7 @@ from nmoe.train.optim import build_optimizer, set_lr  # noqa: E402
 from nmoe.train.schedule import lr_at  # noqa: E402
 
 PEAK_TFLOPS = 989.4  # H100 SXM dense bf16
+DYNAMO_DEFAULTS = {k: getattr(torch._dynamo.config, k) for k in ("capture_scalar_outputs",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +159,21 @@ class Batches:
         return x, y
 
 
+def open_train_loader(args, cfg: ModelConfig, verify: bool):
+    return open_loader(
+        args.data,
+        split="train",
+        seq_len=args.seq,
+        batch_size=args.batch,
+        seed=args.seed,
+        vocab_limit=cfg.vocab_size,
+        verify=verify,
+    )
+
+
 def build(variant: Variant, cfg: ModelConfig, device: torch.device, seed: int, compile_: bool):
     """(model, forward callable) of one variant, initialised on `device`."""
+    restore_dynamo_defaults()
     if variant.torchtitan:
         from torchtitan_model import TorchtitanLM
 
@@ -171,6 +185,12 @@ def build(variant: Variant, cfg: ModelConfig, device: torch.device, seed: int, c
         model = Transformer(dataclasses.replace(cfg, **variant.model))
     model.init_weights(seed)
     return model, (torch.compile(model) if compile_ else model)
+
+
+def restore_dynamo_defaults() -> None:
+    """Undo the global dynamo settings torchtitan's apply_compile made for an earlier variant."""
+    for key, value in DYNAMO_DEFAULTS.items():
+        setattr(torch._dynamo.config, key, value)
 
 
 def autocast(device: torch.device):
@@ -199,14 +219,12 @@ def run_variant(variant: Variant, cfg: ModelConfig, optim_cfg: OptimConfig, args
     model, forward = build(variant, cfg, device, args.seed, args.compile)
     ocfg = dataclasses.replace(optim_cfg, optimizer=variant.optimizer) if variant.optimizer else optim_cfg
     optimizer = build_optimizer(model, ocfg, fused=device.type == "cuda")
-    loader = open_loader(
-        args.data, split="train", seq_len=args.seq, batch_size=args.batch, seed=args.seed, vocab_limit=cfg.vocab_size
-    )
+    loader = open_train_loader(args, cfg, verify=False)  # verified once at start-up
     to_device = Batches(device)
     params = [p for p in model.parameters() if p.requires_grad]
     result = {"variant": variant.name, "what": variant.what, "val": {}, "train": {}, "status": "completed"}
     window = torch.zeros((), device=device)
-    t_train = time.perf_counter()
+    t_train, step = time.perf_counter(), 0
     for step in range(1, args.steps + 1):
         set_lr(optimizer, lr_at(step - 1, args.steps, ocfg))
         x, y = to_device(loader.next_batch())
@@ -233,7 +251,7 @@ def run_variant(variant: Variant, cfg: ModelConfig, optim_cfg: OptimConfig, args
     result.update(
         seconds=now - t0,
         train_seconds=now - t_train,
-        tokens_per_s=args.steps * args.batch * args.seq / (now - t_train),
+        tokens_per_s=step * args.batch * args.seq / (now - t_train),
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
     )
     del model, forward, optimizer
@@ -307,6 +325,8 @@ def main() -> int:
     cfg = model_config(args, val_loader.vocab_size)
     val = [Batches(device)(b) for b in val_loader.val_batches(args.eval_batches)]
     optim_cfg = optim_config(args)
+    available = int(open_train_loader(args, cfg, verify=True).samples.sum())
+    epochs = args.steps * args.batch / max(available, 1)
     known = {v.name: v for v in VARIANTS}
     unknown = [n for n in args.variants.split(",") if n and n not in known]
     if unknown:
@@ -325,6 +345,9 @@ def main() -> int:
         f"{args.steps} steps, val at {args.eval_at} on {len(val)} batches, device {device}",
         flush=True,
     )
+    print(f"[learning] the train split holds {available:,} sequences of {args.seq}: {epochs:.2f} epochs", flush=True)
+    if epochs > 1:
+        print("[learning] note: the run repeats training data; later val losses partly measure memorisation")
     if device.type == "cuda":
         print(f"[learning] estimate ~{estimate_seconds(cfg, args):.0f} s per variant (assumed MFU)", flush=True)
     out = Path(args.out)
@@ -335,6 +358,7 @@ def main() -> int:
         "torch": torch.__version__,
         "model": dataclasses.asdict(cfg),
         "optim": dataclasses.asdict(optim_cfg),
+        "data": {"path": args.data, "train_sequences": available, "epochs": epochs},
         "args": {k: v for k, v in vars(args).items()},
         "results": [],
     }

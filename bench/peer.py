@@ -54,6 +54,9 @@ SMOKE_SHAPE = dict(
 )
 
 
+DYNAMO_DEFAULTS = {k: getattr(torch._dynamo.config, k) for k in ("capture_scalar_outputs",)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Shape:
     label: str
@@ -118,7 +121,10 @@ def sync(device: torch.device) -> None:
 
 def measure(kind: str, shape: Shape, args, device: torch.device, fullgraph: bool) -> dict:
     """One model at one shape: warmup (compile) then timed steps."""
+    cleanup(device)
     torch._dynamo.reset()
+    for key, value in DYNAMO_DEFAULTS.items():  # undo torchtitan apply_compile's global settings
+        setattr(torch._dynamo.config, key, value)
     cfg = shape.cfg
     model, forward = build(kind, cfg, device, args.compile, fullgraph)
     optimizer = build_optimizer(model, OptimConfig(lr=1e-4), fused=device.type == "cuda")
@@ -233,12 +239,14 @@ def main() -> int:
     kinds = [k for k in args.models.split(",") if k]
     if bad := [k for k in kinds if k not in ("nmoe", "torchtitan")]:
         raise SystemExit(f"--models {bad}: choose from nmoe, torchtitan")
+    checks = {}
     if "torchtitan" in kinds:
         from torchtitan_model import TorchtitanLM, check_shape, import_torchtitan
 
         import_torchtitan()
         for shape in shapes:  # same parameters and FLOPs as nmoe's summary, on the meta device
-            check_shape(TorchtitanLM(shape.cfg, "meta"), shape.seq)
+            checks[shape.label] = check_shape(TorchtitanLM(shape.cfg, "meta"), shape.seq)
+            print(f"[peer] {shape.label}: torchtitan model = nmoe shape {checks[shape.label]}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {
@@ -246,6 +254,7 @@ def main() -> int:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "args": vars(args),
+        "shape_checks": checks,
         "rows": [],
     }
     start, longest = time.perf_counter(), 0.0
