@@ -297,7 +297,11 @@ def main() -> int:
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--variants", default=",".join(v.name for v in VARIANTS), help="comma list, in run order")
+    p.add_argument(
+        "--variants",
+        default=",".join(v.name for v in VARIANTS if v.name != "experts"),  # torchtitan's experts rule is nmoe's
+        help=f"comma list, in run order, from {', '.join(v.name for v in VARIANTS)}",
+    )
     p.add_argument("--custom", action="append", default=[], help="extra variant LABEL:key=value[,key=value]")
     p.add_argument("--compile", action="store_true", help="torch.compile (nmoe whole model, torchtitan per block)")
     p.add_argument("--tt-flex-autotune", action="store_true", help="keep torchtitan's max-autotune flex compile")
@@ -349,7 +353,12 @@ def main() -> int:
     if epochs > 1:
         print("[learning] note: the run repeats training data; later val losses partly measure memorisation")
     if device.type == "cuda":
-        print(f"[learning] estimate ~{estimate_seconds(cfg, args):.0f} s per variant (assumed MFU)", flush=True)
+        per = estimate_seconds(cfg, args)
+        print(
+            f"[learning] estimate ~{per:.0f} s per variant at an assumed MFU, ~{per * len(variants) / 60:.1f} min for "
+            f"{len(variants)} variants; variants that would end past --max-minutes {args.max_minutes} are skipped",
+            flush=True,
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {
