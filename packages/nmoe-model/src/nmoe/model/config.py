@@ -19,6 +19,10 @@ ATTN_GLOBAL = ("mla", "sdpa")
 ATTN_LOCAL = ("swa", "none")
 SCORE_FUNCS = ("sigmoid", "softmax")
 EXPERT_PRECISIONS = ("bf16", "fp8", "nvfp4")
+INIT_SCHEMES = ("nmoe", "torchtitan")
+INIT_HEAD_RULES = ("scheme", "init_std", "inv_sqrt_dim")
+INIT_DEPTH_RULES = ("scheme", "sqrt_2L", "depth", "none")
+INIT_EXPERT_RULES = ("scheme", "matrix", "fan_in")
 
 
 def config_field(
@@ -65,7 +69,7 @@ class ModelConfig:
     norm_eps: float = config_field(1e-6, "RMSNorm epsilon", range=(0.0, 1.0))
     init_std: float = config_field(
         0.02,
-        "std of the normal init of weight matrices (output projections are scaled by 1/sqrt(2*n_layers))",
+        "std of the normal init of weight matrices (output projections scaled per model.init_out_proj)",
         range=(0.0, None),
     )
     max_seq_len: int = config_field(4096, "longest sequence the RoPE tables cover", range=(1, None))
@@ -155,10 +159,54 @@ class ModelConfig:
         choices=("rowwise", "blockwise"),
     )
 
+    # --- init (each init_* key left at None / "scheme" takes its value from init_scheme)
+    init_scheme: str = config_field(
+        "nmoe",
+        "defaults of the init_* keys: nmoe (every matrix and the embedding std init_std, output projections "
+        "/ sqrt(2 n_layers)) or torchtitan (torchtitan 0.3.0 DeepSeek-V3: embedding std 1, head dim^-0.5, "
+        "per-layer depth scaling of output projections, up projections and router)",
+        choices=INIT_SCHEMES,
+    )
+    init_embed_std: float | None = config_field(
+        None, "token-embedding init std (None: init_scheme's; nmoe init_std, torchtitan 1.0)", range=(0.0, None)
+    )
+    init_head: str = config_field(
+        "scheme",
+        "output-head init: init_std, or inv_sqrt_dim (std dim^-0.5, truncated at 3 std); scheme: nmoe init_std, "
+        "torchtitan inv_sqrt_dim",
+        choices=INIT_HEAD_RULES,
+    )
+    init_out_proj: str = config_field(
+        "scheme",
+        "scaling of output projections (wo, w2, w_down): sqrt_2L (/ sqrt(2 n_layers)), depth (/ sqrt(2 (layer + "
+        "1)) per layer, also applied to the up half of SwiGLU gate|up projections, as torchtitan), none; "
+        "scheme: nmoe sqrt_2L, torchtitan depth",
+        choices=INIT_DEPTH_RULES,
+    )
+    init_router: str = config_field(
+        "scheme",
+        "scaling of the router (gate) init std: none, sqrt_2L or depth as in init_out_proj; scheme: nmoe none, "
+        "torchtitan depth",
+        choices=INIT_DEPTH_RULES,
+    )
+    init_router_std: float | None = config_field(
+        None, "router init std before init_router's scaling (None: init_std)", range=(0.0, None)
+    )
+    init_experts: str = config_field(
+        "scheme",
+        "routed-expert base std: matrix (init_expert_std) or fan_in (w_up dim^-0.5, w_down moe_inter_dim^-0.5); "
+        "init_out_proj's scaling applies on top; scheme: matrix for both schemes",
+        choices=INIT_EXPERT_RULES,
+    )
+    init_expert_std: float | None = config_field(
+        None, "routed-expert base std with init_experts = matrix (None: init_std)", range=(0.0, None)
+    )
+
     def __post_init__(self) -> None:
         self._check_ranges()
         self._check_attention()
         self._check_ffn()
+        self._check_init()
 
     def _check_ranges(self) -> None:
         for f in dataclasses.fields(self):
@@ -211,6 +259,13 @@ class ModelConfig:
                 f"top_k ({self.top_k}) > experts reachable through topk_groups ({self.topk_groups} groups "
                 f"x {self.n_routed_experts // self.n_groups}): raise model.topk_groups or lower "
                 "model.top_k"
+            )
+
+    def _check_init(self) -> None:
+        if self.init_experts == "fan_in" and self.init_expert_std is not None:
+            raise ValueError(
+                f"model.init_expert_std = {self.init_expert_std} has no effect with model.init_experts = 'fan_in' "
+                "(fan-in sets the expert std): unset one of them"
             )
 
     # --- derived shape helpers (not config keys)

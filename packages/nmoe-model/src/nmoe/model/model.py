@@ -18,8 +18,10 @@ from nmoe.model.moe import MoE
 from nmoe.model.stats import LayerRouterStats, RouterStats
 
 PARAM_KINDS = ("embedding", "head", "norm", "bias", "router", "matrix", "expert")
-# matrices that write into the residual stream: init std scaled by 1/sqrt(2 * n_layers)
+# matrices that write into the residual stream: init std scaled per model.init_out_proj
 _OUTPUT_PROJECTIONS = ("wo.weight", "w2.weight", "w_down")
+# fused SwiGLU [gate | up] projections (rows of a Linear weight; last dim of the experts' w_up)
+_GATE_UP_PROJECTIONS = ("w13.weight", "w_up")
 
 
 class ModelOutput(NamedTuple):
@@ -170,27 +172,27 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Deterministic init, independent of the expert-parallel layout; buffers reset.
+        """Deterministic init by the model.init_* keys (see `init_rules`), independent of the expert-parallel
+        layout; buffers reset.
 
         Each parameter is drawn from its own generator seeded by (seed, name); each routed expert's slice
         by (seed, name, global expert index), so ep_size = 1 and ep_size = N start from the same model.
         """
-        std, out_std = self.cfg.init_std, self.cfg.init_std / (2 * self.cfg.n_layers) ** 0.5
+        rules = init_rules(self.cfg)
         kinds = self.param_kinds()
         offsets = {f"blocks.{b.layer}.ffn.": b.ffn.expert_offset for b in self.blocks if isinstance(b.ffn, MoE)}
         for name, p in self.named_parameters():
             if p.device.type == "meta":
                 continue
-            if kinds[name] == "norm":
+            spec = param_init_spec(self.cfg, rules, name, kinds[name])
+            if spec is None:
                 p.fill_(1.0)
-                continue
-            scale = out_std if name.endswith(_OUTPUT_PROJECTIONS) else std
-            if kinds[name] == "expert":
+            elif kinds[name] == "expert":
                 first = offsets[name.rsplit(".", 1)[0] + "."]
                 for i in range(p.shape[0]):
-                    p[i].normal_(0.0, scale, generator=_generator(p.device, seed, f"{name}[{first + i}]"))
+                    _draw(p[i], spec, _generator(p.device, seed, f"{name}[{first + i}]"), fused_dim=-1)
             else:
-                p.normal_(0.0, scale, generator=_generator(p.device, seed, name))
+                _draw(p, spec, _generator(p.device, seed, name), fused_dim=0)
         self._reset_buffers()
 
     def _reset_buffers(self) -> None:
@@ -260,10 +262,124 @@ class Transformer(nn.Module):
         )
 
 
+class InitRules(NamedTuple):
+    """The init of every part, resolved from the model.init_* keys and model.init_scheme."""
+
+    embed_std: float
+    head: str  # init_std | inv_sqrt_dim
+    out_proj: str  # sqrt_2L | depth | none
+    router: str  # sqrt_2L | depth | none
+    router_std: float
+    experts: str  # matrix | fan_in
+    expert_std: float
+
+
+class InitSpec(NamedTuple):
+    """How one parameter is drawn: normal(0, std), or per half of a fused [gate | up] projection."""
+
+    std: float  # the whole tensor, or its gate half when up_std is set
+    up_std: float | None = None  # the up half of a fused SwiGLU gate|up projection
+    truncate: bool = False  # truncated at +-3 std
+
+
+_SCHEME_RULES = {
+    "nmoe": dict(embed_std=None, head="init_std", out_proj="sqrt_2L", router="none", experts="matrix"),
+    "torchtitan": dict(embed_std=1.0, head="inv_sqrt_dim", out_proj="depth", router="depth", experts="matrix"),
+}
+
+
+def init_rules(cfg: ModelConfig) -> InitRules:
+    """Resolve model.init_scheme and the init_* overrides into one InitRules."""
+    scheme = _SCHEME_RULES[cfg.init_scheme]
+
+    def pick(value, key):
+        return scheme[key] if value == "scheme" else value
+
+    embed_std = cfg.init_embed_std if cfg.init_embed_std is not None else scheme["embed_std"]
+    return InitRules(
+        embed_std=cfg.init_std if embed_std is None else embed_std,
+        head=pick(cfg.init_head, "head"),
+        out_proj=pick(cfg.init_out_proj, "out_proj"),
+        router=pick(cfg.init_router, "router"),
+        router_std=cfg.init_std if cfg.init_router_std is None else cfg.init_router_std,
+        experts=pick(cfg.init_experts, "experts"),
+        expert_std=cfg.init_std if cfg.init_expert_std is None else cfg.init_expert_std,
+    )
+
+
+def depth_factor(rule: str, layer: int, n_layers: int) -> float:
+    """Std multiplier of a depth-scaled matrix in block `layer`: sqrt_2L 1/sqrt(2L), depth 1/sqrt(2(layer+1))."""
+    if rule == "sqrt_2L":
+        return (2 * n_layers) ** -0.5
+    if rule == "depth":
+        return (2 * (layer + 1)) ** -0.5
+    return 1.0
+
+
+def param_init_spec(cfg: ModelConfig, rules: InitRules, name: str, kind: str) -> InitSpec | None:
+    """InitSpec of parameter `name` of kind `kind` (Transformer.param_kinds); None for norms (init 1)."""
+    if kind == "norm":
+        return None
+    if kind == "embedding":
+        return InitSpec(rules.embed_std)
+    if kind == "head":
+        if rules.head == "inv_sqrt_dim":
+            return InitSpec(cfg.dim**-0.5, truncate=True)
+        return InitSpec(cfg.init_std)
+    layer = int(name.split(".")[1]) if name.startswith("blocks.") else 0
+    out_factor = depth_factor(rules.out_proj, layer, cfg.n_layers)
+    # torchtitan's depth rule also scales the up projection (w3) of every SwiGLU
+    up_factor = out_factor if rules.out_proj == "depth" else 1.0
+    if kind == "router":
+        return InitSpec(rules.router_std * depth_factor(rules.router, layer, cfg.n_layers))
+    if kind == "expert":
+        fan_in = rules.experts == "fan_in"
+        if name.endswith(".w_down"):
+            return InitSpec((cfg.moe_inter_dim**-0.5 if fan_in else rules.expert_std) * out_factor)
+        base = cfg.dim**-0.5 if fan_in else rules.expert_std
+        return _gate_up(base, up_factor)
+    if name.endswith(_OUTPUT_PROJECTIONS):
+        return InitSpec(cfg.init_std * out_factor)
+    if name.endswith(_GATE_UP_PROJECTIONS):
+        return _gate_up(cfg.init_std, up_factor)
+    return InitSpec(cfg.init_std)
+
+
+def _gate_up(std: float, up_factor: float) -> InitSpec:
+    return InitSpec(std) if up_factor == 1.0 else InitSpec(std, up_std=std * up_factor)
+
+
+def _draw(p: torch.Tensor, spec: InitSpec, gen: torch.Generator, fused_dim: int) -> None:
+    """Fill p in place from `gen`: standard (or +-3-truncated) normal draws scaled by the spec's std(s).
+
+    fused_dim: the axis holding [gate | up] halves of a fused SwiGLU projection (used when spec.up_std is set).
+    """
+    if spec.truncate:
+        torch.nn.init.trunc_normal_(p, 0.0, 1.0, -3.0, 3.0, generator=gen)
+        p.mul_(spec.std)
+        return
+    if spec.up_std is None:
+        p.normal_(0.0, spec.std, generator=gen)
+        return
+    half = p.shape[fused_dim] // 2
+    p.normal_(0.0, 1.0, generator=gen)
+    p.narrow(fused_dim, 0, half).mul_(spec.std)
+    p.narrow(fused_dim, half, half).mul_(spec.up_std)
+
+
 def _generator(device: torch.device, seed: int, key: str) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
     return gen
 
 
-__all__ = ["Block", "ModelOutput", "PARAM_KINDS", "Transformer"]
+__all__ = [
+    "Block",
+    "InitRules",
+    "InitSpec",
+    "ModelOutput",
+    "PARAM_KINDS",
+    "Transformer",
+    "init_rules",
+    "param_init_spec",
+]
