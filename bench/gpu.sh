@@ -35,8 +35,8 @@ import nmoe.train.loop, nmoe.rdep, nmoe.kernels; print(\"imports ok\")"' ;;
     rdep-multi) for n in 1 2 4; do
         TAIL=7 stage "rdep-multi-$n" 240 python3 -m torch.distributed.run --standalone --nproc_per_node=$n \
           packages/nmoe-rdep/tests/gpu_multi.py; done ;;
-    model-use) stage model-use 300 python3 packages/nmoe-train/tests/gpu_check_model_use.py --config configs/moonlet.toml \
-        --bundle .gpu/core --max-per-task 50 ;;
+    model-use) tar xJf .gpu/core.tar.xz -C .gpu && stage model-use 300 python3 \
+        packages/nmoe-train/tests/gpu_check_model_use.py --config configs/moonlet.toml --bundle .gpu/core --max-per-task 50 ;;
     kernels-bench) stage kernels-bench 420 python3 bench/kernels.py --out "$OUT/kernels.json" ;;
     lowprec-bench) stage lowprec-bench 300 python3 bench/lowprec.py --out "$OUT/lowprec.json" ;;
     rdep-local) stage rdep-local 240 python3 bench/rdep_local.py --out "$OUT/rdep_local.json" ;;
@@ -45,6 +45,20 @@ import nmoe.train.loop, nmoe.rdep, nmoe.kernels; print(\"imports ok\")"' ;;
     ep-one-gpu) TAIL=16 stage ep-one-gpu 540 python3 bench/ep_one_gpu.py configs/moonlet.toml --out "$OUT/ep" "${DATA[@]}" \
         --set model.n_layers=4 --set train.steps=20 --set train.global_batch_size=4 --set optim.warmup=5 \
         --set optim.warmdown=5 --set eval.eval_every=0 --set train.log_every=5 --set runtime.compile=false ;;
+    precision) TAIL=12 stage precision 560 python3 bench/precision.py configs/moonlet.toml --out "$OUT/precision" \
+        --steps "${STEPS:-300}" "${DATA[@]}" --set model.n_layers=6 --set train.global_batch_size=8 \
+        --set runtime.compile=false --set optim.warmup=30 --set optim.warmdown=60 --set eval.eval_every=100 \
+        --set eval.eval_batches=8 --set train.log_every=25 ;;
+    learning) TAIL=16 stage learning 590 python3 bench/learning.py --data .gpu/data/corpus-32k --out "$OUT/learning" \
+        --variants "${VARIANTS:-nmoe,torchtitan,nmoe-tt-init,muon,head,embed,out_proj}" \
+        --custom muon-tt-init:init_scheme=torchtitan,optimizer=muon --max-minutes "${MINUTES:-9}" ;;
+    peer) TAIL=8 stage peer 330 python3 bench/peer.py --out "$OUT/peer" \
+        --shapes "${SHAPES:-configs/moonlet.toml@12x2048,configs/moonlet.toml@8x2048}" --max-minutes 5 ;;
+    super) tar xJf .gpu/core.tar.xz -C .gpu && TAIL=40 stage super 540 python3 -m nmoe.train configs/speedrun/super.toml \
+        "${DATA[@]}" --set train.steps="${STEPS:-300}" --set optim.warmup=50 --set optim.warmdown=100 \
+        --set eval.eval_every=100 --set eval.core_bundle=.gpu/core --set eval.core_max_per_task="${CORE_N:-100}" \
+        --set eval.leaderboard="$OUT/LEADERBOARD.json" --set checkpoint.dir="$OUT/ckpt" --set metrics.dir="$OUT/metrics" \
+        --set metrics.experiments_db="$OUT/runs.sqlite" --set runtime.progress=false --set train.log_every=50 ;;
     *) echo "unknown stage $s" >>"$SUMMARY" ;;
   esac
 done

@@ -27,9 +27,9 @@ PHASES = (  # (phase, substrings of kernel names), first match wins
     ("expert gather/combine/sort", ("combine_kernel", "expert_histogram", "expert_scatter")),
     ("fused head + loss", ("linear_ce", "_ce_")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("inductor elementwise / reductions", ("triton_",)),  # before the optimizer: fused rms_norm kernels say "norm"
     ("dense GEMMs (cuBLAS)", ("gemm", "xmma", "cutlass", "sm90_", "nvjet")),
     ("optimizer + clipping", ("multi_tensor", "adam", "foreach", "_amp_", "norm_")),
-    ("inductor elementwise / reductions", ("triton_",)),
 )
 
 
