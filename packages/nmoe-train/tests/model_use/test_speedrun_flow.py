@@ -31,3 +31,15 @@ def test_target_then_core_then_one_leaderboard_entry(tmp_path, text_corpus, make
     assert "core/score" in values and "core/arc_easy" in values
     again = Trainer(cfg, log=lambda s: None).run()  # a finished run: nothing trained, nothing appended
     assert again.losses == {} and len(json.loads(board.read_text())["entries"]) == 1
+
+
+def test_a_missing_core_bundle_stops_the_run_before_training(tmp_path, text_corpus, make_config, prepared_data):
+    from nmoe.train.runtime import SetupError
+
+    raw = tomllib.loads(make_config(tmp_path, text_corpus, data=prepared_data,
+                                    eval={"core_bundle": str(tmp_path / "no-bundle")}))  # fmt: skip
+    with pytest.raises(
+        SetupError, match=r"eval.core_bundle = '.*no-bundle': CORE bundle .* does not exist.*llm-foundry"
+    ):
+        Trainer(build_config(raw, "speedrun.toml", env={}), log=lambda s: None)
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").rglob("step_*"))

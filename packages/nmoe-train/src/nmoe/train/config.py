@@ -118,10 +118,11 @@ class OptimConfig:
         range=(0.0, 10.0),
     )
     nvfp4_rule: str = config_field(
-        "residual",
+        "stochastic",
         "how NVFP4-stored expert weights are re-quantised after each AdamW update (model.expert_precision = "
         "'nvfp4'): nearest; seed (the seed project's resonant dither on codes that would not move); stochastic "
-        "(unbiased stochastic rounding); residual (error feedback through a bf16 buffer, +2 bytes/param)",
+        "(unbiased stochastic rounding; the measured best, bench/RESULTS.md); residual (error feedback through a "
+        "bf16 buffer, +2 bytes/param)",
         choices=("nearest", "seed", "stochastic", "residual"),
     )
     nvfp4_dither: float = config_field(

@@ -271,6 +271,16 @@ def task_accuracy(task: CoreTask, items: Sequence[dict], requests: Sequence[Requ
 
 
 # ---------------------------------------------------------------------------- bundle
+def check_bundle(bundle_dir: str | Path) -> Path:
+    """The bundle folder, or CoreBundleError saying where to get one (the trainer checks it before training)."""
+    bundle = Path(bundle_dir)
+    if not bundle.is_dir():
+        raise CoreBundleError(f"CORE bundle {bundle} does not exist. {BUNDLE_HINT}")
+    if not any(find_task_file(bundle, t) for t in CORE_TASKS):
+        raise CoreBundleError(f"CORE bundle {bundle} holds none of the CORE task files. {BUNDLE_HINT}")
+    return bundle
+
+
 def find_task_file(bundle: Path, task: CoreTask) -> Path | None:
     """The task's file anywhere under the bundle folder (flat or llm-foundry's category folders)."""
     direct = bundle / task.file
@@ -321,9 +331,7 @@ def evaluate_core(
     """
     from nmoe.train.inference import eval_mode
 
-    bundle = Path(bundle_dir)
-    if not bundle.is_dir():
-        raise CoreBundleError(f"CORE bundle {bundle} does not exist. {BUNDLE_HINT}")
+    bundle = check_bundle(bundle_dir)
     selected = _select(tasks)
     files = {t.name: find_task_file(bundle, t) for t in selected}
     missing = [t.name for t in CORE_TASKS if find_task_file(bundle, t) is None]

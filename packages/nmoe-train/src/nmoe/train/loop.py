@@ -22,6 +22,7 @@ from nmoe.train import checkpoint as ckpt
 from nmoe.train.cadence import Cadence
 from nmoe.train.checkpointer import Checkpointer
 from nmoe.train.config import Config
+from nmoe.train.core_eval import CoreBundleError, check_bundle
 from nmoe.train.data_setup import ensure_data
 from nmoe.train.diagnostics import locate_nonfinite
 from nmoe.train.distributed import World, init_world
@@ -115,6 +116,11 @@ class Trainer:
                     f"{key} = {value!r}: cannot write to {folder} ({e.strerror or e}). "
                     f"Point {key} at a writable location (--set {key}=...)."
                 ) from None
+        if cfg.eval.core_bundle:  # found missing now, not after a long run
+            try:
+                check_bundle(cfg.eval.core_bundle)
+            except CoreBundleError as err:
+                raise SetupError(f"eval.core_bundle = {cfg.eval.core_bundle!r}: {err}") from None
         lock = ckpt.RunLock(root)
         lock.acquire()
         ckpt.remove_stale_temporaries(root)
