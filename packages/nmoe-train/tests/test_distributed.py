@@ -260,3 +260,21 @@ def test_bad_parallel_settings_are_one_clear_error(tmp_path, make_config, text_c
     proc = subprocess.run([sys.executable, str(HARNESS), str(good)], env=lone, capture_output=True, text=True,
                           cwd=tmp_path, timeout=300)  # fmt: skip
     assert proc.returncode != 0 and "launch several processes with torchrun" in proc.stderr
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_one_checkpoint(tmp_path, make_config, text_corpus, prepared_data):
+    straight = write_config(tmp_path, make_config, text_corpus, prepared_data, "straight")
+    assert launch(2, straight).returncode == 0
+    stopped = write_config(tmp_path, make_config, text_corpus, prepared_data, "stopped")
+    first = launch(2, stopped, "--fault", "4:TERM", "--fault-rank", "1")  # only rank 1 gets SIGTERM
+    assert first.returncode != 0
+    assert "SIGTERM: saved" in first.stdout and "step_00000004" in first.stdout, first.stdout[-2000:]
+    from nmoe.train.checkpoint import find_latest
+
+    assert find_latest(tmp_path / "ckpt" / "stopped").name == "step_00000004"  # save_every 5: the signal's save
+    again = launch(2, stopped)
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
+    assert losses(tmp_path, "straight") == losses(tmp_path, "stopped")
+    a, b = final_state(tmp_path / "ckpt" / "straight"), final_state(tmp_path / "ckpt" / "stopped")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
