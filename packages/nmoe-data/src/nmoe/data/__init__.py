@@ -6,6 +6,7 @@ from nmoe.data.loader import Loader, open_loader
 from nmoe.data.manifest import Manifest, ShardInfo, SplitInfo
 from nmoe.data.mixture import SourceSpec, mixture_probabilities, prep_mixture
 from nmoe.data.prep import PrepOptions, dataset_dir, is_prepared, prep_command, prep_option_fields, prepare
+from nmoe.data.shards import sha256_file
 from nmoe.data.tokenizer import BOS_TOKEN, Tokenizer
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "prep_mixture",
     "prep_option_fields",
     "prepare",
+    "sha256_file",
 ]

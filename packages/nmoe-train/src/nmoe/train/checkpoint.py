@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import pickle
@@ -36,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from nmoe.data import sha256_file
 
 LATEST = "latest"
 PREFIX = "step_"
@@ -162,14 +163,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_file(path: Path, obj: Any) -> dict[str, Any]:
