@@ -2,6 +2,7 @@
 
 import ast
 import re
+import sys
 import tomllib
 from pathlib import Path
 
@@ -84,24 +85,7 @@ def test_kernels_depend_on_torch_and_triton_only():
     assert {"torch", "triton"} <= deps
     assert not {d for d in deps if d.startswith("nmoe")}
     third_party = {m for m in imported("kernels") if not m.startswith("nmoe")}
-    stdlib_ok = {
-        "__future__",
-        "dataclasses",
-        "functools",
-        "math",
-        "os",
-        "typing",
-        "warnings",
-        "collections",
-        "enum",
-        "itertools",
-        "contextlib",
-        "importlib",
-        "sys",
-        "typing_extensions",
-        "abc",
-        "threading",
-    }
+    stdlib_ok = set(sys.stdlib_module_names)
     assert third_party - stdlib_ok <= {"torch", "triton", "numpy"}, third_party - stdlib_ok
 
 
