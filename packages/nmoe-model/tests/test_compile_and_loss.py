@@ -58,3 +58,22 @@ def test_the_model_compiles_without_graph_breaks():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     logits = torch.compile(model, fullgraph=True, backend="aot_eager")(idx).logits  # the plain forward too
     torch.testing.assert_close(logits, model(idx).logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["moe", "all"])
+def test_activation_checkpointing_changes_nothing_but_memory(mode):
+    cfg = config()
+    gen = torch.Generator().manual_seed(2)
+    idx, tgt = torch.randint(0, 64, (2, 16), generator=gen), torch.randint(0, 64, (2, 16), generator=gen)
+    results = []
+    for setting in ("none", mode):
+        model = model_of(cfg, torch.float64)
+        model.set_activation_checkpointing(setting)
+        out = model(idx, tgt)
+        grads = torch.autograd.grad(out.loss + out.aux_loss, list(model.parameters()), allow_unused=True)
+        stats = torch.stack([m.take_stats() for m in model.moe_layers])  # router load counted once, not twice
+        results.append((out.loss.detach(), grads, stats))
+    (loss_a, grads_a, stats_a), (loss_b, grads_b, stats_b) = results
+    assert torch.equal(loss_a, loss_b) and torch.equal(stats_a, stats_b)
+    for a, b in zip(grads_a, grads_b):
+        assert (a is None and b is None) or torch.equal(a, b)

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nmoe.kernels import linear_cross_entropy
 from nmoe.model.attention import make_attention, sliding_window_block_mask
 from nmoe.model.config import ModelConfig
 from nmoe.model.kv_cache import KVCache, LayerKV
 from nmoe.model.layers import RMSNorm, SwiGLU, rope_tables
-from nmoe.model.moe import MoE
+from nmoe.model.moe import MoE, recomputing
 from nmoe.model.stats import LayerRouterStats, RouterStats
 
 PARAM_KINDS = ("embedding", "head", "norm", "bias", "router", "matrix", "expert")
@@ -89,6 +91,17 @@ class Transformer(nn.Module):
         """The MoE FFN modules in block order."""
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
 
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """'none', 'moe' (re-run the forward of MoE blocks in backward instead of keeping their activations) or
+        'all' (every block): less activation memory for about one more forward of those blocks."""
+        if mode not in ("none", "moe", "all"):
+            raise ValueError(f"activation checkpointing {mode!r}: choose none, moe or all")
+        self.activation_checkpointing = mode
+
+    def _checkpointed(self, block) -> bool:
+        mode = getattr(self, "activation_checkpointing", "none")
+        return torch.is_grad_enabled() and (mode == "all" or (mode == "moe" and isinstance(block.ffn, MoE)))
+
     def set_dispatcher(self, dispatcher) -> None:
         """Route every MoE layer's experts through `dispatcher` (an nmoe.model.dispatch.ExpertDispatch)."""
         for moe in self.moe_layers:
@@ -120,7 +133,11 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)
         aux = torch.zeros((), dtype=torch.float32, device=idx.device)
         for block in self.blocks:
-            x, block_aux = block(x, cos, sin, block_mask)
+            if self._checkpointed(block):
+                x, block_aux = checkpoint(block, x, cos, sin, block_mask, use_reentrant=False,
+                                          context_fn=_recompute_contexts)  # fmt: skip
+            else:
+                x, block_aux = block(x, cos, sin, block_mask)
             if block_aux is not None:
                 aux = aux + block_aux
         h = self.norm(x)
@@ -365,6 +382,11 @@ def _draw(p: torch.Tensor, spec: InitSpec, gen: torch.Generator, fused_dim: int)
     p.normal_(0.0, 1.0, generator=gen)
     p.narrow(fused_dim, 0, half).mul_(spec.std)
     p.narrow(fused_dim, half, half).mul_(spec.up_std)
+
+
+def _recompute_contexts():
+    """(forward context, recompute context) of a checkpointed block: the recompute counts no router load again."""
+    return contextlib.nullcontext(), recomputing()
 
 
 def _generator(device: torch.device, seed: int, key: str) -> torch.Generator:

@@ -9,7 +9,9 @@ that re-runs forward counts twice.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from typing import NamedTuple
 
 import torch
@@ -56,6 +58,23 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor,
     if cfg.route_norm:
         gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
     return Routing(logits, scores, topk_ids, gates, gates * cfg.route_scale)
+
+
+_RECOMPUTE = threading.local()
+
+
+@contextlib.contextmanager
+def recomputing():
+    """The forward of an activation-checkpointed block being re-run in backward: its router load was counted already."""
+    _RECOMPUTE.active = True
+    try:
+        yield
+    finally:
+        _RECOMPUTE.active = False
+
+
+def in_recompute() -> bool:
+    return getattr(_RECOMPUTE, "active", False)
 
 
 def expert_mlp_of(cfg: ModelConfig, fused_default: bool = False) -> ExpertMLP | None:
@@ -121,7 +140,7 @@ class MoE(nn.Module):
         flat = x.reshape(bsz * seq, dim)
         r = route(flat, self.gate, self.expert_bias, self.cfg)
         ids = capacity_ids(r.topk_ids, self.cfg)
-        if self.training:
+        if self.training and not in_recompute():
             self._accumulate(r, ids)
         y = self._routed(flat, ids, r.weights)
         if self.shared is not None:

@@ -175,6 +175,13 @@ class RuntimeConfig:
     device: str = config_field("auto", "auto: cuda if available else cpu", choices=("auto", "cpu", "cuda"))
     dtype: str = config_field("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=("auto", "bf16", "fp32"))
     compile: bool = config_field(False, "torch.compile the model")
+    activation_checkpointing: str = config_field(
+        "none",
+        "re-run a block's forward in backward instead of keeping its activations: none, moe (the MoE blocks) or "
+        "all; less memory (larger micro-batches) for about one more forward of those blocks",
+        choices=("none", "moe", "all"),
+        operational=True,
+    )
     nvtx: bool = config_field(False, "emit NVTX ranges (forward, backward, optimizer, comm)", operational=True)
     progress: bool = config_field(True, "show a progress bar", operational=True)
 

@@ -22,6 +22,7 @@ def build_model(cfg: Config, plan: RunPlan, world: World) -> tuple[Transformer, 
     model = Transformer(cfg.model, world.ep_rank, plan.ep_size)
     model.init_weights(cfg.train.seed)
     model.to(world.device)
+    model.set_activation_checkpointing(cfg.runtime.activation_checkpointing)
     experts = expert_names(model)
     stores = attach_nvfp4_storage(model, sorted(experts)) if cfg.model.expert_precision == "nvfp4" else {}
     if plan.ep_size > 1 and cfg.model.has_moe:
