@@ -130,6 +130,7 @@ def _train(cfg, extend_steps: int, hooks) -> int:
     from nmoe.train.data_setup import DataNotReady
     from nmoe.train.distributed import PeerLost
     from nmoe.train.loop import NonFiniteError, Trainer
+    from nmoe.train.record import RecordError
     from nmoe.train.runtime import SetupError
 
     rank = os.environ.get("RANK", "0")
@@ -150,6 +151,7 @@ def _train(cfg, extend_steps: int, hooks) -> int:
         PeerLost,
         RdepTimeoutError,
         RdepCapacityError,
+        RecordError,
     ) as e:
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return 1
