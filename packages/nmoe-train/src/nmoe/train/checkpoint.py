@@ -356,9 +356,13 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def candidates(root: str | Path) -> list[Path]:
-    """Checkpoints under root with a meta.json, the one `latest` names first, then newest step first."""
+    """Checkpoint folders under root, the one `latest` names first, then newest step first.
+
+    Folders without meta.json are included: a save publishes meta.json with its folder, so one without it
+    is damaged, and resume must say so rather than pass over it in silence.
+    """
     root = Path(root)
-    done = [p for p in reversed(step_dirs(root)) if (p / META).is_file()]
+    done = list(reversed(step_dirs(root)))
     pointer = root / LATEST
     if pointer.is_file():  # a hint only: a damaged pointer names nothing, and the newest step comes first
         named = root / pointer.read_text(errors="replace").strip()
@@ -370,7 +374,7 @@ def candidates(root: str | Path) -> list[Path]:
 
 def find_latest(root: str | Path) -> Path | None:
     """The newest complete checkpoint under root (not verified), or None."""
-    found = candidates(root)
+    found = [p for p in candidates(root) if (p / META).is_file()]
     return found[0] if found else None
 
 
