@@ -425,31 +425,30 @@ def test_an_unwritable_data_dir_is_named_before_any_preparation(launcher, tmp_pa
 
 @pytest.fixture
 def read_only_copy(tmp_path):
-    """read_only_copy(folder) -> a copy of folder that this process cannot write to (a read-only bind mount as
-    root, where mounting is allowed; file modes otherwise); made writable again at teardown."""
-    made = []
+    """read_only_copy(folder) -> a copy of folder that this process cannot write to: a read-only bind mount
+    where mounting is allowed, file modes otherwise (which do not stop root: the probe below then fails)."""
+    mounted, locked = [], []
 
     def copy(folder: str | Path) -> Path:
         ro = tmp_path / "read-only"
         shutil.copytree(folder, ro)
-        if os.geteuid() == 0:
-            for args in (["--bind", str(ro), str(ro)], ["-o", "remount,bind,ro", str(ro)]):
-                subprocess.run(["mount", *args], check=True, capture_output=True)
+        bind = subprocess.run(["mount", "--bind", str(ro), str(ro)], capture_output=True) if os.geteuid() == 0 else None
+        if bind is not None and bind.returncode == 0:
+            mounted.append(ro)
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True, capture_output=True)
         else:
-            for path in [ro, *ro.rglob("*")]:
+            locked.extend([ro, *ro.rglob("*")])
+            for path in locked:
                 path.chmod(path.stat().st_mode & ~0o222)
-        made.append(ro)
         with pytest.raises(OSError):
             (ro / "probe").write_bytes(b"")
         return ro
 
     yield copy
-    for ro in made:
-        if os.geteuid() == 0:
-            subprocess.run(["umount", "-l", str(ro)], check=True)
-        else:
-            for path in [ro, *ro.rglob("*")]:
-                path.chmod(path.stat().st_mode | 0o200)
+    for ro in mounted:
+        subprocess.run(["umount", "-l", str(ro)], check=True)
+    for path in locked:
+        path.chmod(path.stat().st_mode | 0o200)
 
 
 @pytest.mark.xfail(
