@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"nmoe-metrics: error: {exc}", file=sys.stderr)
         return 2
-    except duckdb.Error as exc:  # its messages name the file
+    except duckdb.Error as exc:  # the reader's messages name the file
         print(
             f"nmoe-metrics: error: cannot read the metrics file: {exc}\n"
             "  it is damaged or not an nmoe metrics file; move it out of the run's metrics directory",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
@@ -14,6 +15,10 @@ from nmoe.metrics._duckdb_lock import LOCK_TIMEOUT_S, open_duckdb
 from nmoe.metrics.writer import rank_path, validate_run_id
 
 _RANK_FILE = re.compile(r"^rank_(\d+)\.duckdb$")
+
+
+class MetricsReadError(duckdb.Error):
+    """A metrics file could not be read; the message starts with its path (DuckDB's own may not name it)."""
 
 
 class MetricRow(NamedTuple):
@@ -104,7 +109,7 @@ def read_arrays(
     lowest = -(2**63) if after_step is None else int(after_step)
     for r in _ranks_to_read(metrics_dir, run_id, rank):
         path = rank_path(metrics_dir, run_id, r)
-        with open_duckdb(path, read_only=True, timeout_s=timeout_s) as con:
+        with _naming(path), open_duckdb(path, read_only=True, timeout_s=timeout_s) as con:
             if not has_table(con, "arrays"):
                 continue
             fetched = con.execute(query, [tag_prefix, lowest]).fetchall()
@@ -140,5 +145,16 @@ def _ranks_to_read(metrics_dir: str | Path, run_id: str, rank: int | None) -> li
 
 
 def _query(path: Path, query: str, params: list, timeout_s: float) -> list[tuple]:
-    with open_duckdb(path, read_only=True, timeout_s=timeout_s) as con:
+    with _naming(path), open_duckdb(path, read_only=True, timeout_s=timeout_s) as con:
         return con.execute(query, params).fetchall()
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Re-raise a DuckDB error of reading `path` as a MetricsReadError that names the file."""
+    try:
+        yield
+    except MetricsReadError:
+        raise
+    except duckdb.Error as err:
+        raise MetricsReadError(f"{path}: {str(err).splitlines()[0]}") from err

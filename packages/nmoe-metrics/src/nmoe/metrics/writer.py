@@ -18,6 +18,8 @@ from numbers import Integral
 from pathlib import Path
 from typing import Any
 
+import duckdb
+
 from nmoe.metrics._duckdb_lock import LOCK_TIMEOUT_S, open_duckdb
 
 SCHEMA = """
@@ -57,6 +59,10 @@ def validate_run_id(run_id: str) -> None:
     """Raise ValueError unless `run_id` is a non-empty name usable as one directory."""
     if not isinstance(run_id, str) or not run_id or run_id in (".", "..") or "/" in run_id or "\\" in run_id:
         raise ValueError(f"run_id must be a non-empty directory name without slashes, got {run_id!r}")
+
+
+class MetricsFileError(RuntimeError):
+    """A rank's metrics file exists but cannot be opened as a DuckDB metrics file (damaged or foreign)."""
 
 
 class MetricsWriter:
@@ -204,6 +210,14 @@ class MetricsWriter:
     # ------------------------------------------------------------------ disk side
 
     def _init_file(self, meta: Mapping[str, Any], resume_step: int | None) -> None:
+        try:
+            self._open_file(meta, resume_step)
+        except duckdb.Error as err:  # a lock conflict is a TimeoutError, not this
+            raise MetricsFileError(
+                f"{self.path} cannot be opened as a metrics file ({str(err).splitlines()[0]})"
+            ) from None
+
+    def _open_file(self, meta: Mapping[str, Any], resume_step: int | None) -> None:
         with open_duckdb(self.path, read_only=False, timeout_s=self._lock_timeout_s) as con:
             con.execute(SCHEMA)
             if resume_step is not None:

@@ -3,7 +3,8 @@
 Layout of one checkpoint (`{root}/step_00001000/`):
   meta.json                step, run state, fingerprint (+ its items), world and expert-parallel size, every
                            rank's RNG states, loader cursor, git revision, the resolved config, the global
-                           expert range of every expert file, and the size and sha256 of every file
+                           expert range of every expert file, the size and sha256 of every file, and
+                           the sha256 of its own content (`meta_sha256`)
   dense.pt                 replicated (non-expert) parameters and buffers            (written by rank 0)
   dense_optim.pt           their optimizer state, keyed by parameter name           (written by rank 0)
   experts_ep{r}.pt         routed-expert tensors [E/P, ...] of expert-parallel rank r (written by rank r of
@@ -20,10 +21,12 @@ from __future__ import annotations
 import base64
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import pickle
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -37,11 +40,13 @@ import numpy as np
 import torch
 
 from nmoe.data import sha256_file
+from nmoe.rdep.shm import process_gone
 
 LATEST = "latest"
 PREFIX = "step_"
 LOCK = ".lock"
 META = "meta.json"
+META_SHA = "meta_sha256"  # meta.json's checksum of its own content (every key but this one)
 DENSE, DENSE_OPTIM = "dense.pt", "dense_optim.pt"
 
 
@@ -92,9 +97,9 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            holder = _lock_holder(fd) if err.errno in (errno.EAGAIN, errno.EACCES) else ""
             os.close(fd)
-            if err.errno not in (errno.EAGAIN, errno.EACCES):
+            if not holder:
                 raise
             raise RunLocked(
                 f"{self.path.parent} is being trained right now by {holder}; two trainers on one run would "
@@ -109,6 +114,23 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _lock_holder(fd: int, wait_s: float = 2.0) -> str:
+    """'pid P on HOST' of the lock's holder, or 'another process'.
+
+    A new holder writes its line just after it takes the lock, over its predecessor's: while the file names
+    nobody, or a process of this host that is gone, wait a moment for the line of the process holding it now.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        named = re.fullmatch(r"pid (\d+) on (\S+)", text)
+        if named and (named[2] != socket.gethostname() or not process_gone(int(named[1]))):
+            return text
+        if time.monotonic() > deadline:
+            return "another process"
+        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -237,9 +259,17 @@ def write_shard_files(
     return files
 
 
+def _meta_digest(meta: Mapping[str, Any]) -> str:
+    """sha256 of a meta.json mapping as read back from JSON, leaving out its own checksum."""
+    body = json.dumps({k: v for k, v in meta.items() if k != META_SHA}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
 def publish(root: Path, tmp: Path, step: int, meta: dict[str, Any], keep_last: int) -> Path:
     """Write meta.json into tmp, rename tmp to step_XXXXXXXX, point `latest` at it, prune; returns the dir."""
-    (tmp / META).write_text(json.dumps(dict(meta, step=step, saved_at=time.time()), indent=1, sort_keys=True))
+    meta = json.loads(json.dumps(dict(meta, step=step, saved_at=time.time())))  # as it will be read back
+    meta[META_SHA] = _meta_digest(meta)
+    (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
     _fsync(tmp / META)
     _fsync(tmp)
     final = root / step_dir_name(step)
@@ -307,18 +337,28 @@ def read_meta(path: str | Path) -> dict[str, Any]:
             "or use 'auto'."
         )
     try:
-        return json.loads(meta_file.read_text())
+        meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{meta_file} is damaged (not valid JSON: {err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_file} is damaged (a JSON {type(meta).__name__}, not an object)")
+    # A change that leaves valid JSON (a flipped digit, an RNG state) would otherwise resume silently wrong.
+    if META_SHA in meta and meta[META_SHA] != _meta_digest(meta):
+        raise CheckpointError(f"{meta_file} fails its checksum (its content changed since it was written)")
+    return meta
 
 
 def candidates(root: str | Path) -> list[Path]:
-    """Checkpoints under root with a meta.json, the one `latest` names first, then newest step first."""
+    """Checkpoint folders under root, the one `latest` names first, then newest step first.
+
+    Folders without meta.json are included: a save publishes meta.json with its folder, so one without it
+    is damaged, and resume must say so rather than pass over it in silence.
+    """
     root = Path(root)
-    done = [p for p in reversed(step_dirs(root)) if (p / META).is_file()]
+    done = list(reversed(step_dirs(root)))
     pointer = root / LATEST
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
+    if pointer.is_file():  # a hint only: a damaged pointer names nothing, and the newest step comes first
+        named = root / pointer.read_text(errors="replace").strip()
         if named in done:
             done.remove(named)
             done.insert(0, named)
@@ -327,7 +367,7 @@ def candidates(root: str | Path) -> list[Path]:
 
 def find_latest(root: str | Path) -> Path | None:
     """The newest complete checkpoint under root (not verified), or None."""
-    found = candidates(root)
+    found = [p for p in candidates(root) if (p / META).is_file()]
     return found[0] if found else None
 
 

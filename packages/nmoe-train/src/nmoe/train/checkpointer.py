@@ -96,6 +96,8 @@ class Checkpointer:
 
     def _check(self, path: Path) -> tuple[dict[str, Any] | None, str | None]:
         """(meta, None) when every file verifies, else (None, the problem); the ranks hash the files in parallel."""
+        if path.is_dir() and not (path / ckpt.META).is_file():  # a save publishes its folder with meta.json
+            return None, f"{ckpt.META} is missing"
         try:
             meta = ckpt.read_meta(path)
         except ckpt.CheckpointError as err:

@@ -154,6 +154,7 @@ def _train(cfg, extend_steps: int, hooks) -> int:
     from nmoe.train.data_setup import DataNotReady
     from nmoe.train.distributed import PeerLost
     from nmoe.train.loop import NonFiniteError, Trainer
+    from nmoe.train.record import RecordError
     from nmoe.train.runtime import SetupError
 
     rank = os.environ.get("RANK", "0")
@@ -174,6 +175,7 @@ def _train(cfg, extend_steps: int, hooks) -> int:
         PeerLost,
         RdepTimeoutError,
         RdepCapacityError,
+        RecordError,
     ) as e:
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return 1
