@@ -387,12 +387,6 @@ def test_shard_ids_beyond_the_vocabulary_name_the_shard_without_verify(launcher,
     assert "shard " in err and ".npy holds token id" in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="with verify_shards = false the loader trusts each shard's recorded max id; a shard changed after prep "
-    "reaches the embedding (IndexError traceback). Fix in nmoe-data's loader: see the faults report",
-)
 def test_a_shard_changed_after_prep_names_the_shard_without_verify(launcher, new_run, tmp_path, prepared_data):
     import numpy as np
 
@@ -451,12 +445,6 @@ def read_only_copy(tmp_path):
         path.chmod(path.stat().st_mode | 0o200)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Trainer._claim_outputs (loop.py) probes data.data_dir for writing even when the data is already "
-    "prepared there; the fix (probe it only when ensure_data will prepare) is in the faults report",
-)
 def test_prepared_data_in_a_read_only_folder_trains(launcher, reference, tmp_path, text_corpus, prepared_data,
                                                     read_only_copy):  # fmt: skip
     data_dir = read_only_copy(prepared_data["data_dir"])

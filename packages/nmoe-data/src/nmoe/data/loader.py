@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nmoe.data.errors import DataError, TokenizerMismatchError
+from nmoe.data.errors import DataError, ShardCorruptError, TokenizerMismatchError
 from nmoe.data.manifest import MANIFEST, Manifest, check_tokenizers
 from nmoe.data.mixture import SourceSpec, mixture_probabilities, mixture_sources
 from nmoe.data.shards import open_shard
@@ -37,7 +37,7 @@ class _TokenStream:
 
     def __init__(self, manifest: Manifest, split: str, verify: bool, vocab_limit: int | None):
         info = manifest.split(split)
-        self.manifest = manifest
+        self.manifest, self.vocab_limit, self.files = manifest, vocab_limit, [s.file for s in info.shards]
         opened = [open_shard(manifest.dir, s, manifest.dtype, verify=verify) for s in info.shards]
         self.shards = [tokens for tokens, _ in opened]
         known = [(max_id, s.file) for s, (_, max_id) in zip(info.shards, opened) if max_id is not None]
@@ -61,8 +61,18 @@ class _TokenStream:
             lo = start + filled - int(self.starts[shard])
             take = min(length - filled, self.shards[shard].size - lo)
             out[filled : filled + take] = self.shards[shard][lo : lo + take]
+            if self.vocab_limit is not None and take and int(out[filled : filled + take].max()) >= self.vocab_limit:
+                self._out_of_vocab(shard, int(out[filled : filled + take].max()))
             filled += take
             shard += 1
+
+    def _out_of_vocab(self, shard: int, token_id: int) -> None:
+        """Shard ids beyond vocab_limit that its manifest did not record: the file changed after prep."""
+        raise ShardCorruptError(
+            f"shard {self.manifest.dir / self.files[shard]} holds token id {token_id}, but the model has only "
+            f"{self.vocab_limit} ids and its manifest entry does not show that id (the file changed after prep, or the "
+            "manifest predates recorded maxima). Check every shard with data.verify_shards = true, then re-prep"
+        )
 
 
 class Loader:

@@ -152,7 +152,7 @@ def _train(cfg, extend_steps: int, hooks) -> int:
     from nmoe.rdep import RdepCapacityError, RdepTimeoutError
     from nmoe.train.checkpoint import CheckpointError
     from nmoe.train.data_setup import DataNotReady
-    from nmoe.train.distributed import PeerLost
+    from nmoe.train.distributed import PeerLost, shutdown
     from nmoe.train.loop import NonFiniteError, Trainer
     from nmoe.train.record import RecordError
     from nmoe.train.runtime import SetupError
@@ -166,6 +166,7 @@ def _train(cfg, extend_steps: int, hooks) -> int:
         if extend_steps:
             trainer.extend(extend_steps)
         result = trainer.run()
+        trainer.world.close()
     except (
         DataError,
         DataNotReady,
@@ -178,9 +179,11 @@ def _train(cfg, extend_steps: int, hooks) -> int:
         RecordError,
     ) as e:
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        shutdown()
         return 1
     except KeyboardInterrupt:
         print(f"{prefix}aborted (second interrupt); the last checkpoint is intact", file=sys.stderr)
+        shutdown()
         return 130
     if rank == "0":
         summary = f"[nmoe] {result.status}: run {result.run_id}, step {result.step}"

@@ -25,6 +25,11 @@ def prep_options(data: DataConfig) -> PrepOptions:
     return PrepOptions(**{f.name: getattr(data, f.name) for f in prep_option_fields()})
 
 
+def needs_prep(cfg: Config) -> bool:
+    """Whether ensure_data(cfg) would prepare data (and so write under data.data_dir)."""
+    return not cfg.data.mixture and not is_prepared(prep_options(cfg.data))
+
+
 def ensure_data(cfg: Config, log=print) -> Path:
     """Path of the prepared dataset (or mixture) for cfg, preparing it first if missing."""
     if cfg.data.mixture:

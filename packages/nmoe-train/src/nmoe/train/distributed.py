@@ -139,8 +139,15 @@ class World:
         )
 
     def close(self) -> None:
-        if self.is_distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        """Wait for every rank, then tear down the process groups (gloo aborts a process that exits with them alive)."""
+        self.barrier()
+        shutdown()
+
+
+def shutdown() -> None:
+    """Destroy torch.distributed's process groups if this process has any; safe to call twice."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def init_world(plan: RunPlan, backend: str = "auto", timeout_s: float = 300.0, environ=os.environ) -> World:

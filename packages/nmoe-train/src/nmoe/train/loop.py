@@ -23,7 +23,7 @@ from nmoe.train.cadence import Cadence
 from nmoe.train.checkpointer import Checkpointer
 from nmoe.train.config import Config
 from nmoe.train.core_eval import CoreBundleError, check_bundle
-from nmoe.train.data_setup import ensure_data
+from nmoe.train.data_setup import ensure_data, needs_prep
 from nmoe.train.diagnostics import locate_nonfinite
 from nmoe.train.distributed import World, init_world
 from nmoe.train.finish import append_to_leaderboard, core_values, run_core
@@ -103,8 +103,9 @@ class Trainer:
             ("checkpoint.dir", cfg.checkpoint.dir, root),
             ("metrics.dir", cfg.metrics.dir, Path(cfg.metrics.dir)),
             ("metrics.experiments_db", cfg.metrics.experiments_db, Path(cfg.metrics.experiments_db).parent),
-            ("data.data_dir", cfg.data.data_dir, Path(cfg.data.data_dir)),
         )
+        if needs_prep(cfg):  # prepared data may sit in a read-only folder
+            outputs += (("data.data_dir", cfg.data.data_dir, Path(cfg.data.data_dir)),)
         for key, value, folder in outputs:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
