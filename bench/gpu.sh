@@ -52,7 +52,7 @@ import nmoe.train.loop, nmoe.rdep, nmoe.kernels; print(\"imports ok\")"' ;;
     learning) TAIL=16 stage learning 590 python3 bench/learning.py --data .gpu/data/corpus-32k --out "$OUT/learning" \
         --variants "${VARIANTS:-nmoe,torchtitan,nmoe-tt-init,muon,head,embed,out_proj}" \
         --custom muon-tt-init:init_scheme=torchtitan,optimizer=muon --max-minutes "${MINUTES:-9}" \
-        --steps "${STEPS:-300}" ;;
+        --steps "${STEPS:-300}" --batch "${BATCH:-12}" ;;
     peer) TAIL=8 stage peer 330 python3 bench/peer.py --out "$OUT/peer" \
         --shapes "${SHAPES:-configs/moonlet.toml@12x2048,configs/moonlet.toml@8x2048}" --max-minutes 5 ;;
     super) tar xJf .gpu/core.tar.xz -C .gpu && TAIL=40 stage super 540 python3 -m nmoe.train configs/speedrun/super.toml \
