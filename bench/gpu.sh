@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One GPU-machine call (device tool), by stages: bash bench/gpu.sh STAGE [STAGE ...]
-# Carry .whl (duckdb, nvshmem4py; ../shared/device/wheels.sh) and, for training stages, .gpu (prepared data:
+# Carry .whl (duckdb, nvshmem4py; ../shared/device/wheels.sh; WHEELS=DIR installs another folder's wheels) and, for training stages, .gpu (prepared data:
 # `uv run nmoe-data prep --source files --input ../shared/corpus/docs.jsonl.gz --output .gpu/data
 #  --name corpus-32k --tokenizer .gpu/data/tok-32k.json --tokenizer-vocab-size 32768 --val-tokens 262144`).
 # Every stage logs to $OUT/<stage>.log; the summary of each stage is printed last.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl \
   >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$(ls -d packages/*/src | paste -sd:) PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
