@@ -49,10 +49,12 @@ import nmoe.train.loop, nmoe.rdep, nmoe.kernels; print(\"imports ok\")"' ;;
         --steps "${STEPS:-300}" "${DATA[@]}" --set model.n_layers=6 --set train.global_batch_size=8 \
         --set runtime.compile=false --set optim.warmup=30 --set optim.warmdown=60 --set eval.eval_every=100 \
         --set eval.eval_batches=8 --set train.log_every=25 ;;
-    learning) TAIL=16 stage learning 590 python3 bench/learning.py --data .gpu/data/corpus-32k --out "$OUT/learning" \
-        --variants "${VARIANTS:-nmoe,torchtitan,nmoe-tt-init,muon,head,embed,out_proj}" \
-        --custom muon-tt-init:init_scheme=torchtitan,optimizer=muon --max-minutes "${MINUTES:-9}" \
-        --steps "${STEPS:-300}" --batch "${BATCH:-12}" ;;
+    learning) for seed in ${SEEDS:-0}; do  # SEEDS="1 2": one run per seed (model init and data order)
+        TAIL=16 stage "learning-s$seed" 590 python3 bench/learning.py --data .gpu/data/corpus-32k \
+        --out "$OUT/learning-s$seed" --seed "$seed" \
+        --variants "${VARIANTS:-nmoe,torchtitan,nmoe-tt-init,muon,head,embed,out_proj}" ${CUSTOM:---custom \
+        muon-tt-init:init_scheme=torchtitan,optimizer=muon} --max-minutes "${MINUTES:-9}" \
+        --steps "${STEPS:-300}" --batch "${BATCH:-12}"; done ;;
     peer) TAIL=8 stage peer 330 python3 bench/peer.py --out "$OUT/peer" \
         --shapes "${SHAPES:-configs/moonlet.toml@12x2048,configs/moonlet.toml@8x2048}" --max-minutes 5 ;;
     super) tar xJf .gpu/core.tar.xz -C .gpu && TAIL=40 stage super 540 python3 -m nmoe.train configs/speedrun/super.toml \
