@@ -53,7 +53,7 @@ def layer_of(name: str) -> int:
 
 
 def depth(rule: str, layer: int, n_layers: int) -> float:
-    return {"sqrt_2L": (2 * n_layers) ** -0.5, "depth": (2 * (layer + 1)) ** -0.5, "none": 1.0}[rule]
+    return {"sqrt_2L": (2 * n_layers) ** -0.5, "depth": (2 * (layer + 1)) ** -0.5, "none": 1.0, "zero": 0.0}[rule]
 
 
 def expected(cfg: ModelConfig, name: str, knobs: dict) -> tuple[float, float, bool]:
@@ -63,7 +63,7 @@ def expected(cfg: ModelConfig, name: str, knobs: dict) -> tuple[float, float, bo
         s = knobs["embed_std"]
         return s, s, False
     if name == "head.weight":
-        s = d**-0.5 if knobs["head"] == "inv_sqrt_dim" else STD
+        s = {"inv_sqrt_dim": d**-0.5, "zero": 0.0}.get(knobs["head"], STD)
         return s, s, knobs["head"] == "inv_sqrt_dim"
     layer = layer_of(name)
     out = depth(knobs["out_proj"], layer, cfg.n_layers)
@@ -124,8 +124,8 @@ def test_each_scheme_draws_the_stds_it_claims(scheme, knobs):
 @given(
     scheme=st.sampled_from(["nmoe", "torchtitan"]),
     embed_std=st.sampled_from([None, 0.5, 1.0]),
-    head=st.sampled_from(["scheme", "init_std", "inv_sqrt_dim"]),
-    out_proj=st.sampled_from(["scheme", "sqrt_2L", "depth", "none"]),
+    head=st.sampled_from(["scheme", "init_std", "inv_sqrt_dim", "zero"]),
+    out_proj=st.sampled_from(["scheme", "sqrt_2L", "depth", "none", "zero"]),
     router=st.sampled_from(["scheme", "sqrt_2L", "depth", "none"]),
     router_std=st.sampled_from([None, 0.006]),
     experts=st.sampled_from(["scheme", "matrix", "fan_in"]),

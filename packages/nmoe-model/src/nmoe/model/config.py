@@ -20,8 +20,9 @@ ATTN_LOCAL = ("swa", "none")
 SCORE_FUNCS = ("sigmoid", "softmax")
 EXPERT_PRECISIONS = ("bf16", "fp8", "nvfp4")
 INIT_SCHEMES = ("nmoe", "torchtitan")
-INIT_HEAD_RULES = ("scheme", "init_std", "inv_sqrt_dim")
+INIT_HEAD_RULES = ("scheme", "init_std", "inv_sqrt_dim", "zero")
 INIT_DEPTH_RULES = ("scheme", "sqrt_2L", "depth", "none")
+INIT_OUT_PROJ_RULES = (*INIT_DEPTH_RULES, "zero")
 INIT_EXPERT_RULES = ("scheme", "matrix", "fan_in")
 
 
@@ -172,16 +173,16 @@ class ModelConfig:
     )
     init_head: str = config_field(
         "scheme",
-        "output-head init: init_std, or inv_sqrt_dim (std dim^-0.5, truncated at 3 std); scheme: nmoe init_std, "
-        "torchtitan inv_sqrt_dim",
+        "output-head init: init_std, inv_sqrt_dim (std dim^-0.5, truncated at 3 std) or zero; scheme: nmoe "
+        "init_std, torchtitan inv_sqrt_dim",
         choices=INIT_HEAD_RULES,
     )
     init_out_proj: str = config_field(
         "scheme",
         "scaling of output projections (wo, w2, w_down): sqrt_2L (/ sqrt(2 n_layers)), depth (/ sqrt(2 (layer + "
-        "1)) per layer, also applied to the up half of SwiGLU gate|up projections, as torchtitan), none; "
-        "scheme: nmoe sqrt_2L, torchtitan depth",
-        choices=INIT_DEPTH_RULES,
+        "1)) per layer, also applied to the up half of SwiGLU gate|up projections, as torchtitan), none, zero "
+        "(every block starts as the identity); scheme: nmoe sqrt_2L, torchtitan depth",
+        choices=INIT_OUT_PROJ_RULES,
     )
     init_router: str = config_field(
         "scheme",

@@ -283,8 +283,8 @@ class InitRules(NamedTuple):
     """The init of every part, resolved from the model.init_* keys and model.init_scheme."""
 
     embed_std: float
-    head: str  # init_std | inv_sqrt_dim
-    out_proj: str  # sqrt_2L | depth | none
+    head: str  # init_std | inv_sqrt_dim | zero
+    out_proj: str  # sqrt_2L | depth | none | zero
     router: str  # sqrt_2L | depth | none
     router_std: float
     experts: str  # matrix | fan_in
@@ -325,7 +325,10 @@ def init_rules(cfg: ModelConfig) -> InitRules:
 
 
 def depth_factor(rule: str, layer: int, n_layers: int) -> float:
-    """Std multiplier of a depth-scaled matrix in block `layer`: sqrt_2L 1/sqrt(2L), depth 1/sqrt(2(layer+1))."""
+    """Std multiplier of a depth-scaled matrix in block `layer`: sqrt_2L 1/sqrt(2L), depth 1/sqrt(2(layer+1)),
+    zero 0, none 1."""
+    if rule == "zero":
+        return 0.0
     if rule == "sqrt_2L":
         return (2 * n_layers) ** -0.5
     if rule == "depth":
@@ -342,6 +345,8 @@ def param_init_spec(cfg: ModelConfig, rules: InitRules, name: str, kind: str) ->
     if kind == "head":
         if rules.head == "inv_sqrt_dim":
             return InitSpec(cfg.dim**-0.5, truncate=True)
+        if rules.head == "zero":
+            return InitSpec(0.0)
         return InitSpec(cfg.init_std)
     layer = int(name.split(".")[1]) if name.startswith("blocks.") else 0
     out_factor = depth_factor(rules.out_proj, layer, cfg.n_layers)
