@@ -53,15 +53,17 @@ class Variant:
 
 
 VARIANTS = [
-    Variant("nmoe", "baseline: init_scheme nmoe"),
+    Variant("nmoe", "baseline: init_scheme nmoe", {"init_scheme": "nmoe"}),
     Variant("torchtitan", "torchtitan 0.3.0 DeepSeek-V3, its own init", torchtitan=True),
     Variant("nmoe-tt-init", "nmoe, init_scheme torchtitan (all knobs below)", {"init_scheme": "torchtitan"}),
-    Variant("embed", "baseline + embedding std 1.0", {"init_embed_std": 1.0}),
-    Variant("head", "baseline + head std dim^-0.5 (trunc 3 std)", {"init_head": "inv_sqrt_dim"}),
-    Variant("out_proj", "baseline + per-layer depth scaling (wo, w2, up)", {"init_out_proj": "depth"}),
-    Variant("router", "baseline + router std / sqrt(2 (layer+1))", {"init_router": "depth"}),
-    Variant("experts", "baseline + fan-in expert std", {"init_experts": "fan_in"}),
-    Variant("muon", "baseline init, optim.optimizer muon", optimizer="muon"),
+    Variant("embed", "baseline + embedding std 1.0", {"init_scheme": "nmoe", "init_embed_std": 1.0}),
+    Variant("head", "baseline + head std dim^-0.5 (trunc 3 std)", {"init_scheme": "nmoe", "init_head": "inv_sqrt_dim"}),
+    Variant(
+        "out_proj", "baseline + per-layer depth scaling (wo, w2, up)", {"init_scheme": "nmoe", "init_out_proj": "depth"}
+    ),
+    Variant("router", "baseline + router std / sqrt(2 (layer+1))", {"init_scheme": "nmoe", "init_router": "depth"}),
+    Variant("experts", "baseline + fan-in expert std", {"init_scheme": "nmoe", "init_experts": "fan_in"}),
+    Variant("muon", "baseline init, optim.optimizer muon", {"init_scheme": "nmoe"}, optimizer="muon"),
 ]
 
 SMOKE_SHAPE = dict(

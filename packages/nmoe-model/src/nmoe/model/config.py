@@ -162,10 +162,11 @@ class ModelConfig:
 
     # --- init (each init_* key left at None / "scheme" takes its value from init_scheme)
     init_scheme: str = config_field(
-        "nmoe",
-        "defaults of the init_* keys: nmoe (every matrix and the embedding std init_std, output projections "
-        "/ sqrt(2 n_layers)) or torchtitan (torchtitan 0.3.0 DeepSeek-V3: embedding std 1, head dim^-0.5, "
-        "per-layer depth scaling of output projections, up projections and router)",
+        "torchtitan",
+        "defaults of the init_* keys: torchtitan (torchtitan 0.3.0 DeepSeek-V3's: embedding std 1, head "
+        "dim^-0.5, per-layer depth scaling of output projections, up projections and router; learns faster, "
+        "bench/RESULTS.md) or nmoe (before 2026-11-24: every matrix and the embedding std init_std, output "
+        "projections / sqrt(2 n_layers))",
         choices=INIT_SCHEMES,
     )
     init_embed_std: float | None = config_field(
