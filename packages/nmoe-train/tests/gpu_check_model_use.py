@@ -6,7 +6,11 @@ A random-init model of the config's [model] shape at its own init scale, on one 
 every matrix by 4 so the logits would separate: that model is chaotic. On the CPU, rounding each MoE output to
 TF32 precision alone moved its logits by 3e-2 relative and flipped 3% of the argmaxes, against 2e-4 and none at
 the init scale; the GPU's fp32 expert GEMMs run in TF32, so its comparisons failed without any decoding error.)
-1. KV-cached decode vs the full forward: fp32 greedy tokens must be identical; bf16 logits close.
+1. KV-cached decode vs the full forward, against a noise floor measured the same way: the full forward of a
+   shorter prefix vs the same positions of the full forward (the same math through other kernel shapes). An MoE
+   amplifies kernel-level rounding wherever a token's top-k choice sits on a near-tie, so a fixed threshold
+   alone cannot tell decoding errors from that; decoding may differ from the forward by at most 3x the floor
+   (or the fixed threshold, whichever is larger).
 2. Decode speed: tokens/s of cached generation vs recomputing the whole sequence per token.
 3. CORE on the bundle: sequences/s, identical scores on a second run, accuracy differences between batch sizes.
 4. If transformers is installed: HF DeepSeek-V3 export (bf16) loaded on the GPU, logits vs nmoe.
@@ -50,6 +54,11 @@ def sync_time() -> float:
     return time.perf_counter()
 
 
+def compare(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(relative error of logits a vs b, share of positions with the same argmax)."""
+    return ((a - b).norm() / b.norm()).item(), (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+
+
 def check_decode(cfg: ModelConfig, label: str) -> None:
     """Teacher-forced: prefill 64 tokens, then decode 64 more one by one; compare every position with forward."""
     model = build(cfg)
@@ -57,18 +66,21 @@ def check_decode(cfg: ModelConfig, label: str) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             full = model(seq).logits
+            prefix = model(seq[:, :96]).logits
             cache = model.new_cache(1, 128)
             steps = [model.decode(seq[:, :64], cache)] + [
                 model.decode(seq[:, t : t + 1], cache) for t in range(64, 128)
             ]
         cached = torch.cat(steps, dim=1)
-        rel = ((cached - full).norm() / full.norm()).item()
-        agree = (cached.argmax(-1) == full.argmax(-1)).float().mean().item()
-        ok = rel < (5e-3 if dtype == torch.float32 else 3e-2) and agree >= 0.95
+        rel, agree = compare(cached, full)
+        floor_rel, floor_agree = compare(prefix, full[:, :96])
+        ok = rel <= max(5e-3 if dtype == torch.float32 else 3e-2, 3 * floor_rel) and agree >= min(
+            0.95, floor_agree - 0.05
+        )
         name = str(dtype).removeprefix("torch.")
         row(
-            f"decode {label} {name}: cached vs forward logits rel. error / argmax agreement",
-            f"{rel:.2e} / {agree:.3f}",
+            f"decode {label} {name}: cached vs forward logits rel. error / argmax agreement (floor)",
+            f"{rel:.2e} / {agree:.3f} ({floor_rel:.2e} / {floor_agree:.3f})",
             ok,
         )
 
@@ -147,11 +159,16 @@ def check_export(cfg: ModelConfig) -> None:
         theirs = hf(idx).logits.float()
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16))
+        exact = model(idx).logits  # bf16-valued weights, fp32 math: what bf16 arithmetic itself moves
         with torch.autocast("cuda", dtype=torch.bfloat16):
             ours = model(idx).logits
-    rel = ((theirs - ours).norm() / ours.norm()).item()
-    agree = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
-    row("HF export bf16 on GPU: logits rel. error / argmax agreement", f"{rel:.2e} / {agree:.3f}", rel < 5e-2)
+    rel, agree = compare(theirs, ours)
+    floor_rel, floor_agree = compare(ours, exact)
+    row(
+        "HF export bf16 on GPU: logits rel. error / argmax agreement vs nmoe bf16 (floor: nmoe bf16 vs fp32)",
+        f"{rel:.2e} / {agree:.3f} ({floor_rel:.2e} / {floor_agree:.3f})",
+        rel <= max(5e-2, 2 * floor_rel),
+    )
 
 
 def main() -> int:
