@@ -110,14 +110,19 @@ def bench_gemm(label: str, m: int, k: int, n: int, offsets: torch.Tensor, n_expe
                 continue
             w_colmajor = wop.q.transpose(1, 2)  # [E,K,N] view of the [E,N,K] copy: column-major, as torch wants
 
-            def torch_call():
-                return torch_fn(qx, w_colmajor, sx, wop.scales, offs=offsets, out_dtype=torch.bfloat16)
+            def torch_call(fast=False):
+                return torch_fn(
+                    qx, w_colmajor, sx, wop.scales, offs=offsets, out_dtype=torch.bfloat16, use_fast_accum=fast
+                )
 
             try:
                 ours = out.clone()
                 ops.gemm(qx, sx, False, wop, offsets, ours, n, k)
                 row["torch_scaled_err_vs_ours"] = rel_err(torch_call(), ours)
                 row["torch_scaled_grouped_mm"] = flop / bench_ms(torch_call) / 1e9
+                # fast accumulation: Hopper's reduced-precision fp8 accumulator, never promoted to fp32
+                row["torch_scaled_fast_err_vs_ours"] = rel_err(torch_call(True), ours)
+                row["torch_scaled_grouped_mm_fast"] = flop / bench_ms(lambda: torch_call(True)) / 1e9
             except Exception as err:
                 row["torch_error"] = repr(err)[:300]
     return row
@@ -155,7 +160,8 @@ NVFP4_BYTES = 2 * (0.5 + 1 / 16) + 2 + 2 * 4 + 2 * 4  # codes, scales (r+w), bf1
 TORCH_BYTES = 3 * 4 * 2 + 4  # fp32 param, m, v (r+w), fp32 grad
 
 
-def bench_adamw(shape: tuple[int, ...]) -> list[dict]:
+def bench_adamw(shape: tuple[int, ...], configs: list[tuple[int, int]]) -> list[dict]:
+    """NVFP4 AdamW per rule under each (16-blocks per program, warps) launch config, then the references."""
     numel = 1
     for s in shape:
         numel *= s
@@ -163,19 +169,26 @@ def bench_adamw(shape: tuple[int, ...]) -> list[dict]:
     w = torch.randn(shape, device="cuda") * 0.02
     grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     hyper = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, seed=0)
-    for rule in ("nearest", "seed", "stochastic", "residual"):
-        q = nk.quantize_nvfp4(w)
-        m, v = torch.zeros(shape, device="cuda"), torch.zeros(shape, device="cuda")
-        residual = torch.zeros(shape, device="cuda", dtype=torch.bfloat16) if rule == "residual" else None
-        step = [0]
+    default = (ops.NVFP4_BLOCKS, ops.NVFP4_WARPS)
+    for blocks, warps in configs:
+        ops.NVFP4_BLOCKS, ops.NVFP4_WARPS = blocks, warps
+        tag = "" if (blocks, warps) == default else f" [{blocks} blocks, {warps} warps]"
+        for rule in ("nearest", "seed", "stochastic", "residual"):
+            q = nk.quantize_nvfp4(w)
+            m, v = torch.zeros(shape, device="cuda"), torch.zeros(shape, device="cuda")
+            residual = torch.zeros(shape, device="cuda", dtype=torch.bfloat16) if rule == "residual" else None
+            step = [0]
 
-        def run():
-            step[0] += 1
-            nk.nvfp4_adamw_(q, grad, m, v, step=step[0], rule=rule, residual=residual, **hyper)
+            def run():
+                step[0] += 1
+                nk.nvfp4_adamw_(q, grad, m, v, step=step[0], rule=rule, residual=residual, **hyper)
 
-        ms = bench_ms(run)
-        nbytes = NVFP4_BYTES + (4 if rule == "residual" else 0)
-        rows.append(dict(op=f"nvfp4_adamw_ {rule}", ms=ms, gbps=numel * nbytes / ms / 1e6, gparams=numel / ms / 1e6))
+            ms = bench_ms(run)
+            nbytes = NVFP4_BYTES + (4 if rule == "residual" else 0)
+            rows.append(
+                dict(op=f"nvfp4_adamw_ {rule}{tag}", ms=ms, gbps=numel * nbytes / ms / 1e6, gparams=numel / ms / 1e6)
+            )
+    ops.NVFP4_BLOCKS, ops.NVFP4_WARPS = default
     q = nk.quantize_nvfp4(w)
     ms = bench_ms(lambda: nk.dequantize_nvfp4(q))
     rows.append(
@@ -213,11 +226,12 @@ def render(result: dict) -> str:
         "Medians of `triton.testing.do_bench`; bf16 in/out; balanced random top-k routing.",
         "",
         "Grouped GEMM TFLOP/s (fwd+bwd = fwd + dX + dW; fp8 columns include the quantisation kernels). "
-        "`gemm only` = the fp8 GEMM on pre-quantised operands; torch = `torch._scaled_grouped_mm` (rowwise).",
+        "`gemm only` = the fp8 GEMM on pre-quantised operands; torch = `torch._scaled_grouped_mm` (rowwise), "
+        "precise and with `use_fast_accum` (Hopper's fp8 accumulator never promoted to fp32; ours promotes).",
         "",
         "| GEMM | M×K×N | bf16 fwd | fp8 row fwd | fp8 block fwd | bf16 f+b | fp8 row f+b | fp8 block f+b | "
-        "gemm only row | gemm only block | torch scaled | err row / block vs bf16 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "gemm only row | gemm only block | torch scaled | torch scaled fast | err row / block vs bf16 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["gemm"]:
         if "error" in r:
@@ -228,6 +242,7 @@ def render(result: dict) -> str:
             f"{fmt(r['fp8_blockwise_fwd'])} | {fmt(r['bf16_fwdbwd'])} | {fmt(r['fp8_rowwise_fwdbwd'])} | "
             f"{fmt(r['fp8_blockwise_fwdbwd'])} | {fmt(r.get('gemm_only_rowwise'))} | "
             f"{fmt(r.get('gemm_only_blockwise'))} | {fmt(r.get('torch_scaled_grouped_mm'))} | "
+            f"{fmt(r.get('torch_scaled_grouped_mm_fast'))} | "
             f"{r['fp8_rowwise_err_vs_bf16']:.3f} / {r['fp8_blockwise_err_vs_bf16']:.3f} |"
         )
     lines += [
@@ -263,7 +278,7 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(only: list[str] | None) -> dict:
+def run(only: list[str] | None, adamw_configs: list[tuple[int, int]]) -> dict:
     props = torch.cuda.get_device_properties(0)
     result = dict(
         device=props.name,
@@ -276,7 +291,7 @@ def run(only: list[str] | None) -> dict:
         adamw=[],
     )
     for shape in SHAPES:
-        if only and shape.name not in only:
+        if only is not None and shape.name not in only:
             continue
         torch.manual_seed(0)
         offsets = balanced_offsets(shape)
@@ -294,19 +309,25 @@ def run(only: list[str] | None) -> dict:
         result["expert_mlp"].append(row)
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
-    result["adamw"] = bench_adamw((64, 1024, 1408))
+    result["adamw"] = bench_adamw((64, 1024, 1408), adamw_configs)
     return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "lowprec.json", help="JSON file")
-    parser.add_argument("--only", nargs="*", help="shape names to run")
+    parser.add_argument("--only", nargs="*", help="shape names to run (none: the optimizer rows only)")
+    parser.add_argument(
+        "--adamw-configs",
+        default="",
+        help="NVFP4 AdamW launch configs to compare, BLOCKSxWARPS,... (default: the library's own)",
+    )
     args = parser.parse_args()
+    configs = [tuple(int(x) for x in c.split("x")) for c in args.adamw_configs.split(",") if c]
     if not torch.cuda.is_available():
         print("bench/lowprec.py needs a CUDA GPU")
         return 2
-    result = run(args.only)
+    result = run(args.only, configs or [(ops.NVFP4_BLOCKS, ops.NVFP4_WARPS)])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(render(result))

@@ -187,7 +187,7 @@ def quantiser_variants():
             dict(BLOCK_B=ops.NVFP4_BLOCKS),
             exact,
         )
-    floats = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "bias_correction1", "bias_correction2")
+    floats = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size", "inv_sqrt_bc2")
     for rule in range(4):
         for grad in ("bf16", "fp32"):
             yield (
@@ -208,7 +208,7 @@ def quantiser_variants():
                     sat_ptr="*i32",
                     n_blocks="i32",
                     key="i32",
-                    **dict.fromkeys(floats + ("eps", "lr", "decay", "dither"), "fp32"),
+                    **dict.fromkeys(floats + ("eps", "decay", "dither"), "fp32"),
                 ),
                 dict(RULE=rule, BLOCK_B=ops.NVFP4_BLOCKS),
                 exact,

@@ -81,7 +81,9 @@ def test_nvfp4_round_trip_error_is_at_most_half_a_code_step(rows, k, magnitude, 
     assert ((w - back).abs() <= half_step * unit * (1 + 1e-6) + 1e-30).all()
     if zero_block:
         assert back[0, :16].eq(0).all()
-    assert rel_err(back, w) < 0.12
+    # the per-element bound above is the property; this only catches gross failures (a single random 16-block
+    # reaches 0.157 relative error in 200k draws, so a tighter bound fails by chance)
+    assert rel_err(back, w) < 0.2
 
 
 @settings(max_examples=25, deadline=None)
@@ -259,8 +261,8 @@ def test_residual_rule_keeps_the_update_in_the_error_feedback_buffer():
         master = R.dequantize_nvfp4(q, torch.float32) + residual.float()
         grad = torch.randn(8, 64, generator=g)
         c = R.AdamWConstants.of(step, **{k: HYPER[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay")})
-        _, _, direction = R.adamw_moments(grad, m.clone(), v.clone(), c)
-        target = master * c.decay - direction * c.lr
+        _, _, update = R.adamw_moments(grad, m.clone(), v.clone(), c)
+        target = master * c.decay - update
         R.nvfp4_adamw_(q, grad, m, v, step=step, **HYPER, rule="residual", seed=0, residual=residual)
         kept = R.dequantize_nvfp4(q, torch.float32) + residual.float()
         assert ((kept - target).abs() <= target.abs().max() * 2.0**-8 * 0.2).all()  # only bf16 rounding of r is lost

@@ -137,10 +137,9 @@ def _hash32(x):
 
 
 @triton.jit
-def _element_bits(key, index):
-    """uint32 random bits of int64 element indices in the stream `key` (reference: element_bits)."""
-    lo = (index & 0xFFFFFFFF).to(tl.uint32)
-    hi = (index >> 32).to(tl.uint32)
+def _element_bits(key, lo, hi):
+    """uint32 random bits of elements whose int64 index is hi * 2^32 + lo, in the stream `key` (reference:
+    element_bits); lo uint32 per element, hi uint32 (a scalar when a program's elements share it)."""
     return _hash32(_hash32(lo ^ key.to(tl.uint32)) ^ hi)
 
 
@@ -168,12 +167,15 @@ def _pack_codes(codes, BLOCK_B: tl.constexpr):
 
 @triton.jit
 def _nvfp4_scales(target, ok, st):
-    """Block amax -> (e4m3 block scale as float32 [B], requested float32 scale [B], normalised values [B,16])."""
+    """Block amax -> (e4m3 block scale as float32 [B], requested float32 scale [B], normalised values [B,16]).
+
+    One correctly rounded division per block; the 16 values are multiplied by its result (the reference too)."""
     amax = tl.max(tl.where(ok, tl.abs(target), 0.0), 1)
     requested = tl.math.div_rn(amax, st * 6.0)
     scale = _round_e4m3(requested)
     denom = scale * st
-    y = tl.where(denom[:, None] > 0, tl.math.div_rn(target, tl.where(denom > 0, denom, 1.0)[:, None]), 0.0)
+    inverse = tl.math.div_rn(tl.full(denom.shape, 1.0, tl.float32), tl.where(denom > 0, denom, 1.0))
+    y = tl.where(denom[:, None] > 0, target * inverse[:, None], 0.0)
     return scale, requested, y
 
 
@@ -224,10 +226,9 @@ def nvfp4_adamw_kernel(
     one_minus_beta1,
     beta2,
     one_minus_beta2,
-    bias_correction1,
-    bias_correction2,
+    step_size,
+    inv_sqrt_bc2,
     eps,
-    lr,
     decay,
     key,
     dither,
@@ -238,36 +239,39 @@ def nvfp4_adamw_kernel(
 
     Per 16-block: dequantise (plus the bf16 residual for RULE_RESIDUAL), update the moments and the value,
     recompute the block scale from the updated block's amax under the encode tensor scale, re-quantise with
-    the rule. Same float32 op sequence as reference_lowprec.nvfp4_adamw_.
+    the rule. Same float32 op sequence as reference_lowprec.nvfp4_adamw_. Addresses are one int64 base per
+    program plus int32 offsets (BLOCK_B * 16 divides 2^32, so a program's element indices share their high
+    32 bits).
     """
     pid = tl.program_id(0)
-    b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_ok = b < n_blocks
-    b64 = b.to(tl.int64)
-    idx = b64[:, None] * 16 + tl.arange(0, 16)[None, :]
-    ok = b_ok[:, None] & (idx >= 0)
-    code_ptrs = codes_ptr + b64[:, None] * 8 + tl.arange(0, 8)[None, :]
+    b_local = tl.arange(0, BLOCK_B)
+    b_ok = pid * BLOCK_B + b_local < n_blocks
+    ok = b_ok[:, None] & (tl.arange(0, 16)[None, :] >= 0)
+    first = pid.to(tl.int64) * (BLOCK_B * 16)  # index of the program's first element
+    local = b_local[:, None] * 16 + tl.arange(0, 16)[None, :]  # int32 offsets [BLOCK_B, 16]
+    code_ptrs = codes_ptr + first // 2 + b_local[:, None] * 8 + tl.arange(0, 8)[None, :]
+    scale_ptrs = scales_ptr + first // 16 + b_local
     codes_old = _unpack_codes(tl.load(code_ptrs, mask=b_ok[:, None], other=0), BLOCK_B)
-    scale_old = tl.load(scales_ptr + b64, mask=b_ok, other=0.0).to(tl.float32)
+    scale_old = tl.load(scale_ptrs, mask=b_ok, other=0.0).to(tl.float32)
     st_enc = tl.load(st_enc_ptr)
     old = (_e2m1_decode(codes_old) * scale_old[:, None]) * tl.load(st_dec_ptr)
     w = old
     if RULE == 3:
-        w = old + tl.load(r_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        w = old + tl.load(r_ptr + first + local, mask=ok, other=0.0).to(tl.float32)
 
-    g = tl.load(grad_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + idx, mask=ok, other=0.0)
-    v = tl.load(v_ptr + idx, mask=ok, other=0.0)
+    g = tl.load(grad_ptr + first + local, mask=ok, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + first + local, mask=ok, other=0.0)
+    v = tl.load(v_ptr + first + local, mask=ok, other=0.0)
     m = m * beta1 + g * one_minus_beta1
     v = v * beta2 + (g * g) * one_minus_beta2
-    denom = tl.sqrt_rn(tl.math.div_rn(v, bias_correction2)) + eps
-    direction = tl.math.div_rn(tl.math.div_rn(m, bias_correction1), denom)
-    target = w * decay - direction * lr
+    denom = tl.sqrt_rn(v) * inv_sqrt_bc2 + eps
+    target = w * decay - tl.math.div_rn(m, denom) * step_size
 
     scale, requested, y = _nvfp4_scales(target, ok, st_enc)
     codes = _e2m1_encode(y)
     if RULE == 1 or RULE == 2:
-        bits = _element_bits(key, idx)
+        lo = (first & 0xFFFFFFFF).to(tl.uint32) + local.to(tl.uint32)
+        bits = _element_bits(key, lo, (first >> 32).to(tl.uint32))
         if RULE == 2:
             codes = _e2m1_stochastic(y, (bits & 0xFFFFFF).to(tl.float32) * 5.9604644775390625e-08)
         else:
@@ -278,12 +282,12 @@ def nvfp4_adamw_kernel(
     new = (_e2m1_decode(codes) * scale[:, None]) * st_enc
 
     tl.store(code_ptrs, _pack_codes(codes, BLOCK_B), mask=b_ok[:, None])
-    tl.store(scales_ptr + b64, scale.to(tl.float8e4nv), mask=b_ok)
-    tl.store(m_ptr + idx, m, mask=ok)
-    tl.store(v_ptr + idx, v, mask=ok)
+    tl.store(scale_ptrs, scale.to(tl.float8e4nv), mask=b_ok)
+    tl.store(m_ptr + first + local, m, mask=ok)
+    tl.store(v_ptr + first + local, v, mask=ok)
     err = tl.where(ok, target - new, 0.0)
     if RULE == 3:
-        _store_rounded(r_ptr + idx, err, ok)
+        _store_rounded(r_ptr + first + local, err, ok)
     tl.store(flips_ptr + pid, tl.sum(tl.sum(((new != old) & ok).to(tl.int32), 1), 0))
     tl.store(sq_err_ptr + pid, tl.sum(tl.sum(err * err, 1), 0))
     tl.store(sq_norm_ptr + pid, tl.sum(tl.sum(tl.where(ok, target * target, 0.0), 1), 0))

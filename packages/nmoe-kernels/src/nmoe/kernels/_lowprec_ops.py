@@ -59,6 +59,7 @@ else:
         _cfg(_DW_NAMES, (128, 128, 64), 8, 3),
     ]
     QUANT_ROWS, QUANT_COLS, NVFP4_BLOCKS = 32, 64, 64
+NVFP4_WARPS = 4  # the fused AdamW's warps per program (bench/lowprec.py --adamw-sweep measures the choices)
 
 _GMM = {
     epilogue: triton.autotune(configs, key=["N", "K", "E", "BLOCKWISE"])(K.gmm_fp8_kernel)
@@ -109,10 +110,12 @@ def nvfp4_adamw(q, grad, exp_avg, exp_avg_sq, residual, c: R.AdamWConstants, rul
     n_blocks = numel // R.NVFP4_BLOCK
     dev = grad.device
     n_programs = max(triton.cdiv(n_blocks, NVFP4_BLOCKS), 1)
-    flips = torch.zeros(n_programs, dtype=torch.int32, device=dev)
-    sat = torch.zeros(n_programs, dtype=torch.int32, device=dev)
-    sq_err = torch.zeros(n_programs, dtype=torch.float32, device=dev)
-    sq_norm = torch.zeros(n_programs, dtype=torch.float32, device=dev)
+    # every program writes its partials (zeros for an empty tensor, where no program runs)
+    new = torch.zeros if not n_blocks else torch.empty
+    flips = new(n_programs, dtype=torch.int32, device=dev)
+    sat = new(n_programs, dtype=torch.int32, device=dev)
+    sq_err = new(n_programs, dtype=torch.float32, device=dev)
+    sq_norm = new(n_programs, dtype=torch.float32, device=dev)
     st_enc = R.nvfp4_encode_scale(q)
     if n_blocks:
         K.nvfp4_adamw_kernel[(n_programs,)](
@@ -134,6 +137,7 @@ def nvfp4_adamw(q, grad, exp_avg, exp_avg_sq, residual, c: R.AdamWConstants, rul
             R.f32(dither),
             RULE=_RULE_IDS[rule],
             BLOCK_B=NVFP4_BLOCKS,
+            **({} if INTERPRET else {"num_warps": NVFP4_WARPS}),
             **EXACT,
         )
     q.tensor_scale.copy_(st_enc)

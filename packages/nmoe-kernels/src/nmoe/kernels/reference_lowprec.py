@@ -125,10 +125,12 @@ def _nvfp4_block_scales(blocks: torch.Tensor, tensor_scale: torch.Tensor) -> tup
 
 
 def _nvfp4_normalise(blocks: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
-    """blocks [B,16] / (scale * tensor_scale) in float32; blocks whose scale rounds to 0 normalise to 0."""
+    """blocks [B,16] times 1 / (scale * tensor_scale) in float32 (one division per block, as the kernels do);
+    blocks whose scale rounds to 0 normalise to 0."""
     denom = scales.float() * tensor_scale
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.where(denom[:, None] > 0, blocks / safe[:, None], torch.zeros_like(blocks))
+    inverse = torch.ones_like(safe) / safe
+    return torch.where(denom[:, None] > 0, blocks * inverse[:, None], torch.zeros_like(blocks))
 
 
 def _nvfp4_values(codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor) -> torch.Tensor:
@@ -467,26 +469,25 @@ def element_bits(key: int, index: torch.Tensor) -> torch.Tensor:
 
 
 class AdamWConstants(NamedTuple):
-    """float32 scalars of one AdamW step, shared by the kernel (as arguments) and the reference."""
+    """float32 scalars of one AdamW step, shared by the kernel (as arguments) and the reference.
+
+    The bias corrections are folded into two scalars, as torch's fused AdamW does, so an element costs one
+    square root and one division: update = m / (sqrt(v) * inv_sqrt_bc2 + eps) * step_size.
+    """
 
     beta1: float
     one_minus_beta1: float
     beta2: float
     one_minus_beta2: float
-    bias_correction1: float
-    bias_correction2: float
+    step_size: float  # lr / (1 - beta1^step)
+    inv_sqrt_bc2: float  # 1 / sqrt(1 - beta2^step)
     eps: float
-    lr: float
     decay: float  # 1 - lr * weight_decay
 
     @classmethod
     def of(cls, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float):
-        return cls(
-            *map(
-                f32,
-                (beta1, 1 - beta1, beta2, 1 - beta2, 1 - beta1**step, 1 - beta2**step, eps, lr, 1 - lr * weight_decay),
-            )
-        )
+        consts = (beta1, 1 - beta1, beta2, 1 - beta2, lr / (1 - beta1**step), (1 - beta2**step) ** -0.5, eps)
+        return cls(*map(f32, (*consts, 1 - lr * weight_decay)))
 
 
 def nvfp4_encode_scale(q: NVFP4Tensor) -> torch.Tensor:
@@ -524,12 +525,12 @@ class NVFP4UpdateStats(NamedTuple):
 
 
 def adamw_moments(g, m, v, c: AdamWConstants) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float32 g, m, v -> (new m, new v, Adam direction m̂ / (sqrt(v̂) + eps)), one rounding per op."""
+    """float32 g, m, v -> (new m, new v, update m / (sqrt(v) / sqrt(bc2) + eps) * lr / bc1), one rounding per op."""
     # Python-float operands are float32-exact, so each op rounds once whatever precision torch computes it in.
     m = m * c.beta1 + g * c.one_minus_beta1
     v = v * c.beta2 + (g * g) * c.one_minus_beta2
-    denom = _div(v, c.bias_correction2).double().sqrt().float() + c.eps
-    return m, v, _div(m, c.bias_correction1) / denom
+    denom = v.double().sqrt().float() * c.inv_sqrt_bc2 + c.eps
+    return m, v, (m / denom) * c.step_size
 
 
 def nvfp4_adamw_(
@@ -559,8 +560,8 @@ def nvfp4_adamw_(
     old = _nvfp4_values(codes_old, scales_old, st_dec)
     w = old if residual is None else old + residual.reshape(-1, NVFP4_BLOCK).float()
     g = grad.reshape(-1, NVFP4_BLOCK).float()
-    m, v, direction = adamw_moments(g, exp_avg.reshape(-1, NVFP4_BLOCK), exp_avg_sq.reshape(-1, NVFP4_BLOCK), c)
-    target = w * c.decay - direction * c.lr
+    m, v, update = adamw_moments(g, exp_avg.reshape(-1, NVFP4_BLOCK), exp_avg_sq.reshape(-1, NVFP4_BLOCK), c)
+    target = w * c.decay - update
 
     scales, requested = _nvfp4_block_scales(target, st_enc)
     y = _nvfp4_normalise(target, scales, st_enc)
