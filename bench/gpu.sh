@@ -38,7 +38,7 @@ import nmoe.train.loop, nmoe.rdep, nmoe.kernels; print(\"imports ok\")"' ;;
     model-use) tar xJf .gpu/core.tar.xz -C .gpu && stage model-use 200 python3 \
         packages/nmoe-train/tests/gpu_check_model_use.py --config configs/moonlet.toml --bundle .gpu/core --max-per-task 50 ;;
     kernels-bench) stage kernels-bench 420 python3 bench/kernels.py --out "$OUT/kernels.json" ;;
-    lowprec-bench) stage lowprec-bench 300 python3 bench/lowprec.py --out "$OUT/lowprec.json" ;;
+    lowprec-bench) stage lowprec-bench 300 python3 bench/lowprec.py --out "$OUT/lowprec.json" ${LOWPREC_ARGS:-} ;;
     rdep-local) stage rdep-local 240 python3 bench/rdep_local.py --out "$OUT/rdep_local.json" ;;
     train-moonlet) TAIL=22 stage train-moonlet 560 python3 bench/train.py configs/moonlet.toml --steps "${STEPS:-40}" \
         --variants "${VARIANTS:-nmoe,tma}" --profile --out "$OUT/train" "${DATA[@]}" ${EXTRA:-} ;;
