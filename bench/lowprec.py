@@ -169,9 +169,9 @@ def bench_adamw(shape: tuple[int, ...], configs: list[tuple[int, int]]) -> list[
     w = torch.randn(shape, device="cuda") * 0.02
     grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     hyper = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, seed=0)
-    default = (ops.NVFP4_BLOCKS, ops.NVFP4_WARPS)
+    default = (ops.NVFP4_ADAMW_BLOCKS, ops.NVFP4_WARPS)
     for blocks, warps in configs:
-        ops.NVFP4_BLOCKS, ops.NVFP4_WARPS = blocks, warps
+        ops.NVFP4_ADAMW_BLOCKS, ops.NVFP4_WARPS = blocks, warps
         tag = "" if (blocks, warps) == default else f" [{blocks} blocks, {warps} warps]"
         for rule in ("nearest", "seed", "stochastic", "residual"):
             q = nk.quantize_nvfp4(w)
@@ -188,7 +188,7 @@ def bench_adamw(shape: tuple[int, ...], configs: list[tuple[int, int]]) -> list[
             rows.append(
                 dict(op=f"nvfp4_adamw_ {rule}{tag}", ms=ms, gbps=numel * nbytes / ms / 1e6, gparams=numel / ms / 1e6)
             )
-    ops.NVFP4_BLOCKS, ops.NVFP4_WARPS = default
+    ops.NVFP4_ADAMW_BLOCKS, ops.NVFP4_WARPS = default
     q = nk.quantize_nvfp4(w)
     ms = bench_ms(lambda: nk.dequantize_nvfp4(q))
     rows.append(
@@ -327,7 +327,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench/lowprec.py needs a CUDA GPU")
         return 2
-    result = run(args.only, configs or [(ops.NVFP4_BLOCKS, ops.NVFP4_WARPS)])
+    result = run(args.only, configs or [(ops.NVFP4_ADAMW_BLOCKS, ops.NVFP4_WARPS)])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(render(result))

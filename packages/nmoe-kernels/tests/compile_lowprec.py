@@ -210,7 +210,7 @@ def quantiser_variants():
                     key="i32",
                     **dict.fromkeys(floats + ("eps", "decay", "dither"), "fp32"),
                 ),
-                dict(RULE=rule, BLOCK_B=ops.NVFP4_BLOCKS),
+                dict(RULE=rule, BLOCK_B=ops.NVFP4_ADAMW_BLOCKS),
                 exact,
             )
 

@@ -80,7 +80,7 @@ def test_moonlight_is_16b_total_3b_active(shapes):
 
 
 def test_init_is_deterministic_per_seed_and_scales_output_projections():
-    cfg = small_config(init_std=0.05)
+    cfg = small_config(init_std=0.05, init_scheme="nmoe")  # nmoe: every std init_std, outputs / sqrt(2L)
     a, b, c = build(cfg, 1), build(cfg, 1), build(cfg, 2)
     for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
         assert torch.equal(pa, pb), name

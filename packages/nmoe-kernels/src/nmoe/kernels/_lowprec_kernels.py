@@ -140,7 +140,7 @@ def _hash32(x):
 def _element_bits(key, lo, hi):
     """uint32 random bits of elements whose int64 index is hi * 2^32 + lo, in the stream `key` (reference:
     element_bits); lo uint32 per element, hi uint32 (a scalar when a program's elements share it)."""
-    return _hash32(_hash32(lo ^ key.to(tl.uint32)) ^ hi)
+    return _hash32(lo ^ _hash32(hi ^ key.to(tl.uint32)))
 
 
 @triton.jit
@@ -268,17 +268,19 @@ def nvfp4_adamw_kernel(
     target = w * decay - tl.math.div_rn(m, denom) * step_size
 
     scale, requested, y = _nvfp4_scales(target, ok, st_enc)
-    codes = _e2m1_encode(y)
     if RULE == 1 or RULE == 2:
         lo = (first & 0xFFFFFFFF).to(tl.uint32) + local.to(tl.uint32)
         bits = _element_bits(key, lo, (first >> 32).to(tl.uint32))
         if RULE == 2:
             codes = _e2m1_stochastic(y, (bits & 0xFFFFFF).to(tl.float32) * 5.9604644775390625e-08)
         else:
+            codes = _e2m1_encode(y)
             stuck = ((_e2m1_decode(codes) * scale[:, None]) * st_enc) == old
             chosen = stuck & ((bits >> 31) == 1)
             shift = tl.where(((bits >> 30) & 1) == 1, dither, -dither)
             codes = tl.where(chosen, _e2m1_encode(y + shift), codes)
+    else:
+        codes = _e2m1_encode(y)
     new = (_e2m1_decode(codes) * scale[:, None]) * st_enc
 
     tl.store(code_ptrs, _pack_codes(codes, BLOCK_B), mask=b_ok[:, None])

@@ -59,7 +59,9 @@ else:
         _cfg(_DW_NAMES, (128, 128, 64), 8, 3),
     ]
     QUANT_ROWS, QUANT_COLS, NVFP4_BLOCKS = 32, 64, 64
-NVFP4_WARPS = 4  # the fused AdamW's warps per program (bench/lowprec.py --adamw-sweep measures the choices)
+# the fused AdamW's 16-blocks and warps per program: the fastest of 32-256 blocks x 4-8 warps on an H100
+# (bench/lowprec.py --adamw-configs, bench/RESULTS.md)
+NVFP4_ADAMW_BLOCKS, NVFP4_WARPS = (64, 4) if INTERPRET else (32, 4)
 
 _GMM = {
     epilogue: triton.autotune(configs, key=["N", "K", "E", "BLOCKWISE"])(K.gmm_fp8_kernel)
@@ -109,7 +111,7 @@ def nvfp4_adamw(q, grad, exp_avg, exp_avg_sq, residual, c: R.AdamWConstants, rul
     numel = q.numel()
     n_blocks = numel // R.NVFP4_BLOCK
     dev = grad.device
-    n_programs = max(triton.cdiv(n_blocks, NVFP4_BLOCKS), 1)
+    n_programs = max(triton.cdiv(n_blocks, NVFP4_ADAMW_BLOCKS), 1)
     # every program writes its partials (zeros for an empty tensor, where no program runs)
     new = torch.zeros if not n_blocks else torch.empty
     flips = new(n_programs, dtype=torch.int32, device=dev)
@@ -136,7 +138,7 @@ def nvfp4_adamw(q, grad, exp_avg, exp_avg_sq, residual, c: R.AdamWConstants, rul
             key - 2**32 if key >= 2**31 else key,  # always an i32 argument: one compiled variant per rule
             R.f32(dither),
             RULE=_RULE_IDS[rule],
-            BLOCK_B=NVFP4_BLOCKS,
+            BLOCK_B=NVFP4_ADAMW_BLOCKS,
             **({} if INTERPRET else {"num_warps": NVFP4_WARPS}),
             **EXACT,
         )

@@ -459,8 +459,9 @@ def stream_key(seed: int, step: int) -> int:
 
 
 def element_bits(key: int, index: torch.Tensor) -> torch.Tensor:
-    """int64 element indices -> int64 tensor of uint32 random bits, hash(hash(lo ^ key) ^ hi)."""
-    return hash32(hash32((index & _MASK32) ^ key) ^ (index >> 32))
+    """int64 element indices -> int64 tensor of uint32 random bits, hash(lo ^ hash(hi ^ key)): one hash per
+    element in the kernel, whose programs share hi."""
+    return hash32((index & _MASK32) ^ hash32((index >> 32) ^ key))
 
 
 # ---------------------------------------------------------------------------------------------------------
