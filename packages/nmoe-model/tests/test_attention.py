@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -213,3 +214,18 @@ def test_changing_future_tokens_never_changes_earlier_logits(kind, cut, grad, da
     torch.testing.assert_close(la[:, :cut], lb[:, :cut], rtol=1e-12, atol=1e-12)
     if tokens[cut:] != future:
         assert not torch.allclose(la[:, cut:], lb[:, cut:])
+
+
+@pytest.mark.parametrize("seq", [5, 128, 200])
+def test_flex_pads_to_whole_blocks_and_matches_the_dense_window(seq):
+    # compiled flex cannot lower a sequence shorter than one block on the GPU: the mask covers whole blocks and
+    # attend pads q, k, v to it; the padded keys are never visible to a real query
+    cfg = attn_config(attn="sdpa", n_kv_heads=2)
+    attn = randomize(GQAttention(cfg, window=9), seed=4)
+    x = torch.randn(1, seq, cfg.dim, dtype=torch.float64)
+    rot = rope_tables(cfg.sdpa_head_dim, dataclasses.replace(cfg, max_seq_len=max(seq, cfg.max_seq_len)))
+    cos, sin = rot[0][:seq].double(), rot[1][:seq].double()
+    mask = sliding_window_block_mask(seq, 9, x.device)
+    assert mask.seq_lengths == (-(-seq // 128) * 128,) * 2
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, cos, sin, mask), gqa_per_head(attn, x, cos, sin, 9))

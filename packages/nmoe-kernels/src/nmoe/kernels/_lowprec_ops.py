@@ -61,7 +61,7 @@ else:
     QUANT_ROWS, QUANT_COLS, NVFP4_BLOCKS = 32, 64, 64
 # the fused AdamW's 16-blocks and warps per program: the fastest of 32-256 blocks x 4-8 warps on an H100
 # (bench/lowprec.py --adamw-configs, bench/RESULTS.md)
-NVFP4_ADAMW_BLOCKS, NVFP4_WARPS = (64, 4) if INTERPRET else (32, 4)
+NVFP4_ADAMW_BLOCKS, NVFP4_WARPS = (64, 4) if INTERPRET else (32, 2)
 
 _GMM = {
     epilogue: triton.autotune(configs, key=["N", "K", "E", "BLOCKWISE"])(K.gmm_fp8_kernel)

@@ -19,10 +19,23 @@ from nmoe.model.kv_cache import LayerKV, decode_mask
 from nmoe.model.layers import RMSNorm, apply_rope
 
 _compiled_flex = None
+FLEX_BLOCK = 128  # flex attention's default block size; block masks cover whole blocks
 
 
 def _flex(q, k, v, block_mask: BlockMask, scale: float, enable_gqa: bool) -> torch.Tensor:
-    """flex_attention, compiled once on accelerators (eager flex materialises the full score matrix)."""
+    """flex_attention, compiled once on accelerators (eager flex materialises the full score matrix).
+
+    q, k, v are zero-padded at the end to the block mask's length (a multiple of FLEX_BLOCK) and the output cut
+    back: compiled flex fails to lower sequences shorter than one block (torch 2.11, H100: 96 tokens fail, 200
+    pass). Exact: causal masks never let a real query see a padded key.
+    """
+    seq, padded = q.shape[2], block_mask.seq_lengths[0]
+    if padded != seq:
+        q, k, v = (F.pad(t, (0, 0, 0, padded - seq)) for t in (q, k, v))
+    return _flex_call(q, k, v, block_mask, scale, enable_gqa)[:, :, :seq]
+
+
+def _flex_call(q, k, v, block_mask: BlockMask, scale: float, enable_gqa: bool) -> torch.Tensor:
     global _compiled_flex
     if torch.compiler.is_compiling():
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
@@ -36,12 +49,14 @@ def _flex(q, k, v, block_mask: BlockMask, scale: float, enable_gqa: bool) -> tor
 
 
 def sliding_window_block_mask(seq_len: int, window: int, device: torch.device) -> BlockMask:
-    """Flex block mask for causal attention to the `window` most recent positions (self included)."""
+    """Flex block mask for causal attention to the `window` most recent positions (self included), over seq_len
+    rounded up to a multiple of FLEX_BLOCK (attend pads q, k, v to it)."""
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
 
-    return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
+    padded = -(-seq_len // FLEX_BLOCK) * FLEX_BLOCK
+    return create_block_mask(mask_mod, None, None, padded, padded, device=device)
 
 
 def sliding_window_dense_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
