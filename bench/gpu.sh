@@ -35,7 +35,7 @@ import nmoe.train.loop, nmoe.rdep, nmoe.kernels; print(\"imports ok\")"' ;;
     rdep-multi) for n in 1 2 4; do
         TAIL=7 stage "rdep-multi-$n" 240 python3 -m torch.distributed.run --standalone --nproc_per_node=$n \
           packages/nmoe-rdep/tests/gpu_multi.py; done ;;
-    model-use) tar xJf .gpu/core.tar.xz -C .gpu && stage model-use 200 python3 \
+    model-use) tar xJf .gpu/core.tar.xz -C .gpu && stage model-use 320 python3 \
         packages/nmoe-train/tests/gpu_check_model_use.py --config configs/moonlet.toml --bundle .gpu/core --max-per-task 50 ;;
     kernels-bench) stage kernels-bench 420 python3 bench/kernels.py --out "$OUT/kernels.json" ;;
     lowprec-bench) stage lowprec-bench 300 python3 bench/lowprec.py --out "$OUT/lowprec.json" ${LOWPREC_ARGS:-} ;;
