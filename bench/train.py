@@ -1,10 +1,11 @@
 """End-to-end training throughput of the real trainer (the same code as `nmoe-train`), variants side by side.
 
     PYTHONPATH=/tmp/site:$(ls -d packages/*/src | paste -sd:) python3 bench/train.py configs/moonlet.toml \
-        --steps 40 --variants nmoe,tma --profile --out DIR [--set section.key=value ...]
+        --steps 40 --variants nmoe,pointer --profile --out DIR [--set section.key=value ...]
 
-Variants: `nmoe` (the default expert path: fused Triton kernels, pointer-based grouped GEMM), `tma` (the
-grouped GEMMs through TMA tensor descriptors), `pytorch` (the expert path composed from PyTorch ops:
+Variants: `nmoe` (the default expert path: fused Triton kernels; grouped GEMMs through TMA descriptors on Hopper),
+`pointer` (the same with pointer-based grouped GEMMs), `tma` (TMA forced), `pytorch` (the expert path composed
+from PyTorch ops:
 argsort -> F.grouped_mm -> SwiGLU -> F.grouped_mm -> index_add). Each reports tokens/s, MFU and peak memory
 from the run's own metrics (median of the log windows after the first, which holds the compile). With
 --profile, three steps of the first variant run under torch.profiler and the kernel time is split by phase.
@@ -58,8 +59,8 @@ def variant(name: str):
 
     if name == "nmoe":
         yield
-    elif name == "tma":
-        with _triton_ops.use_gemm_variant("tma"):
+    elif name in ("tma", "pointer"):
+        with _triton_ops.use_gemm_variant(name):
             yield
     elif name == "pytorch":
         original = dispatch.moe_experts
@@ -69,7 +70,7 @@ def variant(name: str):
         finally:
             dispatch.moe_experts = original
     else:
-        raise SystemExit(f"unknown variant {name!r}: nmoe, tma or pytorch")
+        raise SystemExit(f"unknown variant {name!r}: nmoe, pointer, tma or pytorch")
 
 
 class Profile:
