@@ -1,10 +1,10 @@
 """End-to-end training throughput of the real trainer (the same code as `nmoe-train`), variants side by side.
 
     PYTHONPATH=/tmp/site:$(ls -d packages/*/src | paste -sd:) python3 bench/train.py configs/moonlet.toml \
-        --steps 40 --variants nmoe,pointer --profile --out DIR [--set section.key=value ...]
+        --steps 40 --variants tma,pointer --profile --out DIR [--set section.key=value ...]
 
-Variants: `nmoe` (the default expert path: fused Triton kernels; grouped GEMMs through TMA descriptors on Hopper),
-`pointer` (the same with pointer-based grouped GEMMs), `tma` (TMA forced), `pytorch` (the expert path composed
+Variants: `nmoe` (the default expert path: fused Triton kernels, grouped GEMMs as NMOE_KERNELS_GEMM selects),
+`pointer` / `tma` (the grouped GEMMs forced to pointer loads / TMA descriptors), `pytorch` (the expert path composed
 from PyTorch ops:
 argsort -> F.grouped_mm -> SwiGLU -> F.grouped_mm -> index_add). Each reports tokens/s, MFU and peak memory
 from the run's own metrics (median of the log windows after the first, which holds the compile). With

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -139,12 +138,10 @@ _GMM_TMA = {key: _gmm_autotuner(_with_hook(c, _set_tma_blocks), key[0]) for key,
 _GMM_DW = {wide: _dw_autotuner(configs) for wide, configs in _DW_CONFIGS.items()}
 _GMM_DW_TMA = {wide: _dw_autotuner(_with_hook(c, _set_tma_blocks_dw)) for wide, c in _DW_TMA_CONFIGS.items()}
 
-GEMM_VARIANTS = ("auto", "pointer", "tma")
-# "pointer": masked pointer loads; "tma": operands that are not row-gathered come in through TMA tensor descriptors
-# (Hopper+); "auto": tma on GPUs of compute capability 9 or more (moonlet trained 3.4% faster with it on an H100,
-# bench/RESULTS.md), pointer elsewhere (older GPUs, the CPU interpreter). Tests and benchmarks switch it with
-# `use_gemm_variant`.
-_gemm_variant = os.environ.get("NMOE_KERNELS_GEMM", "auto")
+GEMM_VARIANTS = ("pointer", "tma")
+# "pointer": masked pointer loads (the measured default); "tma": operands that are not row-gathered come in
+# through TMA tensor descriptors (Hopper+). Tests and benchmarks switch it with `use_gemm_variant`.
+_gemm_variant = os.environ.get("NMOE_KERNELS_GEMM", "pointer")
 if _gemm_variant not in GEMM_VARIANTS:
     raise ValueError(f"NMOE_KERNELS_GEMM={_gemm_variant!r}: expected one of {GEMM_VARIANTS}")
 
@@ -162,16 +159,8 @@ def use_gemm_variant(name: str):
         _gemm_variant = previous
 
 
-@functools.cache
-def _has_tma(device: torch.device) -> bool:
-    return device.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def _tma_ok(t: torch.Tensor) -> bool:
-    """Whether the TMA variant takes t: chosen (or auto on Hopper+), a 16-byte aligned base, unit last stride and
-    16-byte aligned other strides."""
-    if _gemm_variant == "pointer" or (_gemm_variant == "auto" and not _has_tma(t.device)):
-        return False
+    """TMA needs a 16-byte aligned base, unit last stride and 16-byte aligned other strides."""
     size = t.element_size()
     return (
         t.numel() > 0
@@ -207,8 +196,8 @@ def _launch_gmm(
 
     strides = (w.stride(0), w.stride(2), w.stride(1)) if transpose else (w.stride(0), w.stride(1), w.stride(2))
     wide = a.element_size() > 2
-    a_tma = a_idx is None and _tma_ok(a)
-    b_tma = _tma_ok(w)
+    a_tma = _gemm_variant == "tma" and a_idx is None and _tma_ok(a)
+    b_tma = _gemm_variant == "tma" and _tma_ok(w)
     kernel = (_GMM_TMA if a_tma or b_tma else _GMM)[(mode, wide)]
     dummy = offsets
     kernel[grid](
@@ -249,8 +238,8 @@ def _launch_dw(a, b, offsets, out, *, a_idx=None, b_idx=None, scale=None, scale_
     def grid(meta):
         return (n_experts * triton.cdiv(ka, meta["BLOCK_KA"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    a_tma = a_idx is None and _tma_ok(a)
-    b_tma = b_idx is None and _tma_ok(b)
+    a_tma = _gemm_variant == "tma" and a_idx is None and _tma_ok(a)
+    b_tma = _gemm_variant == "tma" and b_idx is None and _tma_ok(b)
     kernel = (_GMM_DW_TMA if a_tma or b_tma else _GMM_DW)[a.element_size() > 2]
     dummy = offsets
     kernel[grid](
