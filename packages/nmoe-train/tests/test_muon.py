@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nmoe.metrics import read_metrics
@@ -156,6 +156,9 @@ def test_muon_step_equals_plain_reference(shape, split, nesterov):
     seed=st.integers(0, 100),
     nesterov=st.booleans(),
 )
+# cases where the CPU's batched bf16 GEMM once gave one expert a different result at another batch count
+@example(n_experts=8, dim=22, hidden=15, seed=55, nesterov=False)
+@example(n_experts=8, dim=23, hidden=13, seed=0, nesterov=True)
 def test_expert_updates_do_not_depend_on_the_sharding(n_experts, dim, hidden, seed, nesterov):
     """Experts [E, D, 2H] stepped as one tensor == two halves == one tensor per expert, bitwise (bf16 path)."""
     gen = torch.Generator().manual_seed(seed)

@@ -43,6 +43,16 @@ Split = tuple[int, tuple[int, ...]]  # (matrix axis -2 or -1, sizes of the maps 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """g[..., A, B] -> ≈ U Vᵀ per matrix (fp32, or fp64 when dtype is fp64): `steps` quintic Newton–Schulz steps in `dtype`."""
+    if g.dim() > 2 and g.device.type == "cpu":
+        # the CPU's batched bf16 GEMMs choose their kernel by batch count (one expert's result changed with the
+        # number of experts beside it): one matrix at a time keeps expert-parallel sharding bitwise there. CUDA
+        # stays batched; tests/gpu_check_muon.py measures its sharding invariance.
+        flat = g.reshape(-1, *g.shape[-2:])
+        return torch.stack([_orthogonalize(m, steps, dtype) for m in flat]).reshape(g.shape)
+    return _orthogonalize(g, steps, dtype)
+
+
+def _orthogonalize(g: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
     a, b, c = NS_COEFFICIENTS
     tall = g.size(-2) > g.size(-1)
     x = g.mT if tall else g  # iterate on the wide form: the Gram matrix X Xᵀ is the smaller one
