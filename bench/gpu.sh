@@ -55,8 +55,8 @@ import nmoe.train.loop, nmoe.rdep, nmoe.kernels; print(\"imports ok\")"' ;;
         --variants "${VARIANTS:-nmoe,torchtitan,nmoe-tt-init,muon,head,embed,out_proj}" ${CUSTOM:---custom \
         muon-tt-init:init_scheme=torchtitan,optimizer=muon} --max-minutes "${MINUTES:-9}" \
         --steps "${STEPS:-300}" --batch "${BATCH:-12}"; done ;;
-    peer) TAIL=8 stage peer 330 python3 bench/peer.py --out "$OUT/peer" \
-        --shapes "${SHAPES:-configs/moonlet.toml@12x2048,configs/moonlet.toml@8x2048}" --max-minutes 5 ;;
+    peer) TAIL=12 stage peer "$((${MINUTES:-5} * 60 + 30))" python3 bench/peer.py --out "$OUT/peer" \
+        --shapes "${SHAPES:-configs/moonlet.toml@12x2048,configs/moonlet.toml@8x2048}" --max-minutes "${MINUTES:-5}" ;;
     super) tar xJf .gpu/core.tar.xz -C .gpu && TAIL=40 stage super 540 python3 -m nmoe.train configs/speedrun/super.toml \
         "${DATA[@]}" --set train.steps="${STEPS:-300}" --set optim.warmup=50 --set optim.warmdown=100 \
         --set eval.eval_every=100 --set eval.core_bundle=.gpu/core --set eval.core_max_per_task="${CORE_N:-100}" \

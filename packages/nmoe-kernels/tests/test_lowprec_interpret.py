@@ -16,6 +16,24 @@ from nmoe.kernels.reference import grouped_mm, swiglu
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from nmoe.kernels._lowprec_kernels import _e2m1_round  # noqa: E402
+
+
+@triton.jit
+def round_kernel(y_ptr, bits_ptr, codes_ptr, values_ptr, n, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+    """_e2m1_round over a vector (test harness)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    codes, values = _e2m1_round(
+        tl.load(y_ptr + i, mask=ok, other=0.0), tl.load(bits_ptr + i, mask=ok, other=0), STOCHASTIC
+    )
+    tl.store(codes_ptr + i, codes, mask=ok)
+    tl.store(values_ptr + i, values, mask=ok)
+
+
 _INT_VIEW = {torch.float8_e4m3fn: torch.uint8, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 magnitudes = st.sampled_from([1e-3, 0.02, 1.0, 300.0])
@@ -103,6 +121,31 @@ def test_fp8_quantiser_kernels_are_bitwise():
         slot = qt[:, 128 * cid : 128 * (cid + 1)].T
         assert_bitwise(slot[: end - first].contiguous(), q_ref[first:end], f"grouped-col codes, chunk {cid}")
         assert bits(slot[end - first :]).eq(0).all()
+
+
+def _rounding_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Every e2m1 tie and grid point with its float32 neighbours, both signs, beyond +-6, and random values; random
+    bits with the extremes."""
+    points = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 1e-30])
+    near = torch.cat([points, torch.nextafter(points, points + 1), torch.nextafter(points, points - 1).abs()])
+    g = torch.Generator().manual_seed(0)
+    y = torch.cat([near, -near, torch.randn(4096, generator=g) * 3, torch.rand(4096, generator=g) * 1.2])
+    y = y.repeat(3)
+    u = torch.randint(0, 2**32, y.shape, generator=g, dtype=torch.int64)
+    u[: y.numel() // 3] = 0
+    u[y.numel() // 3 : 2 * y.numel() // 3 : 2] = 0xFFFFFFFF
+    return y.float(), u
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_e2m1_rounding_on_float_bits_matches_the_reference_rules(stochastic):
+    y, u = _rounding_inputs()
+    codes, values = torch.empty(y.shape, dtype=torch.uint8), torch.empty_like(y)
+    u32 = u.to(torch.int64).to(torch.uint32) if hasattr(torch, "uint32") else u.to(torch.int32)
+    round_kernel[(triton.cdiv(y.numel(), 1024),)](y, u32, codes, values, y.numel(), stochastic, 1024)
+    want = R.e2m1_stochastic(y, (u & 0xFFFFFF).float() * R.f32(2.0**-24)) if stochastic else R.e2m1_encode(y)
+    assert torch.equal(codes, want), f"{int((codes != want).sum())} codes differ"
+    assert torch.equal(values, R.e2m1_decode(want))  # -0.0 == 0.0: a zero's sign carries no value
 
 
 @pytest.mark.parametrize("rule", R.RULES)

@@ -78,19 +78,34 @@ def _to_fp8(x, scale):
 
 
 @triton.jit
-def _e2m1_encode(y):
-    """float32 y -> e2m1 code (uint8), round to nearest even, saturating at ±6, no -0."""
-    a = tl.abs(y)
-    c = (
-        (a > 0.25).to(tl.uint8)
-        + (a >= 0.75).to(tl.uint8)
-        + (a > 1.25).to(tl.uint8)
-        + (a >= 1.75).to(tl.uint8)
-        + (a > 2.5).to(tl.uint8)
-        + (a >= 3.5).to(tl.uint8)
-        + (a > 5.0).to(tl.uint8)
-    )
-    return c + 8 * ((y < 0) & (c > 0)).to(tl.uint8)
+def _e2m1_round(y, bits, STOCHASTIC: tl.constexpr):
+    """float32 y (already divided by its scale) -> (e2m1 codes uint8, their float32 values).
+
+    Nearest-even with saturation at +-6 (reference e2m1_encode), or, with STOCHASTIC, unbiased stochastic rounding
+    with the uniform u = (bits & 0xFFFFFF) * 2^-24 (reference e2m1_stochastic: up when the distance to the lower
+    code exceeds u steps). Integer work on the float32 bits instead of a comparison per code: from 1 to 6 the e2m1
+    grid is float32 with one mantissa bit, below 1 it is steps of 0.5. Same results as the references, bit for bit.
+    """
+    a = tl.minimum(tl.abs(y), 6.0)
+    ib = a.to(tl.uint32, bitcast=True)
+    low = ib & 0x3FFFFF  # the 22 mantissa bits below the kept one
+    twice = a * 2.0
+    k = twice.to(tl.int32)  # floor(2a): the code below 1
+    frac = twice - k.to(tl.float32)
+    if STOCHASTIC:
+        u24 = bits & 0xFFFFFF
+        up_normal = (low << 2) > u24
+        up_sub = frac > u24.to(tl.float32) * 5.9604644775390625e-08
+    else:
+        up_normal = (low > 0x200000) | ((low == 0x200000) & (((ib >> 22) & 1) == 1))
+        up_sub = (frac > 0.5) | ((frac == 0.5) & ((k & 1) == 1))
+    kept = (ib & 0xFFC00000) + (up_normal.to(tl.uint32) << 22)
+    sub = k + up_sub.to(tl.int32)
+    normal = a >= 1.0
+    magnitude_code = tl.where(normal, (kept >> 22).to(tl.int32) - 252, sub)
+    magnitude = tl.where(normal, kept.to(tl.float32, bitcast=True), sub.to(tl.float32) * 0.5)
+    codes = magnitude_code.to(tl.uint8) + 8 * ((y < 0) & (magnitude_code > 0)).to(tl.uint8)
+    return codes, tl.where(y < 0, -magnitude, magnitude)
 
 
 @triton.jit
@@ -106,25 +121,6 @@ def _e2m1_magnitude(c):
 def _e2m1_decode(c):
     mag = _e2m1_magnitude(c & 7)
     return tl.where((c & 8) != 0, -mag, mag)
-
-
-@triton.jit
-def _e2m1_stochastic(y, u):
-    """Unbiased stochastic rounding of y onto the e2m1 grid with uniform u in [0,1) (see the reference)."""
-    a = tl.minimum(tl.abs(y), 6.0)
-    lo_code = (
-        (a >= 0.5).to(tl.uint8)
-        + (a >= 1.0).to(tl.uint8)
-        + (a >= 1.5).to(tl.uint8)
-        + (a >= 2.0).to(tl.uint8)
-        + (a >= 3.0).to(tl.uint8)
-        + (a >= 4.0).to(tl.uint8)
-        + (a >= 6.0).to(tl.uint8)
-    )
-    step = tl.where(lo_code < 4, 0.5, tl.where(lo_code < 6, 1.0, 2.0))
-    up = ((a - _e2m1_magnitude(lo_code)) > u * step) & (lo_code < 7)
-    c = lo_code + up.to(tl.uint8)
-    return c + 8 * ((y < 0) & (c > 0)).to(tl.uint8)
 
 
 @triton.jit
@@ -189,7 +185,7 @@ def nvfp4_quantize_kernel(w_ptr, codes_ptr, scales_ptr, st_ptr, n_blocks, BLOCK_
     ok = b_ok[:, None] & (idx >= 0)
     w = tl.load(w_ptr + idx, mask=ok, other=0.0).to(tl.float32)
     scale, _, y = _nvfp4_scales(w, ok, tl.load(st_ptr))
-    codes = _pack_codes(_e2m1_encode(y), BLOCK_B)
+    codes = _pack_codes(_e2m1_round(y, 0, False)[0], BLOCK_B)
     tl.store(codes_ptr + b64[:, None] * 8 + tl.arange(0, 8)[None, :], codes, mask=b_ok[:, None])
     tl.store(scales_ptr + b64, scale.to(tl.float8e4nv), mask=b_ok)
 
@@ -272,16 +268,18 @@ def nvfp4_adamw_kernel(
         lo = (first & 0xFFFFFFFF).to(tl.uint32) + local.to(tl.uint32)
         bits = _element_bits(key, lo, (first >> 32).to(tl.uint32))
         if RULE == 2:
-            codes = _e2m1_stochastic(y, (bits & 0xFFFFFF).to(tl.float32) * 5.9604644775390625e-08)
+            codes, rounded = _e2m1_round(y, bits, True)
         else:
-            codes = _e2m1_encode(y)
-            stuck = ((_e2m1_decode(codes) * scale[:, None]) * st_enc) == old
+            codes, rounded = _e2m1_round(y, bits, False)
+            stuck = ((rounded * scale[:, None]) * st_enc) == old
             chosen = stuck & ((bits >> 31) == 1)
             shift = tl.where(((bits >> 30) & 1) == 1, dither, -dither)
-            codes = tl.where(chosen, _e2m1_encode(y + shift), codes)
+            dithered_codes, dithered = _e2m1_round(y + shift, bits, False)
+            codes = tl.where(chosen, dithered_codes, codes)
+            rounded = tl.where(chosen, dithered, rounded)
     else:
-        codes = _e2m1_encode(y)
-    new = (_e2m1_decode(codes) * scale[:, None]) * st_enc
+        codes, rounded = _e2m1_round(y, 0, False)
+    new = (rounded * scale[:, None]) * st_enc
 
     tl.store(code_ptrs, _pack_codes(codes, BLOCK_B), mask=b_ok[:, None])
     tl.store(scale_ptrs, scale.to(tl.float8e4nv), mask=b_ok)
