@@ -41,7 +41,7 @@ import nmoe.train.loop, nmoe.rdep, nmoe.kernels; print(\"imports ok\")"' ;;
     lowprec-bench) stage lowprec-bench 300 python3 bench/lowprec.py --out "$OUT/lowprec.json" ${LOWPREC_ARGS:-} ;;
     rdep-local) stage rdep-local 240 python3 bench/rdep_local.py --out "$OUT/rdep_local.json" ;;
     train-moonlet) TAIL=22 stage train-moonlet 560 python3 bench/train.py configs/moonlet.toml --steps "${STEPS:-40}" \
-        --variants "${VARIANTS:-nmoe,tma}" --profile --out "$OUT/train" "${DATA[@]}" ${EXTRA:-} ;;
+        --variants "${VARIANTS:-nmoe,tma}" ${PROFILE---profile} --out "$OUT/train" "${DATA[@]}" ${EXTRA:-} ;;
     ep-one-gpu) TAIL=16 stage ep-one-gpu 540 python3 bench/ep_one_gpu.py configs/moonlet.toml --out "$OUT/ep" "${DATA[@]}" \
         --set model.n_layers=4 --set train.steps=20 --set train.global_batch_size=4 --set optim.warmup=5 \
         --set optim.warmdown=5 --set eval.eval_every=0 --set train.log_every=5 --set runtime.compile=false ;;

@@ -56,6 +56,7 @@ VARIANTS = [
     Variant("nmoe", "baseline: init_scheme nmoe", {"init_scheme": "nmoe"}),
     Variant("torchtitan", "torchtitan 0.3.0 DeepSeek-V3, its own init", torchtitan=True),
     Variant("nmoe-tt-init", "nmoe, init_scheme torchtitan (all knobs below)", {"init_scheme": "torchtitan"}),
+    Variant("wide", "nmoe, init_scheme wide (torchtitan's + std 0.03, fan-in experts)", {"init_scheme": "wide"}),
     Variant("embed", "baseline + embedding std 1.0", {"init_scheme": "nmoe", "init_embed_std": 1.0}),
     Variant("head", "baseline + head std dim^-0.5 (trunc 3 std)", {"init_scheme": "nmoe", "init_head": "inv_sqrt_dim"}),
     Variant(

@@ -6,7 +6,9 @@
 Variants: `nmoe` (the default expert path: fused Triton kernels, grouped GEMMs as NMOE_KERNELS_GEMM selects),
 `pointer` / `tma` (the grouped GEMMs forced to pointer loads / TMA descriptors), `pytorch` (the expert path composed
 from PyTorch ops:
-argsort -> F.grouped_mm -> SwiGLU -> F.grouped_mm -> index_add). Each reports tokens/s, MFU and peak memory
+argsort -> F.grouped_mm -> SwiGLU -> F.grouped_mm -> index_add), `ac-moe` / `ac-all` (the default path with
+runtime.activation_checkpointing = moe / all). A variant may end in `@B`: B sequences per step (train.batch_size and
+train.global_batch_size), e.g. `ac-all@16`. Each reports tokens/s, MFU and peak memory
 from the run's own metrics (median of the log windows after the first, which holds the compile). With
 --profile, three steps of the first variant run under torch.profiler and the kernel time is split by phase.
 """
@@ -57,7 +59,7 @@ def variant(name: str):
     import nmoe.model.dispatch as dispatch
     from nmoe.kernels import _triton_ops
 
-    if name == "nmoe":
+    if name in ("nmoe", "ac-moe", "ac-all"):
         yield
     elif name in ("tma", "pointer"):
         with _triton_ops.use_gemm_variant(name):
@@ -70,7 +72,7 @@ def variant(name: str):
         finally:
             dispatch.moe_experts = original
     else:
-        raise SystemExit(f"unknown variant {name!r}: nmoe, pointer, tma or pytorch")
+        raise SystemExit(f"unknown variant {name!r}: nmoe, pointer, tma, pytorch, ac-moe or ac-all (each [@B])")
 
 
 class Profile:
@@ -140,18 +142,23 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, breakdown = [], None
-    for i, name in enumerate(args.variants.split(",")):
+    for i, label in enumerate(args.variants.split(",")):
+        name, _, batch = label.partition("@")
         overrides = dict(o.split("=", 1) for o in args.overrides)
+        if name.startswith("ac-"):
+            overrides["runtime.activation_checkpointing"] = name.removeprefix("ac-")
+        if batch:
+            overrides.update({"train.batch_size": batch, "train.global_batch_size": batch})
         overrides.update({
             "train.steps": str(args.steps), "optim.warmup": "10", "optim.warmdown": "10",
             "checkpoint.dir": str(out / "ckpt"), "checkpoint.resume": "never", "checkpoint.save_every": "0",
             "metrics.dir": str(out / "metrics"), "metrics.experiments_db": str(out / "runs.sqlite"),
-            "runtime.run_name": f"bench-{name}-{i}", "runtime.progress": "false", "eval.eval_every": "0",
+            "runtime.run_name": f"bench-{name}-{batch or 'cfg'}-{i}", "runtime.progress": "false", "eval.eval_every": "0",
             "train.log_every": "10",
         })  # fmt: skip
         cfg = load_config(args.config, overrides=overrides)
         profile = Profile(start=min(20, args.steps - 4)) if args.profile and i == 0 else None
-        results.append(run_variant(cfg, name, hooks=[profile] if profile else ()))
+        results.append(run_variant(cfg, name, hooks=[profile] if profile else ()) | {"variant": label})
         if profile is not None and profile.prof is not None:
             breakdown = profile.breakdown()
         print(json.dumps(results[-1]), flush=True)

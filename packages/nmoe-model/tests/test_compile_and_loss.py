@@ -77,3 +77,30 @@ def test_activation_checkpointing_changes_nothing_but_memory(mode):
     assert torch.equal(loss_a, loss_b) and torch.equal(stats_a, stats_b)
     for a, b in zip(grads_a, grads_b):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["moe", "all"])
+def test_activation_checkpointing_compiles_as_one_graph(mode):
+    """Under torch.compile(fullgraph=True) the checkpointed model gives the eager loss, gradients and router
+    statistics (counted once)."""
+    torch._dynamo.reset()
+    cfg = config()
+    gen = torch.Generator().manual_seed(3)
+    idx, tgt = torch.randint(0, 64, (2, 16), generator=gen), torch.randint(0, 64, (2, 16), generator=gen)
+    results = []
+    for setting, compiled in (("none", False), (mode, True)):
+        model = model_of(cfg)
+        model.set_activation_checkpointing(setting)
+        run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+        out = run(idx, tgt)
+        grads = torch.autograd.grad(out.loss + out.aux_loss, list(model.parameters()), allow_unused=True)
+        stats = torch.stack([m.take_stats() for m in model.moe_layers])
+        results.append((out.loss.detach(), grads, stats))
+    (loss_a, grads_a, stats_a), (loss_b, grads_b, stats_b) = results
+    assert stats_a[:, :-1].min() >= 0 and stats_a.sum() > 0  # training mode: the statistics were counted
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats_b, stats_a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

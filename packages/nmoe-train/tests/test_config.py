@@ -225,9 +225,3 @@ def test_fingerprint_is_a_function_of_the_values(steps, lr, seed):
     assert a.fingerprint == b.fingerprint
     raw["train"]["seed"] = seed + 1
     assert build_config(raw, "c", env={}).fingerprint != a.fingerprint
-
-
-def test_activation_checkpointing_with_compile_is_refused(tmp_path):
-    path = write(tmp_path, MINIMAL + '\n[runtime]\ncompile = true\nactivation_checkpointing = "moe"\n')
-    with pytest.raises(ConfigError, match=r"activation_checkpointing = 'moe' does not run under runtime.compile"):
-        load_config(path, env={})

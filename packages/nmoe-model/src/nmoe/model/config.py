@@ -19,7 +19,7 @@ ATTN_GLOBAL = ("mla", "sdpa")
 ATTN_LOCAL = ("swa", "none")
 SCORE_FUNCS = ("sigmoid", "softmax")
 EXPERT_PRECISIONS = ("bf16", "fp8", "nvfp4")
-INIT_SCHEMES = ("nmoe", "torchtitan")
+INIT_SCHEMES = ("nmoe", "torchtitan", "wide")
 INIT_HEAD_RULES = ("scheme", "init_std", "inv_sqrt_dim", "zero")
 INIT_DEPTH_RULES = ("scheme", "sqrt_2L", "depth", "none")
 INIT_OUT_PROJ_RULES = (*INIT_DEPTH_RULES, "zero")
@@ -68,9 +68,10 @@ class ModelConfig:
     )
     head_dim: int | None = config_field(None, "sdpa/swa head width (None = dim // n_heads)", range=(1, None))
     norm_eps: float = config_field(1e-6, "RMSNorm epsilon", range=(0.0, 1.0))
-    init_std: float = config_field(
-        0.02,
-        "std of the normal init of weight matrices (output projections scaled per model.init_out_proj)",
+    init_std: float | None = config_field(
+        None,
+        "std of the normal init of weight matrices (output projections scaled per model.init_out_proj); None: "
+        "init_scheme's (nmoe and torchtitan 0.02, wide 0.03)",
         range=(0.0, None),
     )
     max_seq_len: int = config_field(4096, "longest sequence the RoPE tables cover", range=(1, None))
@@ -162,11 +163,12 @@ class ModelConfig:
 
     # --- init (each init_* key left at None / "scheme" takes its value from init_scheme)
     init_scheme: str = config_field(
-        "torchtitan",
-        "defaults of the init_* keys: torchtitan (torchtitan 0.3.0 DeepSeek-V3's: embedding std 1, head "
-        "dim^-0.5, per-layer depth scaling of output projections, up projections and router; learns faster, "
-        "bench/RESULTS.md) or nmoe (before 2026-11-24: every matrix and the embedding std init_std, output "
-        "projections / sqrt(2 n_layers))",
+        "wide",
+        "defaults of init_std and the init_* keys: torchtitan (torchtitan 0.3.0 DeepSeek-V3's: matrices std 0.02, "
+        "embedding std 1, head dim^-0.5, per-layer depth scaling of output projections, up projections and "
+        "router), wide (torchtitan's rules with matrices at std 0.03 and routed experts at fan-in std; learns "
+        "fastest under AdamW, bench/RESULTS.md) or nmoe (before 2026-11-24: every matrix and the embedding std "
+        "0.02, output projections / sqrt(2 n_layers))",
         choices=INIT_SCHEMES,
     )
     init_embed_std: float | None = config_field(
@@ -197,7 +199,7 @@ class ModelConfig:
     init_experts: str = config_field(
         "scheme",
         "routed-expert base std: matrix (init_expert_std) or fan_in (w_up dim^-0.5, w_down moe_inter_dim^-0.5); "
-        "init_out_proj's scaling applies on top; scheme: matrix for both schemes",
+        "init_out_proj's scaling applies on top; scheme: nmoe and torchtitan matrix, wide fan_in",
         choices=INIT_EXPERT_RULES,
     )
     init_expert_std: float | None = config_field(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import zlib
 from collections.abc import Callable
 from typing import NamedTuple
@@ -16,7 +15,7 @@ from nmoe.model.attention import make_attention, sliding_window_block_mask
 from nmoe.model.config import ModelConfig
 from nmoe.model.kv_cache import KVCache, LayerKV
 from nmoe.model.layers import RMSNorm, SwiGLU, rope_tables
-from nmoe.model.moe import MoE, recomputing
+from nmoe.model.moe import MoE
 from nmoe.model.stats import LayerRouterStats, RouterStats
 
 PARAM_KINDS = ("embedding", "head", "norm", "bias", "router", "matrix", "expert")
@@ -45,14 +44,15 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.inter_dim) if layer < cfg.n_dense_layers else MoE(cfg, ep_rank, ep_size)
 
-    def forward(self, x, cos, sin, block_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x[B,S,D] -> (x[B,S,D], aux loss scalar or None for dense blocks)."""
+    def forward(self, x, cos, sin, block_mask) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """x[B,S,D] -> (x[B,S,D], aux loss scalar, router statistics (MoE.forward_collect) to add once); the
+        last two None for dense blocks."""
         x = x + self.attn(self.attn_norm(x), cos, sin, block_mask)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
-            y, aux = self.ffn(h)
-            return x + y, aux
-        return x + self.ffn(h), None
+            y, aux, stats = self.ffn.forward_collect(h)
+            return x + y, aux, stats
+        return x + self.ffn(h), None, None
 
     def decode(self, x: torch.Tensor, cos, sin, positions: torch.Tensor, kv: LayerKV) -> torch.Tensor:
         """Cached inference step (no aux loss): x[B,S,D] at absolute positions[S] -> x[B,S,D]."""
@@ -133,13 +133,14 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)
         aux = torch.zeros((), dtype=torch.float32, device=idx.device)
         for block in self.blocks:
-            if self._checkpointed(block):
-                x, block_aux = checkpoint(block, x, cos, sin, block_mask, use_reentrant=False,
-                                          context_fn=_recompute_contexts)  # fmt: skip
+            if self._checkpointed(block):  # the recompute in backward returns its statistics to nobody
+                x, block_aux, stats = checkpoint(block, x, cos, sin, block_mask, use_reentrant=False)
             else:
-                x, block_aux = block(x, cos, sin, block_mask)
+                x, block_aux, stats = block(x, cos, sin, block_mask)
             if block_aux is not None:
                 aux = aux + block_aux
+            if stats is not None:
+                block.ffn.add_stats(stats)
         h = self.norm(x)
         if torch.is_autocast_enabled(h.device.type):
             h = h.to(torch.get_autocast_dtype(h.device.type))  # what the head matmul would see under autocast
@@ -282,6 +283,7 @@ class Transformer(nn.Module):
 class InitRules(NamedTuple):
     """The init of every part, resolved from the model.init_* keys and model.init_scheme."""
 
+    matrix_std: float  # weight matrices (model.init_std or the scheme's)
     embed_std: float
     head: str  # init_std | inv_sqrt_dim | zero
     out_proj: str  # sqrt_2L | depth | none | zero
@@ -299,9 +301,13 @@ class InitSpec(NamedTuple):
     truncate: bool = False  # truncated at +-3 std
 
 
+_TORCHTITAN = dict(
+    matrix_std=0.02, embed_std=1.0, head="inv_sqrt_dim", out_proj="depth", router="depth", experts="matrix"
+)
 _SCHEME_RULES = {
-    "nmoe": dict(embed_std=None, head="init_std", out_proj="sqrt_2L", router="none", experts="matrix"),
-    "torchtitan": dict(embed_std=1.0, head="inv_sqrt_dim", out_proj="depth", router="depth", experts="matrix"),
+    "nmoe": dict(matrix_std=0.02, embed_std=None, head="init_std", out_proj="sqrt_2L", router="none", experts="matrix"),
+    "torchtitan": _TORCHTITAN,
+    "wide": dict(_TORCHTITAN, matrix_std=0.03, experts="fan_in"),
 }
 
 
@@ -312,15 +318,17 @@ def init_rules(cfg: ModelConfig) -> InitRules:
     def pick(value, key):
         return scheme[key] if value == "scheme" else value
 
+    matrix_std = scheme["matrix_std"] if cfg.init_std is None else cfg.init_std
     embed_std = cfg.init_embed_std if cfg.init_embed_std is not None else scheme["embed_std"]
     return InitRules(
-        embed_std=cfg.init_std if embed_std is None else embed_std,
+        matrix_std=matrix_std,
+        embed_std=matrix_std if embed_std is None else embed_std,
         head=pick(cfg.init_head, "head"),
         out_proj=pick(cfg.init_out_proj, "out_proj"),
         router=pick(cfg.init_router, "router"),
-        router_std=cfg.init_std if cfg.init_router_std is None else cfg.init_router_std,
+        router_std=matrix_std if cfg.init_router_std is None else cfg.init_router_std,
         experts=pick(cfg.init_experts, "experts"),
-        expert_std=cfg.init_std if cfg.init_expert_std is None else cfg.init_expert_std,
+        expert_std=matrix_std if cfg.init_expert_std is None else cfg.init_expert_std,
     )
 
 
@@ -347,7 +355,7 @@ def param_init_spec(cfg: ModelConfig, rules: InitRules, name: str, kind: str) ->
             return InitSpec(cfg.dim**-0.5, truncate=True)
         if rules.head == "zero":
             return InitSpec(0.0)
-        return InitSpec(cfg.init_std)
+        return InitSpec(rules.matrix_std)
     layer = int(name.split(".")[1]) if name.startswith("blocks.") else 0
     out_factor = depth_factor(rules.out_proj, layer, cfg.n_layers)
     # torchtitan's depth rule also scales the up projection (w3) of every SwiGLU
@@ -361,10 +369,10 @@ def param_init_spec(cfg: ModelConfig, rules: InitRules, name: str, kind: str) ->
         base = cfg.dim**-0.5 if fan_in else rules.expert_std
         return _gate_up(base, up_factor)
     if name.endswith(_OUTPUT_PROJECTIONS):
-        return InitSpec(cfg.init_std * out_factor)
+        return InitSpec(rules.matrix_std * out_factor)
     if name.endswith(_GATE_UP_PROJECTIONS):
-        return _gate_up(cfg.init_std, up_factor)
-    return InitSpec(cfg.init_std)
+        return _gate_up(rules.matrix_std, up_factor)
+    return InitSpec(rules.matrix_std)
 
 
 def _gate_up(std: float, up_factor: float) -> InitSpec:
@@ -387,11 +395,6 @@ def _draw(p: torch.Tensor, spec: InitSpec, gen: torch.Generator, fused_dim: int)
     p.normal_(0.0, 1.0, generator=gen)
     p.narrow(fused_dim, 0, half).mul_(spec.std)
     p.narrow(fused_dim, half, half).mul_(spec.up_std)
-
-
-def _recompute_contexts():
-    """(forward context, recompute context) of a checkpointed block: the recompute counts no router load again."""
-    return contextlib.nullcontext(), recomputing()
 
 
 def _generator(device: torch.device, seed: int, key: str) -> torch.Generator:

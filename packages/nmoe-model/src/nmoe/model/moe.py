@@ -3,15 +3,13 @@ routed experts through an expert-dispatch seam (`nmoe.model.dispatch`), shared S
 
 A rank holds E / ep_size routed experts (global indices [expert_offset, expert_offset + E / ep_size));
 the router is replicated. Diagnostics accumulate in device buffers during training forwards only (no
-host sync); `take_stats()` is read at log time. Counting happens in forward, so activation checkpointing
-that re-runs forward counts twice.
+host sync); `take_stats()` is read at log time. `forward_collect` returns a forward's counts instead of adding
+them, so a caller that re-runs the forward (activation checkpointing) adds them once (`add_stats`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
 from typing import NamedTuple
 
 import torch
@@ -58,23 +56,6 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor,
     if cfg.route_norm:
         gates = gates / (gates.sum(dim=-1, keepdim=True) + 1e-20)
     return Routing(logits, scores, topk_ids, gates, gates * cfg.route_scale)
-
-
-_RECOMPUTE = threading.local()
-
-
-@contextlib.contextmanager
-def recomputing():
-    """The forward of an activation-checkpointed block being re-run in backward: its router load was counted already."""
-    _RECOMPUTE.active = True
-    try:
-        yield
-    finally:
-        _RECOMPUTE.active = False
-
-
-def in_recompute() -> bool:
-    return getattr(_RECOMPUTE, "active", False)
 
 
 def expert_mlp_of(cfg: ModelConfig, fused_default: bool = False) -> ExpertMLP | None:
@@ -135,17 +116,25 @@ class MoE(nn.Module):
         self.register_buffer("stat_sums", torch.zeros(4), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x[B,S,D] -> (y[B,S,D], aux_loss scalar (router precision) incl. coefficients)."""
+        """x[B,S,D] -> (y[B,S,D], aux_loss scalar (router precision) incl. coefficients); counts router load and
+        statistics when training."""
+        y, aux, stats = self.forward_collect(x)
+        if stats is not None:
+            self.add_stats(stats)
+        return y, aux
+
+    def forward_collect(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x[B,S,D] -> (y[B,S,D], aux_loss scalar, this forward's statistics [E + 4] float32 when training, else
+        None), adding nothing to the module's buffers: pass the statistics to `add_stats` once."""
         bsz, seq, dim = x.shape
         flat = x.reshape(bsz * seq, dim)
         r = route(flat, self.gate, self.expert_bias, self.cfg)
         ids = capacity_ids(r.topk_ids, self.cfg)
-        if self.training and not in_recompute():
-            self._accumulate(r, ids)
+        stats = self._stats_of(r, ids) if self.training else None
         y = self._routed(flat, ids, r.weights)
         if self.shared is not None:
             y = y + self.shared(flat)
-        return y.view(bsz, seq, dim), self._aux_loss(r, bsz)
+        return y.view(bsz, seq, dim), self._aux_loss(r, bsz), stats
 
     def _routed(self, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         dtype = flat.dtype
@@ -164,18 +153,26 @@ class MoE(nn.Module):
         return aux
 
     @torch.no_grad()
-    def _accumulate(self, r: Routing, ids: torch.Tensor) -> None:
+    def _stats_of(self, r: Routing, ids: torch.Tensor) -> torch.Tensor:
+        """[E + 4] float32: load per expert | tokens, entropy sum, max-gate sum, dropped pairs."""
         flat_ids = r.topk_ids.reshape(-1)
         ones = torch.ones_like(flat_ids, dtype=self.stat_counts.dtype)
         counts = torch.zeros_like(self.stat_counts).scatter_add_(0, flat_ids, ones)
-        self.load_since_update.add_(counts)
-        self.stat_counts.add_(counts)
         scores = r.scores.detach()
         probs = scores / scores.sum(dim=-1, keepdim=True)
         entropy = -(probs * probs.clamp_min(1e-30).log()).sum()
-        sums = torch.stack((entropy, r.gates.detach().max(dim=-1).values.sum(), (ids < 0).sum().float()))
-        self.stat_sums[0].add_(r.topk_ids.shape[0])
-        self.stat_sums[1:].add_(sums.to(self.stat_sums.dtype))
+        tokens = torch.full((), r.topk_ids.shape[0], dtype=torch.float32, device=counts.device)
+        sums = torch.stack((tokens, entropy.float(), r.gates.detach().max(dim=-1).values.sum().float(),
+                            (ids < 0).sum().float()))  # fmt: skip
+        return torch.cat((counts, sums.to(counts.dtype)))
+
+    @torch.no_grad()
+    def add_stats(self, stats: torch.Tensor) -> None:
+        """Add one forward's statistics (from `forward_collect`) to the load window and the log accumulators."""
+        n_exp = self.stat_counts.numel()
+        self.load_since_update.add_(stats[:n_exp])
+        self.stat_counts.add_(stats[:n_exp])
+        self.stat_sums.add_(stats[n_exp:])
 
     @torch.no_grad()
     def update_bias(self, reduce_fn=None) -> None:

@@ -440,13 +440,6 @@ def _cross_checks(cfg: Config, where: str) -> None:
             f"{where}: runtime.run_name = {name!r} names one folder under checkpoint.dir and metrics.dir; "
             "use a plain name without slashes or surrounding spaces, e.g. 'tiny-lr3e-3'"
         )
-    if cfg.runtime.compile and cfg.runtime.activation_checkpointing != "none":
-        raise ConfigError(
-            f"{where}: runtime.activation_checkpointing = {cfg.runtime.activation_checkpointing!r} does not run under "
-            "runtime.compile yet (torch.compile rejects the recompute context that keeps router statistics from "
-            "being counted twice; seen on an H100, 2026-11-24): set runtime.compile = false, or "
-            "activation_checkpointing = 'none'"
-        )
     if cfg.train.seq_len > cfg.model.max_seq_len:
         raise ConfigError(
             f"{where}: train.seq_len ({cfg.train.seq_len}) > model.max_seq_len ({cfg.model.max_seq_len}); lower train.seq_len or raise model.max_seq_len"

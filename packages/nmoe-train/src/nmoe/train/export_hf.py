@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from nmoe.model import ModelConfig
+from nmoe.model import ModelConfig, init_rules
 
 HF_LATENT_NORM_EPS = 1e-6  # transformers' DeepseekV3Attention builds q_a/kv_a_layernorm with the default eps
 MAX_SHARD_BYTES = 4 << 30
@@ -118,7 +118,7 @@ def hf_config(cfg: ModelConfig, bos_id: int | None, dtype: torch.dtype) -> dict:
         "attention_dropout": 0.0,
         "tie_word_embeddings": False,
         "num_nextn_predict_layers": 0,
-        "initializer_range": cfg.init_std,
+        "initializer_range": init_rules(cfg).matrix_std,
         "bos_token_id": bos_id,
         "eos_token_id": bos_id,
         "pad_token_id": None,
