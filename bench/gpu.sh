@@ -37,6 +37,8 @@ import nmoe.train.loop, nmoe.rdep, nmoe.kernels; print(\"imports ok\")"' ;;
           packages/nmoe-rdep/tests/gpu_multi.py; done ;;
     model-use) tar xJf .gpu/core.tar.xz -C .gpu && stage model-use 320 python3 \
         packages/nmoe-train/tests/gpu_check_model_use.py --config configs/moonlet.toml --bundle .gpu/core --max-per-task 50 ;;
+    determinism) TAIL=8 stage determinism 300 python3 packages/nmoe-train/tests/gpu_check_determinism.py \
+        --layers "${LAYERS:-2}" ;;
     kernels-bench) stage kernels-bench 420 python3 bench/kernels.py --out "$OUT/kernels.json" ;;
     lowprec-bench) stage lowprec-bench 300 python3 bench/lowprec.py --out "$OUT/lowprec.json" ${LOWPREC_ARGS:-} ;;
     rdep-local) stage rdep-local 240 python3 bench/rdep_local.py --out "$OUT/rdep_local.json" ;;

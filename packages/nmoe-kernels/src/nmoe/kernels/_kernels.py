@@ -7,7 +7,7 @@ import triton.language as tl
 
 EPILOGUE_STORE = 0  # C = A @ B
 EPILOGUE_SWIGLU = 1  # H = A @ [Bg | Bu] stored, C = silu(Hg) * Hu
-EPILOGUE_SWIGLU_BWD = 2  # G = A @ B; dA = w * G; dw += <G, a>; C = [dHg | dHu]
+EPILOGUE_SWIGLU_BWD = 2  # G = A @ B; dA = w * G; dw partial per column tile = <G, a>; C = [dHg | dHu]
 
 
 @triton.jit
@@ -83,8 +83,9 @@ def gmm_kernel(
 
     EPILOGUE_SWIGLU: B has 2N columns (gate | up); H[:, :N], H[:, N:] get gate/up, C gets silu(gate)*up.
     EPILOGUE_SWIGLU_BWD: A @ B is dL/d(act) before the routing weight w[w_idx[row]] (1 when not WEIGHTED);
-    H holds the forward gate/up; C gets d(gate) | d(up) (2N columns) and, when WEIGHTED, dw[w_idx[row]]
-    accumulates <A @ B, act>.
+    H holds the forward gate/up; C gets d(gate) | d(up) (2N columns) and, when WEIGHTED, dw[pid_n, w_idx[row]]
+    gets this column tile's share of <A @ B, act> (dw is [column tiles, M]; the caller sums it: no atomics, so
+    the result does not depend on the order the tiles ran in).
     A_TMA / B_TMA: a_ptr is a TMA descriptor of A[M,K] (block [BLOCK_M, BLOCK_K]) / b_ptr one of the weights
     [E,K,N] (block [1, BLOCK_K, BLOCK_N]) or, with TRANS_B, of [E,N,K] (block [1, BLOCK_N, BLOCK_K]) used
     transposed; the strides are then unused. A tile's rows past its group read other rows of A (or TMA's
@@ -158,7 +159,7 @@ def gmm_kernel(
         if WEIGHTED:
             w_idx = tl.load(w_idx_ptr + rows, mask=row_ok, other=0)
             w = tl.load(w_ptr + w_idx, mask=row_ok, other=0.0).to(tl.float32)
-            tl.atomic_add(dw_ptr + w_idx, tl.sum(acc * silu * up, 1), mask=row_ok)
+            tl.store(dw_ptr + pid_n.to(tl.int64) * M + w_idx, tl.sum(acc * silu * up, 1), mask=row_ok)
             d_act = acc * w[:, None]
         else:
             d_act = acc

@@ -181,7 +181,8 @@ def _launch_gmm(
     """Grouped product into `out` (rows in expert order): out[rows of e] = a[rows] @ (w[e]^T if transpose else w[e]).
 
     a_idx gathers the rows of a; mode picks the epilogue (see `_kernels.gmm_kernel`): h holds pre-activations,
-    wts[w_idx[row]] are routing weights and dw their gradient (SWIGLU_BWD).
+    wts[w_idx[row]] are routing weights and dw[M] float32 receives their gradient (SWIGLU_BWD), summed over
+    column tiles in a fixed order (deterministic).
     """
     m, n_experts = out.shape[0], offsets.shape[0]
     n = w.shape[1] if transpose else w.shape[2]
@@ -200,6 +201,10 @@ def _launch_gmm(
     b_tma = _gemm_variant == "tma" and _tma_ok(w)
     kernel = (_GMM_TMA if a_tma or b_tma else _GMM)[(mode, wide)]
     dummy = offsets
+    partials = None
+    if dw is not None:  # one row of partial sums per column tile of the narrowest config
+        tiles = triton.cdiv(n, min(c.kwargs["BLOCK_N"] for c in kernel.configs))
+        partials = torch.zeros(tiles, m, dtype=torch.float32, device=out.device)
     kernel[grid](
         _descriptor(a) if a_tma else a,
         dummy if a_idx is None else a_idx,
@@ -208,7 +213,7 @@ def _launch_gmm(
         dummy if h is None else h,
         dummy if wts is None else wts,
         dummy if w_idx is None else w_idx,
-        dummy if dw is None else dw,
+        dummy if partials is None else partials,
         offsets,
         m,
         n,
@@ -228,6 +233,8 @@ def _launch_gmm(
         B_TMA=b_tma,
         TRANS_B=transpose,
     )
+    if partials is not None:
+        dw.add_(partials.sum(0))
     return out
 
 
