@@ -31,14 +31,14 @@ for s in "$@"; do
 import torch, triton, duckdb, nvshmem.core; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())
 import nmoe.train.loop, nmoe.rdep, nmoe.kernels; print(\"imports ok\")"' ;;
     kernels-check) stage kernels-check 300 python3 packages/nmoe-kernels/tests/gpu_check.py ;;
-    lowprec-check) stage lowprec-check 240 python3 packages/nmoe-kernels/tests/gpu_lowprec.py --out "$OUT" ;;
+    lowprec-check) stage lowprec-check 240 python3 packages/nmoe-kernels/tests/gpu_lowprec.py --out "$OUT" ${CHECK_ARGS:-} ;;
     rdep-multi) for n in 1 2 4; do
         TAIL=7 stage "rdep-multi-$n" 240 python3 -m torch.distributed.run --standalone --nproc_per_node=$n \
           packages/nmoe-rdep/tests/gpu_multi.py; done ;;
     model-use) tar xJf .gpu/core.tar.xz -C .gpu && stage model-use 320 python3 \
         packages/nmoe-train/tests/gpu_check_model_use.py --config configs/moonlet.toml --bundle .gpu/core --max-per-task 50 ;;
-    determinism) TAIL=8 stage determinism 300 python3 packages/nmoe-train/tests/gpu_check_determinism.py \
-        --layers "${LAYERS:-2}" ;;
+    determinism|determinism-strict) TAIL=8 stage "$s" 300 python3 packages/nmoe-train/tests/gpu_check_determinism.py \
+        --layers "${LAYERS:-2}" $([ "$s" = determinism-strict ] && echo --deterministic) ;;
     kernels-bench) stage kernels-bench 420 python3 bench/kernels.py --out "$OUT/kernels.json" ;;
     lowprec-bench) stage lowprec-bench 300 python3 bench/lowprec.py --out "$OUT/lowprec.json" ${LOWPREC_ARGS:-} ;;
     rdep-local) stage rdep-local 240 python3 bench/rdep_local.py --out "$OUT/rdep_local.json" ;;

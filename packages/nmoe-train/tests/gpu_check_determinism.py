@@ -4,15 +4,17 @@
 
 Bitwise resume on the GPU needs every kernel of a step to give the same bits for the same inputs. For the eager
 model and the compiled one: the same init, the same batch, forward + backward twice, every gradient compared bit
-for bit (the parameters that differ are named, so a non-deterministic kernel can be located); then three AdamW
-steps twice from the same state, the losses and the weights compared. A table is printed last; exit code 1 when
-something differs.
+for bit (the parameters that differ are named with their largest difference, so a non-deterministic kernel can be
+located); then three AdamW steps twice from the same state, the losses and the weights compared. With
+--deterministic, under torch.use_deterministic_algorithms (warn only) and CUBLAS_WORKSPACE_CONFIG=:4096:8. A table
+is printed last; exit code 1 when something differs.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 import torch
@@ -44,7 +46,8 @@ def check_gradients(cfg, compiled: bool, idx, tgt) -> None:
     first = grads_of(run, model, idx, tgt)
     second = grads_of(run, model, idx, tgt)
     differ = [n for n in first if not torch.equal(first[n], second[n])]
-    where = ", ".join(differ[:6]) + (f" (+{len(differ) - 6} more)" if len(differ) > 6 else "")
+    gaps = [f"{n} {(first[n] - second[n]).abs().max().item():.1e}" for n in differ[:8]]
+    where = ", ".join(gaps) + (f" (+{len(differ) - 8} more)" if len(differ) > 8 else "")
     ROWS.append((f"gradients, {'compiled' if compiled else 'eager'}", not differ, where or "all equal"))
 
 
@@ -76,7 +79,11 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--cpu", action="store_true", help="smoke-run the script on the CPU (e.g. configs/tiny.toml)")
+    p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(warn_only)")
     args = p.parse_args()
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     global DEVICE
     DEVICE = torch.device("cpu" if args.cpu else "cuda")
     if not args.cpu and not torch.cuda.is_available():
@@ -96,7 +103,8 @@ def main() -> int:
             except Exception as err:  # report every check from one device call
                 ROWS.append((f"{check.__name__}, {'compiled' if compiled else 'eager'}", False, repr(err)[:300]))
     name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
-    print(f"\n| check ({name}, {args.layers} layers, {args.batch}x{args.seq}) | same bits | "
+    mode = ", deterministic algorithms" if args.deterministic else ""
+    print(f"\n| check ({name}{mode}, {args.layers} layers, {args.batch}x{args.seq}) | same bits | "
           "detail |\n|---|---|---|")  # fmt: skip
     for name, ok, detail in ROWS:
         print(f"| {name} | {'yes' if ok else 'NO'} | {detail} |")
