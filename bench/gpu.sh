@@ -41,6 +41,7 @@ import nmoe.train.loop, nmoe.rdep, nmoe.kernels; print(\"imports ok\")"' ;;
         --layers "${LAYERS:-2}" $([ "$s" = determinism-strict ] && echo --deterministic) ;;
     kernels-bench) stage kernels-bench 420 python3 bench/kernels.py --out "$OUT/kernels.json" ;;
     lowprec-bench) stage lowprec-bench 300 python3 bench/lowprec.py --out "$OUT/lowprec.json" ${LOWPREC_ARGS:-} ;;
+    fp8-profile) TAIL=60 stage fp8-profile 300 python3 bench/fp8_profile.py --out "$OUT/fp8_profile.json" ;;
     rdep-local) stage rdep-local 240 python3 bench/rdep_local.py --out "$OUT/rdep_local.json" ;;
     train-moonlet) TAIL=22 stage train-moonlet 560 python3 bench/train.py configs/moonlet.toml --steps "${STEPS:-40}" \
         --variants "${VARIANTS:-nmoe,tma}" ${PROFILE---profile} --out "$OUT/train" "${DATA[@]}" ${EXTRA:-} ;;
@@ -48,7 +49,7 @@ import nmoe.train.loop, nmoe.rdep, nmoe.kernels; print(\"imports ok\")"' ;;
         --set model.n_layers=4 --set train.steps=20 --set train.global_batch_size=4 --set optim.warmup=5 \
         --set optim.warmdown=5 --set eval.eval_every=0 --set train.log_every=5 --set runtime.compile=false ;;
     precision) TAIL=12 stage precision 560 python3 bench/precision.py configs/moonlet.toml --out "$OUT/precision" \
-        --steps "${STEPS:-300}" "${DATA[@]}" --set model.n_layers=6 --set train.global_batch_size=8 \
+        --steps "${STEPS:-300}" ${PVARIANTS:+--variants "$PVARIANTS"} "${DATA[@]}" --set model.n_layers=6 --set train.global_batch_size=8 \
         --set runtime.compile=false --set optim.warmup=30 --set optim.warmdown=60 --set eval.eval_every=100 \
         --set eval.eval_batches=8 --set train.log_every=25 ;;
     learning) for seed in ${SEEDS:-0}; do  # SEEDS="1 2": one run per seed (model init and data order)

@@ -23,6 +23,12 @@ VARIANTS = {
     "bf16": {"model.expert_precision": "bf16"},
     "fp8 rowwise": {"model.expert_precision": "fp8", "model.fp8_scaling": "rowwise"},
     "fp8 blockwise": {"model.expert_precision": "fp8", "model.fp8_scaling": "blockwise"},
+    "fp8 rowwise bf16-dW": {"model.expert_precision": "fp8", "model.fp8_wgrad": "false"},
+    "fp8 rowwise fast bf16-dW": {
+        "model.expert_precision": "fp8",
+        "model.fp8_wgrad": "false",
+        "model.fp8_fast_accum": "true",
+    },
     "nvfp4 nearest": {"model.expert_precision": "nvfp4", "optim.nvfp4_rule": "nearest"},
     "nvfp4 seed dither": {"model.expert_precision": "nvfp4", "optim.nvfp4_rule": "seed"},
     "nvfp4 stochastic": {"model.expert_precision": "nvfp4", "optim.nvfp4_rule": "stochastic"},

@@ -85,7 +85,7 @@ def gmm_variants(quick: bool):
         ),
     }
     for epilogue, configs in ops._GMM_CONFIGS.items():
-        for blockwise in (False, True):
+        for blockwise, fast in ((False, False), (False, True), (True, False)):
             if epilogue == K.EPILOGUE_SWIGLU_QUANT and not blockwise:
                 continue
             for out in ("bf16", "fp32"):
@@ -94,10 +94,14 @@ def gmm_variants(quick: bool):
                     types.update(h_ptr=f"*{out}")
                 if epilogue == K.EPILOGUE_SWIGLU_QUANT:
                     types.update(q_ptr="*fp8e4nv", sq_ptr="*fp32")
-                constants = dict(stride_bk=1, BLOCKWISE=blockwise, EPILOGUE=epilogue, UPCAST=False, BLOCK_E=64)
+                if epilogue == K.EPILOGUE_SWIGLU_STORE and blockwise:
+                    continue  # blockwise writes act quantised (EPILOGUE_SWIGLU_QUANT)
+                constants = dict(
+                    stride_bk=1, BLOCKWISE=blockwise, EPILOGUE=epilogue, UPCAST=False, FAST_ACC=fast, BLOCK_E=64
+                )
                 for cfg in configs[:1] if quick else configs:
                     yield (
-                        f"gmm_fp8 epilogue={epilogue} blockwise={blockwise} out={out} {cfg.kwargs}",
+                        f"gmm_fp8 epilogue={epilogue} blockwise={blockwise} fast={fast} out={out} {cfg.kwargs}",
                         K.gmm_fp8_kernel,
                         types,
                         {**constants, **cfg.kwargs},
@@ -127,13 +131,17 @@ def quantiser_variants():
     exact = dict(num_warps=4, num_stages=1, enable_fp_fusion=False)
     for src in ("bf16", "fp32"):
         ints = dict.fromkeys(("M", "C", "stride_xm", "stride_qm", "stride_sm"), "i32")
-        for blockwise in (False, True):
+        for blockwise, one_pass in ((False, False), (False, True), (True, False)):
             for swiglu in (False, True):
+                # one pass: moonlet's widest rows (d_pre, 1408 -> 2048 columns) at the launcher's rows per program
+                block_m, block_c = (
+                    (max(1, ops.ONE_PASS_ELEMENTS // 2048 // (1 + swiglu)), 2048) if one_pass else (32, 128)
+                )
                 yield (
-                    f"fp8_quant_rows src={src} blockwise={blockwise} swiglu={swiglu}",
+                    f"fp8_quant_rows src={src} blockwise={blockwise} one_pass={one_pass} swiglu={swiglu}",
                     K.fp8_quant_rows_kernel,
                     dict(ints, x_ptr=f"*{src}", q_ptr="*fp8e4nv", s_ptr="*fp32"),
-                    dict(SWIGLU_INPUT=swiglu, BLOCKWISE=blockwise, BLOCK_M=ops.QUANT_ROWS, BLOCK_C=128),
+                    dict(SWIGLU_INPUT=swiglu, BLOCKWISE=blockwise, ONE_PASS=one_pass, BLOCK_M=block_m, BLOCK_C=block_c),
                     exact,
                 )
             yield (
@@ -150,15 +158,24 @@ def quantiser_variants():
                 exact,
             )
         weight_ints = ("R", "C", "stride_we", "stride_wr", "stride_wc", "stride_qe", "stride_qr", "stride_qc")
-        yield (
-            f"fp8_quant_weight_rowwise src={src}",
-            K.fp8_quant_weight_rowwise_kernel,
-            dict(
-                w_ptr=f"*{src}", q_ptr="*fp8e4nv", s_ptr="*fp32", **dict.fromkeys(weight_ints + ("stride_se",), "i32")
-            ),
-            dict(BLOCK_R=ops.QUANT_COLS, BLOCK_C=ops.QUANT_COLS),
-            exact,
-        )
+        for one_pass in (False, True):
+            block_r = 2048 if one_pass else ops.QUANT_COLS
+            yield (
+                f"fp8_quant_weight_rowwise src={src} one_pass={one_pass}",
+                K.fp8_quant_weight_rowwise_kernel,
+                dict(
+                    w_ptr=f"*{src}",
+                    q_ptr="*fp8e4nv",
+                    s_ptr="*fp32",
+                    **dict.fromkeys(weight_ints + ("stride_se",), "i32"),
+                ),
+                dict(
+                    ONE_PASS=one_pass,
+                    BLOCK_R=block_r,
+                    BLOCK_C=ops.ONE_PASS_SLAB // block_r if one_pass else ops.QUANT_COLS,
+                ),
+                dict(exact, num_warps=8 if one_pass else 4),
+            )
         for write_q in (False, True):
             yield (
                 f"fp8_quant_weight_blockwise src={src} write_q={write_q}",

@@ -106,24 +106,30 @@ def check_grouped_mm_fp8(name: str, m_rows: int, k: int, n: int, n_experts: int,
     )
 
 
-def check_expert_mlp_fp8(name: str, m_rows: int, d: int, h: int, n_experts: int, layout: str, scaling: str) -> None:
+def check_expert_mlp_fp8(
+    name: str, m_rows: int, d: int, h: int, n_experts: int, layout: str, scaling: str, **recipe
+) -> None:
+    """recipe: expert_mlp_fp8's wgrad_fp8 / fast_accum (fast accumulation is not modelled by the reference: the
+    same tolerance must hold)."""
     offsets, m = grouped_offsets(m_rows, n_experts, layout)
     rows = torch.randn(m, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
     w_up = (torch.randn(n_experts, d, 2 * h, device="cuda") / d**0.5).requires_grad_()
     w_down = (torch.randn(n_experts, h, d, device="cuda") / h**0.5).requires_grad_()
     dy = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
     poison_allocator(m * (d + 3 * h) * 8)
-    y = nk.expert_mlp_fp8(rows, offsets, w_up, w_down, scaling)
+    y = nk.expert_mlp_fp8(rows, offsets, w_up, w_down, scaling, **recipe)
     grads = torch.autograd.grad(y, (rows, w_up, w_down), dy)
     leaves = [t.detach().clone().requires_grad_() for t in (rows, w_up, w_down)]
-    want = R.expert_mlp_fp8(leaves[0], offsets, leaves[1], leaves[2], scaling, compute=torch.float64)
+    wgrad_fp8 = recipe.get("wgrad_fp8", True)
+    want = R.expert_mlp_fp8(leaves[0], offsets, leaves[1], leaves[2], scaling, torch.float64, wgrad_fp8=wgrad_fp8)
     want_grads = torch.autograd.grad(want, leaves, dy)
     errs = dict(y=rel_err(y, want))
     errs.update({f"d_{n}": rel_err(g, r) for n, g, r in zip(("rows", "w_up", "w_down"), grads, want_grads)})
     ex = [t.detach().float().requires_grad_() for t in (rows, w_up, w_down)]
     exact = reference.grouped_mm(reference.swiglu(reference.grouped_mm(ex[0], ex[1], offsets)), ex[2], offsets)
+    label = "".join(f" {k}={v}" for k, v in recipe.items())
     record(
-        f"expert_mlp_fp8 {scaling} {name}",
+        f"expert_mlp_fp8 {scaling}{label} {name}",
         max(errs.values()) < 2e-2,
         m=m,
         d=d,
@@ -133,6 +139,9 @@ def check_expert_mlp_fp8(name: str, m_rows: int, d: int, h: int, n_experts: int,
         **errs,
         err_vs_exact_math=rel_err(y, exact),
     )
+
+
+BF16_WGRAD_FAST = dict(wgrad_fp8=False, fast_accum=True)
 
 
 def check_every_config() -> None:
@@ -151,6 +160,7 @@ def check_every_config() -> None:
                 tuner.cache.clear()
             for scaling in R.SCALINGS:
                 check_expert_mlp_fp8(f"config #{i}", 8192, 1024, 704, 8, "skewed", scaling)
+            check_expert_mlp_fp8(f"config #{i}", 8192, 1024, 704, 8, "skewed", "rowwise", **BF16_WGRAD_FAST)
     finally:
         for tuner, configs in zip(tuners, originals):
             tuner.configs = configs
@@ -197,6 +207,8 @@ def check_no_host_sync() -> None:
             torch.autograd.grad(y, (x, w_up, w_down), torch.ones_like(y))
             y = nk.grouped_mm_fp8(x, w_up, offsets, scaling)
             torch.autograd.grad(y, (x, w_up), torch.ones_like(y))
+        y = nk.expert_mlp_fp8(x, offsets, w_up, w_down, "rowwise", **BF16_WGRAD_FAST)
+        torch.autograd.grad(y, (x, w_up, w_down), torch.ones_like(y))
         for rule in R.RULES:
             nk.nvfp4_adamw_(
                 q, w_up.detach(), *state, **hyper, rule=rule, residual=residual if rule == "residual" else None
@@ -238,6 +250,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--only-nvfp4", action="store_true", help="the NVFP4 quantiser and AdamW checks only")
+    parser.add_argument("--only-fp8-mlp", action="store_true", help="the expert MLP recipes and every config only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_lowprec.py needs a CUDA GPU")
@@ -257,9 +270,19 @@ def main() -> int:
             lambda s=scaling: check_expert_mlp_fp8("moonlet", moonlet_rows, 1024, 704, 64, "balanced", s),
             lambda s=scaling: check_expert_mlp_fp8("speedrun-256 skewed", 8192 * 8, 1024, 512, 256, "skewed", s),
         ]
+    checks += [
+        lambda: check_expert_mlp_fp8("moonlet", moonlet_rows, 1024, 704, 64, "balanced", "rowwise", **BF16_WGRAD_FAST),
+        lambda: check_expert_mlp_fp8("moonlet", moonlet_rows, 1024, 704, 64, "balanced", "blockwise", wgrad_fp8=False),
+        lambda: check_expert_mlp_fp8(
+            "speedrun-256 skewed", 8192 * 8, 1024, 512, 256, "skewed", "rowwise", **BF16_WGRAD_FAST
+        ),
+    ]
+    recipes = checks[-3:]
     checks += [check_every_config]
     checks += [lambda r=rule: check_nvfp4_adamw((64, 1024, 1408), r) for rule in R.RULES]
     checks += [check_no_host_sync, check_refusals]
+    if args.only_fp8_mlp:
+        checks = [checks[0], *recipes, check_every_config, check_no_host_sync]
     if args.only_nvfp4:
         checks = [lambda r=rule: check_nvfp4_adamw((64, 1024, 1408), r) for rule in R.RULES]
     for check in checks:

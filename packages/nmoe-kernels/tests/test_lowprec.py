@@ -330,6 +330,12 @@ def test_fp8_ops_refuse_bad_input():
     offsets = torch.tensor([4], dtype=torch.int32)
     with pytest.raises(nk.UnsupportedInput, match="scaling must be one of"):
         nk.grouped_mm_fp8(torch.randn(4, 16), torch.randn(1, 16, 16), offsets, "tensorwise")
+    with pytest.raises(nk.UnsupportedInput, match="fast_accum applies to scaling='rowwise' only"):
+        nk.expert_mlp_fp8(
+            torch.randn(4, 16), offsets, torch.randn(1, 16, 32), torch.randn(1, 16, 16), "blockwise", fast_accum=True
+        )
+    with pytest.raises(nk.UnsupportedInput, match="bools"):
+        nk.grouped_mm_fp8(torch.randn(4, 16), torch.randn(1, 16, 16), offsets, wgrad_fp8="bf16")
     with pytest.raises(nk.UnsupportedInput, match="float16"):
         nk.grouped_mm_fp8(torch.randn(4, 16).half(), torch.randn(1, 16, 16), offsets)
     with pytest.raises(nk.UnsupportedInput, match=r"\[E,H,D\]"):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from nmoe.model import ModelConfig
 from nmoe.model.dispatch import LocalDispatch
-from nmoe.model.moe import MoE, balance_loss, capacity_ids, route, z_loss
+from nmoe.model.moe import MoE, balance_loss, capacity_ids, expert_mlp_of, route, z_loss
 
 
 def moe_config(**overrides) -> ModelConfig:
@@ -288,3 +288,13 @@ def test_fp8_experts_track_the_bf16_layer():
     y_ref, y_low = ref(x)[0], low(x)[0]
     rel = ((y_low - y_ref).norm() / y_ref.norm()).item()
     assert 1e-4 < rel < 0.1, rel  # quantised (not the bf16 path), yet close: E4M3 keeps ~2 significant digits
+
+
+def test_fp8_recipe_keys_reach_the_expert_mlp_and_fast_accumulation_needs_rowwise():
+    cfg = moe_config(expert_precision="fp8", fp8_wgrad=False, fp8_fast_accum=True)
+    assert expert_mlp_of(cfg).keywords == dict(scaling="rowwise", wgrad_fp8=False, fast_accum=True)
+    assert expert_mlp_of(moe_config(expert_precision="fp8")).keywords == dict(
+        scaling="rowwise", wgrad_fp8=True, fast_accum=False
+    )
+    with pytest.raises(ValueError, match="fp8_fast_accum = true needs model.fp8_scaling = 'rowwise'"):
+        moe_config(expert_precision="fp8", fp8_scaling="blockwise", fp8_fast_accum=True)

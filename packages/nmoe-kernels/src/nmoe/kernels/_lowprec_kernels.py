@@ -20,6 +20,7 @@ FP8_BLOCK = tl.constexpr(128)
 EPILOGUE_STORE = 0  # C = scaled A @ B
 EPILOGUE_SWIGLU_QUANT = 1  # H = A @ [Bg | Bu] stored; act = silu(Hg) * Hu quantised to fp8 with 1x128 scales
 EPILOGUE_SWIGLU_BWD = 2  # A @ B is d(act); H holds the forward gate|up; C = [d gate | d up]
+EPILOGUE_SWIGLU_STORE = 3  # H = A @ [Bg | Bu] stored; act = silu(Hg) * Hu stored in H's dtype (for a bf16 dW)
 
 RULE_NEAREST = 0
 RULE_SEED = 1
@@ -322,10 +323,15 @@ def fp8_quant_rows_kernel(
     stride_sm,
     SWIGLU_INPUT: tl.constexpr,
     BLOCKWISE: tl.constexpr,
+    ONE_PASS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """x[M,C] -> q[M,C] e4m3 with one scale per row (s[M]) or per row and 128 columns (s[M, C/128], BLOCK_C=128)."""
+    """x[M,C] -> q[M,C] e4m3 with one scale per row (s[M]) or per row and 128 columns (s[M, C/128], BLOCK_C=128).
+
+    Rowwise with ONE_PASS (BLOCK_C >= C): each row is read once and kept in registers; else twice (amax, then
+    quantise).
+    """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
@@ -336,6 +342,13 @@ def fp8_quant_rows_kernel(
         scale = _fp8_scale(tl.max(tl.abs(x), 1))
         tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], _to_fp8(x, scale[:, None]), mask=ok)
         tl.store(s_ptr + rows64 * stride_sm + tl.program_id(1), scale, mask=row_ok)
+    elif ONE_PASS:
+        cols = tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < C)[None, :]
+        x = _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT)
+        scale = _fp8_scale(tl.max(tl.abs(x), 1))
+        tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], _to_fp8(x, scale[:, None]), mask=ok)
+        tl.store(s_ptr + rows64 * stride_sm, scale, mask=row_ok)
     else:
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
@@ -365,27 +378,38 @@ def fp8_quant_weight_rowwise_kernel(
     stride_qr,
     stride_qc,
     stride_se,
+    ONE_PASS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """w[e] viewed as [R,C] -> q (any strides) with one scale per column c over all R (s[e, c])."""
+    """w[e] viewed as [R,C] -> q (any strides) with one scale per column c over all R (s[e, c]).
+
+    ONE_PASS (BLOCK_R >= R): the [R, BLOCK_C] slab is read once and kept in registers; else read twice.
+    """
     e = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     w_base = w_ptr + e * stride_we + cols[None, :] * stride_wc
-    amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
-        ok = (rs < R)[:, None] & col_ok[None, :]
-        w = tl.load(w_base + rs[:, None].to(tl.int64) * stride_wr, mask=ok, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(w), 0))
-    scale = _fp8_scale(amax)
     q_base = q_ptr + e * stride_qe + cols[None, :] * stride_qc
-    for r0 in range(0, R, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
+    if ONE_PASS:
+        rs = tl.arange(0, BLOCK_R)
         ok = (rs < R)[:, None] & col_ok[None, :]
         w = tl.load(w_base + rs[:, None].to(tl.int64) * stride_wr, mask=ok, other=0.0).to(tl.float32)
+        scale = _fp8_scale(tl.max(tl.abs(w), 0))
         tl.store(q_base + rs[:, None].to(tl.int64) * stride_qr, _to_fp8(w, scale[None, :]), mask=ok)
+    else:
+        amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            ok = (rs < R)[:, None] & col_ok[None, :]
+            w = tl.load(w_base + rs[:, None].to(tl.int64) * stride_wr, mask=ok, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(w), 0))
+        scale = _fp8_scale(amax)
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            ok = (rs < R)[:, None] & col_ok[None, :]
+            w = tl.load(w_base + rs[:, None].to(tl.int64) * stride_wr, mask=ok, other=0.0).to(tl.float32)
+            tl.store(q_base + rs[:, None].to(tl.int64) * stride_qr, _to_fp8(w, scale[None, :]), mask=ok)
     tl.store(s_ptr + e * stride_se + cols, scale, mask=col_ok)
 
 
@@ -468,9 +492,12 @@ def fp8_quant_grouped_cols_kernel(
 
 @triton.jit
 def _dot_fp8(a, b, acc, UPCAST: tl.constexpr, PROMOTE_EVERY: tl.constexpr):
-    """acc + a @ b on e4m3 operands; the fp32 promotion interval bounds Hopper's reduced-precision accumulation."""
+    """acc + a @ b on e4m3 operands; the fp32 promotion interval bounds Hopper's reduced-precision accumulation
+    (0: never promoted, the wgmma accumulator is acc itself, "fast accumulation")."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    if PROMOTE_EVERY == 0:
+        return tl.dot(a, b, acc)
     return tl.dot(a, b, acc, max_num_imprecise_acc=PROMOTE_EVERY)
 
 
@@ -503,6 +530,7 @@ def gmm_fp8_kernel(
     BLOCKWISE: tl.constexpr,
     EPILOGUE: tl.constexpr,
     UPCAST: tl.constexpr,
+    FAST_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -552,21 +580,21 @@ def gmm_fp8_kernel(
             sb = tl.load(sb_ptrs + kb * stride_sbk, mask=col_ok, other=0.0)
             zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc += _dot_fp8(a, b, zero, UPCAST, BLOCK_K) * (sa[:, None] * sb[None, :])
-            if EPILOGUE == 1:
+            if EPILOGUE == 1 or EPILOGUE == 3:
                 b_up = tl.load(b_ptrs + up_off, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 sb_up = tl.load(sb_up_ptrs + kb * stride_sbk, mask=col_ok, other=0.0)
                 acc_up += _dot_fp8(a, b_up, zero, UPCAST, BLOCK_K) * (sa[:, None] * sb_up[None, :])
         else:
-            acc = _dot_fp8(a, b, acc, UPCAST, BLOCK_K)
-            if EPILOGUE == 1:
+            acc = _dot_fp8(a, b, acc, UPCAST, 0 if FAST_ACC else BLOCK_K)
+            if EPILOGUE == 1 or EPILOGUE == 3:
                 b_up = tl.load(b_ptrs + up_off, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc_up = _dot_fp8(a, b_up, acc_up, UPCAST, BLOCK_K)
+                acc_up = _dot_fp8(a, b_up, acc_up, UPCAST, 0 if FAST_ACC else BLOCK_K)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
     if not BLOCKWISE:
         sa = tl.load(sa_ptrs, mask=row_ok, other=0.0)
         acc = acc * sa[:, None] * tl.load(sb_ptrs, mask=col_ok, other=0.0)[None, :]
-        if EPILOGUE == 1:
+        if EPILOGUE == 1 or EPILOGUE == 3:
             acc_up = acc_up * sa[:, None] * tl.load(sb_up_ptrs, mask=col_ok, other=0.0)[None, :]
 
     out_ok = row_ok[:, None] & col_ok[None, :]
@@ -584,6 +612,14 @@ def gmm_fp8_kernel(
         scale = _fp8_scale(tl.max(tl.abs(act), 1))
         tl.store(q_ptr + rows64[:, None] * N + cols[None, :], _to_fp8(act, scale[:, None]), mask=out_ok)
         tl.store(sq_ptr + rows64 * tl.cdiv(N, FP8_BLOCK) + pid_n, scale, mask=row_ok)
+    elif EPILOGUE == 3:
+        # pre-activation and act, both in H's dtype (act from the stored, rounded gate and up)
+        h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
+        gate = _rounded_for(h_ptr, acc)
+        up = _rounded_for(h_ptr, acc_up)
+        tl.store(h_ptrs, gate.to(h_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(h_ptrs + N, up.to(h_ptr.dtype.element_ty), mask=out_ok)
+        _store_rounded(c_ptrs, _silu_mul(gate, up), out_ok)
     else:
         h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
         gate = tl.load(h_ptrs, mask=out_ok, other=0.0).to(tl.float32)

@@ -30,6 +30,7 @@ if INTERPRET:
         K.EPILOGUE_STORE: [_cfg(_GMM_NAMES, (64, 64, 64), 4, 1)],
         K.EPILOGUE_SWIGLU_QUANT: [_cfg(_GMM_NAMES, (64, BLOCK, 64), 4, 1)],
         K.EPILOGUE_SWIGLU_BWD: [_cfg(_GMM_NAMES, (64, 64, 64), 4, 1)],
+        K.EPILOGUE_SWIGLU_STORE: [_cfg(_GMM_NAMES, (64, 64, 64), 4, 1)],
     }
     _DW_CONFIGS = [_cfg(_DW_NAMES, (64, 64, 64), 4, 1)]
     QUANT_ROWS, QUANT_COLS, NVFP4_BLOCKS = 64, 64, 64
@@ -42,6 +43,8 @@ else:
             _cfg(_GMM_NAMES, (128, 128, 128), 8, 4),
             _cfg(_GMM_NAMES, (64, 256, 128), 8, 3),
             _cfg(_GMM_NAMES, (128, 128, 64), 8, 4),
+            _cfg(_GMM_NAMES, (128, 256, 128), 8, 3),
+            _cfg(_GMM_NAMES, (128, 128, 128), 4, 4),
         ],
         K.EPILOGUE_SWIGLU_QUANT: [  # BLOCK_N is the 128-column quantisation block of the activation
             _cfg(_GMM_NAMES, (64, BLOCK, 128), 8, 3),
@@ -52,6 +55,11 @@ else:
             _cfg(_GMM_NAMES, (64, 128, 128), 8, 4),
             _cfg(_GMM_NAMES, (64, 128, 64), 8, 4),
         ],
+        K.EPILOGUE_SWIGLU_STORE: [  # two accumulators (gate, up) per tile
+            _cfg(_GMM_NAMES, (64, 128, 128), 8, 3),
+            _cfg(_GMM_NAMES, (64, 128, 128), 8, 4),
+            _cfg(_GMM_NAMES, (128, 64, 128), 8, 3),
+        ],
     }
     _DW_CONFIGS = [
         _cfg(_DW_NAMES, (128, 128, 128), 8, 3),
@@ -61,6 +69,10 @@ else:
     QUANT_ROWS, QUANT_COLS, NVFP4_BLOCKS = 32, 64, 64
 # the fused AdamW's 16-blocks and warps per program: the fastest of 32-256 blocks x 4-8 warps on an H100
 # (bench/lowprec.py --adamw-configs, bench/RESULTS.md)
+# one-pass rowwise quantisers: float32 values per program (whole rows: few per program keeps occupancy high) and
+# per weight column slab (wide enough for coalesced loads of a [K, columns] slab)
+ONE_PASS_ELEMENTS = 4096 if INTERPRET else 2048
+ONE_PASS_SLAB = 4096 if INTERPRET else 16384
 NVFP4_ADAMW_BLOCKS, NVFP4_WARPS = (64, 4) if INTERPRET else (32, 2)
 
 _GMM = {
@@ -158,14 +170,20 @@ def quantize_rows(x: torch.Tensor, blockwise: bool, swiglu_input: bool = False):
     m = x.shape[0]
     c = x.shape[1] // 2 if swiglu_input else x.shape[1]
     q = torch.empty(m, c, dtype=FP8, device=x.device)
+    one_pass, block_m = False, QUANT_ROWS
     if blockwise:
         s = torch.empty(m, triton.cdiv(c, BLOCK), dtype=torch.float32, device=x.device)
-        grid, block_c = (triton.cdiv(m, QUANT_ROWS), triton.cdiv(c, BLOCK)), BLOCK
+        block_c = BLOCK
     else:
         s = torch.empty(m, dtype=torch.float32, device=x.device)
-        grid, block_c = (triton.cdiv(m, QUANT_ROWS),), min(256, triton.next_power_of_2(max(c, 16)))
+        block_c = triton.next_power_of_2(max(c, 16))
+        one_pass = block_c <= ONE_PASS_ELEMENTS
+        if one_pass:  # whole rows in registers: read x once
+            block_m = max(1, ONE_PASS_ELEMENTS // block_c // (2 if swiglu_input else 1))
+        else:
+            block_c = 256
     if m and c:
-        K.fp8_quant_rows_kernel[grid](
+        K.fp8_quant_rows_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, BLOCK) if blockwise else 1)](
             x,
             q,
             s,
@@ -176,7 +194,8 @@ def quantize_rows(x: torch.Tensor, blockwise: bool, swiglu_input: bool = False):
             s.stride(0),
             SWIGLU_INPUT=swiglu_input,
             BLOCKWISE=blockwise,
-            BLOCK_M=QUANT_ROWS,
+            ONE_PASS=one_pass,
+            BLOCK_M=block_m,
             BLOCK_C=block_c,
             **EXACT,
         )
@@ -198,13 +217,19 @@ def _weight_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool) -> tuple[
     transpose: q is laid out [E, other, reduce] (reduction contiguous), else like w ([E,K,N] contiguous).
     """
     e, k, n = w.shape
+    if reduce_dim == 2 and w.is_contiguous() and w.numel():  # rows of N: the row quantiser over [E*K, N]
+        q, s = quantize_rows(w.view(e * k, n), blockwise=False)
+        return q.view(e, k, n), s.view(e, k)
     other_dim = 3 - reduce_dim
     r, c = w.shape[reduce_dim], w.shape[other_dim]
     q = torch.empty((e, c, r) if transpose else (e, k, n), dtype=FP8, device=w.device)
     s = torch.empty(e, c, dtype=torch.float32, device=w.device)
     q_r, q_c = (1, r) if transpose else (q.stride(reduce_dim), q.stride(other_dim))
+    block_r = triton.next_power_of_2(max(r, 16))
+    one_pass = block_r * 8 <= ONE_PASS_SLAB  # at least 8 columns per program
+    block_c = ONE_PASS_SLAB // block_r if one_pass else QUANT_COLS
     if q.numel():
-        K.fp8_quant_weight_rowwise_kernel[(e, triton.cdiv(c, QUANT_COLS))](
+        K.fp8_quant_weight_rowwise_kernel[(e, triton.cdiv(c, block_c))](
             w,
             q,
             s,
@@ -217,8 +242,10 @@ def _weight_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool) -> tuple[
             q_r,
             q_c,
             s.stride(0),
-            BLOCK_R=QUANT_COLS,
-            BLOCK_C=QUANT_COLS,
+            ONE_PASS=one_pass,
+            BLOCK_R=block_r if one_pass else QUANT_COLS,
+            BLOCK_C=block_c,
+            num_warps=8 if one_pass else 4,
             **EXACT,
         )
     return q, s
@@ -300,8 +327,25 @@ def quantize_grouped_cols(x: torch.Tensor, offsets: torch.Tensor, swiglu_input: 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def gemm(qa, sa, blockwise, b: WeightOperand, offsets, out, n, k, *, epilogue=K.EPILOGUE_STORE, h=None, q_out=None):
-    """Grouped fp8 GEMM of rows qa[M,k] (scales sa) with the weight operand b into out (or the fused epilogue)."""
+def gemm(
+    qa,
+    sa,
+    blockwise,
+    b: WeightOperand,
+    offsets,
+    out,
+    n,
+    k,
+    *,
+    epilogue=K.EPILOGUE_STORE,
+    h=None,
+    q_out=None,
+    fast=False,
+):
+    """Grouped fp8 GEMM of rows qa[M,k] (scales sa) with the weight operand b into out (or the fused epilogue).
+
+    fast (rowwise only): accumulate in Hopper's fp8 wgmma accumulator throughout instead of promoting each K block
+    into an fp32 one (torch's use_fast_accum)."""
     m, n_experts = qa.shape[0], offsets.shape[0]
     if m == 0 or n == 0:
         return
@@ -334,6 +378,7 @@ def gemm(qa, sa, blockwise, b: WeightOperand, offsets, out, n, k, *, epilogue=K.
         BLOCKWISE=blockwise,
         EPILOGUE=epilogue,
         UPCAST=INTERPRET,
+        FAST_ACC=fast,
         BLOCK_E=triton.next_power_of_2(n_experts),
     )
 
@@ -372,42 +417,55 @@ def wgrad(a, b, offsets, dtype, a_swiglu=False):
     return out
 
 
+def wgrad_in_input_dtype(a, b, offsets, dtype):
+    """dW[e] = a[rows of e]^T @ b[rows of e] by the bf16/fp32 grouped GEMM on the unquantised operands."""
+    from nmoe.kernels import _triton_ops
+
+    out = torch.empty(offsets.shape[0], a.shape[1], b.shape[1], dtype=dtype, device=a.device)
+    return _triton_ops._launch_dw(a, b, offsets, out)
+
+
 class GroupedMMFP8(torch.autograd.Function):
-    """grouped_mm on e4m3 operands quantised inside (bf16/fp32 in, x.dtype out); fp8 forward, dgrad and wgrad."""
+    """grouped_mm on e4m3 operands quantised inside (bf16/fp32 in, x.dtype out); fp8 forward and dgrad, dW in fp8
+    or (wgrad_fp8 False) by the input-dtype grouped GEMM."""
 
     @staticmethod
-    def forward(ctx, x, w, offsets, scaling):
+    def forward(ctx, x, w, offsets, scaling, wgrad_fp8, fast_accum):
         """x[M,K], w[E,K,N], offsets[E] int32, scaling 'rowwise'|'blockwise' -> [M,N] (x.dtype)."""
         blockwise = scaling == "blockwise"
         qx, sx = quantize_rows(x, blockwise)
         out = torch.empty(x.shape[0], w.shape[2], dtype=x.dtype, device=x.device)
-        gemm(qx, sx, blockwise, quantize_weight(w, blockwise, "fwd"), offsets, out, w.shape[2], w.shape[1])
+        wop = quantize_weight(w, blockwise, "fwd")
+        gemm(qx, sx, blockwise, wop, offsets, out, w.shape[2], w.shape[1], fast=fast_accum)
         ctx.save_for_backward(x, w, offsets)
-        ctx.blockwise = blockwise
+        ctx.blockwise, ctx.wgrad_fp8, ctx.fast = blockwise, wgrad_fp8, fast_accum
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        """dy[M,N] -> (dx[M,K] x.dtype, dw[E,K,N] w.dtype, None, None)."""
+        """dy[M,N] -> (dx[M,K] x.dtype, dw[E,K,N] w.dtype, None, ...)."""
         x, w, offsets = ctx.saved_tensors
         dy = dy.contiguous()
         dx = dw = None
         if ctx.needs_input_grad[0]:
             qdy, sdy = quantize_rows(dy, ctx.blockwise)
             dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            gemm(
-                qdy, sdy, ctx.blockwise, quantize_weight(w, ctx.blockwise, "dgrad"), offsets, dx, w.shape[1], w.shape[2]
-            )
+            wop = quantize_weight(w, ctx.blockwise, "dgrad")
+            gemm(qdy, sdy, ctx.blockwise, wop, offsets, dx, w.shape[1], w.shape[2], fast=ctx.fast)
         if ctx.needs_input_grad[1]:
-            dw = wgrad(x, dy, offsets, w.dtype)
-        return dx, dw, None, None
+            if ctx.wgrad_fp8:
+                dw = wgrad(x, dy, offsets, w.dtype)
+            else:
+                dw = wgrad_in_input_dtype(x, dy.to(x.dtype), offsets, w.dtype)
+        return dx, dw, None, None, None, None
 
 
 class ExpertMLPFP8(torch.autograd.Function):
-    """Grouped SwiGLU expert MLP with fp8 GEMMs; blockwise fuses the activation's quantisation into the up GEMM."""
+    """Grouped SwiGLU expert MLP with fp8 forward and dgrad GEMMs; dW in fp8 or (wgrad_fp8 False) by the
+    input-dtype grouped GEMM. Blockwise fuses the activation's quantisation into the up GEMM."""
 
     @staticmethod
-    def forward(ctx, rows, offsets, w_up, w_down, scaling):
+    def forward(ctx, rows, offsets, w_up, w_down, scaling, wgrad_fp8, fast_accum):
         """rows[M,D] grouped by offsets[E], w_up[E,D,2H], w_down[E,H,D] -> [M,D] (rows.dtype)."""
         blockwise = scaling == "blockwise"
         m, d = rows.shape
@@ -415,34 +473,47 @@ class ExpertMLPFP8(torch.autograd.Function):
         qr, sr = quantize_rows(rows, blockwise)
         up = quantize_weight(w_up, blockwise, "fwd")
         pre = torch.empty(m, 2 * h, dtype=rows.dtype, device=rows.device)
+        act = None
         if blockwise:
             q_act = torch.empty(m, h, dtype=FP8, device=rows.device)
             s_act = torch.empty(m, triton.cdiv(h, BLOCK), dtype=torch.float32, device=rows.device)
             gemm(qr, sr, True, up, offsets, pre, h, d, epilogue=K.EPILOGUE_SWIGLU_QUANT, h=pre, q_out=(q_act, s_act))
-        else:
-            gemm(qr, sr, False, up, offsets, pre, 2 * h, d)
+        elif wgrad_fp8:
+            gemm(qr, sr, False, up, offsets, pre, 2 * h, d, fast=fast_accum)
+            q_act, s_act = quantize_rows(pre, False, swiglu_input=True)
+        else:  # the bf16 dW of the down projection reads act: the up GEMM's epilogue writes it beside pre
+            act = torch.empty(m, h, dtype=rows.dtype, device=rows.device)
+            gemm(qr, sr, False, up, offsets, act, h, d, epilogue=K.EPILOGUE_SWIGLU_STORE, h=pre, fast=fast_accum)
             q_act, s_act = quantize_rows(pre, False, swiglu_input=True)
         out = torch.empty(m, d, dtype=rows.dtype, device=rows.device)
-        gemm(q_act, s_act, blockwise, quantize_weight(w_down, blockwise, "fwd"), offsets, out, d, h)
-        ctx.save_for_backward(rows, offsets, w_up, w_down, pre)
-        ctx.blockwise = blockwise
+        gemm(q_act, s_act, blockwise, quantize_weight(w_down, blockwise, "fwd"), offsets, out, d, h, fast=fast_accum)
+        ctx.save_for_backward(rows, offsets, w_up, w_down, pre, act)
+        ctx.blockwise, ctx.wgrad_fp8, ctx.fast = blockwise, wgrad_fp8, fast_accum
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        """dy[M,D] -> (d_rows, None, dw_up, dw_down, None)."""
-        rows, offsets, w_up, w_down, pre = ctx.saved_tensors
-        blockwise = ctx.blockwise
+        """dy[M,D] -> (d_rows, None, dw_up, dw_down, None, None, None)."""
+        rows, offsets, w_up, w_down, pre, act = ctx.saved_tensors
+        blockwise, fast = ctx.blockwise, ctx.fast
         dy = dy.contiguous()
         m, d = rows.shape
         h = w_down.shape[1]
         qdy, sdy = quantize_rows(dy, blockwise)
         d_pre = torch.empty(m, 2 * h, dtype=rows.dtype, device=rows.device)
         down = quantize_weight(w_down, blockwise, "dgrad")
-        gemm(qdy, sdy, blockwise, down, offsets, d_pre, h, d, epilogue=K.EPILOGUE_SWIGLU_BWD, h=pre)
-        dw_down = wgrad(pre, dy, offsets, w_down.dtype, a_swiglu=True)
+        gemm(qdy, sdy, blockwise, down, offsets, d_pre, h, d, epilogue=K.EPILOGUE_SWIGLU_BWD, h=pre, fast=fast)
+        if ctx.wgrad_fp8:
+            dw_down = wgrad(pre, dy, offsets, w_down.dtype, a_swiglu=True)
+        else:
+            if act is None:  # blockwise wrote only the quantised act
+                act = R.swiglu_f32(pre).to(rows.dtype)
+            dw_down = wgrad_in_input_dtype(act, dy.to(rows.dtype), offsets, w_down.dtype)
         qdp, sdp = quantize_rows(d_pre, blockwise)
         d_rows = torch.empty(m, d, dtype=rows.dtype, device=rows.device)
-        gemm(qdp, sdp, blockwise, quantize_weight(w_up, blockwise, "dgrad"), offsets, d_rows, d, 2 * h)
-        dw_up = wgrad(rows, d_pre, offsets, w_up.dtype)
-        return d_rows, None, dw_up, dw_down, None
+        gemm(qdp, sdp, blockwise, quantize_weight(w_up, blockwise, "dgrad"), offsets, d_rows, d, 2 * h, fast=fast)
+        if ctx.wgrad_fp8:
+            dw_up = wgrad(rows, d_pre, offsets, w_up.dtype)
+        else:
+            dw_up = wgrad_in_input_dtype(rows, d_pre, offsets, w_up.dtype)
+        return d_rows, None, dw_up, dw_down, None, None, None

@@ -206,27 +206,44 @@ def quantize_fp8_blockwise(x: torch.Tensor, block: tuple[int, int] | None = None
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_scaling(scaling: str) -> None:
+def _check_recipe(scaling: str, wgrad_fp8: bool, fast_accum: bool) -> None:
     if scaling not in SCALINGS:
         raise UnsupportedInput(f"scaling must be one of {', '.join(SCALINGS)}; got {scaling!r}")
+    if not isinstance(wgrad_fp8, bool) or not isinstance(fast_accum, bool):
+        raise UnsupportedInput(f"wgrad_fp8 and fast_accum are bools; got {wgrad_fp8!r} and {fast_accum!r}")
+    if fast_accum and scaling == "blockwise":
+        raise UnsupportedInput(
+            "fast_accum applies to scaling='rowwise' only: blockwise scales change every 128 elements of K, so "
+            "each 128-block's product is promoted to float32 by construction; use rowwise or fast_accum=False"
+        )
 
 
-def grouped_mm_fp8(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, scaling: str = "rowwise") -> torch.Tensor:
+def grouped_mm_fp8(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    offsets: torch.Tensor,
+    scaling: str = "rowwise",
+    *,
+    wgrad_fp8: bool = True,
+    fast_accum: bool = False,
+) -> torch.Tensor:
     """x[M,K] @ w[e][K,N] per group with E4M3 operands quantised inside -> [M,N] in x.dtype; autograd (fp8 dX, dW).
 
-    scaling 'rowwise': per-row x / per-column w scales; 'blockwise': 1x128 x and 128x128 w tiles. Both
-    quantise dW's operands per 128-row chunk of a group and column. x, w: bf16 or fp32 (each).
+    scaling 'rowwise': per-row x / per-column w scales; 'blockwise': 1x128 x and 128x128 w tiles. dW quantises
+    its operands per 128-row chunk of a group and column, or with wgrad_fp8=False runs the bf16/fp32 grouped
+    GEMM on x and dy as they are. fast_accum (rowwise, GPU): keep Hopper's reduced-precision fp8 accumulator
+    over the whole K instead of promoting each 128-block to float32. x, w: bf16 or fp32 (each).
     """
-    _check_scaling(scaling)
+    _check_recipe(scaling, wgrad_fp8, fast_accum)
     _check_grouped_mm(x, w, offsets)
     _check_float_input("x", x)
     _check_float_input("w", w)
     if not use_triton(x, w, offsets):
-        return R.grouped_mm_fp8(x, w, offsets, scaling)
+        return R.grouped_mm_fp8(x, w, offsets, scaling, wgrad_fp8=wgrad_fp8)
     check_aligned(K=x.shape[1], N=w.shape[2])
     from nmoe.kernels._lowprec_ops import GroupedMMFP8
 
-    return GroupedMMFP8.apply(x.contiguous(), w, offsets.contiguous(), scaling)
+    return GroupedMMFP8.apply(x.contiguous(), w, offsets.contiguous(), scaling, wgrad_fp8, fast_accum)
 
 
 def _check_expert_mlp(rows, offsets, w_up, w_down) -> None:
@@ -247,21 +264,29 @@ def _check_expert_mlp(rows, offsets, w_up, w_down) -> None:
 
 
 def expert_mlp_fp8(
-    rows: torch.Tensor, offsets: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, scaling: str = "rowwise"
+    rows: torch.Tensor,
+    offsets: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    scaling: str = "rowwise",
+    *,
+    wgrad_fp8: bool = True,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """rows[M,D] grouped by expert (offsets[E] int32), w_up[E,D,2H] (gate|up), w_down[E,H,D] -> [M,D] in rows.dtype.
 
-    down(silu(gate) * up) per expert with E4M3 GEMMs (forward, dgrad and wgrad); autograd through rows and
-    both weights; rows past offsets[-1] give 0.
+    down(silu(gate) * up) per expert with E4M3 GEMMs forward and dgrad, and wgrad unless wgrad_fp8=False (then
+    the bf16/fp32 grouped GEMM on the unquantised rows, act, dy and d_pre); fast_accum as in grouped_mm_fp8.
+    Autograd through rows and both weights; rows past offsets[-1] give 0.
     """
-    _check_scaling(scaling)
+    _check_recipe(scaling, wgrad_fp8, fast_accum)
     _check_expert_mlp(rows, offsets, w_up, w_down)
     if not use_triton(rows, offsets, w_up, w_down):
-        return R.expert_mlp_fp8(rows, offsets, w_up, w_down, scaling)
+        return R.expert_mlp_fp8(rows, offsets, w_up, w_down, scaling, wgrad_fp8=wgrad_fp8)
     check_aligned(D=rows.shape[1], H=w_down.shape[1])
     from nmoe.kernels._lowprec_ops import ExpertMLPFP8
 
-    return ExpertMLPFP8.apply(rows.contiguous(), offsets.contiguous(), w_up, w_down, scaling)
+    return ExpertMLPFP8.apply(rows.contiguous(), offsets.contiguous(), w_up, w_down, scaling, wgrad_fp8, fast_accum)
 
 
 # ---------------------------------------------------------------------------------------------------------

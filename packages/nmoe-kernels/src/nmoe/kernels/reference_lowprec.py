@@ -346,22 +346,30 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, scaling: s
     )
 
 
+def wgrad_of(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, compute: torch.dtype, fp8: bool) -> torch.Tensor:
+    """dW[e] = a^T b over the rows of e: on fp8-quantised operands (fp8_wgrad), or on a and b as given."""
+    if fp8:
+        return fp8_wgrad(a, b, offsets, compute)
+    return _grouped_wgrad(a.to(compute), b.to(compute), offsets)
+
+
 class GroupedMMFP8(torch.autograd.Function):
-    """Reference grouped_mm_fp8: forward, dgrad and wgrad each on freshly quantised operands (straight-through)."""
+    """Reference grouped_mm_fp8: forward, dgrad (and wgrad unless wgrad_fp8 is False) each on freshly quantised
+    operands (straight-through)."""
 
     @staticmethod
-    def forward(ctx, x, w, offsets, scaling, compute):
+    def forward(ctx, x, w, offsets, scaling, compute, wgrad_fp8):
         """x[M,K], w[E,K,N], offsets[E] int32 -> [M,N] in x.dtype (compute: the dtype the dequantised math runs in)."""
         ctx.save_for_backward(x, w, offsets)
-        ctx.scaling, ctx.compute = scaling, compute
+        ctx.scaling, ctx.compute, ctx.wgrad_fp8 = scaling, compute, wgrad_fp8
         return fp8_gemm(x, w, offsets, scaling, compute, "fwd").to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, offsets = ctx.saved_tensors
         dx = fp8_gemm(dy, w, offsets, ctx.scaling, ctx.compute, "dgrad").to(x.dtype)
-        dw = fp8_wgrad(x, dy, offsets, ctx.compute).to(w.dtype)
-        return dx, dw, None, None, None
+        dw = wgrad_of(x, dy.to(x.dtype), offsets, ctx.compute, ctx.wgrad_fp8).to(w.dtype)
+        return dx, dw, None, None, None, None
 
 
 def grouped_mm_fp8(
@@ -370,9 +378,10 @@ def grouped_mm_fp8(
     offsets: torch.Tensor,
     scaling: str = "rowwise",
     compute: torch.dtype | None = None,
+    wgrad_fp8: bool = True,
 ) -> torch.Tensor:
     """Reference of nmoe.kernels.grouped_mm_fp8 (compute defaults to float32; the tests use float64)."""
-    return GroupedMMFP8.apply(x, w, offsets, scaling, compute or torch.float32)
+    return GroupedMMFP8.apply(x, w, offsets, scaling, compute or torch.float32, wgrad_fp8)
 
 
 def swiglu_f32(pre: torch.Tensor) -> torch.Tensor:
@@ -394,25 +403,28 @@ class ExpertMLPFP8(torch.autograd.Function):
     """Reference expert_mlp_fp8: rows -> fp8 up GEMM -> SwiGLU -> fp8 down GEMM, every GEMM fp8 in fwd and bwd."""
 
     @staticmethod
-    def forward(ctx, rows, offsets, w_up, w_down, scaling, compute):
+    def forward(ctx, rows, offsets, w_up, w_down, scaling, compute, wgrad_fp8):
         """rows[M,D] grouped by offsets[E], w_up[E,D,2H], w_down[E,H,D] -> [M,D] in rows.dtype."""
         pre = fp8_gemm(rows, w_up, offsets, scaling, compute, "fwd").to(rows.dtype)
         act = swiglu_f32(pre)
         out = fp8_gemm(act, w_down, offsets, scaling, compute, "fwd")
         ctx.save_for_backward(rows, offsets, w_up, w_down, pre)
-        ctx.scaling, ctx.compute = scaling, compute
+        ctx.scaling, ctx.compute, ctx.wgrad_fp8 = scaling, compute, wgrad_fp8
         return out.to(rows.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         rows, offsets, w_up, w_down, pre = ctx.saved_tensors
-        scaling, compute = ctx.scaling, ctx.compute
+        scaling, compute, fp8 = ctx.scaling, ctx.compute, ctx.wgrad_fp8
+        dy = dy.to(rows.dtype)
         d_act = fp8_gemm(dy, w_down, offsets, scaling, compute, "dgrad")
         d_pre = swiglu_backward(pre.to(compute), d_act).to(rows.dtype)
-        dw_down = fp8_wgrad(swiglu_f32(pre), dy, offsets, compute).to(w_down.dtype)
+        # the fp8 dW quantises act from float32; the input-dtype dW reads act as stored (rounded to rows.dtype)
+        act = swiglu_f32(pre) if fp8 else swiglu_f32(pre).to(rows.dtype)
+        dw_down = wgrad_of(act, dy, offsets, compute, fp8).to(w_down.dtype)
         d_rows = fp8_gemm(d_pre, w_up, offsets, scaling, compute, "dgrad").to(rows.dtype)
-        dw_up = fp8_wgrad(rows, d_pre, offsets, compute).to(w_up.dtype)
-        return d_rows, None, dw_up, dw_down, None, None
+        dw_up = wgrad_of(rows, d_pre, offsets, compute, fp8).to(w_up.dtype)
+        return d_rows, None, dw_up, dw_down, None, None, None
 
 
 def expert_mlp_fp8(
@@ -422,9 +434,10 @@ def expert_mlp_fp8(
     w_down: torch.Tensor,
     scaling: str = "rowwise",
     compute: torch.dtype | None = None,
+    wgrad_fp8: bool = True,
 ) -> torch.Tensor:
     """Reference of nmoe.kernels.expert_mlp_fp8 (compute defaults to float32; the tests use float64)."""
-    return ExpertMLPFP8.apply(rows, offsets, w_up, w_down, scaling, compute or torch.float32)
+    return ExpertMLPFP8.apply(rows, offsets, w_up, w_down, scaling, compute or torch.float32, wgrad_fp8)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -64,7 +64,9 @@ def expert_mlp_of(cfg: ModelConfig, fused_default: bool = False) -> ExpertMLP | 
     nvfp4 stores the weights in NVFP4 (the optimizer's business) and runs the bf16 GEMMs on them on Hopper.
     """
     if cfg.expert_precision == "fp8":
-        return functools.partial(expert_mlp_fp8, scaling=cfg.fp8_scaling)
+        return functools.partial(
+            expert_mlp_fp8, scaling=cfg.fp8_scaling, wgrad_fp8=cfg.fp8_wgrad, fast_accum=cfg.fp8_fast_accum
+        )
     return None if fused_default else expert_mlp
 
 

@@ -1,0 +1,180 @@
+"""Where the fp8 expert MLP's time goes, kernel by kernel, beside the bf16 paths (one CUDA GPU).
+
+    PYTHONPATH=$(ls -d packages/*/src | paste -sd:) python3 bench/fp8_profile.py --out bench/results/fp8_profile.json
+
+The expert MLP forward + backward on moonlet's shape (98,304 grouped rows, 64 experts, D 1024, H 704) and
+speedrun-256's: the bf16 fused op (`expert_mlp`, what LocalDispatch runs), the composed bf16 path, and
+`expert_mlp_fp8` per recipe (scaling, fp8 or bf16 dW, fast accumulation). Then, on moonlet, the CUDA time per
+iteration of every kernel (torch.profiler), each fp8 GEMM alone on pre-quantised operands and each quantiser.
+Prints a markdown summary last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+import nmoe.kernels as nk
+from nmoe.kernels import _lowprec_ops as ops
+from nmoe.kernels import reference
+
+
+def bench_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def kernel_table(fn, iters: int = 5) -> list[tuple[str, float, int]]:
+    """(kernel name, CUDA ms per iteration, launches per iteration), largest first."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total: dict[str, float] = collections.defaultdict(float)
+    count: dict[str, int] = collections.defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            total[event.name[:90]] += event.device_time_total / 1e3 / iters
+            count[event.name[:90]] += 1
+    return sorted(((k, v, count[k] // iters) for k, v in total.items()), key=lambda r: -r[1])
+
+
+SHAPES = {"moonlet": (16384, 6, 64, 1024, 704), "speedrun-256": (16384, 8, 256, 1024, 512)}
+RECIPES = {  # expert_mlp_fp8 keyword arguments
+    "fp8 rowwise": dict(scaling="rowwise"),
+    "fp8 blockwise": dict(scaling="blockwise"),
+    "fp8 rowwise, bf16 dW": dict(scaling="rowwise", wgrad_fp8=False),
+    "fp8 rowwise fast, fp8 dW": dict(scaling="rowwise", fast_accum=True),
+    "fp8 rowwise fast, bf16 dW": dict(scaling="rowwise", wgrad_fp8=False, fast_accum=True),
+}
+PROFILED = ("bf16 fused (expert_mlp)", "fp8 rowwise", "fp8 rowwise fast, bf16 dW")
+
+
+def expert_mlp_paths(tokens, top_k, n_experts, d, h):
+    """(fwd+bwd closures by path name, FLOPs of one fwd+bwd, the leaves) on random balanced routing."""
+    m = tokens * top_k
+    ids = torch.rand(tokens, n_experts, device="cuda").topk(top_k, dim=1).indices
+    offsets = nk.sort_by_expert(ids, n_experts).offsets
+    rows = torch.randn(m, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w_up = (torch.randn(n_experts, d, 2 * h, device="cuda", dtype=torch.bfloat16) / d**0.5).requires_grad_()
+    w_down = (torch.randn(n_experts, h, d, device="cuda", dtype=torch.bfloat16) / h**0.5).requires_grad_()
+    dy = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+    leaves = (rows, w_up, w_down)
+
+    def step(fn):
+        return lambda: torch.autograd.grad(fn(), leaves, dy)
+
+    paths = {
+        "bf16 fused (expert_mlp)": step(lambda: nk.expert_mlp(rows, offsets, w_up, w_down)),
+        "bf16 composed": step(
+            lambda: nk.grouped_mm(reference.swiglu(nk.grouped_mm(rows, w_up, offsets)), w_down, offsets)
+        ),
+    }
+    for name, kwargs in RECIPES.items():
+        paths[name] = step(lambda kw=kwargs: nk.expert_mlp_fp8(rows, offsets, w_up, w_down, **kw))
+    return paths, 3 * 2.0 * m * d * 3 * h, (offsets, rows, w_up, w_down)
+
+
+def gemm_only(offsets, rows, w_up, w_down, h) -> dict:
+    """Each fp8 GEMM alone on pre-quantised operands (TFLOP/s) and each quantiser alone (ms)."""
+    m, d = rows.shape
+    x = rows.detach()
+    result = {}
+    for label, k, n, a, b in (
+        ("up", d, 2 * h, x, w_up.detach()),
+        ("down", h, d, x[:, :h].contiguous(), w_down.detach()),
+    ):
+        g = 2.0 * m * k * n
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        cells = {}
+        for scaling in ("rowwise", "blockwise"):
+            blockwise = scaling == "blockwise"
+            qa, sa = ops.quantize_rows(a, blockwise)
+            wop = ops.quantize_weight(b, blockwise, "fwd")
+            cells[scaling] = g / bench_ms(lambda: ops.gemm(qa, sa, blockwise, wop, offsets, out, n, k)) / 1e9
+            if not blockwise:
+                cells["rowwise fast"] = (
+                    g / bench_ms(lambda: ops.gemm(qa, sa, False, wop, offsets, out, n, k, fast=True)) / 1e9
+                )
+                fn = getattr(torch, "_scaled_grouped_mm", None)
+                if fn is not None:
+                    wt = wop.q.transpose(1, 2)
+
+                    def torch_fast():
+                        return fn(qa, wt, sa, wop.scales, offs=offsets, out_dtype=torch.bfloat16, use_fast_accum=True)
+
+                    cells["torch fast"] = g / bench_ms(torch_fast) / 1e9
+        cells["bf16"] = g / bench_ms(lambda: nk.grouped_mm(a, b, offsets)) / 1e9
+        cells["bf16 dW"] = g / bench_ms(lambda: ops.wgrad_in_input_dtype(a, out, offsets, torch.bfloat16)) / 1e9
+        cells["fp8 dW incl. quantisation"] = g / bench_ms(lambda: ops.wgrad(a, out, offsets, torch.bfloat16)) / 1e9
+        cells["quantise rows rowwise (ms)"] = bench_ms(lambda: ops.quantize_rows(a, False))
+        cells["quantise rows blockwise (ms)"] = bench_ms(lambda: ops.quantize_rows(a, True))
+        cells["quantise weight rowwise fwd (ms)"] = bench_ms(lambda: ops.quantize_weight(b, False, "fwd"))
+        cells["quantise weight rowwise dgrad (ms)"] = bench_ms(lambda: ops.quantize_weight(b, False, "dgrad"))
+        cells["quantise weight blockwise fwd (ms)"] = bench_ms(lambda: ops.quantize_weight(b, True, "fwd"))
+        result[label] = cells
+        print(label, json.dumps(cells), flush=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    result: dict = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=datetime.date.today().isoformat(),
+        command="python3 bench/fp8_profile.py (bash bench/gpu.sh fp8-profile)",
+        mlp={},
+        kernels={},
+        gemm_only={},
+    )
+    for shape, dims in SHAPES.items():
+        torch.manual_seed(0)
+        paths, flop, tensors = expert_mlp_paths(*dims)
+        result["mlp"][shape] = {}
+        for name, fn in paths.items():
+            ms = bench_ms(fn)
+            result["mlp"][shape][name] = dict(ms=ms, tflops=flop / ms / 1e9)
+            print(shape, name, f"{ms:.3f} ms", flush=True)
+        if shape == "moonlet":
+            for name in PROFILED:
+                result["kernels"][name] = kernel_table(paths[name])
+            result["gemm_only"] = gemm_only(*tensors, dims[-1])
+        del paths, tensors
+        torch.cuda.empty_cache()
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    lines = [f"{result['device']}, {result['date']}"]
+    for shape, paths in result["mlp"].items():
+        base = paths["bf16 fused (expert_mlp)"]["ms"]
+        lines += [
+            "",
+            f"{shape}: expert MLP fwd+bwd",
+            "",
+            "| path | ms | TFLOP/s | vs bf16 fused |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [f"| {k} | {v['ms']:.3f} | {v['tflops']:.0f} | {base / v['ms']:.2f}x |" for k, v in paths.items()]
+    for name, table in result["kernels"].items():
+        lines += ["", f"{name}: ms per iteration by kernel", ""]
+        lines += [f"  {ms:7.3f} x{n:<2d} {k}" for k, ms, n in table[:12]]
+    for label, cells in result["gemm_only"].items():
+        lines += ["", f"{label}: " + ", ".join(f"{k} {v:.3g}" for k, v in cells.items())]
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
