@@ -21,14 +21,23 @@ import torch
 
 VARIANTS = {
     "bf16": {"model.expert_precision": "bf16"},
-    "fp8 rowwise": {"model.expert_precision": "fp8", "model.fp8_scaling": "rowwise"},
-    "fp8 blockwise": {"model.expert_precision": "fp8", "model.fp8_scaling": "blockwise"},
-    "fp8 rowwise bf16-dW": {"model.expert_precision": "fp8", "model.fp8_wgrad": "false"},
-    "fp8 rowwise fast bf16-dW": {
+    "fp8 rowwise": {  # every GEMM in fp8, promoted to float32 every 128 (the recipe before 2026-11-24 evening)
+        "model.expert_precision": "fp8",
+        "model.fp8_wgrad": "true",
+        "model.fp8_fast_accum": "false",
+    },
+    "fp8 blockwise": {
+        "model.expert_precision": "fp8",
+        "model.fp8_scaling": "blockwise",
+        "model.fp8_wgrad": "true",
+        "model.fp8_fast_accum": "false",
+    },
+    "fp8 rowwise bf16-dW": {
         "model.expert_precision": "fp8",
         "model.fp8_wgrad": "false",
-        "model.fp8_fast_accum": "true",
+        "model.fp8_fast_accum": "false",
     },
+    "fp8 rowwise fast bf16-dW": {"model.expert_precision": "fp8"},  # the defaults: bf16 dW, fast accumulation
     "nvfp4 nearest": {"model.expert_precision": "nvfp4", "optim.nvfp4_rule": "nearest"},
     "nvfp4 seed dither": {"model.expert_precision": "nvfp4", "optim.nvfp4_rule": "seed"},
     "nvfp4 stochastic": {"model.expert_precision": "nvfp4", "optim.nvfp4_rule": "stochastic"},

@@ -291,10 +291,13 @@ def test_fp8_experts_track_the_bf16_layer():
 
 
 def test_fp8_recipe_keys_reach_the_expert_mlp_and_fast_accumulation_needs_rowwise():
-    cfg = moe_config(expert_precision="fp8", fp8_wgrad=False, fp8_fast_accum=True)
-    assert expert_mlp_of(cfg).keywords == dict(scaling="rowwise", wgrad_fp8=False, fast_accum=True)
-    assert expert_mlp_of(moe_config(expert_precision="fp8")).keywords == dict(
-        scaling="rowwise", wgrad_fp8=True, fast_accum=False
+    cfg = moe_config(expert_precision="fp8", fp8_wgrad=True, fp8_fast_accum=False)
+    assert expert_mlp_of(cfg).keywords == dict(scaling="rowwise", wgrad_fp8=True, fast_accum=False)
+    assert expert_mlp_of(moe_config(expert_precision="fp8")).keywords == dict(  # the measured defaults
+        scaling="rowwise", wgrad_fp8=False, fast_accum=True
     )
     with pytest.raises(ValueError, match="fp8_fast_accum = true needs model.fp8_scaling = 'rowwise'"):
-        moe_config(expert_precision="fp8", fp8_scaling="blockwise", fp8_fast_accum=True)
+        moe_config(expert_precision="fp8", fp8_scaling="blockwise")
+    blockwise = moe_config(expert_precision="fp8", fp8_scaling="blockwise", fp8_fast_accum=False)
+    assert expert_mlp_of(blockwise).keywords["scaling"] == "blockwise"
+    moe_config(fp8_scaling="blockwise")  # the fp8 keys only matter when the experts run in fp8
