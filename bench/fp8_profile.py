@@ -122,7 +122,39 @@ def gemm_only(offsets, rows, w_up, w_down, h) -> dict:
         cells["quantise weight blockwise fwd (ms)"] = bench_ms(lambda: ops.quantize_weight(b, True, "fwd"))
         result[label] = cells
         print(label, json.dumps(cells), flush=True)
+    result["sweep"] = quantiser_sweep(x, w_up.detach(), w_down.detach())
     return result
+
+
+def quantiser_sweep(x, w_up, w_down) -> dict:
+    """ms of the row quantiser per ONE_PASS_ELEMENTS and of the forward weight quantiser per ONE_PASS_SLAB (0: the
+    two-pass kernels), to pick the launch sizes."""
+    saved = ops.ONE_PASS_ELEMENTS, ops.ONE_PASS_SLAB
+    out = {}
+    pre = torch.randn(x.shape[0], 1408, device="cuda", dtype=torch.bfloat16)
+    try:
+        for elements in (0, 1024, 2048, 4096, 8192):
+            ops.ONE_PASS_ELEMENTS = elements
+            out[f"rows x 1024, elements {elements}"] = bench_ms(lambda: ops.quantize_rows(x, False))
+            out[f"rows d_pre 1408, elements {elements}"] = bench_ms(lambda: ops.quantize_rows(pre, False))
+            out[f"rows swiglu 704, elements {elements}"] = bench_ms(lambda: ops.quantize_rows(pre, False, True))
+        ops.ONE_PASS_ELEMENTS = saved[0]
+        for slab in (0, 8192, 16384, 32768):
+            ops.ONE_PASS_SLAB = slab
+            out[f"w_up fwd, slab {slab}"] = bench_ms(lambda: ops.quantize_weight(w_up, False, "fwd"))
+            out[f"w_down fwd, slab {slab}"] = bench_ms(lambda: ops.quantize_weight(w_down, False, "fwd"))
+    finally:
+        ops.ONE_PASS_ELEMENTS, ops.ONE_PASS_SLAB = saved
+    for k, v in out.items():
+        print(f"sweep {k}: {v:.4f} ms", flush=True)
+    return out
+
+
+def tuned_configs() -> dict:
+    """The fp8 GEMM autotuners' picks: {kernel: {key: config}}."""
+    picks = {f"gmm epilogue {e}": {str(k): str(c) for k, c in t.cache.items()} for e, t in ops._GMM.items()}
+    picks["gmm_dw"] = {str(k): str(c) for k, c in ops._GMM_DW.cache.items()}
+    return picks
 
 
 def main() -> int:
@@ -153,6 +185,8 @@ def main() -> int:
             result["gemm_only"] = gemm_only(*tensors, dims[-1])
         del paths, tensors
         torch.cuda.empty_cache()
+    result["tuned"] = tuned_configs()
+    print(json.dumps(result["tuned"], indent=1), flush=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
@@ -171,7 +205,8 @@ def main() -> int:
         lines += ["", f"{name}: ms per iteration by kernel", ""]
         lines += [f"  {ms:7.3f} x{n:<2d} {k}" for k, ms, n in table[:12]]
     for label, cells in result["gemm_only"].items():
-        lines += ["", f"{label}: " + ", ".join(f"{k} {v:.3g}" for k, v in cells.items())]
+        if label != "sweep":
+            lines += ["", f"{label}: " + ", ".join(f"{k} {v:.3g}" for k, v in cells.items())]
     print("\n".join(lines))
     return 0
 

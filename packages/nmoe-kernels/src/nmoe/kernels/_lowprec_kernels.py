@@ -1,13 +1,16 @@
 """Triton kernels of the low-precision path (FP8 grouped GEMM, FP8/NVFP4 quantisers, NVFP4 AdamW).
 
-Rounding to e4m3 / bf16 is done in software (an exact float32 add of a power-of-two "magic" constant, or
-integer rounding of the float32 bits) and only exactly representable values are converted, because the
-Triton interpreter's float32 -> fp8/bf16 conversions truncate; on the GPU this costs a few integer ops.
+Rounding to bf16 (and to e4m3 under the interpreter) is done in software (an exact float32 add of a power-of-two
+"magic" constant, or integer rounding of the float32 bits) and only exactly representable values are converted,
+because the Triton interpreter's float32 -> fp8/bf16 conversions truncate; on the GPU e4m3 codes come from the
+hardware conversion (round to nearest even, saturating), the same rounding.
 Kernels that must match the reference bit for bit use div_rn / sqrt_rn and are launched without FMA
 contraction (enable_fp_fusion=False).
 """
 
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
@@ -15,6 +18,9 @@ import triton.language as tl
 from nmoe.kernels._kernels import _locate_tile
 
 E4M3_MAX = tl.constexpr(448.0)
+# the interpreter's float32 -> fp8 conversion truncates: round in software there; the GPU's cvt.rn.satfinite rounds
+# to nearest even (as torch's CUDA conversion does) in one instruction per pair
+SOFTWARE_E4M3 = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 FP8_BLOCK = tl.constexpr(128)
 
 EPILOGUE_STORE = 0  # C = scaled A @ B
@@ -74,8 +80,11 @@ def _fp8_scale(amax):
 
 @triton.jit
 def _to_fp8(x, scale):
-    """float32 x / scale rounded to e4m3 (as tl.float8e4nv)."""
-    return _round_e4m3(tl.math.div_rn(x, scale)).to(tl.float8e4nv)
+    """float32 x / scale rounded to e4m3, nearest even, saturating at +-448 (as tl.float8e4nv)."""
+    y = tl.math.div_rn(x, scale)
+    if SOFTWARE_E4M3:
+        return _round_e4m3(y).to(tl.float8e4nv)
+    return tl.minimum(tl.maximum(y, -E4M3_MAX), E4M3_MAX).to(tl.float8e4nv, fp_downcast_rounding="rtne")
 
 
 @triton.jit
