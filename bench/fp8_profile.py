@@ -23,7 +23,7 @@ import triton
 
 import nmoe.kernels as nk
 from nmoe.kernels import _lowprec_ops as ops
-from nmoe.kernels import reference
+from nmoe.kernels import _triton_ops, reference
 
 
 def bench_ms(fn) -> float:
@@ -55,7 +55,7 @@ RECIPES = {  # expert_mlp_fp8 keyword arguments
     "fp8 rowwise fast, fp8 dW": dict(scaling="rowwise", fast_accum=True),
     "fp8 rowwise fast, bf16 dW": dict(scaling="rowwise", wgrad_fp8=False, fast_accum=True),
 }
-PROFILED = ("bf16 fused (expert_mlp)", "fp8 rowwise", "fp8 rowwise fast, bf16 dW")
+PROFILED = ("bf16 fused (expert_mlp)", "fp8 rowwise fast, bf16 dW", "fp8 rowwise fast, bf16 dW, TMA")
 
 
 def expert_mlp_paths(tokens, top_k, n_experts, d, h):
@@ -80,6 +80,16 @@ def expert_mlp_paths(tokens, top_k, n_experts, d, h):
     }
     for name, kwargs in RECIPES.items():
         paths[name] = step(lambda kw=kwargs: nk.expert_mlp_fp8(rows, offsets, w_up, w_down, **kw))
+
+    def tma(fn):
+        def run():
+            with _triton_ops.use_gemm_variant("tma"):
+                return fn()
+
+        return run
+
+    paths["fp8 rowwise fast, bf16 dW, TMA"] = tma(paths["fp8 rowwise fast, bf16 dW"])
+    paths["bf16 fused, TMA"] = tma(paths["bf16 fused (expert_mlp)"])
     return paths, 3 * 2.0 * m * d * 3 * h, (offsets, rows, w_up, w_down)
 
 
@@ -104,6 +114,10 @@ def gemm_only(offsets, rows, w_up, w_down, h) -> dict:
                 cells["rowwise fast"] = (
                     g / bench_ms(lambda: ops.gemm(qa, sa, False, wop, offsets, out, n, k, fast=True)) / 1e9
                 )
+                with _triton_ops.use_gemm_variant("tma"):
+                    cells["rowwise fast TMA"] = (
+                        g / bench_ms(lambda: ops.gemm(qa, sa, False, wop, offsets, out, n, k, fast=True)) / 1e9
+                    )
                 fn = getattr(torch, "_scaled_grouped_mm", None)
                 if fn is not None:
                     wt = wop.q.transpose(1, 2)
@@ -122,7 +136,6 @@ def gemm_only(offsets, rows, w_up, w_down, h) -> dict:
         cells["quantise weight blockwise fwd (ms)"] = bench_ms(lambda: ops.quantize_weight(b, True, "fwd"))
         result[label] = cells
         print(label, json.dumps(cells), flush=True)
-    result["sweep"] = quantiser_sweep(x, w_up.detach(), w_down.detach())
     return result
 
 
@@ -153,6 +166,9 @@ def quantiser_sweep(x, w_up, w_down) -> dict:
 def tuned_configs() -> dict:
     """The fp8 GEMM autotuners' picks: {kernel: {key: config}}."""
     picks = {f"gmm epilogue {e}": {str(k): str(c) for k, c in t.cache.items()} for e, t in ops._GMM.items()}
+    picks.update(
+        {f"gmm TMA epilogue {e}": {str(k): str(c) for k, c in t.cache.items()} for e, t in ops._GMM_TMA.items()}
+    )
     picks["gmm_dw"] = {str(k): str(c) for k, c in ops._GMM_DW.cache.items()}
     return picks
 
@@ -160,6 +176,7 @@ def tuned_configs() -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--sweep", action="store_true", help="also time the quantisers per launch size")
     args = parser.parse_args()
     result: dict = dict(
         device=torch.cuda.get_device_name(),
@@ -183,6 +200,9 @@ def main() -> int:
             for name in PROFILED:
                 result["kernels"][name] = kernel_table(paths[name])
             result["gemm_only"] = gemm_only(*tensors, dims[-1])
+            if args.sweep:
+                offsets, rows, w_up, w_down = tensors
+                result["sweep"] = quantiser_sweep(rows.detach(), w_up.detach(), w_down.detach())
         del paths, tensors
         torch.cuda.empty_cache()
     result["tuned"] = tuned_configs()
@@ -205,8 +225,7 @@ def main() -> int:
         lines += ["", f"{name}: ms per iteration by kernel", ""]
         lines += [f"  {ms:7.3f} x{n:<2d} {k}" for k, ms, n in table[:12]]
     for label, cells in result["gemm_only"].items():
-        if label != "sweep":
-            lines += ["", f"{label}: " + ", ".join(f"{k} {v:.3g}" for k, v in cells.items())]
+        lines += ["", f"{label}: " + ", ".join(f"{k} {v:.3g}" for k, v in cells.items())]
     print("\n".join(lines))
     return 0
 

@@ -97,7 +97,13 @@ def gmm_variants(quick: bool):
                 if epilogue == K.EPILOGUE_SWIGLU_STORE and blockwise:
                     continue  # blockwise writes act quantised (EPILOGUE_SWIGLU_QUANT)
                 constants = dict(
-                    stride_bk=1, BLOCKWISE=blockwise, EPILOGUE=epilogue, UPCAST=False, FAST_ACC=fast, BLOCK_E=64
+                    stride_bk=1,
+                    BLOCKWISE=blockwise,
+                    EPILOGUE=epilogue,
+                    UPCAST=False,
+                    FAST_ACC=fast,
+                    BLOCK_E=64,
+                    TMA=False,
                 )
                 for cfg in configs[:1] if quick else configs:
                     yield (

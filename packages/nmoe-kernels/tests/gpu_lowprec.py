@@ -150,8 +150,9 @@ def check_every_config() -> None:
     expert_mlp_fp8 runs every fp8 GEMM kernel (plain, fused SwiGLU+quantise, SwiGLU backward, dW).
     """
     from nmoe.kernels import _lowprec_ops as ops
+    from nmoe.kernels import _triton_ops
 
-    tuners = [*ops._GMM.values(), ops._GMM_DW]
+    tuners = [*ops._GMM.values(), *ops._GMM_TMA.values(), ops._GMM_DW]
     originals = [t.configs for t in tuners]
     try:
         for i in range(max(len(c) for c in originals)):
@@ -161,6 +162,10 @@ def check_every_config() -> None:
             for scaling in R.SCALINGS:
                 check_expert_mlp_fp8(f"config #{i}", 8192, 1024, 704, 8, "skewed", scaling)
             check_expert_mlp_fp8(f"config #{i}", 8192, 1024, 704, 8, "skewed", "rowwise", **BF16_WGRAD_FAST)
+            with _triton_ops.use_gemm_variant("tma"):
+                for scaling in R.SCALINGS:
+                    check_expert_mlp_fp8(f"TMA config #{i}", 8192, 1024, 704, 8, "skewed", scaling, wgrad_fp8=False)
+                check_expert_mlp_fp8(f"TMA config #{i}", 8192, 1024, 704, 8, "skewed", "rowwise", **BF16_WGRAD_FAST)
     finally:
         for tuner, configs in zip(tuners, originals):
             tuner.configs = configs

@@ -69,7 +69,11 @@ def compile_one(name: str, fn, args, constexprs: dict, num_warps: int, num_stage
         row = dict(kernel=name, ok=shared <= H100_SHARED_LIMIT, shared=shared)
         row.update(wgmma="wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx)
     except Exception as err:
-        row = dict(kernel=name, ok=False, error=" | ".join(str(err).splitlines()[-4:])[:400])
+        row = dict(
+            kernel=name,
+            ok=False,
+            error=" | ".join(str(err).splitlines()[-4:])[:400] + " | " + repr(err.__cause__)[:300],
+        )
     ROWS.append(row)
     print(row, flush=True)
 
@@ -114,6 +118,29 @@ def dw(variant, gather_a, gather_b, scale_b, cfg, dtype):
     compile_one(name, K.gmm_dw_kernel, args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
+def gmm_fp8_tma(epilogue, blockwise, fast, cfg):
+    """The fp8 grouped GEMM with TMA operands (A [M,K], B stored [E, out, K]), as _lowprec_ops.gemm launches it."""
+    from nmoe.kernels import _lowprec_kernels as LK
+
+    k, n = 1024, 704
+    fp8 = torch.float8_e4m3fn
+    out_cols = 2 * n if epilogue in (LK.EPILOGUE_SWIGLU_STORE, LK.EPILOGUE_SWIGLU_QUANT) else n
+    bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    a_arg = TensorDescriptor.from_tensor(empty(M, k, dtype=fp8), [bm, bk])
+    b_arg = TensorDescriptor.from_tensor(empty(E, out_cols, k, dtype=fp8), [1, bn, bk])
+    f32 = empty(M, 8, dtype=torch.float32)
+    out = empty(M, 2 * n if epilogue == LK.EPILOGUE_SWIGLU_BWD else n)
+    h = empty(M, 2 * n)
+    q = empty(M, n, dtype=fp8) if epilogue == LK.EPILOGUE_SWIGLU_QUANT else out
+    offsets = empty(E, dtype=torch.int32)
+    args = [a_arg, f32, b_arg, f32, out, h, q, f32, offsets, M, n, k, E, k, 8, 1, out_cols * k, 1, k, 8, 8, 1]
+    args += [out.stride(0), h.stride(0)]
+    constexprs = dict(BLOCKWISE=blockwise, EPILOGUE=epilogue, UPCAST=False, FAST_ACC=fast, BLOCK_E=E, TMA=True)
+    constexprs.update(cfg.kwargs)
+    name = f"gmm_fp8[tma] epilogue={epilogue} blockwise={blockwise} fast={fast} {bm}x{bn}x{bk} w{cfg.num_warps} s{cfg.num_stages}"
+    compile_one(name, LK.gmm_fp8_kernel, args, constexprs, cfg.num_warps, cfg.num_stages)
+
+
 # (epilogue, transposed weights, gathered A) as launched: grouped_mm fwd/dX, moe and expert_mlp up/down/backward
 GMM_LAUNCHES = [
     (K.EPILOGUE_STORE, False, False),
@@ -143,6 +170,15 @@ def main() -> int:
             for wide, dtype in ((False, torch.bfloat16), (True, torch.float32)):
                 for cfg in dw_cfgs[wide][: 1 if args.quick else None]:
                     dw(variant, gather_a, gather_b, scale_b, cfg, dtype)
+    from nmoe.kernels import _lowprec_kernels as LK
+    from nmoe.kernels import _lowprec_ops as LO
+
+    for epilogue, cfgs in LO._GMM_CONFIGS.items():
+        for blockwise, fast in ((False, True), (True, False)):
+            if (epilogue == LK.EPILOGUE_SWIGLU_QUANT) != blockwise and epilogue in (1, 3):
+                continue  # SWIGLU_QUANT is the blockwise up GEMM, SWIGLU_STORE the rowwise one
+            for cfg in cfgs[: 1 if args.quick else None]:
+                gmm_fp8_tma(epilogue, blockwise, fast, cfg)
     logits, rows = empty(4096, 32768), empty(4096, dtype=torch.int64)
     ce_args = [logits, rows, empty(4096, dtype=torch.float32), empty(1, dtype=torch.float32), 32768, 32768, -100]
     compile_one("cross_entropy_rows", K.cross_entropy_rows_kernel, ce_args, dict(WITH_GRAD=True, BLOCK_V=4096), 8, 3)

@@ -227,9 +227,22 @@ def test_grouped_mm_fp8_kernels_match_float64_of_the_quantised_math(
     assert w.grad[sizes == 0].eq(0).all()
 
 
+@pytest.fixture(params=["pointer", "tma"])
+def gemm_variant(request, monkeypatch):
+    """Run a test with each grouped-GEMM variant; for "tma", check that the fp8 GEMMs really took descriptors."""
+    from nmoe.kernels import _lowprec_ops, _triton_ops
+
+    used = []
+    real = _lowprec_ops._use_tma
+    monkeypatch.setattr(_lowprec_ops, "_use_tma", lambda qa, b: used.append(real(qa, b)) or used[-1])
+    with _triton_ops.use_gemm_variant(request.param):
+        yield request.param
+    assert used and all(used) == (request.param == "tma")
+
+
 @pytest.mark.parametrize("wgrad_fp8", [True, False])
 @pytest.mark.parametrize("scaling", R.SCALINGS)
-def test_expert_mlp_fp8_kernels_match_float64_of_the_quantised_math(scaling, wgrad_fp8):
+def test_expert_mlp_fp8_kernels_match_float64_of_the_quantised_math(scaling, wgrad_fp8, gemm_variant):
     g = torch.Generator().manual_seed(1)
     offsets = torch.tensor([5, 5, 75, 78], dtype=torch.int32)
     m, d, h = 83, 144, 80

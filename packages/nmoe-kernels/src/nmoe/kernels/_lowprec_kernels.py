@@ -511,6 +511,28 @@ def _dot_fp8(a, b, acc, UPCAST: tl.constexpr, PROMOTE_EVERY: tl.constexpr):
 
 
 @triton.jit
+def _up_tile(
+    b_ptr,
+    b_ptrs,
+    up_off,
+    k_ok,
+    col_ok,
+    e32,
+    up_col0,
+    k0,
+    TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """[BLOCK_K, BLOCK_N] tile of the up half of B (columns N + col0 ...), by TMA or masked pointer load."""
+    if TMA:
+        tile = tl.trans(b_ptr.load([e32, up_col0, k0]).reshape(BLOCK_N, BLOCK_K))
+    else:
+        tile = tl.load(b_ptrs + up_off, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
 def gmm_fp8_kernel(
     a_ptr,
     sa_ptr,
@@ -544,6 +566,7 @@ def gmm_fp8_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     """Grouped C[rows of e] = (A[rows] @ B[e]) on e4m3 operands with float32 scales; A is K-contiguous.
 
@@ -551,6 +574,9 @@ def gmm_fp8_kernel(
     sb[e, k/128, col/128], applied to each BLOCK_K partial product (BLOCK_K divides 128). The B strides
     (expert, reduction, output column) let one kernel serve forward (B = w^T copy) and dgrad (B = w).
     Tail tiles (rows >= offsets[-1]) store zeros.
+    TMA: a_ptr is a descriptor of A[M,K] (block [BLOCK_M, BLOCK_K]) and b_ptr one of B stored [E, out, K]
+    (block [1, BLOCK_N, BLOCK_K]); rows past a tile's group and columns past N read other data (or TMA's zero
+    fill past the tensor), which only reaches outputs the masked stores drop.
     """
     pid = tl.program_id(0)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -566,9 +592,13 @@ def gmm_fp8_kernel(
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     e64 = tl.where(is_tail, 0, expert).to(tl.int64)  # tail tiles (expert == E) read no weight, but valid scales
-    a_ptrs = a_ptr + rows64[:, None] * stride_am + ks[None, :]
-    b_ptrs = b_ptr + e64 * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    a_ptrs, b_ptrs = a_ptr, b_ptr  # the descriptors themselves under TMA
+    if not TMA:
+        a_ptrs = a_ptr + rows64[:, None] * stride_am + ks[None, :]
+        b_ptrs = b_ptr + e64 * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
     up_off = N * stride_bn
+    e32 = e64.to(tl.int32)
+    col0 = pid_n * BLOCK_N
     sa_ptrs = sa_ptr + rows64 * stride_sam
     if BLOCKWISE:
         sb_ptrs = sb_ptr + e64 * stride_sbe + (cols // FP8_BLOCK) * stride_sbn
@@ -581,8 +611,12 @@ def gmm_fp8_kernel(
     k_end = tl.where(is_tail, 0, K)
     for k0 in range(0, k_end, BLOCK_K):
         k_ok = (k0 + ks) < K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if TMA:
+            a = a_ptr.load([row0, k0])
+            b = tl.trans(b_ptr.load([e32, col0, k0]).reshape(BLOCK_N, BLOCK_K))
+        else:
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if BLOCKWISE:
             kb = k0 // FP8_BLOCK
             sa = tl.load(sa_ptrs + kb * stride_sak, mask=row_ok, other=0.0)
@@ -590,16 +624,17 @@ def gmm_fp8_kernel(
             zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc += _dot_fp8(a, b, zero, UPCAST, BLOCK_K) * (sa[:, None] * sb[None, :])
             if EPILOGUE == 1 or EPILOGUE == 3:
-                b_up = tl.load(b_ptrs + up_off, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                b_up = _up_tile(b_ptr, b_ptrs, up_off, k_ok, col_ok, e32, col0 + N, k0, TMA, BLOCK_N, BLOCK_K)
                 sb_up = tl.load(sb_up_ptrs + kb * stride_sbk, mask=col_ok, other=0.0)
                 acc_up += _dot_fp8(a, b_up, zero, UPCAST, BLOCK_K) * (sa[:, None] * sb_up[None, :])
         else:
             acc = _dot_fp8(a, b, acc, UPCAST, 0 if FAST_ACC else BLOCK_K)
             if EPILOGUE == 1 or EPILOGUE == 3:
-                b_up = tl.load(b_ptrs + up_off, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                b_up = _up_tile(b_ptr, b_ptrs, up_off, k_ok, col_ok, e32, col0 + N, k0, TMA, BLOCK_N, BLOCK_K)
                 acc_up = _dot_fp8(a, b_up, acc_up, UPCAST, 0 if FAST_ACC else BLOCK_K)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
+        if not TMA:
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_bk
     if not BLOCKWISE:
         sa = tl.load(sa_ptrs, mask=row_ok, other=0.0)
         acc = acc * sa[:, None] * tl.load(sb_ptrs, mask=col_ok, other=0.0)[None, :]

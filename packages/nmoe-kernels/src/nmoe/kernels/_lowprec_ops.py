@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nmoe.kernels import _lowprec_kernels as K
 from nmoe.kernels import reference_lowprec as R
@@ -75,10 +76,26 @@ ONE_PASS_ELEMENTS = 4096 if INTERPRET else 2048
 ONE_PASS_SLAB = 4096 if INTERPRET else 16384
 NVFP4_ADAMW_BLOCKS, NVFP4_WARPS = (64, 4) if INTERPRET else (32, 2)
 
-_GMM = {
-    epilogue: triton.autotune(configs, key=["N", "K", "E", "BLOCKWISE"])(K.gmm_fp8_kernel)
-    for epilogue, configs in _GMM_CONFIGS.items()
-}
+_GMM_KEY = ["N", "K", "E", "BLOCKWISE", "FAST_ACC"]
+
+
+def _set_tma_blocks(nargs) -> None:
+    """Autotune pre-hook: the TMA descriptors take the block shapes of the config being run."""
+    if isinstance(nargs["a_ptr"], TensorDescriptor):
+        nargs["a_ptr"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+        nargs["b_ptr"].block_shape = [1, nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _with_hook(configs):
+    return [
+        triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_tma_blocks)
+        for c in configs
+    ]
+
+
+# one autotuner per (epilogue, TMA) so that their tuning caches stay apart
+_GMM = {e: triton.autotune(c, key=_GMM_KEY)(K.gmm_fp8_kernel) for e, c in _GMM_CONFIGS.items()}
+_GMM_TMA = {e: triton.autotune(_with_hook(c), key=_GMM_KEY)(K.gmm_fp8_kernel) for e, c in _GMM_CONFIGS.items()}
 _GMM_DW = triton.autotune(_DW_CONFIGS, key=["KA", "N", "E"])(K.gmm_fp8_dw_kernel)
 
 
@@ -354,10 +371,12 @@ def gemm(
         return ((triton.cdiv(m, meta["BLOCK_M"]) + n_experts + 1) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     q, sq = (offsets, offsets) if q_out is None else q_out
-    _GMM[epilogue][grid](
-        qa,
+    tma = _use_tma(qa, b)
+    kernel = (_GMM_TMA if tma else _GMM)[epilogue]
+    kernel[grid](
+        TensorDescriptor.from_tensor(qa, [16, 16]) if tma else qa,
         sa,
-        b.q,
+        TensorDescriptor.from_tensor(b.q, [1, 16, 16]) if tma else b.q,
         b.scales,
         out,
         offsets if h is None else h,
@@ -380,6 +399,23 @@ def gemm(
         UPCAST=INTERPRET,
         FAST_ACC=fast,
         BLOCK_E=triton.next_power_of_2(n_experts),
+        TMA=tma,
+    )
+
+
+def _use_tma(qa: torch.Tensor, b: WeightOperand) -> bool:
+    """TMA operands when the grouped GEMM variant is 'tma' and both are laid out for it (B stored [E, out, K])."""
+    from nmoe.kernels import _triton_ops
+
+    if _triton_ops._gemm_variant != "tma":
+        return False
+    e, out_dim, k = b.q.shape if b.strides[1] == 1 else (0, 0, 0)
+    return (
+        e > 0
+        and b.q.is_contiguous()
+        and b.strides == (out_dim * k, 1, k)
+        and _triton_ops._tma_ok(qa)
+        and _triton_ops._tma_ok(b.q)
     )
 
 
