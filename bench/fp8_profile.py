@@ -177,6 +177,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sweep", action="store_true", help="also time the quantisers per launch size")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     args = parser.parse_args()
     result: dict = dict(
         device=torch.cuda.get_device_name(),
@@ -189,6 +190,8 @@ def main() -> int:
         gemm_only={},
     )
     for shape, dims in SHAPES.items():
+        if shape not in args.shapes.split(","):
+            continue
         torch.manual_seed(0)
         paths, flop, tensors = expert_mlp_paths(*dims)
         result["mlp"][shape] = {}

@@ -24,7 +24,7 @@ SOFTWARE_E4M3 = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 FP8_BLOCK = tl.constexpr(128)
 
 EPILOGUE_STORE = 0  # C = scaled A @ B
-EPILOGUE_SWIGLU_QUANT = 1  # H = A @ [Bg | Bu] stored; act = silu(Hg) * Hu quantised to fp8 with 1x128 scales
+EPILOGUE_SWIGLU_QUANT = 1  # H = A @ [Bg | Bu] stored; act = silu(Hg) * Hu (in H's dtype) quantised, 1x128 scales
 EPILOGUE_SWIGLU_BWD = 2  # A @ B is d(act); H holds the forward gate|up; C = [d gate | d up]
 EPILOGUE_SWIGLU_STORE = 3  # H = A @ [Bg | Bu] stored; act = silu(Hg) * Hu stored in H's dtype (for a bf16 dW)
 
@@ -311,12 +311,13 @@ def nvfp4_adamw_kernel(
 
 @triton.jit
 def _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT: tl.constexpr):
-    """float32 tile of x[rows, cols], or of silu(x[:, cols]) * x[:, C + cols] when x is a gate|up pre-activation."""
+    """float32 tile of x[rows, cols], or of silu(x[:, cols]) * x[:, C + cols] rounded to x's dtype (the act the
+    bf16 path would store) when x is a gate|up pre-activation."""
     ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
     if SWIGLU_INPUT:
         gate = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(ptrs + C, mask=ok, other=0.0).to(tl.float32)
-        return _silu_mul(gate, up)
+        return _rounded_for(x_ptr, _silu_mul(gate, up))
     return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
 
 
@@ -652,7 +653,7 @@ def gmm_fp8_kernel(
         up = _rounded_for(h_ptr, acc_up)
         tl.store(h_ptrs, gate.to(h_ptr.dtype.element_ty), mask=out_ok)
         tl.store(h_ptrs + N, up.to(h_ptr.dtype.element_ty), mask=out_ok)
-        act = tl.where(out_ok, _silu_mul(gate, up), 0.0)
+        act = tl.where(out_ok, _rounded_for(h_ptr, _silu_mul(gate, up)), 0.0)
         scale = _fp8_scale(tl.max(tl.abs(act), 1))
         tl.store(q_ptr + rows64[:, None] * N + cols[None, :], _to_fp8(act, scale[:, None]), mask=out_ok)
         tl.store(sq_ptr + rows64 * tl.cdiv(N, FP8_BLOCK) + pid_n, scale, mask=row_ok)

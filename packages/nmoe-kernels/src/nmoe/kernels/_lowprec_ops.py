@@ -243,7 +243,9 @@ def _weight_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool) -> tuple[
     s = torch.empty(e, c, dtype=torch.float32, device=w.device)
     q_r, q_c = (1, r) if transpose else (q.stride(reduce_dim), q.stride(other_dim))
     block_r = triton.next_power_of_2(max(r, 16))
-    one_pass = block_r * 8 <= ONE_PASS_SLAB  # at least 8 columns per program
+    # one pass when the slab has no padded rows and at least 8 columns (measured: a padded 704 -> 1024 slab is
+    # slower than two passes)
+    one_pass = block_r == r and block_r * 8 <= ONE_PASS_SLAB
     block_c = ONE_PASS_SLAB // block_r if one_pass else QUANT_COLS
     if q.numel():
         K.fp8_quant_weight_rowwise_kernel[(e, triton.cdiv(c, block_c))](
@@ -520,7 +522,7 @@ class ExpertMLPFP8(torch.autograd.Function):
         else:  # the bf16 dW of the down projection reads act: the up GEMM's epilogue writes it beside pre
             act = torch.empty(m, h, dtype=rows.dtype, device=rows.device)
             gemm(qr, sr, False, up, offsets, act, h, d, epilogue=K.EPILOGUE_SWIGLU_STORE, h=pre, fast=fast_accum)
-            q_act, s_act = quantize_rows(pre, False, swiglu_input=True)
+            q_act, s_act = quantize_rows(act, False)
         out = torch.empty(m, d, dtype=rows.dtype, device=rows.device)
         gemm(q_act, s_act, blockwise, quantize_weight(w_down, blockwise, "fwd"), offsets, out, d, h, fast=fast_accum)
         ctx.save_for_backward(rows, offsets, w_up, w_down, pre, act)

@@ -406,7 +406,7 @@ class ExpertMLPFP8(torch.autograd.Function):
     def forward(ctx, rows, offsets, w_up, w_down, scaling, compute, wgrad_fp8):
         """rows[M,D] grouped by offsets[E], w_up[E,D,2H], w_down[E,H,D] -> [M,D] in rows.dtype."""
         pre = fp8_gemm(rows, w_up, offsets, scaling, compute, "fwd").to(rows.dtype)
-        act = swiglu_f32(pre)
+        act = swiglu_f32(pre).to(rows.dtype)  # as the bf16 path stores it
         out = fp8_gemm(act, w_down, offsets, scaling, compute, "fwd")
         ctx.save_for_backward(rows, offsets, w_up, w_down, pre)
         ctx.scaling, ctx.compute, ctx.wgrad_fp8 = scaling, compute, wgrad_fp8
@@ -419,8 +419,7 @@ class ExpertMLPFP8(torch.autograd.Function):
         dy = dy.to(rows.dtype)
         d_act = fp8_gemm(dy, w_down, offsets, scaling, compute, "dgrad")
         d_pre = swiglu_backward(pre.to(compute), d_act).to(rows.dtype)
-        # the fp8 dW quantises act from float32; the input-dtype dW reads act as stored (rounded to rows.dtype)
-        act = swiglu_f32(pre) if fp8 else swiglu_f32(pre).to(rows.dtype)
+        act = swiglu_f32(pre).to(rows.dtype)
         dw_down = wgrad_of(act, dy, offsets, compute, fp8).to(w_down.dtype)
         d_rows = fp8_gemm(d_pre, w_up, offsets, scaling, compute, "dgrad").to(rows.dtype)
         dw_up = wgrad_of(rows, d_pre, offsets, compute, fp8).to(w_up.dtype)
