@@ -145,12 +145,17 @@ def quantiser_sweep(x, w_up, w_down) -> dict:
     saved = ops.ONE_PASS_ELEMENTS, ops.ONE_PASS_SLAB
     out = {}
     pre = torch.randn(x.shape[0], 1408, device="cuda", dtype=torch.bfloat16)
+    act = torch.randn(x.shape[0], 704, device="cuda", dtype=torch.bfloat16)
     try:
         for elements in (0, 1024, 2048, 4096, 8192):
             ops.ONE_PASS_ELEMENTS = elements
             out[f"rows x 1024, elements {elements}"] = bench_ms(lambda: ops.quantize_rows(x, False))
             out[f"rows d_pre 1408, elements {elements}"] = bench_ms(lambda: ops.quantize_rows(pre, False))
             out[f"rows swiglu 704, elements {elements}"] = bench_ms(lambda: ops.quantize_rows(pre, False, True))
+            out[f"rows act 704, elements {elements}"] = bench_ms(lambda: ops.quantize_rows(act, False))
+            out[f"w_up dgrad (rows 1408), elements {elements}"] = bench_ms(
+                lambda: ops.quantize_weight(w_up, False, "dgrad")
+            )
         ops.ONE_PASS_ELEMENTS = saved[0]
         for slab in (0, 8192, 16384, 32768):
             ops.ONE_PASS_SLAB = slab

@@ -139,17 +139,25 @@ def quantiser_variants():
         ints = dict.fromkeys(("M", "C", "stride_xm", "stride_qm", "stride_sm"), "i32")
         for blockwise, one_pass in ((False, False), (False, True), (True, False)):
             for swiglu in (False, True):
-                # one pass: moonlet's widest rows (d_pre, 1408 -> 2048 columns) at the launcher's rows per program
-                block_m, block_c = (
-                    (max(1, ops.ONE_PASS_ELEMENTS // 2048 // (1 + swiglu)), 2048) if one_pass else (32, 128)
-                )
-                yield (
-                    f"fp8_quant_rows src={src} blockwise={blockwise} one_pass={one_pass} swiglu={swiglu}",
-                    K.fp8_quant_rows_kernel,
-                    dict(ints, x_ptr=f"*{src}", q_ptr="*fp8e4nv", s_ptr="*fp32"),
-                    dict(SWIGLU_INPUT=swiglu, BLOCKWISE=blockwise, ONE_PASS=one_pass, BLOCK_M=block_m, BLOCK_C=block_c),
-                    exact,
-                )
+                # one pass: moonlet's rows (x 1024, act 704, d_pre 1408) at the launcher's rows per program and parts
+                for width in (1024, 704, 1408) if one_pass else (0,):
+                    block_c, *parts = ops.pow2_parts(width) if one_pass else (128, 0, 0, 0)
+                    block_m = ops._prev_power_of_2(ops.ONE_PASS_ELEMENTS // width // (1 + swiglu)) if one_pass else 32
+                    yield (
+                        f"fp8_quant_rows src={src} blockwise={blockwise} one_pass={one_pass} swiglu={swiglu} "
+                        f"width={width}",
+                        K.fp8_quant_rows_kernel,
+                        dict(ints, x_ptr=f"*{src}", q_ptr="*fp8e4nv", s_ptr="*fp32"),
+                        dict(
+                            SWIGLU_INPUT=swiglu,
+                            BLOCKWISE=blockwise,
+                            ONE_PASS=one_pass,
+                            BLOCK_M=block_m,
+                            BLOCK_C=block_c,
+                            **dict(zip(("PART1", "PART2", "PART3"), parts)),
+                        ),
+                        exact,
+                    )
             yield (
                 f"fp8_quant_grouped_cols src={src} swiglu={blockwise}",
                 K.fp8_quant_grouped_cols_kernel,
@@ -164,10 +172,10 @@ def quantiser_variants():
                 exact,
             )
         weight_ints = ("R", "C", "stride_we", "stride_wr", "stride_wc", "stride_qe", "stride_qr", "stride_qc")
-        for one_pass in (False, True):
-            block_r = 2048 if one_pass else ops.QUANT_COLS
+        for one_pass, rows in ((False, 0), (True, 1024), (True, 704)):  # one pass: w_up's and w_down's slabs
+            block_r, *parts = ops.pow2_parts(rows) if one_pass else (ops.QUANT_COLS, 0, 0, 0)
             yield (
-                f"fp8_quant_weight_rowwise src={src} one_pass={one_pass}",
+                f"fp8_quant_weight_rowwise src={src} one_pass={one_pass} rows={rows}",
                 K.fp8_quant_weight_rowwise_kernel,
                 dict(
                     w_ptr=f"*{src}",
@@ -178,7 +186,8 @@ def quantiser_variants():
                 dict(
                     ONE_PASS=one_pass,
                     BLOCK_R=block_r,
-                    BLOCK_C=ops.ONE_PASS_SLAB // block_r if one_pass else ops.QUANT_COLS,
+                    BLOCK_C=ops._prev_power_of_2(ops.ONE_PASS_SLAB // rows) if one_pass else ops.QUANT_COLS,
+                    **dict(zip(("PART1", "PART2", "PART3"), parts)),
                 ),
                 dict(exact, num_warps=8 if one_pass else 4),
             )

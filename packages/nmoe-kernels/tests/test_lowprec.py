@@ -354,3 +354,17 @@ def test_fp8_gemm_error_vs_exact_math_is_e4m3_sized():
     for scaling in R.SCALINGS:
         err = rel_err(nk.grouped_mm_fp8(x, w, offsets, scaling), exact)
         assert 0.005 < err < 0.05, (scaling, err)
+
+
+@given(st.integers(1, 20000), st.integers(1, 6), st.sampled_from([1, 16, 64]))
+def test_pow2_parts_cover_the_width_with_descending_powers_of_two(n, max_parts, smallest):
+    from nmoe.kernels._lowprec_ops import pow2_parts
+
+    parts = pow2_parts(n, max_parts, smallest)
+    used = [p for p in parts if p]
+    assert len(parts) == max_parts and parts[: len(used)] == tuple(used)  # zeros only at the end
+    assert all(p & (p - 1) == 0 and p >= min(smallest, p) for p in used)
+    assert used == sorted(used, reverse=True) and sum(used) >= n
+    assert sum(used) - n < max(used[-1], smallest)  # only the last part pads
+    if bin(n).count("1") <= max_parts and n % smallest == 0:  # exact when n has few enough bits
+        assert sum(used) == n

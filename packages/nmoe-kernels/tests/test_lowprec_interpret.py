@@ -100,23 +100,27 @@ def test_fp8_quantiser_kernels_are_bitwise(one_pass, monkeypatch):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(70, 200, generator=g) * torch.logspace(-3, 2, 70)[:, None]
     x[3] = 0
+    x4 = torch.randn(9, 232, generator=g)  # 232 -> four one-pass parts, 128 + 64 + 32 + 16 (8 masked)
     for fn, ref in (
         (nk.quantize_fp8_rowwise, R.quantize_fp8_rowwise),
         (nk.quantize_fp8_blockwise, R.quantize_fp8_blockwise),
     ):
-        for a, b in zip(fn(x), ref(x)):
-            assert_bitwise(a, b, fn.__name__)
-        for a, b in zip(fn(x.bfloat16()), ref(x.bfloat16())):
-            assert_bitwise(a, b, fn.__name__ + " bf16")
+        for rows in (x, x4):
+            for a, b in zip(fn(rows), ref(rows)):
+                assert_bitwise(a, b, fn.__name__)
+            for a, b in zip(fn(rows.bfloat16()), ref(rows.bfloat16())):
+                assert_bitwise(a, b, fn.__name__ + " bf16")
     pre = torch.randn(70, 2 * 96, generator=g)  # gate | up -> rowwise quantised silu(gate) * up
     q, scale = _lowprec_ops.quantize_rows(pre, False, swiglu_input=True)
     q_ref, scale_ref = R.quantize_fp8_rowwise(R.swiglu_f32(pre))
     torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)  # silu's float32 formula differs by an ulp
     assert (bits(q) != bits(q_ref)).float().mean() < 0.01
     w = torch.randn(3, 200, 144, generator=g)
-    for dim in (1, 2):
-        for a, b in zip(nk.quantize_fp8_rowwise(w, dim), R.quantize_fp8_rowwise(w, dim)):
-            assert_bitwise(a, b, f"weight rowwise dim {dim}")
+    # 176 = 128 + 32 + 16 rows: the one-pass slab in three power-of-two parts (200 is padded: two passes)
+    for weight in (w, torch.randn(2, 176, 40, generator=g)):
+        for dim in (1, 2):
+            for a, b in zip(nk.quantize_fp8_rowwise(weight, dim), R.quantize_fp8_rowwise(weight, dim)):
+                assert_bitwise(a, b, f"weight {tuple(weight.shape)} rowwise dim {dim}")
     for a, b in zip(
         nk.quantize_fp8_blockwise(w.transpose(1, 2)), R.quantize_fp8_blockwise(w.transpose(1, 2), (128, 128))
     ):

@@ -322,6 +322,19 @@ def _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT: tl.constexpr):
 
 
 @triton.jit
+def _row_part(x_ptr, rows, row_ok, c0, WIDTH: tl.constexpr, stride_xm, C, SWIGLU_INPUT: tl.constexpr):
+    """(float32 tile of columns [c0, c0 + WIDTH) of x's rows, its column indices, its mask)."""
+    cols = c0 + tl.arange(0, WIDTH)
+    ok = row_ok[:, None] & (cols < C)[None, :]
+    return _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT), cols, ok
+
+
+@triton.jit
+def _store_row_part(q_ptr, rows64, cols, ok, x, scale, stride_qm):
+    tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], _to_fp8(x, scale[:, None]), mask=ok)
+
+
+@triton.jit
 def fp8_quant_rows_kernel(
     x_ptr,
     q_ptr,
@@ -336,11 +349,15 @@ def fp8_quant_rows_kernel(
     ONE_PASS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    PART1: tl.constexpr = 0,
+    PART2: tl.constexpr = 0,
+    PART3: tl.constexpr = 0,
 ):
     """x[M,C] -> q[M,C] e4m3 with one scale per row (s[M]) or per row and 128 columns (s[M, C/128], BLOCK_C=128).
 
-    Rowwise with ONE_PASS (BLOCK_C >= C): each row is read once and kept in registers; else twice (amax, then
-    quantise).
+    Rowwise with ONE_PASS: each row is read once and kept in registers as up to four power-of-two column parts
+    (BLOCK_C, PART1, PART2, PART3: 704 = 512 + 128 + 64 without masked lanes); else read twice (amax, then
+    quantise) in BLOCK_C-column pieces.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -353,11 +370,26 @@ def fp8_quant_rows_kernel(
         tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], _to_fp8(x, scale[:, None]), mask=ok)
         tl.store(s_ptr + rows64 * stride_sm + tl.program_id(1), scale, mask=row_ok)
     elif ONE_PASS:
-        cols = tl.arange(0, BLOCK_C)
-        ok = row_ok[:, None] & (cols < C)[None, :]
-        x = _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT)
-        scale = _fp8_scale(tl.max(tl.abs(x), 1))
-        tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], _to_fp8(x, scale[:, None]), mask=ok)
+        x0, cols0, ok0 = _row_part(x_ptr, rows, row_ok, 0, BLOCK_C, stride_xm, C, SWIGLU_INPUT)
+        amax = tl.max(tl.abs(x0), 1)
+        if PART1 > 0:
+            x1, cols1, ok1 = _row_part(x_ptr, rows, row_ok, BLOCK_C, PART1, stride_xm, C, SWIGLU_INPUT)
+            amax = tl.maximum(amax, tl.max(tl.abs(x1), 1))
+        if PART2 > 0:
+            x2, cols2, ok2 = _row_part(x_ptr, rows, row_ok, BLOCK_C + PART1, PART2, stride_xm, C, SWIGLU_INPUT)
+            amax = tl.maximum(amax, tl.max(tl.abs(x2), 1))
+        if PART3 > 0:
+            c3 = BLOCK_C + PART1 + PART2
+            x3, cols3, ok3 = _row_part(x_ptr, rows, row_ok, c3, PART3, stride_xm, C, SWIGLU_INPUT)
+            amax = tl.maximum(amax, tl.max(tl.abs(x3), 1))
+        scale = _fp8_scale(amax)
+        _store_row_part(q_ptr, rows64, cols0, ok0, x0, scale, stride_qm)
+        if PART1 > 0:
+            _store_row_part(q_ptr, rows64, cols1, ok1, x1, scale, stride_qm)
+        if PART2 > 0:
+            _store_row_part(q_ptr, rows64, cols2, ok2, x2, scale, stride_qm)
+        if PART3 > 0:
+            _store_row_part(q_ptr, rows64, cols3, ok3, x3, scale, stride_qm)
         tl.store(s_ptr + rows64 * stride_sm, scale, mask=row_ok)
     else:
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -372,6 +404,19 @@ def fp8_quant_rows_kernel(
             x = _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT)
             tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], _to_fp8(x, scale[:, None]), mask=ok)
         tl.store(s_ptr + rows64 * stride_sm, scale, mask=row_ok)
+
+
+@triton.jit
+def _slab_part(w_base, r0, HEIGHT: tl.constexpr, R, col_ok, stride_wr):
+    """(float32 rows [r0, r0 + HEIGHT) of a weight slab, their row indices, the mask)."""
+    rs = r0 + tl.arange(0, HEIGHT)
+    ok = (rs < R)[:, None] & col_ok[None, :]
+    return tl.load(w_base + rs[:, None].to(tl.int64) * stride_wr, mask=ok, other=0.0).to(tl.float32), rs, ok
+
+
+@triton.jit
+def _store_slab_part(q_base, rs, ok, w, scale, stride_qr):
+    tl.store(q_base + rs[:, None].to(tl.int64) * stride_qr, _to_fp8(w, scale[None, :]), mask=ok)
 
 
 @triton.jit
@@ -391,10 +436,14 @@ def fp8_quant_weight_rowwise_kernel(
     ONE_PASS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    PART1: tl.constexpr = 0,
+    PART2: tl.constexpr = 0,
+    PART3: tl.constexpr = 0,
 ):
     """w[e] viewed as [R,C] -> q (any strides) with one scale per column c over all R (s[e, c]).
 
-    ONE_PASS (BLOCK_R >= R): the [R, BLOCK_C] slab is read once and kept in registers; else read twice.
+    ONE_PASS: the [R, BLOCK_C] slab is read once and kept in registers as up to four power-of-two row parts
+    (BLOCK_R, PART1, PART2, PART3); else read twice in BLOCK_R-row pieces.
     """
     e = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -402,24 +451,33 @@ def fp8_quant_weight_rowwise_kernel(
     w_base = w_ptr + e * stride_we + cols[None, :] * stride_wc
     q_base = q_ptr + e * stride_qe + cols[None, :] * stride_qc
     if ONE_PASS:
-        rs = tl.arange(0, BLOCK_R)
-        ok = (rs < R)[:, None] & col_ok[None, :]
-        w = tl.load(w_base + rs[:, None].to(tl.int64) * stride_wr, mask=ok, other=0.0).to(tl.float32)
-        scale = _fp8_scale(tl.max(tl.abs(w), 0))
-        tl.store(q_base + rs[:, None].to(tl.int64) * stride_qr, _to_fp8(w, scale[None, :]), mask=ok)
+        w0, rs0, ok0 = _slab_part(w_base, 0, BLOCK_R, R, col_ok, stride_wr)
+        amax = tl.max(tl.abs(w0), 0)
+        if PART1 > 0:
+            w1, rs1, ok1 = _slab_part(w_base, BLOCK_R, PART1, R, col_ok, stride_wr)
+            amax = tl.maximum(amax, tl.max(tl.abs(w1), 0))
+        if PART2 > 0:
+            w2, rs2, ok2 = _slab_part(w_base, BLOCK_R + PART1, PART2, R, col_ok, stride_wr)
+            amax = tl.maximum(amax, tl.max(tl.abs(w2), 0))
+        if PART3 > 0:
+            w3, rs3, ok3 = _slab_part(w_base, BLOCK_R + PART1 + PART2, PART3, R, col_ok, stride_wr)
+            amax = tl.maximum(amax, tl.max(tl.abs(w3), 0))
+        scale = _fp8_scale(amax)
+        _store_slab_part(q_base, rs0, ok0, w0, scale, stride_qr)
+        if PART1 > 0:
+            _store_slab_part(q_base, rs1, ok1, w1, scale, stride_qr)
+        if PART2 > 0:
+            _store_slab_part(q_base, rs2, ok2, w2, scale, stride_qr)
+        if PART3 > 0:
+            _store_slab_part(q_base, rs3, ok3, w3, scale, stride_qr)
     else:
         amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
-            rs = r0 + tl.arange(0, BLOCK_R)
-            ok = (rs < R)[:, None] & col_ok[None, :]
-            w = tl.load(w_base + rs[:, None].to(tl.int64) * stride_wr, mask=ok, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(w), 0))
+            amax = tl.maximum(amax, tl.max(tl.abs(_slab_part(w_base, r0, BLOCK_R, R, col_ok, stride_wr)[0]), 0))
         scale = _fp8_scale(amax)
         for r0 in range(0, R, BLOCK_R):
-            rs = r0 + tl.arange(0, BLOCK_R)
-            ok = (rs < R)[:, None] & col_ok[None, :]
-            w = tl.load(w_base + rs[:, None].to(tl.int64) * stride_wr, mask=ok, other=0.0).to(tl.float32)
-            tl.store(q_base + rs[:, None].to(tl.int64) * stride_qr, _to_fp8(w, scale[None, :]), mask=ok)
+            w, rs, ok = _slab_part(w_base, r0, BLOCK_R, R, col_ok, stride_wr)
+            _store_slab_part(q_base, rs, ok, w, scale, stride_qr)
     tl.store(s_ptr + e * stride_se + cols, scale, mask=col_ok)
 
 

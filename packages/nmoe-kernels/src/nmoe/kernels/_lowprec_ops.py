@@ -46,6 +46,9 @@ else:
             _cfg(_GMM_NAMES, (128, 128, 64), 8, 4),
             _cfg(_GMM_NAMES, (128, 256, 128), 8, 3),
             _cfg(_GMM_NAMES, (128, 128, 128), 4, 4),
+            # K = 704 (moonlet's down projection) is 11 whole 64-column steps
+            _cfg(_GMM_NAMES, (128, 256, 64), 8, 4),
+            _cfg(_GMM_NAMES, (256, 128, 64), 8, 4),
         ],
         K.EPILOGUE_SWIGLU_QUANT: [  # BLOCK_N is the 128-column quantisation block of the activation
             _cfg(_GMM_NAMES, (64, BLOCK, 128), 8, 3),
@@ -182,23 +185,41 @@ def nvfp4_adamw(q, grad, exp_avg, exp_avg_sq, residual, c: R.AdamWConstants, rul
 # ---------------------------------------------------------------------------------------------------------
 
 
+def pow2_parts(n: int, max_parts: int = 4, smallest: int = 16) -> tuple[int, ...]:
+    """n as up to max_parts descending powers of two, zero-padded to max_parts (the last part rounds the remainder up,
+    at least `smallest`): register tiles without masked lanes for widths such as 704 = 512 + 128 + 64."""
+    parts: list[int] = []
+    rest = n
+    while rest >= smallest and len(parts) < max_parts - 1:
+        parts.append(1 << (rest.bit_length() - 1))
+        rest -= parts[-1]
+    if rest > 0 or not parts:
+        parts.append(max(triton.next_power_of_2(rest), smallest))
+    return tuple(parts) + (0,) * (max_parts - len(parts))
+
+
+def _prev_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
 def quantize_rows(x: torch.Tensor, blockwise: bool, swiglu_input: bool = False):
     """x[M,C] (or gate|up [M,2C] with swiglu_input) -> (e4m3 [M,C], float32 scales [M] or [M, C/128])."""
     m = x.shape[0]
     c = x.shape[1] // 2 if swiglu_input else x.shape[1]
     q = torch.empty(m, c, dtype=FP8, device=x.device)
-    one_pass, block_m = False, QUANT_ROWS
+    one_pass, block_m, parts = False, QUANT_ROWS, (0, 0, 0)
     if blockwise:
         s = torch.empty(m, triton.cdiv(c, BLOCK), dtype=torch.float32, device=x.device)
         block_c = BLOCK
     else:
         s = torch.empty(m, dtype=torch.float32, device=x.device)
-        block_c = triton.next_power_of_2(max(c, 16))
-        one_pass = block_c <= ONE_PASS_ELEMENTS
+        block_c, *parts = pow2_parts(c)
+        width = block_c + sum(parts)
+        one_pass = width <= ONE_PASS_ELEMENTS
         if one_pass:  # whole rows in registers: read x once
-            block_m = max(1, ONE_PASS_ELEMENTS // block_c // (2 if swiglu_input else 1))
+            block_m = _prev_power_of_2(ONE_PASS_ELEMENTS // width // (2 if swiglu_input else 1))
         else:
-            block_c = 256
+            block_c, parts = 256, (0, 0, 0)
     if m and c:
         K.fp8_quant_rows_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, BLOCK) if blockwise else 1)](
             x,
@@ -214,6 +235,9 @@ def quantize_rows(x: torch.Tensor, blockwise: bool, swiglu_input: bool = False):
             ONE_PASS=one_pass,
             BLOCK_M=block_m,
             BLOCK_C=block_c,
+            PART1=parts[0],
+            PART2=parts[1],
+            PART3=parts[2],
             **EXACT,
         )
     return q, s
@@ -242,11 +266,13 @@ def _weight_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool) -> tuple[
     q = torch.empty((e, c, r) if transpose else (e, k, n), dtype=FP8, device=w.device)
     s = torch.empty(e, c, dtype=torch.float32, device=w.device)
     q_r, q_c = (1, r) if transpose else (q.stride(reduce_dim), q.stride(other_dim))
-    block_r = triton.next_power_of_2(max(r, 16))
-    # one pass when the slab has no padded rows and at least 8 columns (measured: a padded 704 -> 1024 slab is
-    # slower than two passes)
-    one_pass = block_r == r and block_r * 8 <= ONE_PASS_SLAB
-    block_c = ONE_PASS_SLAB // block_r if one_pass else QUANT_COLS
+    block_r, *parts = pow2_parts(r)
+    # one pass when the slab's power-of-two row parts add up to r (measured: a padded 704 -> 1024 slab is slower than
+    # two passes) and hold at least 8 columns
+    one_pass = block_r + sum(parts) == r and r * 8 <= ONE_PASS_SLAB
+    block_c = _prev_power_of_2(ONE_PASS_SLAB // r) if one_pass else QUANT_COLS
+    if not one_pass:
+        block_r, parts = QUANT_COLS, (0, 0, 0)
     if q.numel():
         K.fp8_quant_weight_rowwise_kernel[(e, triton.cdiv(c, block_c))](
             w,
@@ -262,8 +288,11 @@ def _weight_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool) -> tuple[
             q_c,
             s.stride(0),
             ONE_PASS=one_pass,
-            BLOCK_R=block_r if one_pass else QUANT_COLS,
+            BLOCK_R=block_r,
             BLOCK_C=block_c,
+            PART1=parts[0],
+            PART2=parts[1],
+            PART3=parts[2],
             num_warps=8 if one_pass else 4,
             **EXACT,
         )
