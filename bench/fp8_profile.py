@@ -56,6 +56,8 @@ RECIPES = {  # expert_mlp_fp8 keyword arguments
     "fp8 rowwise fast, bf16 dW": dict(scaling="rowwise", wgrad_fp8=False, fast_accum=True),
 }
 PROFILED = ("bf16 fused (expert_mlp)", "fp8 rowwise fast, bf16 dW", "fp8 rowwise fast, bf16 dW, TMA")
+DEFAULT_FP8 = dict(scaling="rowwise", wgrad_fp8=False, fast_accum=True)  # the model's fp8 recipe
+MOE_PROFILED = ("bf16 moe_experts", "fp8 moe_experts_fp8")
 
 
 def expert_mlp_paths(tokens, top_k, n_experts, d, h):
@@ -91,6 +93,34 @@ def expert_mlp_paths(tokens, top_k, n_experts, d, h):
     paths["fp8 rowwise fast, bf16 dW, TMA"] = tma(paths["fp8 rowwise fast, bf16 dW"])
     paths["bf16 fused, TMA"] = tma(paths["bf16 fused (expert_mlp)"])
     return paths, 3 * 2.0 * m * d * 3 * h, (offsets, rows, w_up, w_down)
+
+
+def moe_paths(tokens, top_k, n_experts, d, h):
+    """The routed experts as the model runs them (gather, expert MLP, weighted combine), fwd+bwd closures by name:
+    bf16 moe_experts, the fused moe_experts_fp8 and the composition LocalDispatch ran for fp8 before it."""
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.rand(tokens, n_experts, device="cuda").topk(top_k, dim=1).indices
+    weights = torch.rand(tokens, top_k, device="cuda", requires_grad=True)
+    w_up = (torch.randn(n_experts, d, 2 * h, device="cuda", dtype=torch.bfloat16) / d**0.5).requires_grad_()
+    w_down = (torch.randn(n_experts, h, d, device="cuda", dtype=torch.bfloat16) / h**0.5).requires_grad_()
+    dy = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    leaves = (x, weights, w_up, w_down)
+
+    def composed():
+        routing = nk.sort_by_expert(ids, n_experts)
+        token = routing.order // top_k
+        out = nk.expert_mlp_fp8(x[token], routing.offsets, w_up, w_down, **DEFAULT_FP8)
+        slot = weights.reshape(-1)[routing.order]
+        return torch.zeros_like(x).index_add(0, token, out * slot[:, None].to(out.dtype))
+
+    def step(fn):
+        return lambda: torch.autograd.grad(fn(), leaves, dy)
+
+    return {
+        "bf16 moe_experts": step(lambda: nk.moe_experts(x, ids, weights, w_up, w_down)),
+        "fp8 moe_experts_fp8": step(lambda: nk.moe_experts_fp8(x, ids, weights, w_up, w_down, **DEFAULT_FP8)),
+        "fp8 gather, expert_mlp_fp8, index_add (before)": step(composed),
+    }
 
 
 def gemm_only(offsets, rows, w_up, w_down, h) -> dict:
@@ -204,6 +234,13 @@ def main() -> int:
             ms = bench_ms(fn)
             result["mlp"][shape][name] = dict(ms=ms, tflops=flop / ms / 1e9)
             print(shape, name, f"{ms:.3f} ms", flush=True)
+        result.setdefault("moe", {})[shape] = {}
+        for name, fn in moe_paths(dims[0], dims[1], dims[2], dims[3], dims[4]).items():
+            ms = bench_ms(fn)
+            result["moe"][shape][name] = dict(ms=ms, tflops=flop / ms / 1e9)
+            print(shape, name, f"{ms:.3f} ms", flush=True)
+            if shape == "moonlet" and name in MOE_PROFILED:
+                result["kernels"][name] = kernel_table(fn)
         if shape == "moonlet":
             for name in PROFILED:
                 result["kernels"][name] = kernel_table(paths[name])
@@ -226,6 +263,16 @@ def main() -> int:
             f"{shape}: expert MLP fwd+bwd",
             "",
             "| path | ms | TFLOP/s | vs bf16 fused |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [f"| {k} | {v['ms']:.3f} | {v['tflops']:.0f} | {base / v['ms']:.2f}x |" for k, v in paths.items()]
+    for shape, paths in result.get("moe", {}).items():
+        base = paths["bf16 moe_experts"]["ms"]
+        lines += [
+            "",
+            f"{shape}: routed experts (gather, expert MLP, weighted combine) fwd+bwd",
+            "",
+            "| path | ms | TFLOP/s | vs bf16 moe_experts |",
             "| --- | --- | --- | --- |",
         ]
         lines += [f"| {k} | {v['ms']:.3f} | {v['tflops']:.0f} | {base / v['ms']:.2f}x |" for k, v in paths.items()]

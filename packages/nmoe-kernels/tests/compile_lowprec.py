@@ -63,7 +63,7 @@ def gmm_variants(quick: bool):
     base = {
         **dict.fromkeys(("a_ptr", "b_ptr"), "*fp8e4nv"),
         **dict.fromkeys(("sa_ptr", "sb_ptr"), "*fp32"),
-        "offsets_ptr": "*i32",
+        **dict.fromkeys(("offsets_ptr", "a_idx_ptr", "wts_ptr", "w_idx_ptr", "dw_ptr"), "*i32"),
         **dict.fromkeys(
             (
                 "M",
@@ -88,8 +88,13 @@ def gmm_variants(quick: bool):
         for blockwise, fast in ((False, False), (False, True), (True, False)):
             if epilogue == K.EPILOGUE_SWIGLU_QUANT and not blockwise:
                 continue
-            for out in ("bf16", "fp32"):
+            # gathered rows (moe_experts_fp8: the up GEMM, and the weighted SwiGLU backward) on bf16 activations
+            for out, gather in (("bf16", False), ("fp32", False), ("bf16", True)):
+                if gather and epilogue == K.EPILOGUE_STORE:
+                    continue
                 types = dict(base, c_ptr=f"*{out}", h_ptr="*i32", q_ptr="*i32", sq_ptr="*i32")
+                if gather:
+                    types.update(a_idx_ptr="*i32", wts_ptr="*fp32", w_idx_ptr="*i64", dw_ptr="*fp32")
                 if epilogue != K.EPILOGUE_STORE:
                     types.update(h_ptr=f"*{out}")
                 if epilogue == K.EPILOGUE_SWIGLU_QUANT:
@@ -104,10 +109,13 @@ def gmm_variants(quick: bool):
                     FAST_ACC=fast,
                     BLOCK_E=64,
                     TMA=False,
+                    GATHER_A=gather,
+                    WEIGHTED=gather and epilogue == K.EPILOGUE_SWIGLU_BWD,
                 )
                 for cfg in configs[:1] if quick else configs:
                     yield (
-                        f"gmm_fp8 epilogue={epilogue} blockwise={blockwise} fast={fast} out={out} {cfg.kwargs}",
+                        f"gmm_fp8 epilogue={epilogue} blockwise={blockwise} fast={fast} out={out} gather={gather} "
+                        f"{cfg.kwargs}",
                         K.gmm_fp8_kernel,
                         types,
                         {**constants, **cfg.kwargs},

@@ -141,6 +141,34 @@ def check_expert_mlp_fp8(
     )
 
 
+def check_moe_experts_fp8(name: str, tokens: int, top_k: int, d: int, h: int, n_experts: int, scaling: str, **recipe):
+    """The fused op (token-order quantisation, gathering GEMMs, weighted combine and SwiGLU backward) against its
+    float64 reference: skewed routing with every other expert empty and 5% of the slots dropped."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    p = torch.rand(n_experts, device="cuda", generator=g) ** 3 * (torch.arange(n_experts, device="cuda") % 2 == 0)
+    ids = torch.multinomial(p.expand(tokens, -1), top_k, generator=g)
+    ids[torch.rand(tokens, top_k, device="cuda", generator=g) < 0.05] = -1
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    weights = torch.rand(tokens, top_k, device="cuda").requires_grad_()
+    w_up = (torch.randn(n_experts, d, 2 * h, device="cuda") / d**0.5).requires_grad_()
+    w_down = (torch.randn(n_experts, h, d, device="cuda") / h**0.5).requires_grad_()
+    leaves = (x, weights, w_up, w_down)
+    dy = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    poison_allocator(tokens * top_k * (d + 3 * h) * 8)
+    y = nk.moe_experts_fp8(x, ids, weights, w_up, w_down, scaling, **recipe)
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref = [t.detach().clone().requires_grad_() for t in leaves]
+    wgrad_fp8 = recipe.get("wgrad_fp8", True)
+    want = R.moe_experts_fp8(ref[0], ids, *ref[1:], scaling, torch.float64, wgrad_fp8=wgrad_fp8)
+    want_grads = torch.autograd.grad(want, ref, dy)
+    errs = dict(y=rel_err(y, want))
+    errs.update({f"d_{n}": rel_err(a, b) for n, a, b in zip(("x", "weights", "w_up", "w_down"), grads, want_grads)})
+    dropped_zero = bool(grads[1][ids < 0].eq(0).all())
+    label = "".join(f" {k}={v}" for k, v in recipe.items())
+    record(f"moe_experts_fp8 {scaling}{label} {name}", max(errs.values()) < 2e-2 and dropped_zero, **errs,
+           dropped_weight_grads_zero=dropped_zero)  # fmt: skip
+
+
 BF16_WGRAD_FAST = dict(wgrad_fp8=False, fast_accum=True)
 
 
@@ -162,6 +190,8 @@ def check_every_config() -> None:
             for scaling in R.SCALINGS:
                 check_expert_mlp_fp8(f"config #{i}", 8192, 1024, 704, 8, "skewed", scaling)
             check_expert_mlp_fp8(f"config #{i}", 8192, 1024, 704, 8, "skewed", "rowwise", **BF16_WGRAD_FAST)
+            check_moe_experts_fp8(f"config #{i}", 2048, 4, 1024, 704, 8, "rowwise", **BF16_WGRAD_FAST)
+            check_moe_experts_fp8(f"config #{i}", 2048, 4, 1024, 704, 8, "blockwise")
             with _triton_ops.use_gemm_variant("tma"):
                 for scaling in R.SCALINGS:
                     check_expert_mlp_fp8(f"TMA config #{i}", 8192, 1024, 704, 8, "skewed", scaling, wgrad_fp8=False)
@@ -204,6 +234,8 @@ def check_no_host_sync() -> None:
     q = nk.quantize_nvfp4(w_up.detach())
     state = [torch.zeros(w_up.shape, device="cuda") for _ in range(2)]
     residual = torch.zeros(w_up.shape, device="cuda", dtype=torch.bfloat16)
+    ids = torch.rand(1024, 64, device="cuda").topk(6, dim=1).indices
+    weights = torch.rand(1024, 6, device="cuda", requires_grad=True)
     hyper = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, seed=0)
 
     def run():
@@ -214,6 +246,8 @@ def check_no_host_sync() -> None:
             torch.autograd.grad(y, (x, w_up), torch.ones_like(y))
         y = nk.expert_mlp_fp8(x, offsets, w_up, w_down, "rowwise", **BF16_WGRAD_FAST)
         torch.autograd.grad(y, (x, w_up, w_down), torch.ones_like(y))
+        y = nk.moe_experts_fp8(x[:1024], ids, weights, w_up, w_down, "rowwise", **BF16_WGRAD_FAST)
+        torch.autograd.grad(y, (x, weights, w_up, w_down), torch.ones_like(y))
         for rule in R.RULES:
             nk.nvfp4_adamw_(
                 q, w_up.detach(), *state, **hyper, rule=rule, residual=residual if rule == "residual" else None
@@ -235,6 +269,13 @@ def check_refusals() -> None:
     cases = {
         "misaligned K": lambda: nk.grouped_mm_fp8(
             torch.randn(4, 24, device="cuda"), torch.randn(1, 24, 16, device="cuda"), offsets
+        ),
+        "moe_experts_fp8 misaligned H": lambda: nk.moe_experts_fp8(
+            torch.randn(4, 16, device="cuda"),
+            torch.zeros(4, 1, dtype=torch.int64, device="cuda"),
+            torch.ones(4, 1, device="cuda"),
+            torch.randn(1, 16, 40, device="cuda"),
+            torch.randn(1, 20, 16, device="cuda"),
         ),
         "fp16": lambda: nk.grouped_mm_fp8(
             torch.randn(4, 16, device="cuda").half(), torch.randn(1, 16, 16, device="cuda"), offsets
@@ -282,7 +323,12 @@ def main() -> int:
             "speedrun-256 skewed", 8192 * 8, 1024, 512, 256, "skewed", "rowwise", **BF16_WGRAD_FAST
         ),
     ]
-    recipes = checks[-3:]
+    checks += [
+        lambda: check_moe_experts_fp8("moonlet", 16384, 6, 1024, 704, 64, "rowwise", **BF16_WGRAD_FAST),
+        lambda: check_moe_experts_fp8("moonlet", 16384, 6, 1024, 704, 64, "rowwise"),
+        lambda: check_moe_experts_fp8("moonlet", 16384, 6, 1024, 704, 64, "blockwise", wgrad_fp8=False),
+    ]
+    recipes = checks[-6:]
     checks += [check_every_config]
     checks += [lambda r=rule: check_nvfp4_adamw((64, 1024, 1408), r) for rule in R.RULES]
     checks += [check_no_host_sync, check_refusals]

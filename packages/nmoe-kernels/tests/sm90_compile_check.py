@@ -133,7 +133,8 @@ def gmm_fp8_tma(epilogue, blockwise, fast, cfg):
     h = empty(M, 2 * n)
     q = empty(M, n, dtype=fp8) if epilogue == LK.EPILOGUE_SWIGLU_QUANT else out
     offsets = empty(E, dtype=torch.int32)
-    args = [a_arg, f32, b_arg, f32, out, h, q, f32, offsets, M, n, k, E, k, 8, 1, out_cols * k, 1, k, 8, 8, 1]
+    args = [a_arg, f32, b_arg, f32, out, h, q, f32, offsets, offsets, offsets, offsets, offsets]
+    args += [M, n, k, E, k, 8, 1, out_cols * k, 1, k, 8, 8, 1]
     args += [out.stride(0), h.stride(0)]
     constexprs = dict(BLOCKWISE=blockwise, EPILOGUE=epilogue, UPCAST=False, FAST_ACC=fast, BLOCK_E=E, TMA=True)
     constexprs.update(cfg.kwargs)

@@ -344,6 +344,49 @@ def test_fp8_ops_refuse_bad_input():
         nk.quantize_fp8_blockwise(torch.randn(2, 4, 4), (1, 128))
     with pytest.raises(ValueError, match="non-decreasing"):
         nk.grouped_mm_fp8(torch.randn(4, 16), torch.randn(2, 16, 16), torch.tensor([3, 1], dtype=torch.int32))
+    ids = torch.zeros(4, 2, dtype=torch.int64)
+    with pytest.raises(nk.UnsupportedInput, match="topk_weights must be float"):
+        nk.moe_experts_fp8(torch.randn(4, 16), ids, torch.ones(4, 3), torch.randn(1, 16, 32), torch.randn(1, 16, 16))
+    with pytest.raises(nk.UnsupportedInput, match="float16"):
+        nk.moe_experts_fp8(
+            torch.randn(4, 16).half(), ids, torch.ones(4, 2), torch.randn(1, 16, 32), torch.randn(1, 16, 16)
+        )
+    with pytest.raises(nk.UnsupportedInput, match="fast_accum applies"):
+        nk.moe_experts_fp8(
+            torch.randn(4, 16), ids, torch.ones(4, 2), torch.randn(1, 16, 32), torch.randn(1, 16, 16), "blockwise",
+            fast_accum=True,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("scaling", R.SCALINGS)
+def test_moe_experts_fp8_reference_is_the_fp8_expert_mlp_between_gather_and_weighted_combine(scaling):
+    """Forward: exactly dispatch -> expert_mlp_fp8 -> weighted combine. Backward: dy is quantised before the routing
+    weight is applied, so gradients agree with that composition to fp8 precision, and the routing-weight gradient
+    is <dL/d(expert output), expert output>."""
+    g = torch.Generator().manual_seed(4)
+    n_tokens, top_k, n_experts, d, h = 24, 2, 3, 32, 16
+    ids = torch.randint(0, n_experts, (n_tokens, top_k), generator=g)
+    ids[3, 1] = -1
+    x = torch.randn(n_tokens, d, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(n_tokens, top_k, generator=g, dtype=torch.float64, requires_grad=True)
+    w_up = (torch.randn(n_experts, d, 2 * h, generator=g, dtype=torch.float64) / d**0.5).requires_grad_()
+    w_down = (torch.randn(n_experts, h, d, generator=g, dtype=torch.float64) / h**0.5).requires_grad_()
+    leaves = (x, weights, w_up, w_down)
+    y = R.moe_experts_fp8(x, ids, weights, w_up, w_down, scaling, torch.float64)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(y, leaves, dy)
+
+    routing = nk.sort_by_expert(ids, n_experts)
+    token = routing.order // top_k
+    kept = int(routing.offsets[-1])
+    out = R.expert_mlp_fp8(x[token], routing.offsets, w_up, w_down, scaling, torch.float64)
+    slot_weight = weights.reshape(-1)[routing.order[:kept]]
+    y_composed = torch.zeros_like(x).index_add(0, token[:kept], out[:kept] * slot_weight[:, None])
+    assert torch.equal(y.detach(), y_composed.detach())
+    want = torch.autograd.grad(y_composed, leaves, dy)
+    for name, a, b in zip(("x", "weights", "w_up", "w_down"), got, want):
+        assert ((a - b).norm() / b.norm()).item() < 0.08, name
+    assert got[1][3, 1] == 0
 
 
 def test_fp8_gemm_error_vs_exact_math_is_e4m3_sized():

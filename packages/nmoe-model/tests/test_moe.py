@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import nmoe.kernels as nk
 from nmoe.model import ModelConfig
 from nmoe.model.dispatch import LocalDispatch
-from nmoe.model.moe import MoE, balance_loss, capacity_ids, expert_mlp_of, route, z_loss
+from nmoe.model.moe import MoE, balance_loss, capacity_ids, expert_mlp_of, fused_experts_of, route, z_loss
 
 
 def moe_config(**overrides) -> ModelConfig:
@@ -290,9 +291,27 @@ def test_fp8_experts_track_the_bf16_layer():
     assert 1e-4 < rel < 0.1, rel  # quantised (not the bf16 path), yet close: E4M3 keeps ~2 significant digits
 
 
+def test_fp8_fused_experts_equal_dispatch_fp8_mlp_combine_forward():
+    """LocalDispatch runs moe_experts_fp8: the same forward as dispatch -> expert_mlp_fp8 -> combine, and its
+    gradients are that composition's to fp8 precision (dy is quantised before the routing weight is applied)."""
+    cfg = moe_config(n_routed_experts=4, dim=128, moe_inter_dim=64, top_k=2, n_shared_experts=0, expert_precision="fp8")
+    moe = build_moe(cfg, seed=7, dtype=torch.float32)
+    x = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    fused, _ = moe(x)
+    (g_fused,) = torch.autograd.grad(fused.square().sum(), x)
+    moe.dispatcher = LocalDispatch(cfg.n_routed_experts, expert_mlp_of(cfg))
+    composed, _ = moe(x)
+    (g_composed,) = torch.autograd.grad(composed.square().sum(), x)
+    torch.testing.assert_close(fused, composed, rtol=1e-6, atol=1e-6)
+    assert ((g_fused - g_composed).norm() / g_composed.norm()).item() < 0.05
+
+
 def test_fp8_recipe_keys_reach_the_expert_mlp_and_fast_accumulation_needs_rowwise():
     cfg = moe_config(expert_precision="fp8", fp8_wgrad=True, fp8_fast_accum=False)
     assert expert_mlp_of(cfg).keywords == dict(scaling="rowwise", wgrad_fp8=True, fast_accum=False)
+    assert fused_experts_of(cfg).keywords == expert_mlp_of(cfg).keywords  # LocalDispatch's op, same recipe
+    assert build_moe(cfg, seed=0, dtype=torch.float32).dispatcher.fused.func is nk.moe_experts_fp8
+    assert build_moe(moe_config(), seed=0, dtype=torch.float32).dispatcher.fused is nk.moe_experts
     assert expert_mlp_of(moe_config(expert_precision="fp8")).keywords == dict(  # the measured defaults
         scaling="rowwise", wgrad_fp8=False, fast_accum=True
     )

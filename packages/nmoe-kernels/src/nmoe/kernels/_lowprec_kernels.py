@@ -602,6 +602,10 @@ def gmm_fp8_kernel(
     q_ptr,
     sq_ptr,
     offsets_ptr,
+    a_idx_ptr,
+    wts_ptr,
+    w_idx_ptr,
+    dw_ptr,
     M,
     N,
     K,
@@ -626,6 +630,8 @@ def gmm_fp8_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
     TMA: tl.constexpr = False,
+    GATHER_A: tl.constexpr = False,
+    WEIGHTED: tl.constexpr = False,
 ):
     """Grouped C[rows of e] = (A[rows] @ B[e]) on e4m3 operands with float32 scales; A is K-contiguous.
 
@@ -633,6 +639,9 @@ def gmm_fp8_kernel(
     sb[e, k/128, col/128], applied to each BLOCK_K partial product (BLOCK_K divides 128). The B strides
     (expert, reduction, output column) let one kernel serve forward (B = w^T copy) and dgrad (B = w).
     Tail tiles (rows >= offsets[-1]) store zeros.
+    GATHER_A: grouped row r reads A's (and its scales') row a_idx[r] (tokens in token order, quantised once).
+    WEIGHTED (EPILOGUE_SWIGLU_BWD): A @ B is dL/d(act) before the routing weight wts[w_idx[r]]; the tile's partial
+    of that weight's gradient, <A @ B, act>, goes to dw[pid_n, w_idx[r]] (summed over column tiles by the caller).
     TMA: a_ptr is a descriptor of A[M,K] (block [BLOCK_M, BLOCK_K]) and b_ptr one of B stored [E, out, K]
     (block [1, BLOCK_N, BLOCK_K]); rows past a tile's group and columns past N read other data (or TMA's zero
     fill past the tensor), which only reaches outputs the masked stores drop.
@@ -647,18 +656,22 @@ def gmm_fp8_kernel(
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     rows64 = rows.to(tl.int64)
+    if GATHER_A:
+        a_rows = tl.load(a_idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        a_rows = rows64
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     e64 = tl.where(is_tail, 0, expert).to(tl.int64)  # tail tiles (expert == E) read no weight, but valid scales
     a_ptrs, b_ptrs = a_ptr, b_ptr  # the descriptors themselves under TMA
     if not TMA:
-        a_ptrs = a_ptr + rows64[:, None] * stride_am + ks[None, :]
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
         b_ptrs = b_ptr + e64 * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
     up_off = N * stride_bn
     e32 = e64.to(tl.int32)
     col0 = pid_n * BLOCK_N
-    sa_ptrs = sa_ptr + rows64 * stride_sam
+    sa_ptrs = sa_ptr + a_rows * stride_sam
     if BLOCKWISE:
         sb_ptrs = sb_ptr + e64 * stride_sbe + (cols // FP8_BLOCK) * stride_sbn
         sb_up_ptrs = sb_ptr + e64 * stride_sbe + ((cols + N) // FP8_BLOCK) * stride_sbn
@@ -728,7 +741,14 @@ def gmm_fp8_kernel(
         gate = tl.load(h_ptrs, mask=out_ok, other=0.0).to(tl.float32)
         up = tl.load(h_ptrs + N, mask=out_ok, other=0.0).to(tl.float32)
         sig = tl.sigmoid(gate)
-        d_up = acc * (gate * sig)
+        silu = gate * sig
+        if WEIGHTED:
+            w_idx = tl.load(w_idx_ptr + rows, mask=row_ok, other=0)
+            weight = tl.load(wts_ptr + w_idx, mask=row_ok, other=0.0).to(tl.float32)
+            act = tl.where(out_ok, _rounded_for(h_ptr, silu * up), 0.0)  # the act the forward stored
+            tl.store(dw_ptr + pid_n.to(tl.int64) * M + w_idx, tl.sum(acc * act, 1), mask=row_ok)
+            acc = acc * weight[:, None]
+        d_up = acc * silu
         d_gate = acc * up * sig * (1.0 + gate * (1.0 - sig))
         _store_rounded(c_ptrs, d_gate, out_ok)
         _store_rounded(c_ptrs + N, d_up, out_ok)

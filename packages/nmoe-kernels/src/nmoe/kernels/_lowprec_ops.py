@@ -73,9 +73,10 @@ else:
     QUANT_ROWS, QUANT_COLS, NVFP4_BLOCKS = 32, 64, 64
 # the fused AdamW's 16-blocks and warps per program: the fastest of 32-256 blocks x 4-8 warps on an H100
 # (bench/lowprec.py --adamw-configs, bench/RESULTS.md)
-# one-pass rowwise quantisers: float32 values per program (whole rows: few per program keeps occupancy high) and
-# per weight column slab (wide enough for coalesced loads of a [K, columns] slab)
-ONE_PASS_ELEMENTS = 4096 if INTERPRET else 2048
+# one-pass rowwise quantisers: float32 values per program (whole rows, in power-of-two parts; 8192 was the fastest
+# of 1-8k over moonlet's 704-, 1,024- and 1,408-wide rows together, fp8_profile --sweep) and per weight column slab
+# (wide enough for coalesced loads of a [K, columns] slab)
+ONE_PASS_ELEMENTS = 4096 if INTERPRET else 8192
 ONE_PASS_SLAB = 4096 if INTERPRET else 16384
 NVFP4_ADAMW_BLOCKS, NVFP4_WARPS = (64, 4) if INTERPRET else (32, 2)
 
@@ -389,12 +390,18 @@ def gemm(
     h=None,
     q_out=None,
     fast=False,
+    a_idx=None,
+    wts=None,
+    w_idx=None,
+    dw=None,
 ):
-    """Grouped fp8 GEMM of rows qa[M,k] (scales sa) with the weight operand b into out (or the fused epilogue).
+    """Grouped fp8 GEMM of rows qa (scales sa) with the weight operand b into out[M, ...] (or the fused epilogue).
 
     fast (rowwise only): accumulate in Hopper's fp8 wgmma accumulator throughout instead of promoting each K block
-    into an fp32 one (torch's use_fast_accum)."""
-    m, n_experts = qa.shape[0], offsets.shape[0]
+    into an fp32 one (torch's use_fast_accum). a_idx[M]: grouped row r reads qa[a_idx[r]] (else qa[r]). wts, w_idx,
+    dw[M] float32 (EPILOGUE_SWIGLU_BWD): routing weights wts[w_idx[r]] scale the product, and dw[w_idx[r]] gets
+    their gradient, summed over column tiles in a fixed order (deterministic)."""
+    m, n_experts = out.shape[0], offsets.shape[0]
     if m == 0 or n == 0:
         return
 
@@ -402,8 +409,12 @@ def gemm(
         return ((triton.cdiv(m, meta["BLOCK_M"]) + n_experts + 1) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     q, sq = (offsets, offsets) if q_out is None else q_out
-    tma = _use_tma(qa, b)
+    tma = a_idx is None and _use_tma(qa, b)  # a TMA descriptor cannot gather rows on Hopper
     kernel = (_GMM_TMA if tma else _GMM)[epilogue]
+    partials = None
+    if dw is not None:  # one row of partial sums per column tile of the narrowest config
+        tiles = triton.cdiv(n, min(c.kwargs["BLOCK_N"] for c in kernel.configs))
+        partials = torch.zeros(tiles, m, dtype=torch.float32, device=out.device)
     kernel[grid](
         TensorDescriptor.from_tensor(qa, [16, 16]) if tma else qa,
         sa,
@@ -414,6 +425,10 @@ def gemm(
         q,
         sq,
         offsets,
+        offsets if a_idx is None else a_idx,
+        offsets if wts is None else wts,
+        offsets if w_idx is None else w_idx,
+        offsets if partials is None else partials,
         m,
         n,
         k,
@@ -431,7 +446,11 @@ def gemm(
         FAST_ACC=fast,
         BLOCK_E=triton.next_power_of_2(n_experts),
         TMA=tma,
+        GATHER_A=a_idx is not None,
+        WEIGHTED=wts is not None,
     )
+    if partials is not None:
+        dw.add_(partials.sum(0))
 
 
 def _use_tma(qa: torch.Tensor, b: WeightOperand) -> bool:
@@ -484,12 +503,14 @@ def wgrad(a, b, offsets, dtype, a_swiglu=False):
     return out
 
 
-def wgrad_in_input_dtype(a, b, offsets, dtype):
-    """dW[e] = a[rows of e]^T @ b[rows of e] by the bf16/fp32 grouped GEMM on the unquantised operands."""
+def wgrad_in_input_dtype(a, b, offsets, dtype, *, out=None, **gather):
+    """dW[e] = a[rows of e]^T @ b[rows of e] by the bf16/fp32 grouped GEMM on the unquantised operands (gather:
+    a_idx / b_idx / scale / scale_idx of _triton_ops._launch_dw)."""
     from nmoe.kernels import _triton_ops
 
-    out = torch.empty(offsets.shape[0], a.shape[1], b.shape[1], dtype=dtype, device=a.device)
-    return _triton_ops._launch_dw(a, b, offsets, out)
+    if out is None:
+        out = torch.empty(offsets.shape[0], a.shape[1], b.shape[1], dtype=dtype, device=a.device)
+    return _triton_ops._launch_dw(a, b, offsets, out, **gather)
 
 
 class GroupedMMFP8(torch.autograd.Function):
@@ -527,6 +548,72 @@ class GroupedMMFP8(torch.autograd.Function):
         return dx, dw, None, None, None, None
 
 
+class _Recipe(NamedTuple):
+    blockwise: bool
+    wgrad_fp8: bool
+    fast: bool
+
+
+def _mlp_forward(qx, sx, offsets, w_up, w_down, r: _Recipe, m: int, dtype, token=None):
+    """fp8 up GEMM (+ SwiGLU) and down GEMM over m grouped rows of the quantised rows qx (row token[g] for grouped
+    row g when given) -> (out[m,D], pre[m,2H], act[m,H] in dtype or None when blockwise quantised it alone)."""
+    d, h = w_up.shape[1], w_down.shape[1]
+    dev = qx.device
+    up = quantize_weight(w_up, r.blockwise, "fwd")
+    pre = torch.empty(m, 2 * h, dtype=dtype, device=dev)
+    act = None
+    if r.blockwise:
+        q_act = torch.empty(m, h, dtype=FP8, device=dev)
+        s_act = torch.empty(m, triton.cdiv(h, BLOCK), dtype=torch.float32, device=dev)
+        gemm(qx, sx, True, up, offsets, pre, h, d, epilogue=K.EPILOGUE_SWIGLU_QUANT, h=pre, q_out=(q_act, s_act),
+             a_idx=token)  # fmt: skip
+    elif r.wgrad_fp8:
+        gemm(qx, sx, False, up, offsets, pre, 2 * h, d, fast=r.fast, a_idx=token)
+        q_act, s_act = quantize_rows(pre, False, swiglu_input=True)
+    else:  # the bf16 dW of the down projection reads act: the up GEMM's epilogue writes it beside pre
+        act = torch.empty(m, h, dtype=dtype, device=dev)
+        gemm(qx, sx, False, up, offsets, act, h, d, epilogue=K.EPILOGUE_SWIGLU_STORE, h=pre, fast=r.fast, a_idx=token)
+    if act is not None:
+        q_act, s_act = quantize_rows(act, False)
+    out = torch.empty(m, d, dtype=dtype, device=dev)
+    gemm(q_act, s_act, r.blockwise, quantize_weight(w_down, r.blockwise, "fwd"), offsets, out, d, h, fast=r.fast)
+    return out, pre, act
+
+
+def _mlp_backward(dy, x, offsets, w_up, w_down, pre, act, r: _Recipe, routing=None):
+    """dy (token order [T,D] with routing = (token, weights, order), else grouped [m,D]) -> (d_rows[m,D] grouped,
+    dw_up, dw_down, d_weights[m] float32 by routing slot or None)."""
+    m, h = pre.shape[0], w_down.shape[1]
+    d = w_up.shape[1]
+    token, weights, order = routing if routing is not None else (None, None, None)
+    qdy, sdy = quantize_rows(dy, r.blockwise)
+    d_pre = torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)
+    d_weights = None if routing is None else torch.zeros(m, dtype=torch.float32, device=dy.device)
+    down = quantize_weight(w_down, r.blockwise, "dgrad")
+    gemm(qdy, sdy, r.blockwise, down, offsets, d_pre, h, d, epilogue=K.EPILOGUE_SWIGLU_BWD, h=pre, fast=r.fast,
+         a_idx=token, wts=weights, w_idx=order, dw=d_weights)  # fmt: skip
+    if r.wgrad_fp8:  # the fp8 dW quantises grouped columns: gather (and weight) the token-order operands first
+        dy_rows = dy if routing is None else dy[token] * weights[order][:, None].to(dy.dtype)
+        dw_down = wgrad(pre, dy_rows, offsets, w_down.dtype, a_swiglu=True)
+    else:
+        if act is None:  # blockwise wrote only the quantised act
+            act = R.swiglu_f32(pre).to(pre.dtype)
+        dw_down = torch.empty(w_down.shape, dtype=w_down.dtype, device=dy.device)
+        if routing is None:
+            wgrad_in_input_dtype(act, dy.to(pre.dtype), offsets, w_down.dtype, out=dw_down)
+        else:
+            wgrad_in_input_dtype(act, dy, offsets, w_down.dtype, out=dw_down, b_idx=token, scale=weights,
+                                 scale_idx=order)  # fmt: skip
+    qdp, sdp = quantize_rows(d_pre, r.blockwise)
+    d_rows = torch.empty(m, d, dtype=pre.dtype, device=pre.device)
+    gemm(qdp, sdp, r.blockwise, quantize_weight(w_up, r.blockwise, "dgrad"), offsets, d_rows, d, 2 * h, fast=r.fast)
+    if r.wgrad_fp8:
+        dw_up = wgrad(x if token is None else x[token], d_pre, offsets, w_up.dtype)
+    else:
+        dw_up = wgrad_in_input_dtype(x, d_pre, offsets, w_up.dtype, a_idx=token)
+    return d_rows, dw_up, dw_down, d_weights
+
+
 class ExpertMLPFP8(torch.autograd.Function):
     """Grouped SwiGLU expert MLP with fp8 forward and dgrad GEMMs; dW in fp8 or (wgrad_fp8 False) by the
     input-dtype grouped GEMM. Blockwise fuses the activation's quantisation into the up GEMM."""
@@ -534,53 +621,52 @@ class ExpertMLPFP8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, offsets, w_up, w_down, scaling, wgrad_fp8, fast_accum):
         """rows[M,D] grouped by offsets[E], w_up[E,D,2H], w_down[E,H,D] -> [M,D] (rows.dtype)."""
-        blockwise = scaling == "blockwise"
-        m, d = rows.shape
-        h = w_down.shape[1]
-        qr, sr = quantize_rows(rows, blockwise)
-        up = quantize_weight(w_up, blockwise, "fwd")
-        pre = torch.empty(m, 2 * h, dtype=rows.dtype, device=rows.device)
-        act = None
-        if blockwise:
-            q_act = torch.empty(m, h, dtype=FP8, device=rows.device)
-            s_act = torch.empty(m, triton.cdiv(h, BLOCK), dtype=torch.float32, device=rows.device)
-            gemm(qr, sr, True, up, offsets, pre, h, d, epilogue=K.EPILOGUE_SWIGLU_QUANT, h=pre, q_out=(q_act, s_act))
-        elif wgrad_fp8:
-            gemm(qr, sr, False, up, offsets, pre, 2 * h, d, fast=fast_accum)
-            q_act, s_act = quantize_rows(pre, False, swiglu_input=True)
-        else:  # the bf16 dW of the down projection reads act: the up GEMM's epilogue writes it beside pre
-            act = torch.empty(m, h, dtype=rows.dtype, device=rows.device)
-            gemm(qr, sr, False, up, offsets, act, h, d, epilogue=K.EPILOGUE_SWIGLU_STORE, h=pre, fast=fast_accum)
-            q_act, s_act = quantize_rows(act, False)
-        out = torch.empty(m, d, dtype=rows.dtype, device=rows.device)
-        gemm(q_act, s_act, blockwise, quantize_weight(w_down, blockwise, "fwd"), offsets, out, d, h, fast=fast_accum)
+        r = _Recipe(scaling == "blockwise", wgrad_fp8, fast_accum)
+        qr, sr = quantize_rows(rows, r.blockwise)
+        out, pre, act = _mlp_forward(qr, sr, offsets, w_up, w_down, r, rows.shape[0], rows.dtype)
         ctx.save_for_backward(rows, offsets, w_up, w_down, pre, act)
-        ctx.blockwise, ctx.wgrad_fp8, ctx.fast = blockwise, wgrad_fp8, fast_accum
+        ctx.recipe = r
         return out
 
     @staticmethod
     def backward(ctx, dy):
         """dy[M,D] -> (d_rows, None, dw_up, dw_down, None, None, None)."""
         rows, offsets, w_up, w_down, pre, act = ctx.saved_tensors
-        blockwise, fast = ctx.blockwise, ctx.fast
-        dy = dy.contiguous()
-        m, d = rows.shape
-        h = w_down.shape[1]
-        qdy, sdy = quantize_rows(dy, blockwise)
-        d_pre = torch.empty(m, 2 * h, dtype=rows.dtype, device=rows.device)
-        down = quantize_weight(w_down, blockwise, "dgrad")
-        gemm(qdy, sdy, blockwise, down, offsets, d_pre, h, d, epilogue=K.EPILOGUE_SWIGLU_BWD, h=pre, fast=fast)
-        if ctx.wgrad_fp8:
-            dw_down = wgrad(pre, dy, offsets, w_down.dtype, a_swiglu=True)
-        else:
-            if act is None:  # blockwise wrote only the quantised act
-                act = R.swiglu_f32(pre).to(rows.dtype)
-            dw_down = wgrad_in_input_dtype(act, dy.to(rows.dtype), offsets, w_down.dtype)
-        qdp, sdp = quantize_rows(d_pre, blockwise)
-        d_rows = torch.empty(m, d, dtype=rows.dtype, device=rows.device)
-        gemm(qdp, sdp, blockwise, quantize_weight(w_up, blockwise, "dgrad"), offsets, d_rows, d, 2 * h, fast=fast)
-        if ctx.wgrad_fp8:
-            dw_up = wgrad(rows, d_pre, offsets, w_up.dtype)
-        else:
-            dw_up = wgrad_in_input_dtype(rows, d_pre, offsets, w_up.dtype)
+        d_rows, dw_up, dw_down, _ = _mlp_backward(dy.contiguous(), rows, offsets, w_up, w_down, pre, act, ctx.recipe)
         return d_rows, None, dw_up, dw_down, None, None, None
+
+
+class MoEExpertsFP8(torch.autograd.Function):
+    """Routed SwiGLU experts with fp8 GEMMs, fused as the bf16 moe_experts: tokens are quantised once in token order
+    (x forward, dy backward) and gathered by the GEMMs; the routing weights are applied in the combine and in the
+    SwiGLU-backward epilogue (which also yields their gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, scaling, wgrad_fp8, fast_accum):
+        """x[T,D], topk_ids[T,K] (-1 dropped), topk_weights[T,K], w_up[E,D,2H], w_down[E,H,D] -> y[T,D] (x.dtype)."""
+        from nmoe.kernels import _triton_ops
+
+        r = _Recipe(scaling == "blockwise", wgrad_fp8, fast_accum)
+        n_tokens, top_k = topk_ids.shape
+        routing, token, pos = _triton_ops.route(topk_ids, w_up.shape[0])
+        qx, sx = quantize_rows(x, r.blockwise)
+        out, pre, act = _mlp_forward(qx, sx, routing.offsets, w_up, w_down, r, token.shape[0], x.dtype, token)
+        y = _triton_ops.combine(out, pos, topk_weights.reshape(-1), routing.offsets, n_tokens, top_k)
+        ctx.save_for_backward(x, topk_weights, w_up, w_down, routing.offsets, routing.order, token, pos, pre, act)
+        ctx.recipe = r
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        """dy[T,D] -> (dx[T,D], None, d_topk_weights[T,K], dw_up, dw_down, None, None, None)."""
+        from nmoe.kernels import _triton_ops
+
+        x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act = ctx.saved_tensors
+        n_tokens, top_k = topk_weights.shape
+        routing = (token, topk_weights.reshape(-1), order)
+        d_rows, dw_up, dw_down, d_weights = _mlp_backward(
+            dy.contiguous(), x, offsets, w_up, w_down, pre, act, ctx.recipe, routing
+        )
+        dx = _triton_ops.combine(d_rows, pos, None, offsets, n_tokens, top_k)
+        d_weights = d_weights.view(n_tokens, top_k).to(topk_weights.dtype)
+        return dx, None, d_weights, dw_up, dw_down, None, None, None

@@ -10,7 +10,7 @@ import torch
 
 from nmoe.kernels import reference_lowprec as R
 from nmoe.kernels._dispatch import check_aligned, use_triton
-from nmoe.kernels.api import _check_grouped_mm, _check_ndim
+from nmoe.kernels.api import _check_grouped_mm, _check_moe, _check_ndim
 from nmoe.kernels.errors import UnsupportedInput
 from nmoe.kernels.reference_lowprec import RULES, SCALINGS, NVFP4Tensor, NVFP4UpdateStats
 
@@ -28,6 +28,7 @@ __all__ = [
     "expert_mlp_fp8",
     "expert_param_bytes",
     "grouped_mm_fp8",
+    "moe_experts_fp8",
     "nvfp4_adamw_",
     "quantize_fp8_blockwise",
     "quantize_fp8_rowwise",
@@ -287,6 +288,37 @@ def expert_mlp_fp8(
     from nmoe.kernels._lowprec_ops import ExpertMLPFP8
 
     return ExpertMLPFP8.apply(rows.contiguous(), offsets.contiguous(), w_up, w_down, scaling, wgrad_fp8, fast_accum)
+
+
+def moe_experts_fp8(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    scaling: str = "rowwise",
+    *,
+    wgrad_fp8: bool = True,
+    fast_accum: bool = False,
+) -> torch.Tensor:
+    """x[T,D], topk ids/weights[T,K], w_up[E,D,2H] (gate|up), w_down[E,H,D] -> y[T,D] = sum_k w_tk expert(x_t).
+
+    moe_experts with expert_mlp_fp8's GEMMs (same recipe options), fused the same way: each token is quantised once
+    in token order and gathered by the up GEMM (dy likewise by the down dgrad GEMM), the routing weights are applied
+    in the combine and, with their gradient, in the SwiGLU-backward epilogue. topk_ids == -1 drops a slot.
+    """
+    _check_recipe(scaling, wgrad_fp8, fast_accum)
+    _check_moe(x, topk_ids, topk_weights, w_up, w_down)
+    for name, t in (("x", x), ("w_up", w_up), ("w_down", w_down)):
+        _check_float_input(name, t)
+    if not use_triton(x, topk_ids, topk_weights, w_up, w_down):
+        return R.moe_experts_fp8(x, topk_ids, topk_weights, w_up, w_down, scaling, wgrad_fp8=wgrad_fp8)
+    check_aligned(D=x.shape[1], H=w_down.shape[1])
+    from nmoe.kernels._lowprec_ops import MoEExpertsFP8
+
+    return MoEExpertsFP8.apply(
+        x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), w_up, w_down, scaling, wgrad_fp8, fast_accum
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from nmoe.kernels.reference import group_sizes
+from nmoe.kernels.reference import group_sizes, sort_by_expert
 
 E4M3_MAX = 448.0
 E2M1_MAX = 6.0
@@ -437,6 +437,66 @@ def expert_mlp_fp8(
 ) -> torch.Tensor:
     """Reference of nmoe.kernels.expert_mlp_fp8 (compute defaults to float32; the tests use float64)."""
     return ExpertMLPFP8.apply(rows, offsets, w_up, w_down, scaling, compute or torch.float32, wgrad_fp8)
+
+
+class MoEExpertsFP8(torch.autograd.Function):
+    """Reference moe_experts_fp8: the fp8 expert MLP on the gathered tokens, weighted combine. As the kernels, the
+    backward quantises dy in token order and applies the routing weight after the down dgrad GEMM."""
+
+    @staticmethod
+    def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, scaling, compute, wgrad_fp8):
+        """x[T,D], topk_ids[T,K] (-1 dropped), topk_weights[T,K], w_up[E,D,2H], w_down[E,H,D] -> y[T,D] (x.dtype)."""
+        routing = sort_by_expert(topk_ids, w_up.shape[0])
+        token = routing.order // topk_ids.shape[1]
+        rows = x[token]
+        pre = fp8_gemm(rows, w_up, routing.offsets, scaling, compute, "fwd").to(x.dtype)
+        act = swiglu_f32(pre).to(x.dtype)
+        out = fp8_gemm(act, w_down, routing.offsets, scaling, compute, "fwd").to(x.dtype)
+        weight = _routing_weights(topk_weights, routing.order, routing.offsets).to(compute)
+        y = out.new_zeros(x.shape, dtype=compute).index_add(0, token, out.to(compute) * weight[:, None])
+        ctx.save_for_backward(x, topk_weights, w_up, w_down, routing.offsets, routing.order, token, pre)
+        ctx.scaling, ctx.compute, ctx.wgrad_fp8 = scaling, compute, wgrad_fp8
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, topk_weights, w_up, w_down, offsets, order, token, pre = ctx.saved_tensors
+        scaling, compute, fp8 = ctx.scaling, ctx.compute, ctx.wgrad_fp8
+        dy_rows = dy.to(x.dtype)[token]
+        weight = _routing_weights(topk_weights, order, offsets)
+        d_weighted = fp8_gemm(dy_rows, w_down, offsets, scaling, compute, "dgrad")  # before the routing weight
+        act = swiglu_f32(pre).to(x.dtype)
+        d_weights = torch.zeros(order.shape[0], dtype=compute, device=x.device)
+        d_weights[order] = (d_weighted * act.to(compute)).sum(1)
+        d_pre = swiglu_backward(pre.to(compute), d_weighted * weight.to(compute)[:, None]).to(x.dtype)
+        weighted_dy = dy_rows.to(compute) * weight.to(compute)[:, None]
+        dw_down = wgrad_of(act, weighted_dy.to(x.dtype) if fp8 else weighted_dy, offsets, compute, fp8)
+        d_rows = fp8_gemm(d_pre, w_up, offsets, scaling, compute, "dgrad").to(compute)
+        dw_up = wgrad_of(x[token], d_pre, offsets, compute, fp8)
+        dx = torch.zeros(x.shape, dtype=compute, device=x.device).index_add(0, token, d_rows)
+        d_weights = d_weights.view(topk_weights.shape).to(topk_weights.dtype)
+        return dx.to(x.dtype), None, d_weights, dw_up.to(w_up.dtype), dw_down.to(w_down.dtype), None, None, None
+
+
+def _routing_weights(topk_weights: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The routing weight of each grouped row; 0 for dropped slots (rows past offsets[-1])."""
+    weight = topk_weights.reshape(-1)[order].clone()
+    weight[int(offsets[-1]) if offsets.numel() else 0 :] = 0
+    return weight
+
+
+def moe_experts_fp8(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    scaling: str = "rowwise",
+    compute: torch.dtype | None = None,
+    wgrad_fp8: bool = True,
+) -> torch.Tensor:
+    """Reference of nmoe.kernels.moe_experts_fp8 (compute defaults to float32; the tests use float64)."""
+    return MoEExpertsFP8.apply(x, topk_ids, topk_weights, w_up, w_down, scaling, compute or torch.float32, wgrad_fp8)
 
 
 # ---------------------------------------------------------------------------------------------------------

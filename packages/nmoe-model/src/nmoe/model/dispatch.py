@@ -7,7 +7,8 @@ Every dispatcher has the same surface:
 - `experts(x, topk_ids, weights, w_up, w_down) -> y`: dispatch -> fused SwiGLU expert MLP -> combine.
 A topk id of -1 is a pair dropped by the capacity limit (`nmoe.kernels.drop_over_capacity`): it is never
 sent, never computed and contributes 0. `LocalDispatch` owns every expert and runs `experts` as one fused
-kernel path (the gather fused into the up-projection, the weighted combine into one kernel);
+op (`moe_experts`, or `moe_experts_fp8` in fp8: the gather fused into the up-projection, the weighted combine
+into one kernel);
 `RdepDispatch` moves rows to the experts' owners over nmoe.rdep (no collective on the expert path).
 """
 
@@ -22,6 +23,8 @@ from nmoe.kernels import expert_mlp, moe_experts, sort_by_expert
 
 # rows[M,D] grouped by expert, offsets[El] int32, w_up[El,D,2H], w_down[El,H,D] -> out[M,D]
 ExpertMLP = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# x[T,D], topk_ids[T,K], weights[T,K], w_up[E,D,2H], w_down[E,H,D] -> y[T,D]: gather, expert MLP, weighted combine
+FusedExperts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class ExpertDispatch(Protocol):
@@ -47,13 +50,14 @@ class LocalHandle(NamedTuple):
 class LocalDispatch:
     """Every routed expert on this rank (no expert parallelism).
 
-    With `mlp=None` (bf16), `experts` is the fused single-kernel path; with an expert MLP (e.g. the fp8 one)
-    it is dispatch -> mlp -> combine.
+    `experts` is the fused op `fused` (moe_experts; moe_experts_fp8 for fp8 experts), or, given an expert MLP
+    over grouped rows, dispatch -> mlp -> combine (the composition the fused ops are tested against).
     """
 
-    def __init__(self, n_experts: int, mlp: ExpertMLP | None = None):
+    def __init__(self, n_experts: int, mlp: ExpertMLP | None = None, fused: FusedExperts = moe_experts):
         self.n_experts = n_experts
         self.mlp = mlp
+        self.fused = fused
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor):
         """x[T,D] -> (rows[T*K,D] grouped by expert, offsets[E] int32, LocalHandle); no host sync.
@@ -71,9 +75,9 @@ class LocalDispatch:
         return y.index_add(0, handle.token, rows_out * handle.weight[:, None].to(rows_out.dtype))
 
     def experts(self, x, topk_ids, weights, w_up, w_down) -> torch.Tensor:
-        """y[T,D] through the fused kernel path (nmoe.kernels.moe_experts), or dispatch -> mlp -> combine."""
+        """y[T,D] through the fused op, or dispatch -> mlp -> combine."""
         if self.mlp is None:
-            return moe_experts(x, topk_ids, weights, w_up, w_down)
+            return self.fused(x, topk_ids, weights, w_up, w_down)
         rows, offsets, handle = self.dispatch(x, topk_ids, weights)
         return self.combine(self.mlp(rows, offsets, w_up, w_down), handle)
 

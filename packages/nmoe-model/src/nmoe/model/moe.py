@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nmoe.kernels import drop_over_capacity, expert_capacity, expert_mlp, expert_mlp_fp8
+from nmoe.kernels import drop_over_capacity, expert_capacity, expert_mlp, expert_mlp_fp8, moe_experts, moe_experts_fp8
 from nmoe.model.config import ModelConfig
-from nmoe.model.dispatch import ExpertDispatch, ExpertMLP, LocalDispatch
+from nmoe.model.dispatch import ExpertDispatch, ExpertMLP, FusedExperts, LocalDispatch
 from nmoe.model.layers import SwiGLU
 
 
@@ -58,16 +58,25 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, expert_bias: torch.Tensor,
     return Routing(logits, scores, topk_ids, gates, gates * cfg.route_scale)
 
 
-def expert_mlp_of(cfg: ModelConfig, fused_default: bool = False) -> ExpertMLP | None:
-    """The expert MLP over grouped rows for model.expert_precision (None: LocalDispatch's fused bf16 path).
+def _fp8_recipe(cfg: ModelConfig) -> dict:
+    return dict(scaling=cfg.fp8_scaling, wgrad_fp8=cfg.fp8_wgrad, fast_accum=cfg.fp8_fast_accum)
+
+
+def expert_mlp_of(cfg: ModelConfig) -> ExpertMLP:
+    """The expert MLP over grouped rows (RdepDispatch's received rows) for model.expert_precision.
 
     nvfp4 stores the weights in NVFP4 (the optimizer's business) and runs the bf16 GEMMs on them on Hopper.
     """
     if cfg.expert_precision == "fp8":
-        return functools.partial(
-            expert_mlp_fp8, scaling=cfg.fp8_scaling, wgrad_fp8=cfg.fp8_wgrad, fast_accum=cfg.fp8_fast_accum
-        )
-    return None if fused_default else expert_mlp
+        return functools.partial(expert_mlp_fp8, **_fp8_recipe(cfg))
+    return expert_mlp
+
+
+def fused_experts_of(cfg: ModelConfig) -> FusedExperts:
+    """The fused gather -> expert MLP -> weighted combine op (LocalDispatch) for model.expert_precision."""
+    if cfg.expert_precision == "fp8":
+        return functools.partial(moe_experts_fp8, **_fp8_recipe(cfg))
+    return moe_experts
 
 
 def capacity_ids(topk_ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -110,7 +119,7 @@ class MoE(nn.Module):
         self.w_up = nn.Parameter(torch.empty(self.n_local, dim, 2 * hidden))  # [gate | up]
         self.w_down = nn.Parameter(torch.empty(self.n_local, hidden, dim))
         self.shared = SwiGLU(dim, cfg.n_shared_experts * hidden) if cfg.n_shared_experts else None
-        self.dispatcher: ExpertDispatch = LocalDispatch(n_exp, expert_mlp_of(cfg, fused_default=True))
+        self.dispatcher: ExpertDispatch = LocalDispatch(n_exp, fused=fused_experts_of(cfg))
         self.register_buffer("expert_bias", torch.zeros(n_exp))
         self.register_buffer("load_since_update", torch.zeros(n_exp), persistent=False)
         # stat_counts[E] | tokens, entropy sum, max-gate sum, dropped pairs
