@@ -100,21 +100,18 @@ def gmm(mode, variant, trans, gather, cfg, dtype):
     compile_one(name, K.gmm_kernel, args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
-def dw(variant, gather_a, gather_b, scale_b, cfg, dtype):
+def dw(variant, cfg, dtype):
     ka, n = 1024, 704
     a, b = empty(M, ka, dtype=dtype), empty(M, n, dtype=dtype)
     bm, bka, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_KA"], cfg.kwargs["BLOCK_N"]
-    a_tma = variant == "tma" and not gather_a
-    b_tma = variant == "tma" and not gather_b
-    a_arg = TensorDescriptor.from_tensor(a, [bm, bka]) if a_tma else a
-    b_arg = TensorDescriptor.from_tensor(b, [bm, bn]) if b_tma else b
+    tma = variant == "tma"
+    a_arg = TensorDescriptor.from_tensor(a, [bm, bka]) if tma else a
+    b_arg = TensorDescriptor.from_tensor(b, [bm, bn]) if tma else b
     out = empty(E, ka, n, dtype=dtype)
-    idx, offsets = empty(M, dtype=torch.int32), empty(E, dtype=torch.int32)
-    args = [a_arg, idx, b_arg, idx, a, b, empty(M, dtype=torch.float32), empty(M, dtype=torch.int64), out, offsets]
-    args += [ka, n, E, ka, 1, n, 1, out.stride(0), out.stride(1)]
-    constexprs = dict(GATHER_A=gather_a, GATHER_B=gather_b, SCALE_B=scale_b, UPCAST=False, A_TMA=a_tma, B_TMA=b_tma)
-    constexprs.update(cfg.kwargs)
-    name = f"dw[{variant}] gather_a={gather_a} gather_b={gather_b} scale={scale_b} {dtype} {bm}x{bka}x{bn} w{cfg.num_warps} s{cfg.num_stages}"
+    offsets = empty(E, dtype=torch.int32)
+    args = [a_arg, b_arg, a, b, out, offsets, ka, n, E, ka, 1, n, 1, out.stride(0), out.stride(1)]
+    constexprs = dict(UPCAST=False, A_TMA=tma, B_TMA=tma, **cfg.kwargs)
+    name = f"dw[{variant}] {dtype} {bm}x{bka}x{bn} w{cfg.num_warps} s{cfg.num_stages}"
     compile_one(name, K.gmm_dw_kernel, args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
@@ -151,8 +148,6 @@ GMM_LAUNCHES = [
     (K.EPILOGUE_SWIGLU_BWD, True, True),
     (K.EPILOGUE_SWIGLU_BWD, True, False),
 ]
-# (gather A, gather B, scale B): grouped_mm / expert_mlp dW, moe dw_up, moe dw_down
-DW_LAUNCHES = [(False, False, False), (True, False, False), (False, True, True)]
 
 
 def main() -> int:
@@ -167,10 +162,9 @@ def main() -> int:
             for wide, dtype in ((False, torch.bfloat16), (True, torch.float32)):
                 for cfg in gmm_cfgs[(mode, wide)][: 1 if args.quick else None]:
                     gmm(mode, variant, trans, gather, cfg, dtype)
-        for gather_a, gather_b, scale_b in DW_LAUNCHES:
-            for wide, dtype in ((False, torch.bfloat16), (True, torch.float32)):
-                for cfg in dw_cfgs[wide][: 1 if args.quick else None]:
-                    dw(variant, gather_a, gather_b, scale_b, cfg, dtype)
+        for wide, dtype in ((False, torch.bfloat16), (True, torch.float32)):
+            for cfg in dw_cfgs[wide][: 1 if args.quick else None]:
+                dw(variant, cfg, dtype)
     from nmoe.kernels import _lowprec_kernels as LK
     from nmoe.kernels import _lowprec_ops as LO
 
@@ -192,6 +186,11 @@ def main() -> int:
     combine_args += [100, 1024, 1024, 1024]
     constexprs = dict(TOP_K=6, WEIGHTED=True, BLOCK_T=16, BLOCK_D=256)
     compile_one("combine", K.combine_kernel, combine_args, constexprs, 4, 3)
+    gather_args = [empty(100, 1024), ids, empty(600, dtype=torch.float32), empty(600, dtype=torch.int64)]
+    gather_args += [empty(600, 1024), 600, 1024, 1024, 1024]
+    for scale in (False, True):
+        constexprs = dict(SCALE=scale, BLOCK_R=4, BLOCK_D=1024)
+        compile_one(f"gather_rows scale={scale}", K.gather_rows_kernel, gather_args, constexprs, 4, 3)
     print(f"\ntriton {triton.__version__}, target sm_90")
     print("| kernel | ok | shared KiB | wgmma | TMA |")
     print("| --- | --- | --- | --- | --- |")

@@ -170,12 +170,9 @@ def gmm_kernel(
 
 
 @triton.jit
-def _load_rows_t(base, idx_ptr, rows, kas, ka_ok, row_ok, stride_m, stride_k, GATHER: tl.constexpr):
-    """[BLOCK_KA, BLOCK_M] transposed tile of rows `rows` (gathered through idx_ptr) of a row-major matrix."""
-    if GATHER:
-        src = tl.load(idx_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    else:
-        src = rows.to(tl.int64)
+def _load_rows_t(base, rows, kas, ka_ok, row_ok, stride_m, stride_k):
+    """[BLOCK_KA, BLOCK_M] transposed tile of rows `rows` of a row-major matrix."""
+    src = rows.to(tl.int64)
     return tl.load(
         base + src[None, :] * stride_m + kas[:, None] * stride_k, mask=ka_ok[:, None] & row_ok[None, :], other=0.0
     )
@@ -204,13 +201,9 @@ def _scale_rows(b, s_ptr, s_idx_ptr, rows, row_ok, out_ty):
 @triton.jit
 def gmm_dw_kernel(
     a_ptr,
-    a_idx_ptr,
     b_ptr,
-    b_idx_ptr,
     a_base,
     b_base,
-    s_ptr,
-    s_idx_ptr,
     out_ptr,
     offsets_ptr,
     KA,
@@ -222,9 +215,6 @@ def gmm_dw_kernel(
     stride_bn,
     stride_oe,
     stride_ok,
-    GATHER_A: tl.constexpr,
-    GATHER_B: tl.constexpr,
-    SCALE_B: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_KA: tl.constexpr,
@@ -232,9 +222,10 @@ def gmm_dw_kernel(
     A_TMA: tl.constexpr = False,
     B_TMA: tl.constexpr = False,
 ):
-    """Per-expert out[e] = A[rows of e]^T @ (s * B[rows of e]); rows optionally gathered; empty groups give 0.
+    """Per-expert out[e] = A[rows of e]^T @ B[rows of e]; empty groups give 0. (Gathered or weighted operands are
+    materialised by gather_rows_kernel first, so that both can come by TMA.)
 
-    A_TMA / B_TMA (not with a gather of that operand): a_ptr / b_ptr are TMA descriptors of A[M,KA] (block
+    A_TMA / B_TMA: a_ptr / b_ptr are TMA descriptors of A[M,KA] (block
     [BLOCK_M, BLOCK_KA]) / B[M,N] (block [BLOCK_M, BLOCK_N]), used for the group's whole BLOCK_M-row tiles;
     the last partial tile of a group goes through masked pointer loads (a_base / b_base) since rows past the
     group must not enter the reduction.
@@ -261,24 +252,46 @@ def gmm_dw_kernel(
             if A_TMA:
                 a_t = tl.trans(a_ptr.load([r0, pid_k * BLOCK_KA]))
             else:
-                a_t = _load_rows_t(a_base, a_idx_ptr, rows, kas, ka_ok, rows >= 0, stride_am, stride_ak, GATHER_A)
+                a_t = _load_rows_t(a_base, rows, kas, ka_ok, rows >= 0, stride_am, stride_ak)
             if B_TMA:
                 b = b_ptr.load([r0, pid_n * BLOCK_N])
             else:
-                b = _load_rows(b_base, b_idx_ptr, rows, cols, col_ok, rows >= 0, stride_bm, stride_bn, GATHER_B)
-            if SCALE_B:
-                b = _scale_rows(b, s_ptr, s_idx_ptr, rows, rows >= 0, b_base.dtype.element_ty)
+                b = _load_rows(b_base, b_base, rows, cols, col_ok, rows >= 0, stride_bm, stride_bn, False)
             acc = _dot(a_t, b, acc, UPCAST)
     for r0 in range(masked_from, end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < end
-        a_t = _load_rows_t(a_base, a_idx_ptr, rows, kas, ka_ok, row_ok, stride_am, stride_ak, GATHER_A)
-        b = _load_rows(b_base, b_idx_ptr, rows, cols, col_ok, row_ok, stride_bm, stride_bn, GATHER_B)
-        if SCALE_B:
-            b = _scale_rows(b, s_ptr, s_idx_ptr, rows, row_ok, b_base.dtype.element_ty)
+        a_t = _load_rows_t(a_base, rows, kas, ka_ok, row_ok, stride_am, stride_ak)
+        b = _load_rows(b_base, b_base, rows, cols, col_ok, row_ok, stride_bm, stride_bn, False)
         acc = _dot(a_t, b, acc, UPCAST)
     out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + kas[:, None].to(tl.int64) * stride_ok + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=ka_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def gather_rows_kernel(
+    src_ptr,
+    idx_ptr,
+    s_ptr,
+    s_idx_ptr,
+    out_ptr,
+    R,
+    D,
+    stride_src,
+    stride_out,
+    SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out[r] = src[idx[r]], times s[s_idx[r]] in fp32 rounded back to src's dtype when SCALE."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < R
+    x = _load_rows(src_ptr, idx_ptr, rows, cols, cols < D, row_ok, stride_src, 1, True)
+    if SCALE:
+        x = _scale_rows(x, s_ptr, s_idx_ptr, rows, row_ok, src_ptr.dtype.element_ty)
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+    tl.store(out, x, mask=row_ok[:, None] & (cols < D)[None, :])
 
 
 @triton.jit

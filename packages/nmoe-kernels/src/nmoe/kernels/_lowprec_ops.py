@@ -10,6 +10,7 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nmoe.kernels import _lowprec_kernels as K
+from nmoe.kernels import _triton_ops
 from nmoe.kernels import reference_lowprec as R
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -455,8 +456,6 @@ def gemm(
 
 def _use_tma(qa: torch.Tensor, b: WeightOperand) -> bool:
     """TMA operands when the grouped GEMM variant is 'tma' and both are laid out for it (B stored [E, out, K])."""
-    from nmoe.kernels import _triton_ops
-
     if _triton_ops._gemm_variant != "tma":
         return False
     e, out_dim, k = b.q.shape if b.strides[1] == 1 else (0, 0, 0)
@@ -503,14 +502,10 @@ def wgrad(a, b, offsets, dtype, a_swiglu=False):
     return out
 
 
-def wgrad_in_input_dtype(a, b, offsets, dtype, *, out=None, **gather):
-    """dW[e] = a[rows of e]^T @ b[rows of e] by the bf16/fp32 grouped GEMM on the unquantised operands (gather:
-    a_idx / b_idx / scale / scale_idx of _triton_ops._launch_dw)."""
-    from nmoe.kernels import _triton_ops
-
-    if out is None:
-        out = torch.empty(offsets.shape[0], a.shape[1], b.shape[1], dtype=dtype, device=a.device)
-    return _triton_ops._launch_dw(a, b, offsets, out, **gather)
+def wgrad_in_input_dtype(a, b, offsets, dtype):
+    """dW[e] = a[rows of e]^T @ b[rows of e] by the bf16/fp32 grouped GEMM on the unquantised operands."""
+    out = torch.empty(offsets.shape[0], a.shape[1], b.shape[1], dtype=dtype, device=a.device)
+    return _triton_ops._launch_dw(a, b, offsets, out)
 
 
 class GroupedMMFP8(torch.autograd.Function):
@@ -592,25 +587,19 @@ def _mlp_backward(dy, x, offsets, w_up, w_down, pre, act, r: _Recipe, routing=No
     down = quantize_weight(w_down, r.blockwise, "dgrad")
     gemm(qdy, sdy, r.blockwise, down, offsets, d_pre, h, d, epilogue=K.EPILOGUE_SWIGLU_BWD, h=pre, fast=r.fast,
          a_idx=token, wts=weights, w_idx=order, dw=d_weights)  # fmt: skip
-    if r.wgrad_fp8:  # the fp8 dW quantises grouped columns: gather (and weight) the token-order operands first
-        dy_rows = dy if routing is None else dy[token] * weights[order][:, None].to(dy.dtype)
+    # the dW GEMMs read the token-order operands gathered (and dy weighted) into grouped rows
+    dy_rows = dy.to(pre.dtype) if routing is None else _triton_ops.gather_rows(dy, token, weights, order)
+    if r.wgrad_fp8:
         dw_down = wgrad(pre, dy_rows, offsets, w_down.dtype, a_swiglu=True)
     else:
         if act is None:  # blockwise wrote only the quantised act
             act = R.swiglu_f32(pre).to(pre.dtype)
-        dw_down = torch.empty(w_down.shape, dtype=w_down.dtype, device=dy.device)
-        if routing is None:
-            wgrad_in_input_dtype(act, dy.to(pre.dtype), offsets, w_down.dtype, out=dw_down)
-        else:
-            wgrad_in_input_dtype(act, dy, offsets, w_down.dtype, out=dw_down, b_idx=token, scale=weights,
-                                 scale_idx=order)  # fmt: skip
+        dw_down = wgrad_in_input_dtype(act, dy_rows, offsets, w_down.dtype)
     qdp, sdp = quantize_rows(d_pre, r.blockwise)
     d_rows = torch.empty(m, d, dtype=pre.dtype, device=pre.device)
     gemm(qdp, sdp, r.blockwise, quantize_weight(w_up, r.blockwise, "dgrad"), offsets, d_rows, d, 2 * h, fast=r.fast)
-    if r.wgrad_fp8:
-        dw_up = wgrad(x if token is None else x[token], d_pre, offsets, w_up.dtype)
-    else:
-        dw_up = wgrad_in_input_dtype(x, d_pre, offsets, w_up.dtype, a_idx=token)
+    x_rows = x if token is None else _triton_ops.gather_rows(x, token)
+    dw_up = (wgrad if r.wgrad_fp8 else wgrad_in_input_dtype)(x_rows, d_pre, offsets, w_up.dtype)
     return d_rows, dw_up, dw_down, d_weights
 
 
@@ -644,8 +633,6 @@ class MoEExpertsFP8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, scaling, wgrad_fp8, fast_accum):
         """x[T,D], topk_ids[T,K] (-1 dropped), topk_weights[T,K], w_up[E,D,2H], w_down[E,H,D] -> y[T,D] (x.dtype)."""
-        from nmoe.kernels import _triton_ops
-
         r = _Recipe(scaling == "blockwise", wgrad_fp8, fast_accum)
         n_tokens, top_k = topk_ids.shape
         routing, token, pos = _triton_ops.route(topk_ids, w_up.shape[0])
@@ -659,8 +646,6 @@ class MoEExpertsFP8(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         """dy[T,D] -> (dx[T,D], None, d_topk_weights[T,K], dw_up, dw_down, None, None, None)."""
-        from nmoe.kernels import _triton_ops
-
         x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act = ctx.saved_tensors
         n_tokens, top_k = topk_weights.shape
         routing = (token, topk_weights.reshape(-1), order)

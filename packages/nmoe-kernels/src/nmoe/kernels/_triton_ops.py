@@ -129,7 +129,7 @@ def _gmm_autotuner(configs, mode):
 
 
 def _dw_autotuner(configs):
-    return triton.autotune(configs, key=["KA", "N", "E", "GATHER_A", "GATHER_B", "SCALE_B"])(K.gmm_dw_kernel)
+    return triton.autotune(configs, key=["KA", "N", "E"])(K.gmm_dw_kernel)
 
 
 # (epilogue, fp32) -> autotuned kernel; one autotuner per variant so that their tuning caches stay apart
@@ -238,26 +238,21 @@ def _launch_gmm(
     return out
 
 
-def _launch_dw(a, b, offsets, out, *, a_idx=None, b_idx=None, scale=None, scale_idx=None):
-    """out[e] = a[rows of e]^T @ (scale * b[rows of e]) for every expert e (zero for empty groups)."""
+def _launch_dw(a, b, offsets, out):
+    """out[e] = a[rows of e]^T @ b[rows of e] for every expert e (zero for empty groups)."""
     n_experts, ka, n = out.shape
 
     def grid(meta):
         return (n_experts * triton.cdiv(ka, meta["BLOCK_KA"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    a_tma = _gemm_variant == "tma" and a_idx is None and _tma_ok(a)
-    b_tma = _gemm_variant == "tma" and b_idx is None and _tma_ok(b)
+    a_tma = _gemm_variant == "tma" and _tma_ok(a)
+    b_tma = _gemm_variant == "tma" and _tma_ok(b)
     kernel = (_GMM_DW_TMA if a_tma or b_tma else _GMM_DW)[a.element_size() > 2]
-    dummy = offsets
     kernel[grid](
         _descriptor(a) if a_tma else a,
-        dummy if a_idx is None else a_idx,
         _descriptor(b) if b_tma else b,
-        dummy if b_idx is None else b_idx,
         a,
         b,
-        dummy if scale is None else scale,
-        dummy if scale_idx is None else scale_idx,
         out,
         offsets,
         ka,
@@ -269,9 +264,6 @@ def _launch_dw(a, b, offsets, out, *, a_idx=None, b_idx=None, scale=None, scale_
         b.stride(1),
         out.stride(0),
         out.stride(1),
-        GATHER_A=a_idx is not None,
-        GATHER_B=b_idx is not None,
-        SCALE_B=scale is not None,
         UPCAST=INTERPRET,
         A_TMA=a_tma,
         B_TMA=b_tma,
@@ -321,10 +313,12 @@ def route(topk_ids: torch.Tensor, n_experts: int):
     n_blocks = triton.cdiv(n, block)
     hist = torch.empty(n_blocks, n_bins, dtype=torch.int32, device=dev)
     K.expert_histogram_kernel[(n_blocks,)](ids, hist, n, n_experts, BLOCK=block, BLOCK_E=triton.next_power_of_2(n_bins))
-    cum = hist.cumsum(0, dtype=torch.int32)
+    # scan each bin over the blocks along the innermost dim: torch's outer-dim scan of [blocks, bins] ran one thread
+    # per bin (0.27 ms for moonlet's 1,536 x 65, bench/RESULTS.md)
+    cum = hist.t().contiguous().cumsum(1, dtype=torch.int32).t()
     counts = cum[-1]
     ends = counts.cumsum(0, dtype=torch.int32)
-    base = cum - hist + (ends - counts)[None, :]
+    base = (cum - hist + (ends - counts)[None, :]).contiguous()
     K.expert_scatter_kernel[(n_blocks,)](
         ids, base, order, token, pos, n, n_experts, TOP_K=topk_ids.shape[1], BLOCK=block
     )
@@ -356,6 +350,32 @@ def combine(src, pos, weights, offsets, n_tokens, top_k):
         BLOCK_D=block_d,
         num_warps=4,
     )
+    return out
+
+
+def gather_rows(src, idx, scale=None, scale_idx=None):
+    """src[idx[r]] for each r -> [R, D] in src's dtype, times scale[scale_idx[r]] (in fp32, rounded to src's dtype)
+    when given. The dW GEMMs read gathered operands this way: gathering inside the dW kernel (no TMA) ran 0.6 ms
+    slower over moonlet's two dW than this copy plus the plain kernel (bench/RESULTS.md)."""
+    rows, d = idx.shape[0], src.shape[1]
+    out = torch.empty(rows, d, dtype=src.dtype, device=src.device)
+    if rows and d:
+        block_d = min(triton.next_power_of_2(d), 1024)
+        block_r = max(1, 4096 // block_d)
+        K.gather_rows_kernel[(triton.cdiv(rows, block_r), triton.cdiv(d, block_d))](
+            src,
+            idx,
+            idx if scale is None else scale,
+            idx if scale_idx is None else scale_idx,
+            out,
+            rows,
+            d,
+            src.stride(0),
+            out.stride(0),
+            SCALE=scale is not None,
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
+        )
     return out
 
 
@@ -421,9 +441,9 @@ def moe_backward(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, 
         dw=d_weights,
     )
     dw_down = torch.empty(w_down.shape, dtype=w_down.dtype, device=x.device)
-    _launch_dw(act, dy, offsets, dw_down, b_idx=token, scale=weights, scale_idx=order)
+    _launch_dw(act, gather_rows(dy, token, weights, order), offsets, dw_down)
     dw_up = torch.empty(w_up.shape, dtype=w_up.dtype, device=x.device)
-    _launch_dw(x, d_pre, offsets, dw_up, a_idx=token)
+    _launch_dw(gather_rows(x, token), d_pre, offsets, dw_up)
     d_rows = _launch_gmm(
         d_pre, w_up, offsets, torch.empty(pre.shape[0], x.shape[1], dtype=x.dtype, device=x.device), transpose=True
     )
