@@ -81,7 +81,7 @@ ONE_PASS_ELEMENTS = 4096 if INTERPRET else 8192
 ONE_PASS_SLAB = 4096 if INTERPRET else 16384
 NVFP4_ADAMW_BLOCKS, NVFP4_WARPS = (64, 4) if INTERPRET else (32, 2)
 
-_GMM_KEY = ["N", "K", "E", "BLOCKWISE", "FAST_ACC"]
+_GMM_KEY = ["N", "K", "E", "BLOCKWISE", "FAST_ACC", "GATHER_A", "WEIGHTED"]  # gathering GEMMs tune apart
 
 
 def _set_tma_blocks(nargs) -> None:
