@@ -196,6 +196,8 @@ def quantiser_variants():
                     BLOCK_R=block_r,
                     BLOCK_C=ops._prev_power_of_2(ops.ONE_PASS_SLAB // rows) if one_pass else ops.QUANT_COLS,
                     **dict(zip(("PART1", "PART2", "PART3"), parts)),
+                    stride_wc=1,  # as the forward copy launches it: w contiguous along C, q (transposed) along R
+                    stride_qr=1,
                 ),
                 dict(exact, num_warps=8 if one_pass else 4),
             )
