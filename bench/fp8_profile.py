@@ -24,6 +24,7 @@ import triton
 import nmoe.kernels as nk
 from nmoe.kernels import _lowprec_ops as ops
 from nmoe.kernels import _triton_ops, reference
+from nmoe.model.dispatch import in_activation_dtype
 
 
 def bench_ms(fn) -> float:
@@ -57,7 +58,9 @@ RECIPES = {  # expert_mlp_fp8 keyword arguments
 }
 PROFILED = ("bf16 fused (expert_mlp)", "fp8 rowwise fast, bf16 dW", "fp8 rowwise fast, bf16 dW, TMA")
 DEFAULT_FP8 = dict(scaling="rowwise", wgrad_fp8=False, fast_accum=True)  # the model's fp8 recipe
-MOE_PROFILED = ("bf16 moe_experts", "fp8 moe_experts_fp8")
+MASTERS_BF16 = "bf16 moe_experts, float32 masters cast (the model's bf16 layer)"
+MASTERS_FP8 = "fp8 moe_experts_fp8, float32 masters quantised (the model's fp8 layer)"
+MOE_PROFILED = ("bf16 moe_experts", "fp8 moe_experts_fp8", MASTERS_BF16, MASTERS_FP8)
 
 
 def expert_mlp_paths(tokens, top_k, n_experts, d, h):
@@ -105,6 +108,9 @@ def moe_paths(tokens, top_k, n_experts, d, h):
     w_down = (torch.randn(n_experts, h, d, device="cuda", dtype=torch.bfloat16) / h**0.5).requires_grad_()
     dy = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
     leaves = (x, weights, w_up, w_down)
+    # as MoE layers run them: float32 master weights, cast for the bf16 GEMMs, quantised straight for fp8
+    masters = (w_up.detach().float().requires_grad_(), w_down.detach().float().requires_grad_())
+    master_leaves = (x, weights, *masters)
 
     def composed():
         routing = nk.sort_by_expert(ids, n_experts)
@@ -113,13 +119,16 @@ def moe_paths(tokens, top_k, n_experts, d, h):
         slot = weights.reshape(-1)[routing.order]
         return torch.zeros_like(x).index_add(0, token, out * slot[:, None].to(out.dtype))
 
-    def step(fn):
-        return lambda: torch.autograd.grad(fn(), leaves, dy)
+    def step(fn, wrt=leaves):
+        return lambda: torch.autograd.grad(fn(), wrt, dy)
 
+    bf16_on_masters = in_activation_dtype(nk.moe_experts)
     return {
         "bf16 moe_experts": step(lambda: nk.moe_experts(x, ids, weights, w_up, w_down)),
         "fp8 moe_experts_fp8": step(lambda: nk.moe_experts_fp8(x, ids, weights, w_up, w_down, **DEFAULT_FP8)),
         "fp8 gather, expert_mlp_fp8, index_add (before)": step(composed),
+        MASTERS_BF16: step(lambda: bf16_on_masters(x, ids, weights, *masters), master_leaves),
+        MASTERS_FP8: step(lambda: nk.moe_experts_fp8(x, ids, weights, *masters, **DEFAULT_FP8), master_leaves),
     }
 
 
@@ -198,6 +207,41 @@ def quantiser_sweep(x, w_up, w_down) -> dict:
     return out
 
 
+def host_costs(paths: dict, iters: int = 8) -> dict:
+    """Host ms per fwd+bwd (time to enqueue `iters` iterations on an idle GPU, / iters) by path, and the fp8 path's
+    top Python functions by own time (cProfile): the launch overhead that starves the GPU in eager training."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    out: dict = {}
+    for name, fn in paths.items():
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / iters)
+        torch.cuda.synchronize()
+        out[name] = min(times)
+    prof = cProfile.Profile()
+    fp8 = paths["fp8 moe_experts_fp8"]
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(iters):
+        fp8()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    out["cprofile_fp8"] = text.getvalue()
+    return out
+
+
 def tuned_configs() -> dict:
     """The fp8 GEMM autotuners' picks: {kernel: {key: config}}."""
     picks = {f"gmm epilogue {e}": {str(k): str(c) for k, c in t.cache.items()} for e, t in ops._GMM.items()}
@@ -212,6 +256,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sweep", action="store_true", help="also time the quantisers per launch size")
+    parser.add_argument("--host", action="store_true", help="also time the host side of the routed experts")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     args = parser.parse_args()
     result: dict = dict(
@@ -235,7 +280,11 @@ def main() -> int:
             result["mlp"][shape][name] = dict(ms=ms, tflops=flop / ms / 1e9)
             print(shape, name, f"{ms:.3f} ms", flush=True)
         result.setdefault("moe", {})[shape] = {}
-        for name, fn in moe_paths(dims[0], dims[1], dims[2], dims[3], dims[4]).items():
+        moe = moe_paths(dims[0], dims[1], dims[2], dims[3], dims[4])
+        if args.host and shape == "moonlet":
+            result["host_ms"] = host_costs({k: moe[k] for k in MOE_PROFILED[:2]})
+            print(result["host_ms"].pop("cprofile_fp8"), flush=True)
+        for name, fn in moe.items():
             ms = bench_ms(fn)
             result["moe"][shape][name] = dict(ms=ms, tflops=flop / ms / 1e9)
             print(shape, name, f"{ms:.3f} ms", flush=True)
@@ -276,9 +325,17 @@ def main() -> int:
             "| --- | --- | --- | --- |",
         ]
         lines += [f"| {k} | {v['ms']:.3f} | {v['tflops']:.0f} | {base / v['ms']:.2f}x |" for k, v in paths.items()]
+        if MASTERS_FP8 in paths:
+            ratio = paths[MASTERS_BF16]["ms"] / paths[MASTERS_FP8]["ms"]
+            lines += ["", f"{shape}: fp8 vs bf16 as MoE layers run them (float32 masters): {ratio:.2f}x"]
     for name, table in result["kernels"].items():
         lines += ["", f"{name}: ms per iteration by kernel", ""]
         lines += [f"  {ms:7.3f} x{n:<2d} {k}" for k, ms, n in table[:12]]
+    if "host_ms" in result:
+        lines += [
+            "",
+            "host ms per routed-experts fwd+bwd: " + ", ".join(f"{k} {v:.3f}" for k, v in result["host_ms"].items()),
+        ]
     for label, cells in result["gemm_only"].items():
         lines += ["", f"{label}: " + ", ".join(f"{k} {v:.3g}" for k, v in cells.items())]
     print("\n".join(lines))

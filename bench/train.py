@@ -7,10 +7,11 @@ Variants: `nmoe` (the default expert path: fused Triton kernels, grouped GEMMs a
 `pointer` / `tma` (the grouped GEMMs forced to pointer loads / TMA descriptors), `pytorch` (the expert path composed
 from PyTorch ops:
 argsort -> F.grouped_mm -> SwiGLU -> F.grouped_mm -> index_add), `ac-moe` / `ac-all` (the default path with
-runtime.activation_checkpointing = moe / all). A variant may end in `@B`: B sequences per step (train.batch_size and
+runtime.activation_checkpointing = moe / all), `fp8` (model.expert_precision = fp8, its default recipe). A variant may end in `@B`: B sequences per step (train.batch_size and
 train.global_batch_size), e.g. `ac-all@16`. Each reports tokens/s, MFU and peak memory
 from the run's own metrics (median of the log windows after the first, which holds the compile). With
---profile, three steps of the first variant run under torch.profiler and the kernel time is split by phase.
+--profile, three steps of each variant run under torch.profiler: their wall ms per step beside the kernel time,
+split by phase, and the top kernels.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import datetime
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 PHASES = (  # (phase, substrings of kernel names), first match wins
-    ("expert GEMMs (nmoe Triton)", ("gmm_kernel", "gmm_dw_kernel", "gmm_tma")),
-    ("expert gather/combine/sort", ("combine_kernel", "expert_histogram", "expert_scatter")),
+    ("expert GEMMs (nmoe Triton)", ("gmm_kernel", "gmm_dw_kernel", "gmm_tma", "gmm_fp8")),
+    ("expert fp8 quantisers", ("fp8_quant",)),
+    ("expert gather/combine/sort", ("combine_kernel", "expert_histogram", "expert_scatter", "gather_rows")),
     ("fused head + loss", ("linear_ce", "_ce_")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("inductor elementwise / reductions", ("triton_",)),  # before the optimizer: fused rms_norm kernels say "norm"
@@ -56,41 +59,53 @@ def composed_pytorch_experts(x, topk_ids, topk_weights, w_up, w_down):
 @contextlib.contextmanager
 def variant(name: str):
     """The expert path of one variant, restored afterwards."""
-    import nmoe.model.dispatch as dispatch
+    import nmoe.model.moe as moe
     from nmoe.kernels import _triton_ops
 
-    if name in ("nmoe", "ac-moe", "ac-all"):
+    if name in ("nmoe", "ac-moe", "ac-all", "fp8"):
         yield
     elif name in ("tma", "pointer"):
         with _triton_ops.use_gemm_variant(name):
             yield
     elif name == "pytorch":
-        original = dispatch.moe_experts
-        dispatch.moe_experts = torch.compiler.disable(composed_pytorch_experts)
+        original = moe.moe_experts  # what fused_experts_of builds bf16 MoE layers from
+        moe.moe_experts = torch.compiler.disable(composed_pytorch_experts)
         try:
             yield
         finally:
-            dispatch.moe_experts = original
+            moe.moe_experts = original
     else:
-        raise SystemExit(f"unknown variant {name!r}: nmoe, pointer, tma, pytorch, ac-moe or ac-all (each [@B])")
+        raise SystemExit(f"unknown variant {name!r}: nmoe, pointer, tma, pytorch, ac-moe, ac-all or fp8 (each [@B])")
 
 
 class Profile:
     """A Trainer hook: torch.profiler over steps [start + 1, start + n]; kernel time by phase afterwards."""
 
     def __init__(self, start: int, n: int = 3):
-        self.start, self.n, self.prof = start, n, None
+        self.start, self.n, self.prof, self.wall_ms, self.t0 = start, n, None, None, 0.0
 
     def during_step(self, trainer, step):
         pass
 
     def after_save(self, trainer, step):
         if step == self.start:
+            torch.cuda.synchronize()
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
             self.prof.__enter__()
+            self.t0 = time.perf_counter()
         elif step == self.start + self.n and self.prof is not None:
             torch.cuda.synchronize()
+            self.wall_ms = (time.perf_counter() - self.t0) * 1e3 / self.n
             self.prof.__exit__(None, None, None)
+
+    def top_kernels(self, k: int = 12) -> list[tuple[str, float]]:
+        """The k kernels with the most CUDA time: (name, ms per step)."""
+        rows = []
+        for event in self.prof.key_averages():
+            us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+            if us > 0:
+                rows.append((event.key[:90], us / 1e3 / self.n))
+        return sorted(rows, key=lambda r: -r[1])[:k]
 
     def breakdown(self) -> dict[str, float]:
         """ms per step of each phase (CUDA kernel time)."""
@@ -135,16 +150,18 @@ def main() -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--out", default="bench/results")
     p.add_argument("--variants", default="nmoe")
-    p.add_argument("--profile", action="store_true", help="profile 3 steps of the first variant (after step 20)")
+    p.add_argument("--profile", action="store_true", help="profile 3 steps of each variant (after step 20)")
     args = p.parse_args()
     from nmoe.train.config import load_config
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results, breakdown = [], None
+    results = []
     for i, label in enumerate(args.variants.split(",")):
         name, _, batch = label.partition("@")
         overrides = dict(o.split("=", 1) for o in args.overrides)
+        if name == "fp8":
+            overrides["model.expert_precision"] = "fp8"
         if name.startswith("ac-"):
             overrides["runtime.activation_checkpointing"] = name.removeprefix("ac-")
         if batch:
@@ -157,10 +174,12 @@ def main() -> int:
             "train.log_every": "10",
         })  # fmt: skip
         cfg = load_config(args.config, overrides=overrides)
-        profile = Profile(start=min(20, args.steps - 4)) if args.profile and i == 0 else None
+        profile = Profile(start=min(20, args.steps - 4)) if args.profile else None
         results.append(run_variant(cfg, name, hooks=[profile] if profile else ()) | {"variant": label})
         if profile is not None and profile.prof is not None:
-            breakdown = profile.breakdown()
+            results[-1]["profile_ms_per_step"] = profile.breakdown()
+            results[-1]["profile_wall_ms_per_step"] = profile.wall_ms
+            results[-1]["profile_top_kernels"] = profile.top_kernels()
         print(json.dumps(results[-1]), flush=True)
     record = {
         "config": args.config,
@@ -170,7 +189,6 @@ def main() -> int:
         "torch": torch.__version__,
         "steps": args.steps,
         "results": results,
-        "profile_ms_per_step": breakdown,
     }
     (out / "train.json").write_text(json.dumps(record, indent=1))
     print(f"\n| variant | tokens/s | MFU | peak mem GiB | loss@{args.steps} |\n|---|---|---|---|---|")
@@ -179,14 +197,23 @@ def main() -> int:
         print(
             f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.1f} | {r['final_loss']:.3f} |"
         )
-    if breakdown:
-        total = sum(breakdown.values())
-        print(
-            f"\nkernel time per step ({results[0]['variant']}): {total:.1f} ms\n| phase | ms/step | share |\n|---|---|---|"
-        )
-        for phase, ms in breakdown.items():
-            print(f"| {phase} | {ms:.1f} | {ms / total * 100:.0f}% |")
+    for r in results:
+        if "profile_ms_per_step" in r:
+            print_profile(r)
     return 0
+
+
+def print_profile(r: dict) -> None:
+    breakdown = r["profile_ms_per_step"]
+    total = sum(breakdown.values())
+    print(
+        f"\n{r['variant']}: wall {r['profile_wall_ms_per_step']:.1f} ms per profiled step, kernel time {total:.1f} ms"
+    )
+    print("| phase | ms/step | share |\n|---|---|---|")
+    for phase, ms in breakdown.items():
+        print(f"| {phase} | {ms:.1f} | {ms / total * 100:.0f}% |")
+    for name, ms in r["profile_top_kernels"]:
+        print(f"    {ms:7.3f}  {name}")
 
 
 if __name__ == "__main__":

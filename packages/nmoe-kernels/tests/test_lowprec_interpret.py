@@ -283,6 +283,28 @@ def test_bf16_inputs_give_bf16_outputs_within_bf16_rounding():
     assert rel_err(y, want) < 4e-3 and rel_err(x.grad, xr.grad) < 4e-3 and rel_err(w.grad, wr.grad) < 4e-3
 
 
+def test_moe_experts_fp8_quantises_float32_master_weights_under_bf16_activations():
+    """The model's fp8 call: bf16 tokens, the float32 master weights quantised straight (no bf16 copy), float32
+    weight gradients from the dW GEMM's accumulator; within bf16 rounding of the float64 reference."""
+    g = torch.Generator().manual_seed(5)
+    n_tokens, top_k, n_experts, d, h = 24, 2, 3, 64, 48
+    ids = torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(n_tokens)])
+    x = torch.randn(n_tokens, d, generator=g).bfloat16().requires_grad_()
+    weights = torch.rand(n_tokens, top_k, generator=g).requires_grad_()
+    w_up = (torch.randn(n_experts, d, 2 * h, generator=g) / d**0.5).requires_grad_()
+    w_down = (torch.randn(n_experts, h, d, generator=g) / h**0.5).requires_grad_()
+    y = nk.moe_experts_fp8(x, ids, weights, w_up, w_down, wgrad_fp8=False, fast_accum=True)
+    dy = torch.randn(y.shape, generator=g).bfloat16()
+    y.backward(dy)
+    assert y.dtype == x.grad.dtype == torch.bfloat16 and w_up.grad.dtype == w_down.grad.dtype == torch.float32
+    leaves = float64_oracle_leaves(x, weights, w_up, w_down)
+    want = R.moe_experts_fp8(leaves[0], ids, *leaves[1:], "rowwise", torch.float64, wgrad_fp8=False)
+    want.backward(dy.double())
+    assert rel_err(y, want) < 1e-2
+    for name, t, ref in zip(("x", "weights", "w_up", "w_down"), (x, weights, w_up, w_down), leaves):
+        assert rel_err(t.grad, ref.grad) < 1e-2, name
+
+
 def test_fp8_gpu_path_refuses_misaligned_dims():
     with pytest.raises(nk.UnsupportedInput, match="multiple of 16"):
         nk.grouped_mm_fp8(torch.randn(4, 24), torch.randn(1, 24, 16), torch.tensor([4], dtype=torch.int32))

@@ -306,12 +306,44 @@ def test_fp8_fused_experts_equal_dispatch_fp8_mlp_combine_forward():
     assert ((g_fused - g_composed).norm() / g_composed.norm()).item() < 0.05
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_routed_experts_read_the_master_weights_as_their_gemms_need(precision):
+    """Under bf16 autocast the fused op gets the float32 parameters themselves: fp8 quantises them straight, bf16
+    casts them first (in_activation_dtype); either way the forward equals the op on explicitly cast weights for
+    bf16, and the parameters' gradients arrive in float32."""
+    cfg = moe_config(n_routed_experts=4, dim=128, moe_inter_dim=64, top_k=2, n_shared_experts=0,
+                     expert_precision=precision)  # fmt: skip
+    moe = build_moe(cfg, seed=3, dtype=torch.float32)
+    seen = []
+    op = moe.dispatcher.fused
+
+    def spy(x, ids, weights, w_up, w_down):
+        seen.append((x.dtype, w_up, w_down))
+        return op(x, ids, weights, w_up, w_down)
+
+    moe.dispatcher.fused = spy
+    x = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = moe(x)
+    assert seen[0][0] == torch.bfloat16 and seen[0][1] is moe.w_up and seen[0][2] is moe.w_down
+    y.float().square().sum().backward()
+    assert moe.w_up.grad.dtype == moe.w_down.grad.dtype == torch.float32
+    assert moe.w_up.grad.abs().sum() > 0 and moe.w_down.grad.abs().sum() > 0
+    if precision == "bf16":
+        flat = x.reshape(-1, 128).to(torch.bfloat16)
+        r = route(flat, moe.gate, moe.expert_bias, cfg)
+        want = nk.moe_experts(flat, r.topk_ids, r.weights, moe.w_up.to(torch.bfloat16), moe.w_down.to(torch.bfloat16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = moe._routed(flat, r.topk_ids, r.weights)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_fp8_recipe_keys_reach_the_expert_mlp_and_fast_accumulation_needs_rowwise():
     cfg = moe_config(expert_precision="fp8", fp8_wgrad=True, fp8_fast_accum=False)
     assert expert_mlp_of(cfg).keywords == dict(scaling="rowwise", wgrad_fp8=True, fast_accum=False)
     assert fused_experts_of(cfg).keywords == expert_mlp_of(cfg).keywords  # LocalDispatch's op, same recipe
     assert build_moe(cfg, seed=0, dtype=torch.float32).dispatcher.fused.func is nk.moe_experts_fp8
-    assert build_moe(moe_config(), seed=0, dtype=torch.float32).dispatcher.fused is nk.moe_experts
+    assert build_moe(moe_config(), seed=0, dtype=torch.float32).dispatcher.fused.__wrapped__ is nk.moe_experts
     assert expert_mlp_of(moe_config(expert_precision="fp8")).keywords == dict(  # the measured defaults
         scaling="rowwise", wgrad_fp8=False, fast_accum=True
     )

@@ -4,7 +4,9 @@ Every dispatcher has the same surface:
 - `dispatch(x[T,D], topk_ids[T,K], weights[T,K]) -> (rows[M,D], offsets[El] int32, handle)`: the rows this
   rank's El local experts must process, grouped by local expert (`offsets`: cumulative end rows);
 - `combine(rows_out[M,D], handle) -> y[T,D] = sum_k weights[t,k] * expert_out(t,k)`;
-- `experts(x, topk_ids, weights, w_up, w_down) -> y`: dispatch -> fused SwiGLU expert MLP -> combine.
+- `experts(x, topk_ids, weights, w_up, w_down) -> y`: dispatch -> fused SwiGLU expert MLP -> combine. The weights
+  are the master parameters as they are (float32 under autocast); each expert op reads them as its GEMMs need:
+  bf16 ops through `in_activation_dtype` (a cast), the fp8 ops quantise them straight from the masters.
 A topk id of -1 is a pair dropped by the capacity limit (`nmoe.kernels.drop_over_capacity`): it is never
 sent, never computed and contributes 0. `LocalDispatch` owns every expert and runs `experts` as one fused
 op (`moe_experts`, or `moe_experts_fp8` in fp8: the gather fused into the up-projection, the weighted combine
@@ -14,6 +16,7 @@ into one kernel);
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -25,6 +28,23 @@ from nmoe.kernels import expert_mlp, moe_experts, sort_by_expert
 ExpertMLP = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # x[T,D], topk_ids[T,K], weights[T,K], w_up[E,D,2H], w_down[E,H,D] -> y[T,D]: gather, expert MLP, weighted combine
 FusedExperts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def in_activation_dtype(op):
+    """An ExpertMLP or FusedExperts whose GEMMs read the weights (its last two arguments) in the activations' dtype
+    (its first argument's): the master weights are cast first; their gradients come back in the master dtype."""
+
+    @functools.wraps(op)
+    def run(*args):
+        *rest, w_up, w_down = args
+        dtype = args[0].dtype
+        return op(*rest, w_up.to(dtype), w_down.to(dtype))
+
+    return run
+
+
+BF16_FUSED = in_activation_dtype(moe_experts)
+BF16_MLP = in_activation_dtype(expert_mlp)
 
 
 class ExpertDispatch(Protocol):
@@ -54,7 +74,7 @@ class LocalDispatch:
     over grouped rows, dispatch -> mlp -> combine (the composition the fused ops are tested against).
     """
 
-    def __init__(self, n_experts: int, mlp: ExpertMLP | None = None, fused: FusedExperts = moe_experts):
+    def __init__(self, n_experts: int, mlp: ExpertMLP | None = None, fused: FusedExperts = BF16_FUSED):
         self.n_experts = n_experts
         self.mlp = mlp
         self.fused = fused
@@ -85,7 +105,7 @@ class LocalDispatch:
 class RdepDispatch:
     """Routed experts sharded over an expert-parallel group; rows move by direct writes (nmoe.rdep)."""
 
-    def __init__(self, rdep, mlp: ExpertMLP = expert_mlp):
+    def __init__(self, rdep, mlp: ExpertMLP = BF16_MLP):
         self.rdep = rdep  # nmoe.rdep.Rdep, shared by every MoE layer of the model
         self.mlp = mlp
 
@@ -101,5 +121,5 @@ class RdepDispatch:
     def experts(self, x, topk_ids, weights, w_up, w_down) -> torch.Tensor:
         """dispatch -> fused SwiGLU expert MLP on the received rows -> combine."""
         rows, offsets, handle = self.dispatch(x, topk_ids, weights)
-        out = self.mlp(rows, offsets, w_up.to(rows.dtype), w_down.to(rows.dtype))
+        out = self.mlp(rows, offsets, w_up, w_down)
         return self.combine(out, handle).to(x.dtype)

@@ -18,7 +18,7 @@ from torch import nn
 
 from nmoe.kernels import drop_over_capacity, expert_capacity, expert_mlp, expert_mlp_fp8, moe_experts, moe_experts_fp8
 from nmoe.model.config import ModelConfig
-from nmoe.model.dispatch import ExpertDispatch, ExpertMLP, FusedExperts, LocalDispatch
+from nmoe.model.dispatch import ExpertDispatch, ExpertMLP, FusedExperts, LocalDispatch, in_activation_dtype
 from nmoe.model.layers import SwiGLU
 
 
@@ -69,14 +69,14 @@ def expert_mlp_of(cfg: ModelConfig) -> ExpertMLP:
     """
     if cfg.expert_precision == "fp8":
         return functools.partial(expert_mlp_fp8, **_fp8_recipe(cfg))
-    return expert_mlp
+    return in_activation_dtype(expert_mlp)
 
 
 def fused_experts_of(cfg: ModelConfig) -> FusedExperts:
     """The fused gather -> expert MLP -> weighted combine op (LocalDispatch) for model.expert_precision."""
-    if cfg.expert_precision == "fp8":
+    if cfg.expert_precision == "fp8":  # quantised straight from the float32 masters, gradients in float32
         return functools.partial(moe_experts_fp8, **_fp8_recipe(cfg))
-    return moe_experts
+    return in_activation_dtype(moe_experts)
 
 
 def capacity_ids(topk_ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -151,7 +151,7 @@ class MoE(nn.Module):
         dtype = flat.dtype
         if torch.is_autocast_enabled(flat.device.type):
             dtype = torch.get_autocast_dtype(flat.device.type)
-        return self.dispatcher.experts(flat.to(dtype), ids, weights, self.w_up.to(dtype), self.w_down.to(dtype))
+        return self.dispatcher.experts(flat.to(dtype), ids, weights, self.w_up, self.w_down)
 
     def _aux_loss(self, r: Routing, batch: int) -> torch.Tensor:
         aux = r.logits.new_zeros(())
