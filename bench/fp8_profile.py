@@ -24,7 +24,6 @@ import triton
 import nmoe.kernels as nk
 from nmoe.kernels import _lowprec_ops as ops
 from nmoe.kernels import _triton_ops, reference
-from nmoe.model.dispatch import in_activation_dtype
 
 
 def bench_ms(fn) -> float:
@@ -58,7 +57,7 @@ RECIPES = {  # expert_mlp_fp8 keyword arguments
 }
 PROFILED = ("bf16 fused (expert_mlp)", "fp8 rowwise fast, bf16 dW", "fp8 rowwise fast, bf16 dW, TMA")
 DEFAULT_FP8 = dict(scaling="rowwise", wgrad_fp8=False, fast_accum=True)  # the model's fp8 recipe
-MASTERS_BF16 = "bf16 moe_experts, float32 masters cast (the model's bf16 layer)"
+MASTERS_BF16 = "bf16 moe_experts, float32 masters cast inside (the model's bf16 layer)"
 MASTERS_FP8 = "fp8 moe_experts_fp8, float32 masters quantised (the model's fp8 layer)"
 MOE_PROFILED = ("bf16 moe_experts", "fp8 moe_experts_fp8", MASTERS_BF16, MASTERS_FP8)
 
@@ -122,12 +121,11 @@ def moe_paths(tokens, top_k, n_experts, d, h):
     def step(fn, wrt=leaves):
         return lambda: torch.autograd.grad(fn(), wrt, dy)
 
-    bf16_on_masters = in_activation_dtype(nk.moe_experts)
     return {
         "bf16 moe_experts": step(lambda: nk.moe_experts(x, ids, weights, w_up, w_down)),
         "fp8 moe_experts_fp8": step(lambda: nk.moe_experts_fp8(x, ids, weights, w_up, w_down, **DEFAULT_FP8)),
         "fp8 gather, expert_mlp_fp8, index_add (before)": step(composed),
-        MASTERS_BF16: step(lambda: bf16_on_masters(x, ids, weights, *masters), master_leaves),
+        MASTERS_BF16: step(lambda: nk.moe_experts(x, ids, weights, *masters), master_leaves),
         MASTERS_FP8: step(lambda: nk.moe_experts_fp8(x, ids, weights, *masters, **DEFAULT_FP8), master_leaves),
     }
 

@@ -115,13 +115,15 @@ def check_moe(
     tol: float,
     variant: str = "pointer",
     dropped: float = 0.0,
+    weight_dtype: torch.dtype | None = None,  # float32: master weights under bf16 tokens (cast inside the op)
 ) -> None:
     ids = routing(n_tokens, top_k, n_experts, layout)
     ids = torch.where(torch.rand(ids.shape, device="cuda") < dropped, -1, ids)
     weights = torch.rand(n_tokens, top_k, device="cuda")
     x = torch.randn(n_tokens, d, device="cuda", dtype=dtype).requires_grad_()
-    w_up = (torch.randn(n_experts, d, 2 * h, device="cuda", dtype=dtype) / d**0.5).requires_grad_()
-    w_down = (torch.randn(n_experts, h, d, device="cuda", dtype=dtype) / h**0.5).requires_grad_()
+    w_dtype = weight_dtype or dtype
+    w_up = (torch.randn(n_experts, d, 2 * h, device="cuda", dtype=w_dtype) / d**0.5).requires_grad_()
+    w_down = (torch.randn(n_experts, h, d, device="cuda", dtype=w_dtype) / h**0.5).requires_grad_()
     weights.requires_grad_()
     dy = torch.randn(n_tokens, d, device="cuda", dtype=dtype)
     rows = n_tokens * top_k
@@ -138,9 +140,10 @@ def check_moe(
     errs = dict(y=rel_err(y, want))
     errs.update({f"d_{n}": rel_err(g, r) for n, g, r in zip(("x", "weights", "w_up", "w_down"), grads, want_grads)})
     dropped_zero = bool(grads[1][ids < 0].eq(0).all())
+    grad_dtypes = grads[2].dtype == grads[3].dtype == w_dtype and grads[0].dtype == dtype
     record(
         f"moe_experts {name} [{variant}]",
-        max(errs.values()) < tol and dropped_zero and deterministic,
+        max(errs.values()) < tol and dropped_zero and deterministic and grad_dtypes,
         deterministic=deterministic,
         dropped_slots=int((ids < 0).sum()),
         dropped_weight_grad_zero=dropped_zero,
@@ -342,6 +345,7 @@ def main() -> int:
             lambda v=v: check_moe("one huge group", 8192, 6, 64, 1024, 704, "one_huge", bf16, 2e-2, v),
             lambda v=v: check_moe("speedrun-256 empty experts", 8192, 8, 256, 1024, 512, "empty", bf16, 2e-2, v),
             lambda v=v: check_moe("fp32 10% dropped", 2048, 4, 16, 256, 128, "random", fp32, 5e-3, v, 0.1),
+            lambda v=v: check_moe("moonlet float32 masters", 8192, 6, 64, 1024, 704, "random", bf16, 2e-2, v, 0, fp32),
             lambda v=v: check_expert_mlp("moonlet-ep", [1536] * 8 + [0, 77], 300, 1024, 704, bf16, 2e-2, v),
             lambda v=v: check_expert_mlp("fp32", [500, 0, 1200, 37], 5, 256, 128, fp32, 5e-3, v),
             lambda v=v: check_no_host_sync(v),

@@ -35,7 +35,10 @@ def op_samples():
         "grouped_mm_backward": [(x, x, w_down, offsets, True, True), (x, x, w_down, offsets, False, True)],
         "expert_mlp": [(grad(x), offsets, grad(w_up), grad(w_down))],
         "expert_mlp_backward": [(x, x, offsets, w_up, w_down, pre, act)],
-        "moe_experts": [(grad(x), ids, grad(weights), grad(w_up), grad(w_down))],
+        "moe_experts": [  # the second: bf16 tokens, float32 master weights
+            (grad(x), ids, grad(weights), grad(w_up), grad(w_down)),
+            (grad(x.bfloat16()), ids, grad(weights), grad(w_up), grad(w_down)),
+        ],
         "linear_cross_entropy": [
             (grad(x), grad(head), targets, 4, -100, True),
             (x, head, targets, 3, -100, False),
@@ -48,14 +51,22 @@ def test_opcheck(name, args):
     torch.library.opcheck(getattr(torch.ops.nmoe, name).default, args)
 
 
-def test_opcheck_moe_experts_backward():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_moe_experts_backward(dtype):
+    """dtype: the tokens'; the weights stay float32 (masters, cast for the GEMMs, under bf16)."""
     g = torch.Generator().manual_seed(1)
     w_up, w_down = expert_weights(g)
     x, ids, weights = torch.randn(6, 16, generator=g), torch.tensor([[0, 1], [2, -1], [3, 0]] * 2), torch.rand(6, 2)
-    _, pre, act, offsets, order, token, pos = torch.ops.nmoe.moe_experts(x, ids, weights, w_up, w_down)
-    dy = torch.randn(6, 16, generator=g)
-    args = (dy, x, weights, w_up, w_down, offsets, order, token, pos, pre, act)
+    x = x.to(dtype)
+    _, pre, act, offsets, order, token, pos, cast_up, cast_down = torch.ops.nmoe.moe_experts(
+        x, ids, weights, w_up, w_down
+    )
+    assert cast_up.numel() == (0 if dtype == torch.float32 else w_up.numel())
+    dy = torch.randn(6, 16, generator=g).to(dtype)
+    args = (dy, x, weights, w_up, w_down, cast_up, cast_down, offsets, order, token, pos, pre, act)
     torch.library.opcheck(torch.ops.nmoe.moe_experts_backward.default, args)
+    dw_up, dw_down = torch.ops.nmoe.moe_experts_backward(*args)[2:]
+    assert dw_up.dtype == dw_down.dtype == torch.float32
 
 
 class TinyMoE(torch.nn.Module):

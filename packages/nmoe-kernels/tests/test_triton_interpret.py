@@ -177,6 +177,32 @@ def test_bf16_expert_path_within_bf16_rounding():
         assert t.grad.dtype == torch.bfloat16 and rel_err(t.grad, ref.grad) < 3e-2, name
 
 
+def test_bf16_expert_path_on_float32_masters_casts_inside_and_returns_float32_weight_grads():
+    """The model's bf16 call: the forward is the op on weights cast outside, bit for bit; the weight gradients come
+    from the dW kernel's float32 accumulator (no bf16 round trip), closer to float64 than the bf16 ones."""
+    g = torch.Generator().manual_seed(1)
+    n_tokens, top_k, n_experts, d, h = 24, 2, 4, 32, 16
+    ids = routing(n_tokens, top_k, n_experts, "random", g)
+    x = torch.randn(n_tokens, d, generator=g).bfloat16()
+    weights = torch.rand(n_tokens, top_k, generator=g)
+    masters = [(torch.randn(n_experts, d, 2 * h, generator=g) / d**0.5).requires_grad_(),
+               (torch.randn(n_experts, h, d, generator=g) / h**0.5).requires_grad_()]  # fmt: skip
+    cast = [w.detach().bfloat16().requires_grad_() for w in masters]
+    dy = torch.randn(n_tokens, d, generator=g).bfloat16()
+    y_masters = nk.moe_experts(x, ids, weights, *masters)
+    y_cast = nk.moe_experts(x, ids, weights, *cast)
+    assert torch.equal(y_masters, y_cast)
+    y_masters.backward(dy)
+    y_cast.backward(dy)
+    leaves64 = [float64_leaf(w) for w in cast]
+    reference.moe_experts(float64_leaf(x), ids, float64_leaf(weights), *leaves64).backward(dy.double())
+    for m, c, ref in zip(masters, cast, leaves64):
+        assert m.grad.dtype == torch.float32
+        # the same accumulator, rounded once (to nearest here; the interpreter's bf16 store truncates: one ulp)
+        torch.testing.assert_close(m.grad.bfloat16(), c.grad, rtol=2**-7, atol=0)
+        assert rel_err(m.grad, ref.grad) <= rel_err(c.grad, ref.grad)
+
+
 def test_gpu_path_refuses_misaligned_dims_and_fp16():
     offsets = torch.tensor([3], dtype=torch.int32)
     with pytest.raises(nk.UnsupportedInput, match="multiple of 16"):

@@ -308,9 +308,9 @@ def test_fp8_fused_experts_equal_dispatch_fp8_mlp_combine_forward():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_routed_experts_read_the_master_weights_as_their_gemms_need(precision):
-    """Under bf16 autocast the fused op gets the float32 parameters themselves: fp8 quantises them straight, bf16
-    casts them first (in_activation_dtype); either way the forward equals the op on explicitly cast weights for
-    bf16, and the parameters' gradients arrive in float32."""
+    """Under bf16 autocast the fused op gets the float32 parameters themselves (fp8 quantises them straight, bf16
+    casts them inside) and their gradients arrive in float32; bf16's forward equals the op on weights cast outside
+    and its weight gradients equal those within bf16 rounding (they skip the bf16 round trip)."""
     cfg = moe_config(n_routed_experts=4, dim=128, moe_inter_dim=64, top_k=2, n_shared_experts=0,
                      expert_precision=precision)  # fmt: skip
     moe = build_moe(cfg, seed=3, dtype=torch.float32)
@@ -336,6 +336,14 @@ def test_routed_experts_read_the_master_weights_as_their_gemms_need(precision):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = moe._routed(flat, r.topk_ids, r.weights)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+        cast = [w.detach().to(torch.bfloat16).requires_grad_() for w in (moe.w_up, moe.w_down)]
+        masters = [w.detach().clone().requires_grad_() for w in (moe.w_up, moe.w_down)]
+        ids, weights, dy = r.topk_ids.detach(), r.weights.detach(), torch.randn(want.shape).bfloat16()
+        nk.moe_experts(flat.detach(), ids, weights, *cast).backward(dy)
+        nk.moe_experts(flat.detach(), ids, weights, *masters).backward(dy)
+        for c, m in zip(cast, masters):
+            assert m.grad.dtype == torch.float32
+            torch.testing.assert_close(m.grad.bfloat16(), c.grad, rtol=1e-2, atol=1e-3)
 
 
 def test_fp8_recipe_keys_reach_the_expert_mlp_and_fast_accumulation_needs_rowwise():
@@ -343,7 +351,7 @@ def test_fp8_recipe_keys_reach_the_expert_mlp_and_fast_accumulation_needs_rowwis
     assert expert_mlp_of(cfg).keywords == dict(scaling="rowwise", wgrad_fp8=True, fast_accum=False)
     assert fused_experts_of(cfg).keywords == expert_mlp_of(cfg).keywords  # LocalDispatch's op, same recipe
     assert build_moe(cfg, seed=0, dtype=torch.float32).dispatcher.fused.func is nk.moe_experts_fp8
-    assert build_moe(moe_config(), seed=0, dtype=torch.float32).dispatcher.fused.__wrapped__ is nk.moe_experts
+    assert build_moe(moe_config(), seed=0, dtype=torch.float32).dispatcher.fused is nk.moe_experts
     assert expert_mlp_of(moe_config(expert_precision="fp8")).keywords == dict(  # the measured defaults
         scaling="rowwise", wgrad_fp8=False, fast_accum=True
     )

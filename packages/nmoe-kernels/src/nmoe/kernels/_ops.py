@@ -142,20 +142,40 @@ expert_mlp.register_autograd(_expert_mlp_grad, setup_context=_expert_mlp_setup)
 # ----------------------------------------------------------------------------------------------- moe_experts
 
 
+def _gemm_weights(x: Tensor, w_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (w_up, w_down as the GEMMs read them: in x's dtype, cast when they are float32 masters under bf16 x;
+    the cast copies, or [0] placeholders when no cast was needed: an op's outputs may not alias its inputs)."""
+    if w_up.dtype == x.dtype and w_down.dtype == x.dtype:
+        return w_up, w_down, x.new_empty(0), x.new_empty(0)
+    gu, gd = w_up.to(x.dtype), w_down.to(x.dtype)
+    return gu, gd, gu, gd
+
+
+def _saved_gemm_weights(x, w_up, w_down, cast_up, cast_down) -> tuple[Tensor, Tensor]:
+    if w_up.dtype == x.dtype and w_down.dtype == x.dtype:
+        return w_up, w_down
+    return cast_up, cast_down
+
+
 @torch.library.custom_op("nmoe::moe_experts", mutates_args=())
 def moe_experts(
     x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_up: Tensor, w_down: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (y[T,D], pre[R,2H], act[R,H], offsets[E] int32, order[R] int64, token[R] int32, pos[R] int32), R = T*K."""
-    if _dispatch.experts_on_triton(x, w_up, w_down, topk_ids, topk_weights):
-        return _triton_ops().moe_forward(x, topk_ids, topk_weights, w_up, w_down)
-    return reference.moe_experts_parts(x, topk_ids, topk_weights, w_up, w_down)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (y[T,D], pre[R,2H], act[R,H], offsets[E] int32, order[R] int64, token[R] int32, pos[R] int32, the weights
+    cast to x's dtype (or [0] each when they were in it)), R = T*K."""
+    gu, gd, cast_up, cast_down = _gemm_weights(x, w_up, w_down)
+    if _dispatch.experts_on_triton(x, gu, gd, topk_ids, topk_weights):
+        parts = _triton_ops().moe_forward(x, topk_ids, topk_weights, gu, gd)
+    else:
+        parts = reference.moe_experts_parts(x, topk_ids, topk_weights, gu, gd)
+    return (*parts, cast_up, cast_down)
 
 
 @moe_experts.register_fake
 def _(x, topk_ids, topk_weights, w_up, w_down):
-    _dispatch.experts_on_triton(x, w_up, w_down, topk_ids, topk_weights)
+    _dispatch.experts_on_triton(x, w_up.to(x.dtype), w_down.to(x.dtype), topk_ids, topk_weights)
     rows, h2 = topk_ids.numel(), w_up.shape[2]
+    cast = w_up.dtype != x.dtype or w_down.dtype != x.dtype
 
     def ints(n, dtype):
         return x.new_empty(n, dtype=dtype)
@@ -168,6 +188,8 @@ def _(x, topk_ids, topk_weights, w_up, w_down):
         ints(rows, torch.int64),
         ints(rows, torch.int32),
         ints(rows, torch.int32),
+        x.new_empty(w_up.shape if cast else (0,)),
+        x.new_empty(w_down.shape if cast else (0,)),
     )
 
 
@@ -178,6 +200,8 @@ def moe_experts_backward(
     topk_weights: Tensor,
     w_up: Tensor,
     w_down: Tensor,
+    cast_up: Tensor,
+    cast_down: Tensor,
     offsets: Tensor,
     order: Tensor,
     token: Tensor,
@@ -185,15 +209,18 @@ def moe_experts_backward(
     pre: Tensor,
     act: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dy[T,D] -> (dx[T,D], d_topk_weights[T,K], dw_up[E,D,2H], dw_down[E,H,D])."""
+    """dy[T,D] -> (dx[T,D], d_topk_weights[T,K], dw_up[E,D,2H], dw_down[E,H,D]); dW in the weights' own dtype (from
+    the float32 accumulator for float32 masters)."""
     saved = (offsets, order, token, pos, pre, act)
-    if _dispatch.experts_on_triton(x, w_up, w_down, topk_weights):
-        return _triton_ops().moe_backward(dy, x, topk_weights, w_up, w_down, *saved)
-    return reference.moe_experts_backward(dy, x, topk_weights, w_up, w_down, *saved)
+    gu, gd = _saved_gemm_weights(x, w_up, w_down, cast_up, cast_down)
+    if _dispatch.experts_on_triton(x, gu, gd, topk_weights):
+        return _triton_ops().moe_backward(dy, x, topk_weights, gu, gd, *saved, dw_dtype=w_up.dtype)
+    dx, d_weights, dw_up, dw_down = reference.moe_experts_backward(dy, x, topk_weights, gu, gd, *saved)
+    return dx, d_weights, dw_up.to(w_up.dtype), dw_down.to(w_down.dtype)
 
 
 @moe_experts_backward.register_fake
-def _(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act):
+def _(dy, x, topk_weights, w_up, w_down, cast_up, cast_down, offsets, order, token, pos, pre, act):
     return (
         x.new_empty(x.shape),
         topk_weights.new_empty(topk_weights.shape),
@@ -204,9 +231,9 @@ def _(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act):
 
 def _moe_setup(ctx, inputs, output):
     x, _, topk_weights, w_up, w_down = inputs
-    _, pre, act, offsets, order, token, pos = output
-    ctx.mark_non_differentiable(pre, act, offsets, order, token, pos)
-    ctx.save_for_backward(x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act)
+    _, pre, act, offsets, order, token, pos, cast_up, cast_down = output
+    ctx.mark_non_differentiable(pre, act, offsets, order, token, pos, cast_up, cast_down)
+    ctx.save_for_backward(x, topk_weights, w_up, w_down, cast_up, cast_down, offsets, order, token, pos, pre, act)
 
 
 def _moe_grad(ctx, dy, *_unused):

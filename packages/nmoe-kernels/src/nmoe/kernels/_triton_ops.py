@@ -420,8 +420,9 @@ def moe_forward(x, topk_ids, topk_weights, w_up, w_down):
     return y, pre, act, routing.offsets, routing.order, token, pos
 
 
-def moe_backward(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act):
-    """dy[T,D] -> (dx[T,D], d_topk_weights[T,K] (weights' dtype), dw_up, dw_down); fused as in the forward."""
+def moe_backward(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act, dw_dtype=None):
+    """dy[T,D] -> (dx[T,D], d_topk_weights[T,K] (weights' dtype), dw_up, dw_down in dw_dtype (default the
+    weights')); fused as in the forward."""
     dy = dy.contiguous()
     n_tokens, top_k = topk_weights.shape
     weights = topk_weights.reshape(-1)
@@ -440,9 +441,9 @@ def moe_backward(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, 
         w_idx=order,
         dw=d_weights,
     )
-    dw_down = torch.empty(w_down.shape, dtype=w_down.dtype, device=x.device)
+    dw_down = torch.empty(w_down.shape, dtype=dw_dtype or w_down.dtype, device=x.device)
     _launch_dw(act, gather_rows(dy, token, weights, order), offsets, dw_down)
-    dw_up = torch.empty(w_up.shape, dtype=w_up.dtype, device=x.device)
+    dw_up = torch.empty(w_up.shape, dtype=dw_dtype or w_up.dtype, device=x.device)
     _launch_dw(gather_rows(x, token), d_pre, offsets, dw_up)
     d_rows = _launch_gmm(
         d_pre, w_up, offsets, torch.empty(pre.shape[0], x.shape[1], dtype=x.dtype, device=x.device), transpose=True

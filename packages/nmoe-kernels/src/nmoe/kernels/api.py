@@ -95,7 +95,8 @@ def moe_experts(
     """x[T,D], topk ids/weights[T,K], w_up[E,D,2H] (gate|up), w_down[E,H,D] -> y[T,D] = sum_k w_tk expert(x_t).
 
     topk_ids == -1 marks a slot dropped (e.g. by a capacity limit): it skips the expert GEMMs, adds 0 to y and
-    gets a zero topk_weights gradient.
+    gets a zero topk_weights gradient. The weights may be float32 masters under bf16 x: the GEMMs read them cast
+    to bf16, and their gradients come back in float32 straight from the weight-gradient GEMM's accumulator.
     """
     _check_moe(x, topk_ids, topk_weights, w_up, w_down)
     return _ops.moe_experts(x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), w_up, w_down)[0]

@@ -6,7 +6,8 @@ Every dispatcher has the same surface:
 - `combine(rows_out[M,D], handle) -> y[T,D] = sum_k weights[t,k] * expert_out(t,k)`;
 - `experts(x, topk_ids, weights, w_up, w_down) -> y`: dispatch -> fused SwiGLU expert MLP -> combine. The weights
   are the master parameters as they are (float32 under autocast); each expert op reads them as its GEMMs need:
-  bf16 ops through `in_activation_dtype` (a cast), the fp8 ops quantise them straight from the masters.
+  `moe_experts` casts them inside and returns float32 gradients straight from its dW GEMM, `expert_mlp` is wrapped
+  by `in_activation_dtype` (a cast outside), the fp8 ops quantise them straight from the masters.
 A topk id of -1 is a pair dropped by the capacity limit (`nmoe.kernels.drop_over_capacity`): it is never
 sent, never computed and contributes 0. `LocalDispatch` owns every expert and runs `experts` as one fused
 op (`moe_experts`, or `moe_experts_fp8` in fp8: the gather fused into the up-projection, the weighted combine
@@ -43,7 +44,6 @@ def in_activation_dtype(op):
     return run
 
 
-BF16_FUSED = in_activation_dtype(moe_experts)
 BF16_MLP = in_activation_dtype(expert_mlp)
 
 
@@ -74,7 +74,7 @@ class LocalDispatch:
     over grouped rows, dispatch -> mlp -> combine (the composition the fused ops are tested against).
     """
 
-    def __init__(self, n_experts: int, mlp: ExpertMLP | None = None, fused: FusedExperts = BF16_FUSED):
+    def __init__(self, n_experts: int, mlp: ExpertMLP | None = None, fused: FusedExperts = moe_experts):
         self.n_experts = n_experts
         self.mlp = mlp
         self.fused = fused

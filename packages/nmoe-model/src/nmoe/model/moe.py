@@ -74,9 +74,9 @@ def expert_mlp_of(cfg: ModelConfig) -> ExpertMLP:
 
 def fused_experts_of(cfg: ModelConfig) -> FusedExperts:
     """The fused gather -> expert MLP -> weighted combine op (LocalDispatch) for model.expert_precision."""
-    if cfg.expert_precision == "fp8":  # quantised straight from the float32 masters, gradients in float32
+    if cfg.expert_precision == "fp8":  # both take the float32 masters: quantised / cast inside, float32 gradients
         return functools.partial(moe_experts_fp8, **_fp8_recipe(cfg))
-    return in_activation_dtype(moe_experts)
+    return moe_experts
 
 
 def capacity_ids(topk_ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
