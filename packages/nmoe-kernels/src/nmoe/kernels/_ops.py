@@ -127,6 +127,7 @@ def _expert_mlp_setup(ctx, inputs, output):
     rows, offsets, w_up, w_down = inputs
     _, pre, act = output
     ctx.mark_non_differentiable(pre, act)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
     ctx.save_for_backward(rows, offsets, w_up, w_down, pre, act)
 
 
@@ -233,6 +234,7 @@ def _moe_setup(ctx, inputs, output):
     x, _, topk_weights, w_up, w_down = inputs
     _, pre, act, offsets, order, token, pos, cast_up, cast_down = output
     ctx.mark_non_differentiable(pre, act, offsets, order, token, pos, cast_up, cast_down)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
     ctx.save_for_backward(x, topk_weights, w_up, w_down, cast_up, cast_down, offsets, order, token, pos, pre, act)
 
 
@@ -269,6 +271,7 @@ def _(h, weight, targets, chunk_size, ignore_index, with_grads):
 def _linear_ce_setup(ctx, inputs, output):
     _, dh, dw = output
     ctx.mark_non_differentiable(dh, dw)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
     ctx.with_grads = inputs[5]
     ctx.save_for_backward(dh, dw)
 
