@@ -205,6 +205,18 @@ def quantiser_sweep(x, w_up, w_down) -> dict:
     return out
 
 
+def launch_sequence(fn) -> list[tuple[str, float]]:
+    """(kernel name, CUDA ms) of every launch of one iteration, in launch order (which GEMM is which)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: e.time_range.start)
+    return [(e.name[:60], e.device_time_total / 1e3) for e in events if e.device_time_total > 5]
+
+
 def host_costs(paths: dict, iters: int = 8) -> dict:
     """Host ms per fwd+bwd (time to enqueue `iters` iterations on an idle GPU, / iters) by path, and the fp8 path's
     top Python functions by own time (cProfile): the launch overhead that starves the GPU in eager training."""
@@ -288,6 +300,8 @@ def main() -> int:
             print(shape, name, f"{ms:.3f} ms", flush=True)
             if shape == "moonlet" and name in MOE_PROFILED:
                 result["kernels"][name] = kernel_table(fn)
+            if shape == "moonlet" and name in (MASTERS_BF16, MASTERS_FP8):
+                result.setdefault("launches", {})[name] = launch_sequence(fn)
         if shape == "moonlet":
             for name in PROFILED:
                 result["kernels"][name] = kernel_table(paths[name])
@@ -329,6 +343,9 @@ def main() -> int:
     for name, table in result["kernels"].items():
         lines += ["", f"{name}: ms per iteration by kernel", ""]
         lines += [f"  {ms:7.3f} x{n:<2d} {k}" for k, ms, n in table[:12]]
+    for name, seq in result.get("launches", {}).items():
+        lines += ["", f"{name}: launches of one fwd+bwd over 5 us, in order", ""]
+        lines += [f"  {ms:7.3f}  {k}" for k, ms in seq]
     if "host_ms" in result:
         lines += [
             "",

@@ -179,6 +179,32 @@ def quantiser_variants():
                 dict(SWIGLU_INPUT=blockwise, BLOCK_C=ops.QUANT_COLS, BLOCK_E=256),
                 exact,
             )
+        for weighted in (False, True):
+            for hidden in (704, 512):  # moonlet's and speedrun-256's H, at the launcher's rows per program and parts
+                block_c, *parts = ops.pow2_parts(hidden)
+                yield (
+                    f"fp8_swiglu_bwd_quant pre={src} weighted={weighted} H={hidden}",
+                    K.fp8_swiglu_bwd_quant_kernel,
+                    dict(
+                        dact_ptr="*fp32",
+                        pre_ptr=f"*{src}",
+                        dpre_ptr=f"*{src}",
+                        q_ptr="*fp8e4nv",
+                        s_ptr="*fp32",
+                        wts_ptr="*fp32",
+                        w_idx_ptr="*i64",
+                        dw_ptr="*fp32",
+                        offsets_ptr="*i32",
+                        **dict.fromkeys(("H", "E", "stride_dm", "stride_pm", "stride_dpm", "stride_qm"), "i32"),
+                    ),
+                    dict(
+                        WEIGHTED=weighted,
+                        BLOCK_M=ops._prev_power_of_2(ops.ONE_PASS_ELEMENTS // (2 * hidden)),
+                        BLOCK_C=block_c,
+                        **dict(zip(("PART1", "PART2", "PART3"), parts)),
+                    ),
+                    exact,
+                )
         weight_ints = ("R", "C", "stride_we", "stride_wr", "stride_wc", "stride_qe", "stride_qr", "stride_qc")
         for one_pass, rows in ((False, 0), (True, 1024), (True, 704)):  # one pass: w_up's and w_down's slabs
             block_r, *parts = ops.pow2_parts(rows) if one_pass else (ops.QUANT_COLS, 0, 0, 0)

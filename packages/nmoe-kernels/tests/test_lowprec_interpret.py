@@ -305,6 +305,33 @@ def test_moe_experts_fp8_quantises_float32_master_weights_under_bf16_activations
         assert rel_err(t.grad, ref.grad) < 1e-2, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_backward_quantize_is_the_swiglu_backward_then_the_row_quantiser(dtype):
+    """The fused kernel of the rowwise fp8 backward: d_pre = SwiGLU backward of the weighted d_act (stored in pre's
+    dtype), its e4m3 rows exactly what the row quantiser makes of the stored d_pre, and the routing-weight gradient
+    <d_act, act>; rows of dropped slots (past offsets[-1]) untouched."""
+    from nmoe.kernels._lowprec_ops import quantize_rows, swiglu_backward_quantize
+
+    g = torch.Generator().manual_seed(6)
+    m, h, kept = 40, 80, 33  # 80 = 64 + 16: two register parts
+    offsets = torch.tensor([10, 10, kept], dtype=torch.int32)
+    d_act = torch.randn(m, h, generator=g)
+    pre = torch.randn(m, 2 * h, generator=g).to(dtype)
+    weights, w_idx = torch.rand(m, generator=g), torch.randperm(m, generator=g)
+    d_weights = torch.zeros(m)
+    d_pre, q, s = swiglu_backward_quantize(d_act, pre, offsets, weights, w_idx, d_weights)
+    slot = weights[w_idx[:kept]]
+    want = R.swiglu_backward(pre[:kept].double(), d_act[:kept].double() * slot.double()[:, None])
+    assert d_pre.dtype == dtype and rel_err(d_pre[:kept], want) < (4e-3 if dtype == torch.bfloat16 else 1e-6)
+    q_want, s_want = quantize_rows(d_pre[:kept], blockwise=False)
+    assert torch.equal(q[:kept].view(torch.uint8), q_want.view(torch.uint8)) and torch.equal(s[:kept], s_want)
+    act = R.swiglu_f32(pre[:kept].float()).to(dtype).double()
+    dw_want = torch.zeros(m, dtype=torch.float64)
+    dw_want[w_idx[:kept]] = (d_act[:kept].double() * act).sum(1)
+    assert rel_err(d_weights, dw_want) < 1e-6
+    assert d_weights[w_idx[kept:]].eq(0).all()  # dropped slots: no gradient written
+
+
 def test_fp8_gpu_path_refuses_misaligned_dims():
     with pytest.raises(nk.UnsupportedInput, match="multiple of 16"):
         nk.grouped_mm_fp8(torch.randn(4, 24), torch.randn(1, 24, 16), torch.tensor([4], dtype=torch.int32))

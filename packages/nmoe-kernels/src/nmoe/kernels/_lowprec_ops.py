@@ -59,6 +59,7 @@ else:
             _cfg(_GMM_NAMES, (64, 128, 128), 8, 3),
             _cfg(_GMM_NAMES, (64, 128, 128), 8, 4),
             _cfg(_GMM_NAMES, (64, 128, 64), 8, 4),
+            _cfg(_GMM_NAMES, (128, 64, 128), 8, 3),  # 128 x 128 spills the epilogue's three tiles
         ],
         K.EPILOGUE_SWIGLU_STORE: [  # two accumulators (gate, up) per tile
             _cfg(_GMM_NAMES, (64, 128, 128), 8, 3),
@@ -243,6 +244,46 @@ def quantize_rows(x: torch.Tensor, blockwise: bool, swiglu_input: bool = False):
             **EXACT,
         )
     return q, s
+
+
+def swiglu_backward_quantize(d_act, pre, offsets, weights=None, w_idx=None, d_weights=None):
+    """d_act[M,H] float32 (dL/d act; before the routing weights[w_idx[r]] when given), pre[M,2H] -> (d_pre[M,2H] in
+    pre's dtype, its e4m3 rows [M,2H], float32 scales [M]); with weights, d_weights[w_idx[r]] = <d_act[r], act[r]>.
+    Rows past offsets[-1] (dropped slots) are left unwritten, as the grouped GEMMs never read them."""
+    m, h = d_act.shape
+    d_pre = torch.empty(m, 2 * h, dtype=pre.dtype, device=pre.device)
+    q = torch.empty(m, 2 * h, dtype=FP8, device=pre.device)
+    s = torch.empty(m, dtype=torch.float32, device=pre.device)
+    n_experts = offsets.shape[0]
+    if m and h and n_experts:
+        block_c, *parts = pow2_parts(h)
+        block_m = _prev_power_of_2(ONE_PASS_ELEMENTS // (2 * (block_c + sum(parts))))
+        weighted = weights is not None
+        K.fp8_swiglu_bwd_quant_kernel[(triton.cdiv(m, block_m),)](
+            d_act,
+            pre,
+            d_pre,
+            q,
+            s,
+            weights if weighted else s,
+            w_idx if weighted else offsets,
+            d_weights if weighted else s,
+            offsets,
+            h,
+            n_experts,
+            d_act.stride(0),
+            pre.stride(0),
+            d_pre.stride(0),
+            q.stride(0),
+            WEIGHTED=weighted,
+            BLOCK_M=block_m,
+            BLOCK_C=block_c,
+            PART1=parts[0],
+            PART2=parts[1],
+            PART3=parts[2],
+            **EXACT,
+        )
+    return d_pre, q, s
 
 
 class WeightOperand(NamedTuple):
@@ -582,11 +623,16 @@ def _mlp_backward(dy, x, offsets, w_up, w_down, pre, act, r: _Recipe, routing=No
     d = w_up.shape[1]
     token, weights, order = routing if routing is not None else (None, None, None)
     qdy, sdy = quantize_rows(dy, r.blockwise)
-    d_pre = torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)
     d_weights = None if routing is None else torch.zeros(m, dtype=torch.float32, device=dy.device)
     down = quantize_weight(w_down, r.blockwise, "dgrad")
-    gemm(qdy, sdy, r.blockwise, down, offsets, d_pre, h, d, epilogue=K.EPILOGUE_SWIGLU_BWD, h=pre, fast=r.fast,
-         a_idx=token, wts=weights, w_idx=order, dw=d_weights)  # fmt: skip
+    if r.blockwise:  # the SwiGLU backward in the dgrad GEMM's epilogue; d_pre quantised per 128 columns below
+        d_pre = torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)
+        gemm(qdy, sdy, True, down, offsets, d_pre, h, d, epilogue=K.EPILOGUE_SWIGLU_BWD, h=pre, a_idx=token,
+             wts=weights, w_idx=order, dw=d_weights)  # fmt: skip
+    else:  # a plain dgrad GEMM into float32 d_act, then the SwiGLU backward fused with d_pre's rowwise quantiser
+        d_act = torch.empty(m, h, dtype=torch.float32, device=dy.device)
+        gemm(qdy, sdy, False, down, offsets, d_act, h, d, fast=r.fast, a_idx=token)
+        d_pre, qdp, sdp = swiglu_backward_quantize(d_act, pre, offsets, weights, order, d_weights)
     # the dW GEMMs read the token-order operands gathered (and dy weighted) into grouped rows
     dy_rows = dy.to(pre.dtype) if routing is None else _triton_ops.gather_rows(dy, token, weights, order)
     if r.wgrad_fp8:
@@ -595,7 +641,8 @@ def _mlp_backward(dy, x, offsets, w_up, w_down, pre, act, r: _Recipe, routing=No
         if act is None:  # blockwise wrote only the quantised act
             act = R.swiglu_f32(pre).to(pre.dtype)
         dw_down = wgrad_in_input_dtype(act, dy_rows, offsets, w_down.dtype)
-    qdp, sdp = quantize_rows(d_pre, r.blockwise)
+    if r.blockwise:
+        qdp, sdp = quantize_rows(d_pre, True)
     d_rows = torch.empty(m, d, dtype=pre.dtype, device=pre.device)
     gemm(qdp, sdp, r.blockwise, quantize_weight(w_up, r.blockwise, "dgrad"), offsets, d_rows, d, 2 * h, fast=r.fast)
     x_rows = x if token is None else _triton_ops.gather_rows(x, token)
