@@ -26,6 +26,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from nmoe.kernels import _lowprec_kernels as K  # noqa: E402
 from nmoe.kernels import _lowprec_ops as ops  # noqa: E402
+from nmoe.kernels import _triton_ops as T  # noqa: E402
 
 DIV16 = {"N", "K", "C", "KA", "R"} | {
     f"stride_{s}" for s in ("am", "sam", "be", "bn", "sbe", "cm", "hm", "a", "b", "oe")
@@ -179,12 +180,12 @@ def quantiser_variants():
                 dict(SWIGLU_INPUT=blockwise, BLOCK_C=ops.QUANT_COLS, BLOCK_E=256),
                 exact,
             )
-        for weighted in (False, True):
+        for weighted, quantize in ((False, False), (True, False), (False, True), (True, True)):
             for hidden in (704, 512):  # moonlet's and speedrun-256's H, at the launcher's rows per program and parts
                 block_c, *parts = ops.pow2_parts(hidden)
                 yield (
-                    f"fp8_swiglu_bwd_quant pre={src} weighted={weighted} H={hidden}",
-                    K.fp8_swiglu_bwd_quant_kernel,
+                    f"swiglu_bwd_rows pre={src} weighted={weighted} quantize={quantize} H={hidden}",
+                    K.swiglu_bwd_rows_kernel,
                     dict(
                         dact_ptr="*fp32",
                         pre_ptr=f"*{src}",
@@ -195,11 +196,12 @@ def quantiser_variants():
                         w_idx_ptr="*i64",
                         dw_ptr="*fp32",
                         offsets_ptr="*i32",
-                        **dict.fromkeys(("H", "E", "stride_dm", "stride_pm", "stride_dpm", "stride_qm"), "i32"),
+                        **dict.fromkeys(("M", "H", "E", "stride_dm", "stride_pm", "stride_dpm", "stride_qm"), "i32"),
                     ),
                     dict(
                         WEIGHTED=weighted,
-                        BLOCK_M=ops._prev_power_of_2(ops.ONE_PASS_ELEMENTS // (2 * hidden)),
+                        QUANTIZE=quantize,
+                        BLOCK_M=ops._prev_power_of_2(T.SWIGLU_BWD_ELEMENTS // (2 * hidden)),
                         BLOCK_C=block_c,
                         **dict(zip(("PART1", "PART2", "PART3"), parts)),
                     ),

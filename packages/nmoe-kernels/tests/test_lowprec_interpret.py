@@ -306,20 +306,27 @@ def test_moe_experts_fp8_quantises_float32_master_weights_under_bf16_activations
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu_backward_quantize_is_the_swiglu_backward_then_the_row_quantiser(dtype):
-    """The fused kernel of the rowwise fp8 backward: d_pre = SwiGLU backward of the weighted d_act (stored in pre's
-    dtype), its e4m3 rows exactly what the row quantiser makes of the stored d_pre, and the routing-weight gradient
-    <d_act, act>; rows of dropped slots (past offsets[-1]) untouched."""
-    from nmoe.kernels._lowprec_ops import quantize_rows, swiglu_backward_quantize
+def test_swiglu_backward_rows_is_the_swiglu_backward_then_the_row_quantiser(dtype):
+    """The kernel after the experts' plain dgrad GEMM (bf16 and rowwise fp8): d_pre = SwiGLU backward of the weighted
+    d_act (stored in pre's dtype), with quantize its e4m3 rows exactly what the row quantiser makes of the stored
+    d_pre, and the routing-weight gradient <d_act, act>; rows of dropped slots (past offsets[-1]) zero, no
+    gradient, whatever d_act holds there."""
+    from nmoe.kernels._lowprec_ops import quantize_rows
+    from nmoe.kernels._triton_ops import swiglu_backward_rows
 
     g = torch.Generator().manual_seed(6)
     m, h, kept = 40, 80, 33  # 80 = 64 + 16: two register parts
     offsets = torch.tensor([10, 10, kept], dtype=torch.int32)
     d_act = torch.randn(m, h, generator=g)
+    d_act[kept:] = float("nan")  # never written by the dgrad GEMM
     pre = torch.randn(m, 2 * h, generator=g).to(dtype)
     weights, w_idx = torch.rand(m, generator=g), torch.randperm(m, generator=g)
     d_weights = torch.zeros(m)
-    d_pre, q, s = swiglu_backward_quantize(d_act, pre, offsets, weights, w_idx, d_weights)
+    d_pre, q, s = swiglu_backward_rows(d_act, pre, offsets, weights, w_idx, d_weights, quantize=True)
+    plain_dw = torch.zeros(m)
+    plain = swiglu_backward_rows(d_act, pre, offsets, weights, w_idx, plain_dw)
+    assert torch.equal(plain, d_pre) and torch.equal(plain_dw, d_weights)
+    assert d_pre[kept:].eq(0).all() and q[kept:].float().eq(0).all()
     slot = weights[w_idx[:kept]]
     want = R.swiglu_backward(pre[:kept].double(), d_act[:kept].double() * slot.double()[:, None])
     assert d_pre.dtype == dtype and rel_err(d_pre[:kept], want) < (4e-3 if dtype == torch.bfloat16 else 1e-6)

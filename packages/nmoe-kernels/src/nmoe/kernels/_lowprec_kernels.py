@@ -408,22 +408,25 @@ def fp8_quant_rows_kernel(
 
 @triton.jit
 def _swiglu_bwd_part(
-    dact_ptr, pre_ptr, dpre_ptr, rows64, row_ok, weight, c0, WIDTH: tl.constexpr, H, stride_dm, stride_pm,
+    dact_ptr, pre_ptr, dpre_ptr, rows64, live, row_ok, weight, c0, WIDTH: tl.constexpr, H, stride_dm, stride_pm,
     stride_dpm, WEIGHTED: tl.constexpr,
 ):  # fmt: skip
-    """Columns [c0, c0 + WIDTH) of the SwiGLU backward of the rows: (d_gate, d_up rounded to d_pre's dtype and
-    stored there, their column indices, mask, row amax over both, row partial <d_act, act> (0 unless WEIGHTED))."""
+    """Columns [c0, c0 + WIDTH) of the SwiGLU backward of the rows (zeros for rows not live): (d_gate, d_up rounded
+    to d_pre's dtype and stored there, their column indices, store mask, row amax over both, row partial
+    <d_act, act> (0 unless WEIGHTED))."""
     cols = c0 + tl.arange(0, WIDTH)
-    ok = row_ok[:, None] & (cols < H)[None, :]
-    d = tl.load(dact_ptr + rows64[:, None] * stride_dm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    col_ok = (cols < H)[None, :]
+    ok = row_ok[:, None] & col_ok
+    read = live[:, None] & col_ok
+    d = tl.load(dact_ptr + rows64[:, None] * stride_dm + cols[None, :], mask=read, other=0.0).to(tl.float32)
     p = pre_ptr + rows64[:, None] * stride_pm + cols[None, :]
-    gate = tl.load(p, mask=ok, other=0.0).to(tl.float32)
-    up = tl.load(p + H, mask=ok, other=0.0).to(tl.float32)
+    gate = tl.load(p, mask=read, other=0.0).to(tl.float32)
+    up = tl.load(p + H, mask=read, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
     dw = tl.zeros_like(weight)
     if WEIGHTED:
-        act = tl.where(ok, _rounded_for(pre_ptr, silu * up), 0.0)  # the act the forward stored
+        act = tl.where(read, _rounded_for(pre_ptr, silu * up), 0.0)  # the act the forward stored
         dw = tl.sum(d * act, 1)
         d = d * weight[:, None]
     d_gate = _rounded_for(dpre_ptr, d * up * sig * (1.0 + gate * (1.0 - sig)))
@@ -443,7 +446,7 @@ def _store_swiglu_part(q_ptr, rows64, cols, ok, d_gate, d_up, scale, H, stride_q
 
 
 @triton.jit
-def fp8_swiglu_bwd_quant_kernel(
+def swiglu_bwd_rows_kernel(
     dact_ptr,
     pre_ptr,
     dpre_ptr,
@@ -453,6 +456,7 @@ def fp8_swiglu_bwd_quant_kernel(
     w_idx_ptr,
     dw_ptr,
     offsets_ptr,
+    M,
     H,
     E,
     stride_dm,
@@ -460,28 +464,31 @@ def fp8_swiglu_bwd_quant_kernel(
     stride_dpm,
     stride_qm,
     WEIGHTED: tl.constexpr,
+    QUANTIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     PART1: tl.constexpr = 0,
     PART2: tl.constexpr = 0,
     PART3: tl.constexpr = 0,
 ):
-    """The SwiGLU backward of grouped rows fused with the rowwise e4m3 quantisation of its result.
+    """The SwiGLU backward of grouped rows (the expert backward after its plain dgrad GEMM), for bf16 and fp8.
 
     d_act[M,H] float32 (dL/d act; before the routing weight when WEIGHTED), pre[M,2H] -> d_pre[M,2H] = [d_gate |
-    d_up] in its dtype, q[M,2H] e4m3 of the stored values with one scale per row s[M]; WEIGHTED: the rows' routing
-    weights wts[w_idx[r]] scale d_act and dw[w_idx[r]] = <d_act[r], act[r]>. Rows past offsets[E-1] (dropped
-    slots) are not written. A row's H columns sit in registers as up to four power-of-two parts.
+    d_up] in its dtype; QUANTIZE: also q[M,2H] e4m3 of the stored values with one scale per row s[M]; WEIGHTED:
+    the rows' routing weights wts[w_idx[r]] scale d_act and dw[w_idx[r]] = <d_act[r], act[r]>. Rows past
+    offsets[E-1] (dropped slots; d_act there is never written) get zeros, and no dw. A row's H columns sit in
+    registers as up to four power-of-two parts (a whole row is needed for its scale).
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < tl.load(offsets_ptr + E - 1)
+    row_ok = rows < M
+    live = rows < tl.load(offsets_ptr + E - 1)
     rows64 = rows.to(tl.int64)
     weight = tl.zeros((BLOCK_M,), dtype=tl.float32)
     w_idx = rows
     if WEIGHTED:
-        w_idx = tl.load(w_idx_ptr + rows, mask=row_ok, other=0)
-        weight = tl.load(wts_ptr + w_idx, mask=row_ok, other=0.0).to(tl.float32)
-    args = (dact_ptr, pre_ptr, dpre_ptr, rows64, row_ok, weight)
+        w_idx = tl.load(w_idx_ptr + rows, mask=live, other=0)
+        weight = tl.load(wts_ptr + w_idx, mask=live, other=0.0).to(tl.float32)
+    args = (dact_ptr, pre_ptr, dpre_ptr, rows64, live, row_ok, weight)
     strides = (H, stride_dm, stride_pm, stride_dpm, WEIGHTED)
     g0, u0, cols0, ok0, amax, dw = _swiglu_bwd_part(*args, 0, BLOCK_C, *strides)
     if PART1 > 0:
@@ -493,17 +500,18 @@ def fp8_swiglu_bwd_quant_kernel(
     if PART3 > 0:
         g3, u3, cols3, ok3, amax3, dw3 = _swiglu_bwd_part(*args, BLOCK_C + PART1 + PART2, PART3, *strides)
         amax, dw = tl.maximum(amax, amax3), dw + dw3
-    scale = _fp8_scale(amax)
-    _store_swiglu_part(q_ptr, rows64, cols0, ok0, g0, u0, scale, H, stride_qm)
-    if PART1 > 0:
-        _store_swiglu_part(q_ptr, rows64, cols1, ok1, g1, u1, scale, H, stride_qm)
-    if PART2 > 0:
-        _store_swiglu_part(q_ptr, rows64, cols2, ok2, g2, u2, scale, H, stride_qm)
-    if PART3 > 0:
-        _store_swiglu_part(q_ptr, rows64, cols3, ok3, g3, u3, scale, H, stride_qm)
-    tl.store(s_ptr + rows64, scale, mask=row_ok)
+    if QUANTIZE:
+        scale = _fp8_scale(amax)
+        _store_swiglu_part(q_ptr, rows64, cols0, ok0, g0, u0, scale, H, stride_qm)
+        if PART1 > 0:
+            _store_swiglu_part(q_ptr, rows64, cols1, ok1, g1, u1, scale, H, stride_qm)
+        if PART2 > 0:
+            _store_swiglu_part(q_ptr, rows64, cols2, ok2, g2, u2, scale, H, stride_qm)
+        if PART3 > 0:
+            _store_swiglu_part(q_ptr, rows64, cols3, ok3, g3, u3, scale, H, stride_qm)
+        tl.store(s_ptr + rows64, scale, mask=row_ok)
     if WEIGHTED:
-        tl.store(dw_ptr + w_idx, dw, mask=row_ok)
+        tl.store(dw_ptr + w_idx, dw, mask=live)
 
 
 @triton.jit

@@ -12,6 +12,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from nmoe.kernels import _lowprec_kernels as K
 from nmoe.kernels import _triton_ops
 from nmoe.kernels import reference_lowprec as R
+from nmoe.kernels._triton_ops import _prev_power_of_2, pow2_parts
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FP8 = torch.float8_e4m3fn
@@ -188,23 +189,6 @@ def nvfp4_adamw(q, grad, exp_avg, exp_avg_sq, residual, c: R.AdamWConstants, rul
 # ---------------------------------------------------------------------------------------------------------
 
 
-def pow2_parts(n: int, max_parts: int = 4, smallest: int = 16) -> tuple[int, ...]:
-    """n as up to max_parts descending powers of two, zero-padded to max_parts (the last part rounds the remainder up,
-    at least `smallest`): register tiles without masked lanes for widths such as 704 = 512 + 128 + 64."""
-    parts: list[int] = []
-    rest = n
-    while rest >= smallest and len(parts) < max_parts - 1:
-        parts.append(1 << (rest.bit_length() - 1))
-        rest -= parts[-1]
-    if rest > 0 or not parts:
-        parts.append(max(triton.next_power_of_2(rest), smallest))
-    return tuple(parts) + (0,) * (max_parts - len(parts))
-
-
-def _prev_power_of_2(n: int) -> int:
-    return 1 << (max(n, 1).bit_length() - 1)
-
-
 def quantize_rows(x: torch.Tensor, blockwise: bool, swiglu_input: bool = False):
     """x[M,C] (or gate|up [M,2C] with swiglu_input) -> (e4m3 [M,C], float32 scales [M] or [M, C/128])."""
     m = x.shape[0]
@@ -244,46 +228,6 @@ def quantize_rows(x: torch.Tensor, blockwise: bool, swiglu_input: bool = False):
             **EXACT,
         )
     return q, s
-
-
-def swiglu_backward_quantize(d_act, pre, offsets, weights=None, w_idx=None, d_weights=None):
-    """d_act[M,H] float32 (dL/d act; before the routing weights[w_idx[r]] when given), pre[M,2H] -> (d_pre[M,2H] in
-    pre's dtype, its e4m3 rows [M,2H], float32 scales [M]); with weights, d_weights[w_idx[r]] = <d_act[r], act[r]>.
-    Rows past offsets[-1] (dropped slots) are left unwritten, as the grouped GEMMs never read them."""
-    m, h = d_act.shape
-    d_pre = torch.empty(m, 2 * h, dtype=pre.dtype, device=pre.device)
-    q = torch.empty(m, 2 * h, dtype=FP8, device=pre.device)
-    s = torch.empty(m, dtype=torch.float32, device=pre.device)
-    n_experts = offsets.shape[0]
-    if m and h and n_experts:
-        block_c, *parts = pow2_parts(h)
-        block_m = _prev_power_of_2(ONE_PASS_ELEMENTS // (2 * (block_c + sum(parts))))
-        weighted = weights is not None
-        K.fp8_swiglu_bwd_quant_kernel[(triton.cdiv(m, block_m),)](
-            d_act,
-            pre,
-            d_pre,
-            q,
-            s,
-            weights if weighted else s,
-            w_idx if weighted else offsets,
-            d_weights if weighted else s,
-            offsets,
-            h,
-            n_experts,
-            d_act.stride(0),
-            pre.stride(0),
-            d_pre.stride(0),
-            q.stride(0),
-            WEIGHTED=weighted,
-            BLOCK_M=block_m,
-            BLOCK_C=block_c,
-            PART1=parts[0],
-            PART2=parts[1],
-            PART3=parts[2],
-            **EXACT,
-        )
-    return d_pre, q, s
 
 
 class WeightOperand(NamedTuple):
@@ -632,7 +576,9 @@ def _mlp_backward(dy, x, offsets, w_up, w_down, pre, act, r: _Recipe, routing=No
     else:  # a plain dgrad GEMM into float32 d_act, then the SwiGLU backward fused with d_pre's rowwise quantiser
         d_act = torch.empty(m, h, dtype=torch.float32, device=dy.device)
         gemm(qdy, sdy, False, down, offsets, d_act, h, d, fast=r.fast, a_idx=token)
-        d_pre, qdp, sdp = swiglu_backward_quantize(d_act, pre, offsets, weights, order, d_weights)
+        d_pre, qdp, sdp = _triton_ops.swiglu_backward_rows(
+            d_act, pre, offsets, weights, order, d_weights, quantize=True
+        )
     # the dW GEMMs read the token-order operands gathered (and dy weighted) into grouped rows
     dy_rows = dy.to(pre.dtype) if routing is None else _triton_ops.gather_rows(dy, token, weights, order)
     if r.wgrad_fp8:

@@ -10,6 +10,7 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nmoe.kernels import _kernels as K
+from nmoe.kernels import _lowprec_kernels as LK
 from nmoe.kernels.reference import ExpertSort
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -379,6 +380,70 @@ def gather_rows(src, idx, scale=None, scale_idx=None):
     return out
 
 
+def pow2_parts(n: int, max_parts: int = 4, smallest: int = 16) -> tuple[int, ...]:
+    """n as up to max_parts descending powers of two, zero-padded to max_parts (the last part rounds the remainder up,
+    at least `smallest`): register tiles without masked lanes for widths such as 704 = 512 + 128 + 64."""
+    parts: list[int] = []
+    rest = n
+    while rest >= smallest and len(parts) < max_parts - 1:
+        parts.append(1 << (rest.bit_length() - 1))
+        rest -= parts[-1]
+    if rest > 0 or not parts:
+        parts.append(max(triton.next_power_of_2(rest), smallest))
+    return tuple(parts) + (0,) * (max_parts - len(parts))
+
+
+def _prev_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+# float32 d_pre values per program of swiglu_backward_rows (whole rows: 4 moonlet rows of 2 x 704)
+SWIGLU_BWD_ELEMENTS = 4096 if INTERPRET else 8192
+
+
+def swiglu_backward_rows(d_act, pre, offsets, weights=None, w_idx=None, d_weights=None, quantize=False):
+    """d_act[M,H] float32 (dL/d act; before the routing weights[w_idx[r]] when given), pre[M,2H] -> d_pre[M,2H] in
+    pre's dtype, or with quantize (d_pre, its e4m3 rows [M,2H], float32 row scales [M]); with weights,
+    d_weights[w_idx[r]] = <d_act[r], act[r]>. Rows past offsets[-1] (dropped slots) get zeros and no gradient."""
+    m, h = d_act.shape
+    dev = pre.device
+    d_pre = torch.empty(m, 2 * h, dtype=pre.dtype, device=dev)
+    q = torch.empty(m, 2 * h if quantize else 0, dtype=torch.float8_e4m3fn, device=dev)
+    s = torch.empty(m if quantize else 0, dtype=torch.float32, device=dev)
+    n_experts = offsets.shape[0]
+    if m and h and n_experts:
+        block_c, *parts = pow2_parts(h)
+        block_m = _prev_power_of_2(SWIGLU_BWD_ELEMENTS // (2 * (block_c + sum(parts))))
+        weighted = weights is not None
+        LK.swiglu_bwd_rows_kernel[(triton.cdiv(m, block_m),)](
+            d_act,
+            pre,
+            d_pre,
+            q if quantize else d_pre,
+            s if quantize else d_act,
+            weights if weighted else d_act,
+            w_idx if weighted else offsets,
+            d_weights if weighted else d_act,
+            offsets,
+            m,
+            h,
+            n_experts,
+            d_act.stride(0),
+            pre.stride(0),
+            d_pre.stride(0),
+            q.stride(0) if quantize else 0,
+            WEIGHTED=weighted,
+            QUANTIZE=quantize,
+            BLOCK_M=block_m,
+            BLOCK_C=block_c,
+            PART1=parts[0],
+            PART2=parts[1],
+            PART3=parts[2],
+            **({} if INTERPRET else {"enable_fp_fusion": False}),
+        )
+    return (d_pre, q, s) if quantize else d_pre
+
+
 def _swiglu_up(a, w_up, offsets, a_idx=None):
     """(pre[R,2H] = a[rows] @ w_up[e], act[R,H] = silu(gate) * up) per group; R = len(a_idx) or a.shape[0]."""
     rows = a.shape[0] if a_idx is None else a_idx.shape[0]
@@ -394,11 +459,17 @@ def expert_mlp_forward(rows, offsets, w_up, w_down):
     return gmm_forward(act, w_down, offsets), pre, act
 
 
+def _d_act(dy, w_down, offsets, pre, token=None):
+    """dL/d act[R,H] float32 = dy[rows] @ w_down[e]^T per group (rows gathered by token), the plain dgrad GEMM:
+    the SwiGLU backward runs after it on whole rows (swiglu_backward_rows), faster than in its epilogue."""
+    d_act = torch.empty(pre.shape[0], pre.shape[1] // 2, dtype=torch.float32, device=dy.device)
+    return _launch_gmm(dy, w_down, offsets, d_act, transpose=True, a_idx=token)
+
+
 def expert_mlp_backward(dy, rows, offsets, w_up, w_down, pre, act):
     """dy[M,D] -> (d_rows[M,D], dw_up[E,D,2H], dw_down[E,H,D])."""
     dy = dy.contiguous()
-    d_pre = torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)  # row-major, whatever pre's strides
-    _launch_gmm(dy, w_down, offsets, d_pre, transpose=True, mode=K.EPILOGUE_SWIGLU_BWD, h=pre)
+    d_pre = swiglu_backward_rows(_d_act(dy, w_down, offsets, pre), pre, offsets)
     dw_down = _launch_dw(act, dy, offsets, torch.empty(w_down.shape, dtype=w_down.dtype, device=dy.device))
     dw_up = _launch_dw(rows, d_pre, offsets, torch.empty(w_up.shape, dtype=w_up.dtype, device=dy.device))
     d_rows = _launch_gmm(
@@ -426,21 +497,8 @@ def moe_backward(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, 
     dy = dy.contiguous()
     n_tokens, top_k = topk_weights.shape
     weights = topk_weights.reshape(-1)
-    d_pre = torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)  # row-major, whatever pre's strides
     d_weights = torch.zeros(pre.shape[0], dtype=torch.float32, device=x.device)
-    _launch_gmm(
-        dy,
-        w_down,
-        offsets,
-        d_pre,
-        transpose=True,
-        a_idx=token,
-        mode=K.EPILOGUE_SWIGLU_BWD,
-        h=pre,
-        wts=weights,
-        w_idx=order,
-        dw=d_weights,
-    )
+    d_pre = swiglu_backward_rows(_d_act(dy, w_down, offsets, pre, token), pre, offsets, weights, order, d_weights)
     dw_down = torch.empty(w_down.shape, dtype=dw_dtype or w_down.dtype, device=x.device)
     _launch_dw(act, gather_rows(dy, token, weights, order), offsets, dw_down)
     dw_up = torch.empty(w_up.shape, dtype=dw_dtype or w_up.dtype, device=x.device)
