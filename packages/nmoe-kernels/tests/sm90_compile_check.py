@@ -78,7 +78,7 @@ def compile_one(name: str, fn, args, constexprs: dict, num_warps: int, num_stage
     print(row, flush=True)
 
 
-def gmm(mode, variant, trans, gather, cfg, dtype):
+def gmm(mode, variant, trans, gather, f32_out, cfg, dtype):
     k, n = 1024, 704
     a = empty(M, k, dtype=dtype)
     w = empty(E, n, k, dtype=dtype) if trans else empty(E, k, 2 * n if mode == K.EPILOGUE_SWIGLU else n, dtype=dtype)
@@ -87,14 +87,12 @@ def gmm(mode, variant, trans, gather, cfg, dtype):
     b_tma = variant == "tma"
     a_arg = TensorDescriptor.from_tensor(a, [bm, bk]) if a_tma else a
     b_arg = TensorDescriptor.from_tensor(w, [1, bn, bk] if trans else [1, bk, bn]) if b_tma else w
-    out = empty(M, 2 * n if mode == K.EPILOGUE_SWIGLU_BWD else n, dtype=dtype)
+    out = empty(M, n, dtype=torch.float32 if f32_out else dtype)
     h = empty(M, 2 * n, dtype=dtype)
     idx, offsets = empty(M, dtype=torch.int32), empty(E, dtype=torch.int32)
-    f32 = empty(M, dtype=torch.float32)
-    args = [a_arg, idx, b_arg, out, h, f32, empty(M, dtype=torch.int64), f32, offsets, M, n, k, E]
+    args = [a_arg, idx, b_arg, out, h, offsets, M, n, k, E]
     args += [k, 1, w.stride(0), 1, 1, out.stride(0), h.stride(0)]
-    weighted = mode == K.EPILOGUE_SWIGLU_BWD and gather  # moe_experts' backward; expert_mlp's is unweighted
-    constexprs = dict(GATHER_A=gather, EPILOGUE=mode, UPCAST=False, BLOCK_E=E, WEIGHTED=weighted)
+    constexprs = dict(GATHER_A=gather, EPILOGUE=mode, UPCAST=False, BLOCK_E=E)
     constexprs.update(A_TMA=a_tma, B_TMA=b_tma, TRANS_B=trans, **cfg.kwargs)
     name = f"gmm[{variant}] mode={mode} trans={trans} gather={gather} {dtype} {bm}x{bn}x{bk} w{cfg.num_warps} s{cfg.num_stages}"
     compile_one(name, K.gmm_kernel, args, constexprs, cfg.num_warps, cfg.num_stages)
@@ -139,14 +137,15 @@ def gmm_fp8_tma(epilogue, blockwise, fast, cfg):
     compile_one(name, LK.gmm_fp8_kernel, args, constexprs, cfg.num_warps, cfg.num_stages)
 
 
-# (epilogue, transposed weights, gathered A) as launched: grouped_mm fwd/dX, moe and expert_mlp up/down/backward
+# (epilogue, transposed weights, gathered A, float32 out) as launched: grouped_mm fwd/dX, moe and expert_mlp up/down,
+# and the experts' dgrad GEMMs into float32 d_act (moe_experts' gathers dy) before swiglu_bwd_rows
 GMM_LAUNCHES = [
-    (K.EPILOGUE_STORE, False, False),
-    (K.EPILOGUE_STORE, True, False),
-    (K.EPILOGUE_SWIGLU, False, True),
-    (K.EPILOGUE_SWIGLU, False, False),
-    (K.EPILOGUE_SWIGLU_BWD, True, True),
-    (K.EPILOGUE_SWIGLU_BWD, True, False),
+    (K.EPILOGUE_STORE, False, False, False),
+    (K.EPILOGUE_STORE, True, False, False),
+    (K.EPILOGUE_STORE, True, False, True),
+    (K.EPILOGUE_STORE, True, True, True),
+    (K.EPILOGUE_SWIGLU, False, True, False),
+    (K.EPILOGUE_SWIGLU, False, False, False),
 ]
 
 
@@ -158,10 +157,12 @@ def main() -> int:
         ("pointer", T._GMM_CONFIGS, T._DW_CONFIGS),
         ("tma", T._GMM_TMA_CONFIGS, T._DW_TMA_CONFIGS),
     ):
-        for mode, trans, gather in GMM_LAUNCHES:
+        for mode, trans, gather, f32_out in GMM_LAUNCHES:
             for wide, dtype in ((False, torch.bfloat16), (True, torch.float32)):
+                if f32_out and wide:
+                    continue  # the same variant as the float32 run of the launch above it
                 for cfg in gmm_cfgs[(mode, wide)][: 1 if args.quick else None]:
-                    gmm(mode, variant, trans, gather, cfg, dtype)
+                    gmm(mode, variant, trans, gather, f32_out, cfg, dtype)
         for wide, dtype in ((False, torch.bfloat16), (True, torch.float32)):
             for cfg in dw_cfgs[wide][: 1 if args.quick else None]:
                 dw(variant, cfg, dtype)

@@ -7,7 +7,7 @@ import triton.language as tl
 
 EPILOGUE_STORE = 0  # C = A @ B
 EPILOGUE_SWIGLU = 1  # H = A @ [Bg | Bu] stored, C = silu(Hg) * Hu
-EPILOGUE_SWIGLU_BWD = 2  # G = A @ B; dA = w * G; dw partial per column tile = <G, a>; C = [dHg | dHu]
+# the SwiGLU backward runs after a plain dgrad GEMM, on whole rows (_lowprec_kernels.swiglu_bwd_rows_kernel)
 
 
 @triton.jit
@@ -52,9 +52,6 @@ def gmm_kernel(
     b_ptr,
     c_ptr,
     h_ptr,
-    w_ptr,
-    w_idx_ptr,
-    dw_ptr,
     offsets_ptr,
     M,
     N,
@@ -74,7 +71,6 @@ def gmm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
-    WEIGHTED: tl.constexpr = True,
     A_TMA: tl.constexpr = False,
     B_TMA: tl.constexpr = False,
     TRANS_B: tl.constexpr = False,
@@ -82,10 +78,6 @@ def gmm_kernel(
     """Grouped C[rows of e] = A[rows] @ B[e] with an optional row gather of A and a fused epilogue.
 
     EPILOGUE_SWIGLU: B has 2N columns (gate | up); H[:, :N], H[:, N:] get gate/up, C gets silu(gate)*up.
-    EPILOGUE_SWIGLU_BWD: A @ B is dL/d(act) before the routing weight w[w_idx[row]] (1 when not WEIGHTED);
-    H holds the forward gate/up; C gets d(gate) | d(up) (2N columns) and, when WEIGHTED, dw[pid_n, w_idx[row]]
-    gets this column tile's share of <A @ B, act> (dw is [column tiles, M]; the caller sums it: no atomics, so
-    the result does not depend on the order the tiles ran in).
     A_TMA / B_TMA: a_ptr is a TMA descriptor of A[M,K] (block [BLOCK_M, BLOCK_K]) / b_ptr one of the weights
     [E,K,N] (block [1, BLOCK_K, BLOCK_N]) or, with TRANS_B, of [E,N,K] (block [1, BLOCK_N, BLOCK_K]) used
     transposed; the strides are then unused. A tile's rows past its group read other rows of A (or TMA's
@@ -150,23 +142,6 @@ def gmm_kernel(
         gate32 = gate.to(tl.float32)
         act = gate32 * tl.sigmoid(gate32) * up.to(tl.float32)
         tl.store(c_ptrs, act.to(out_ty), mask=out_ok)
-    else:
-        h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
-        gate = tl.load(h_ptrs, mask=out_ok, other=0.0).to(tl.float32)
-        up = tl.load(h_ptrs + N, mask=out_ok, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(gate)
-        silu = gate * sig
-        if WEIGHTED:
-            w_idx = tl.load(w_idx_ptr + rows, mask=row_ok, other=0)
-            w = tl.load(w_ptr + w_idx, mask=row_ok, other=0.0).to(tl.float32)
-            tl.store(dw_ptr + pid_n.to(tl.int64) * M + w_idx, tl.sum(acc * silu * up, 1), mask=row_ok)
-            d_act = acc * w[:, None]
-        else:
-            d_act = acc
-        d_up = d_act * silu
-        d_gate = d_act * up * sig * (1.0 + gate * (1.0 - sig))
-        tl.store(c_ptrs, d_gate.to(out_ty), mask=out_ok)
-        tl.store(c_ptrs + N, d_up.to(out_ty), mask=out_ok)
 
 
 @triton.jit

@@ -22,7 +22,7 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, names=("BLOCK_M", "
 
 _DW_NAMES = ("BLOCK_M", "BLOCK_KA", "BLOCK_N")
 if INTERPRET:
-    _GMM_CONFIGS = {(mode, wide): [_cfg(16, 16, 16, 4, 1)] for mode in (0, 1, 2) for wide in (False, True)}
+    _GMM_CONFIGS = {(mode, wide): [_cfg(16, 16, 16, 4, 1)] for mode in (0, 1) for wide in (False, True)}
     _DW_CONFIGS = {wide: [_cfg(16, 16, 16, 4, 1, _DW_NAMES)] for wide in (False, True)}
 else:
     # bf16 tiles (measured on H100, bench/kernels.py); fp32 ("wide") halves BLOCK_K to fit shared memory
@@ -42,14 +42,8 @@ else:
             _cfg(128, 64, 64, 4, 4),
             _cfg(64, 128, 64, 4, 3),
         ],
-        (K.EPILOGUE_SWIGLU_BWD, False): [
-            _cfg(128, 128, 64, 8, 3),
-            _cfg(128, 128, 64, 8, 4),
-            _cfg(128, 64, 64, 4, 4),
-            _cfg(64, 128, 64, 4, 4),
-        ],
     }
-    for mode in (0, 1, 2):
+    for mode in (0, 1):
         _GMM_CONFIGS[(mode, True)] = [_cfg(128, 64, 32, 4, 3), _cfg(64, 64, 32, 4, 3)]
     _DW_CONFIGS = {
         False: [
@@ -102,13 +96,8 @@ else:
             _cfg(128, 64, 64, 4, 5),
             _cfg(64, 128, 64, 4, 4),
         ],
-        (K.EPILOGUE_SWIGLU_BWD, False): [
-            _cfg(128, 128, 64, 8, 3),
-            _cfg(128, 128, 64, 8, 4),
-            _cfg(128, 64, 64, 4, 5),
-        ],
     }
-    for mode in (0, 1, 2):
+    for mode in (0, 1):
         _GMM_TMA_CONFIGS[(mode, True)] = [_cfg(128, 64, 32, 4, 4), _cfg(64, 64, 32, 4, 4)]
     _DW_TMA_CONFIGS = {
         False: [
@@ -121,12 +110,8 @@ else:
     }
 
 
-def _gmm_autotuner(configs, mode):
-    return triton.autotune(
-        configs,
-        key=["N", "K", "E", "GATHER_A", "TRANS_B", "WEIGHTED"],
-        restore_value=["dw_ptr"] if mode == K.EPILOGUE_SWIGLU_BWD else [],
-    )(K.gmm_kernel)
+def _gmm_autotuner(configs):
+    return triton.autotune(configs, key=["N", "K", "E", "GATHER_A", "TRANS_B"])(K.gmm_kernel)
 
 
 def _dw_autotuner(configs):
@@ -134,8 +119,8 @@ def _dw_autotuner(configs):
 
 
 # (epilogue, fp32) -> autotuned kernel; one autotuner per variant so that their tuning caches stay apart
-_GMM = {key: _gmm_autotuner(configs, key[0]) for key, configs in _GMM_CONFIGS.items()}
-_GMM_TMA = {key: _gmm_autotuner(_with_hook(c, _set_tma_blocks), key[0]) for key, c in _GMM_TMA_CONFIGS.items()}
+_GMM = {key: _gmm_autotuner(configs) for key, configs in _GMM_CONFIGS.items()}
+_GMM_TMA = {key: _gmm_autotuner(_with_hook(c, _set_tma_blocks)) for key, c in _GMM_TMA_CONFIGS.items()}
 _GMM_DW = {wide: _dw_autotuner(configs) for wide, configs in _DW_CONFIGS.items()}
 _GMM_DW_TMA = {wide: _dw_autotuner(_with_hook(c, _set_tma_blocks_dw)) for wide, c in _DW_TMA_CONFIGS.items()}
 
@@ -176,14 +161,11 @@ def _descriptor(t: torch.Tensor) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t, [1] * (t.dim() - 2) + [16, 16])
 
 
-def _launch_gmm(
-    a, w, offsets, out, *, transpose=False, a_idx=None, mode=K.EPILOGUE_STORE, h=None, wts=None, w_idx=None, dw=None
-):
+def _launch_gmm(a, w, offsets, out, *, transpose=False, a_idx=None, mode=K.EPILOGUE_STORE, h=None):
     """Grouped product into `out` (rows in expert order): out[rows of e] = a[rows] @ (w[e]^T if transpose else w[e]).
 
-    a_idx gathers the rows of a; mode picks the epilogue (see `_kernels.gmm_kernel`): h holds pre-activations,
-    wts[w_idx[row]] are routing weights and dw[M] float32 receives their gradient (SWIGLU_BWD), summed over
-    column tiles in a fixed order (deterministic).
+    a_idx gathers the rows of a; mode picks the epilogue (see `_kernels.gmm_kernel`); h receives the SwiGLU's
+    pre-activations.
     """
     m, n_experts = out.shape[0], offsets.shape[0]
     n = w.shape[1] if transpose else w.shape[2]
@@ -202,19 +184,12 @@ def _launch_gmm(
     b_tma = _gemm_variant == "tma" and _tma_ok(w)
     kernel = (_GMM_TMA if a_tma or b_tma else _GMM)[(mode, wide)]
     dummy = offsets
-    partials = None
-    if dw is not None:  # one row of partial sums per column tile of the narrowest config
-        tiles = triton.cdiv(n, min(c.kwargs["BLOCK_N"] for c in kernel.configs))
-        partials = torch.zeros(tiles, m, dtype=torch.float32, device=out.device)
     kernel[grid](
         _descriptor(a) if a_tma else a,
         dummy if a_idx is None else a_idx,
         _descriptor(w) if b_tma else w,
         out,
         dummy if h is None else h,
-        dummy if wts is None else wts,
-        dummy if w_idx is None else w_idx,
-        dummy if partials is None else partials,
         offsets,
         m,
         n,
@@ -229,13 +204,10 @@ def _launch_gmm(
         EPILOGUE=mode,
         UPCAST=INTERPRET,
         BLOCK_E=triton.next_power_of_2(n_experts),
-        WEIGHTED=wts is not None,
         A_TMA=a_tma,
         B_TMA=b_tma,
         TRANS_B=transpose,
     )
-    if partials is not None:
-        dw.add_(partials.sum(0))
     return out
 
 
