@@ -198,10 +198,38 @@ def quantiser_sweep(x, w_up, w_down) -> dict:
             ops.ONE_PASS_SLAB = slab
             out[f"w_up fwd, slab {slab}"] = bench_ms(lambda: ops.quantize_weight(w_up, False, "fwd"))
             out[f"w_down fwd, slab {slab}"] = bench_ms(lambda: ops.quantize_weight(w_down, False, "fwd"))
+        out.update(swiglu_sweep(x.shape[0], w_up.shape[0], w_down.shape[1]))
     finally:
         ops.ONE_PASS_ELEMENTS, ops.ONE_PASS_SLAB = saved
     for k, v in out.items():
         print(f"sweep {k}: {v:.4f} ms", flush=True)
+    return out
+
+
+def swiglu_sweep(m: int, n_experts: int, h: int) -> dict:
+    """ms of swiglu_backward_rows (weighted; quantised as the fp8 layer runs it, or not as the bf16 one) per float32
+    elements per program and warps."""
+    from nmoe.kernels import _triton_ops as T
+
+    d_act = torch.randn(m, h, device="cuda")
+    pre = torch.randn(m, 2 * h, device="cuda", dtype=torch.bfloat16)
+    offsets = torch.linspace(m / n_experts, m, n_experts, device="cuda").to(torch.int32)
+    weights, order = torch.rand(m, device="cuda"), torch.randperm(m, device="cuda")
+    d_weights = torch.zeros(m, device="cuda")
+    saved = T.SWIGLU_BWD_ELEMENTS, T.SWIGLU_BWD_WARPS
+    out = {}
+    try:
+        for elements in (4096, 8192, 16384):
+            for warps in (4, 8):
+                T.SWIGLU_BWD_ELEMENTS, T.SWIGLU_BWD_WARPS = elements, warps
+                out[f"swiglu_bwd fp8, elements {elements}, warps {warps}"] = bench_ms(
+                    lambda: T.swiglu_backward_rows(d_act, pre, offsets, weights, order, d_weights, True)
+                )
+                out[f"swiglu_bwd bf16, elements {elements}, warps {warps}"] = bench_ms(
+                    lambda: T.swiglu_backward_rows(d_act, pre, offsets, weights, order, d_weights)
+                )
+    finally:
+        T.SWIGLU_BWD_ELEMENTS, T.SWIGLU_BWD_WARPS = saved
     return out
 
 
@@ -239,7 +267,7 @@ def host_costs(paths: dict, iters: int = 8) -> dict:
         torch.cuda.synchronize()
         out[name] = min(times)
     prof = cProfile.Profile()
-    fp8 = paths["fp8 moe_experts_fp8"]
+    fp8 = paths[MASTERS_FP8]
     torch.cuda.synchronize()
     prof.enable()
     for _ in range(iters):
@@ -292,7 +320,7 @@ def main() -> int:
         result.setdefault("moe", {})[shape] = {}
         moe = moe_paths(dims[0], dims[1], dims[2], dims[3], dims[4])
         if args.host and shape == "moonlet":
-            result["host_ms"] = host_costs({k: moe[k] for k in MOE_PROFILED[:2]})
+            result["host_ms"] = host_costs({k: moe[k] for k in MOE_PROFILED})
             print(result["host_ms"].pop("cprofile_fp8"), flush=True)
         for name, fn in moe.items():
             ms = bench_ms(fn)

@@ -371,6 +371,7 @@ def _prev_power_of_2(n: int) -> int:
 
 # float32 d_pre values per program of swiglu_backward_rows (whole rows: 4 moonlet rows of 2 x 704)
 SWIGLU_BWD_ELEMENTS = 4096 if INTERPRET else 8192
+SWIGLU_BWD_WARPS = 4  # 8192 values over 4 warps: the fastest of 4096-16384 x 4-8 warps for bf16 and fp8 (H100)
 
 
 def swiglu_backward_rows(d_act, pre, offsets, weights=None, w_idx=None, d_weights=None, quantize=False):
@@ -411,6 +412,7 @@ def swiglu_backward_rows(d_act, pre, offsets, weights=None, w_idx=None, d_weight
             PART1=parts[0],
             PART2=parts[1],
             PART3=parts[2],
+            num_warps=SWIGLU_BWD_WARPS,
             **({} if INTERPRET else {"enable_fp_fusion": False}),
         )
     return (d_pre, q, s) if quantize else d_pre
