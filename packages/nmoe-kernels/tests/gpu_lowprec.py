@@ -264,6 +264,33 @@ def check_no_host_sync() -> None:
         torch.cuda.set_sync_debug_mode("default")
 
 
+def check_fp8_compile() -> None:
+    """The fp8 routed experts (the moe_experts_fp8 custom op, float32 masters under bf16 tokens) inside a compiled
+    fullgraph (inductor) give eager's loss and gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    n_experts, d, h = 16, 256, 128
+    w_up = (torch.randn(n_experts, d, 2 * h, device="cuda") / d**0.5).requires_grad_()
+    w_down = (torch.randn(n_experts, h, d, device="cuda") / h**0.5).requires_grad_()
+    gate = torch.randn(n_experts, d, device="cuda").requires_grad_()
+    x = torch.randn(4096, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def loss_fn(x):
+        weights, ids = torch.sigmoid(x.float() @ gate.T).topk(4, dim=1)
+        ids = torch.where(weights > 0.95, -1, ids)  # dropped slots
+        y = nk.moe_experts_fp8(x, ids, weights, w_up, w_down, "rowwise", **BF16_WGRAD_FAST)
+        return torch.tanh(y.float()).square().mean()
+
+    def loss_and_grads(fn):
+        loss = fn(x)
+        return [loss.detach(), *torch.autograd.grad(loss, [x, gate, w_up, w_down])]
+
+    eager = loss_and_grads(loss_fn)
+    compiled = loss_and_grads(torch.compile(loss_fn, fullgraph=True))
+    errs = {f"out{i}": rel_err(c, e) for i, (c, e) in enumerate(zip(compiled, eager))}
+    record("fullgraph torch.compile (inductor) of moe_experts_fp8 matches eager", max(errs.values()) < 1e-2, **errs)
+
+
 def check_refusals() -> None:
     offsets = torch.tensor([4], dtype=torch.int32, device="cuda")
     cases = {
@@ -331,9 +358,9 @@ def main() -> int:
     recipes = checks[-6:]
     checks += [check_every_config]
     checks += [lambda r=rule: check_nvfp4_adamw((64, 1024, 1408), r) for rule in R.RULES]
-    checks += [check_no_host_sync, check_refusals]
+    checks += [check_no_host_sync, check_fp8_compile, check_refusals]
     if args.only_fp8_mlp:
-        checks = [checks[0], *recipes, check_every_config, check_no_host_sync]
+        checks = [checks[0], *recipes, check_every_config, check_no_host_sync, check_fp8_compile]
     if args.only_nvfp4:
         checks = [lambda r=rule: check_nvfp4_adamw((64, 1024, 1408), r) for rule in R.RULES]
     for check in checks:

@@ -39,6 +39,10 @@ def op_samples():
             (grad(x), ids, grad(weights), grad(w_up), grad(w_down)),
             (grad(x.bfloat16()), ids, grad(weights), grad(w_up), grad(w_down)),
         ],
+        "moe_experts_fp8": [  # the model's recipe (rowwise, bf16 dW: act kept), and one keeping no act
+            (grad(x.bfloat16()), ids, grad(weights), grad(w_up), grad(w_down), "rowwise", False, True),
+            (grad(x), ids, grad(weights), grad(w_up), grad(w_down), "rowwise", True, False),
+        ],
         "linear_cross_entropy": [
             (grad(x), grad(head), targets, 4, -100, True),
             (x, head, targets, 3, -100, False),
@@ -67,6 +71,62 @@ def test_opcheck_moe_experts_backward(dtype):
     torch.library.opcheck(torch.ops.nmoe.moe_experts_backward.default, args)
     dw_up, dw_down = torch.ops.nmoe.moe_experts_backward(*args)[2:]
     assert dw_up.dtype == dw_down.dtype == torch.float32
+
+
+@pytest.mark.parametrize("recipe", [("rowwise", False, True), ("blockwise", True, False)])
+def test_opcheck_moe_experts_fp8_backward(recipe):
+    """The fp8 op's backward on its forward's saved outputs (act [R,H], or the [0] placeholder), float32 masters
+    under bf16 tokens: gradients in the inputs' dtypes."""
+    g = torch.Generator().manual_seed(1)
+    w_up, w_down = expert_weights(g)
+    x = torch.randn(6, 16, generator=g).bfloat16()
+    ids, weights = torch.tensor([[0, 1], [2, -1], [3, 0]] * 2), torch.rand(6, 2)
+    y, *saved = torch.ops.nmoe.moe_experts_fp8(x, ids, weights, w_up, w_down, *recipe)
+    assert saved[-1].shape == ((12, 16) if recipe[1] is False else (0,))
+    args = (torch.randn(6, 16, generator=g).bfloat16(), x, weights, w_up, w_down, *saved, *recipe)
+    torch.library.opcheck(torch.ops.nmoe.moe_experts_fp8_backward.default, args)
+    dx, d_weights, dw_up, dw_down = torch.ops.nmoe.moe_experts_fp8_backward(*args)
+    assert dx.dtype == torch.bfloat16 and dw_up.dtype == dw_down.dtype == d_weights.dtype == torch.float32
+
+
+class TinyMoEFP8(torch.nn.Module):
+    """Router -> moe_experts_fp8 (the model's fp8 layer: float32 masters, dropped slots) -> fused head loss."""
+
+    def __init__(self, g, n_experts=4, d=16, vocab=40):
+        super().__init__()
+        w_up, w_down = expert_weights(g, n_experts, d)
+        self.w_up, self.w_down = torch.nn.Parameter(w_up), torch.nn.Parameter(w_down)
+        self.gate = torch.nn.Parameter(torch.randn(n_experts, d, generator=g))
+        self.head = torch.nn.Parameter(torch.randn(vocab, d, generator=g) / d**0.5)
+
+    def forward(self, x, targets):
+        weights, ids = torch.sigmoid(x @ self.gate.T).topk(2, dim=1)
+        ids = torch.where(weights > 0.9, -1, ids)
+        y = nk.moe_experts_fp8(x, ids, weights, self.w_up, self.w_down, wgrad_fp8=False, fast_accum=True)
+        return nk.linear_cross_entropy(torch.tanh(y) + x, self.head, targets, chunk_size=5)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_fp8_experts_compile_fullgraph_and_match_eager(backend):
+    """moe_experts_fp8 is one custom op (as moe_experts): torch.compile traces the fp8 layer whole, where the
+    autograd.Function it replaced broke the graph (data-dependent group sizes on CPU, the Triton launchers on GPU)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    model = TinyMoEFP8(g)
+    x = torch.randn(14, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 40, (14,), generator=g)
+
+    def loss_and_grads(fn):
+        for p in [x, *model.parameters()]:
+            p.grad = None
+        loss = fn(x, targets)
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in [x, *model.parameters()]]
+
+    eager = loss_and_grads(model)
+    compiled = loss_and_grads(torch.compile(model, fullgraph=True, backend=backend))
+    for want, got in zip(eager, compiled):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 class TinyMoE(torch.nn.Module):
@@ -142,6 +202,9 @@ def test_flop_counter_sees_the_ops():
     expert = 2 * 16 * 32 + 2 * 16 * 16  # per row: up [16 -> 32] + down [16 -> 16]
     want = 3 * (20 * expert + 10 * expert + 2 * 10 * 16 * 16 + 2 * 10 * 16 * 40)
     assert counter.get_total_flops() == want
+    with FlopCounterMode(display=False) as counter:
+        nk.moe_experts_fp8(x, ids, weights, w_up, w_down, wgrad_fp8=False).sum().backward()
+    assert counter.get_total_flops() == 3 * 20 * expert
 
 
 def test_backward_materialises_no_gradients_for_the_saved_outputs():

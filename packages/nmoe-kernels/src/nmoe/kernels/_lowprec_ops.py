@@ -618,33 +618,28 @@ class ExpertMLPFP8(torch.autograd.Function):
         return d_rows, None, dw_up, dw_down, None, None, None
 
 
-class MoEExpertsFP8(torch.autograd.Function):
+def moe_fp8_forward(x, topk_ids, topk_weights, w_up, w_down, scaling: str, wgrad_fp8: bool, fast_accum: bool):
     """Routed SwiGLU experts with fp8 GEMMs, fused as the bf16 moe_experts: tokens are quantised once in token order
     (x forward, dy backward) and gathered by the GEMMs; the routing weights are applied in the combine and in the
-    SwiGLU-backward epilogue (which also yields their gradient)."""
+    SwiGLU backward (which also yields their gradient). -> (y[T,D] x.dtype, offsets[E] int32, order[R] int64,
+    token[R] int32, pos[R] int32, pre[R,2H], act[R,H] or [0] when the recipe keeps none): the `nmoe::moe_experts_fp8`
+    op's outputs, R = T*K."""
+    r = _Recipe(scaling == "blockwise", wgrad_fp8, fast_accum)
+    n_tokens, top_k = topk_ids.shape
+    routing, token, pos = _triton_ops.route(topk_ids, w_up.shape[0])
+    qx, sx = quantize_rows(x, r.blockwise)
+    out, pre, act = _mlp_forward(qx, sx, routing.offsets, w_up, w_down, r, token.shape[0], x.dtype, token)
+    y = _triton_ops.combine(out, pos, topk_weights.reshape(-1), routing.offsets, n_tokens, top_k)
+    return y, routing.offsets, routing.order, token, pos, pre, x.new_empty(0) if act is None else act
 
-    @staticmethod
-    def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, scaling, wgrad_fp8, fast_accum):
-        """x[T,D], topk_ids[T,K] (-1 dropped), topk_weights[T,K], w_up[E,D,2H], w_down[E,H,D] -> y[T,D] (x.dtype)."""
-        r = _Recipe(scaling == "blockwise", wgrad_fp8, fast_accum)
-        n_tokens, top_k = topk_ids.shape
-        routing, token, pos = _triton_ops.route(topk_ids, w_up.shape[0])
-        qx, sx = quantize_rows(x, r.blockwise)
-        out, pre, act = _mlp_forward(qx, sx, routing.offsets, w_up, w_down, r, token.shape[0], x.dtype, token)
-        y = _triton_ops.combine(out, pos, topk_weights.reshape(-1), routing.offsets, n_tokens, top_k)
-        ctx.save_for_backward(x, topk_weights, w_up, w_down, routing.offsets, routing.order, token, pos, pre, act)
-        ctx.recipe = r
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        """dy[T,D] -> (dx[T,D], None, d_topk_weights[T,K], dw_up, dw_down, None, None, None)."""
-        x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act = ctx.saved_tensors
-        n_tokens, top_k = topk_weights.shape
-        routing = (token, topk_weights.reshape(-1), order)
-        d_rows, dw_up, dw_down, d_weights = _mlp_backward(
-            dy.contiguous(), x, offsets, w_up, w_down, pre, act, ctx.recipe, routing
-        )
-        dx = _triton_ops.combine(d_rows, pos, None, offsets, n_tokens, top_k)
-        d_weights = d_weights.view(n_tokens, top_k).to(topk_weights.dtype)
-        return dx, None, d_weights, dw_up, dw_down, None, None, None
+def moe_fp8_backward(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act, scaling, wgrad_fp8,
+                     fast_accum):  # fmt: skip
+    """dy[T,D] and `moe_fp8_forward`'s saved outputs -> (dx[T,D], d_topk_weights[T,K], dw_up, dw_down)."""
+    r = _Recipe(scaling == "blockwise", wgrad_fp8, fast_accum)
+    n_tokens, top_k = topk_weights.shape
+    routing = (token, topk_weights.reshape(-1), order)
+    act = act if R.keeps_act(scaling, wgrad_fp8) else None  # else a [0] placeholder
+    d_rows, dw_up, dw_down, d_weights = _mlp_backward(dy.contiguous(), x, offsets, w_up, w_down, pre, act, r, routing)
+    dx = _triton_ops.combine(d_rows, pos, None, offsets, n_tokens, top_k)
+    return dx, d_weights.view(n_tokens, top_k).to(topk_weights.dtype), dw_up, dw_down

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from nmoe.kernels import _dispatch, _linear_ce, reference
+from nmoe.kernels import _dispatch, _linear_ce, reference, reference_lowprec
 
 
 def _triton_ops():
@@ -247,6 +247,112 @@ def _moe_grad(ctx, dy, *_unused):
 moe_experts.register_autograd(_moe_grad, setup_context=_moe_setup)
 
 
+# ------------------------------------------------------------------------------------------- moe_experts_fp8
+
+
+@torch.library.custom_op("nmoe::moe_experts_fp8", mutates_args=())
+def moe_experts_fp8(
+    x: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    scaling: str,
+    wgrad_fp8: bool,
+    fast_accum: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (y[T,D], offsets[E] int32, order[R] int64, token[R] int32, pos[R] int32, pre[R,2H], act[R,H] or [0]),
+    R = T*K; the inputs checked by `nmoe.kernels.moe_experts_fp8`."""
+    if _dispatch.use_triton(x, topk_ids, topk_weights, w_up, w_down):
+        from nmoe.kernels import _lowprec_ops
+
+        return _lowprec_ops.moe_fp8_forward(x, topk_ids, topk_weights, w_up, w_down, scaling, wgrad_fp8, fast_accum)
+    y, offsets, order, token, pre = reference_lowprec.moe_experts_fp8_forward(
+        x, topk_ids, topk_weights, w_up, w_down, scaling, torch.float32, wgrad_fp8
+    )
+    pos = torch.empty_like(order, dtype=torch.int32)
+    pos[order] = torch.arange(order.shape[0], dtype=torch.int32, device=order.device)
+    act = (
+        reference_lowprec.swiglu_f32(pre).to(x.dtype)
+        if reference_lowprec.keeps_act(scaling, wgrad_fp8)
+        else x.new_empty(0)
+    )
+    return y, offsets, order, token.to(torch.int32), pos, pre, act
+
+
+@moe_experts_fp8.register_fake
+def _(x, topk_ids, topk_weights, w_up, w_down, scaling, wgrad_fp8, fast_accum):
+    rows, h2 = topk_ids.numel(), w_up.shape[2]
+
+    def ints(n, dtype):
+        return x.new_empty(n, dtype=dtype)
+
+    return (
+        x.new_empty(x.shape),
+        ints(w_up.shape[0], torch.int32),
+        ints(rows, torch.int64),
+        ints(rows, torch.int32),
+        ints(rows, torch.int32),
+        x.new_empty(rows, h2),
+        x.new_empty((rows, h2 // 2) if reference_lowprec.keeps_act(scaling, wgrad_fp8) else (0,)),
+    )
+
+
+@torch.library.custom_op("nmoe::moe_experts_fp8_backward", mutates_args=())
+def moe_experts_fp8_backward(
+    dy: Tensor,
+    x: Tensor,
+    topk_weights: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    offsets: Tensor,
+    order: Tensor,
+    token: Tensor,
+    pos: Tensor,
+    pre: Tensor,
+    act: Tensor,
+    scaling: str,
+    wgrad_fp8: bool,
+    fast_accum: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dy[T,D] -> (dx[T,D], d_topk_weights[T,K], dw_up[E,D,2H], dw_down[E,H,D]) in the inputs' dtypes."""
+    saved = (offsets, order, token, pos, pre, act)
+    if _dispatch.use_triton(x, topk_weights, w_up, w_down):
+        from nmoe.kernels import _lowprec_ops
+
+        return _lowprec_ops.moe_fp8_backward(dy, x, topk_weights, w_up, w_down, *saved, scaling, wgrad_fp8, fast_accum)
+    return reference_lowprec.moe_experts_fp8_backward(
+        dy, x, topk_weights, w_up, w_down, offsets, order, token, pre, scaling, torch.float32, wgrad_fp8
+    )
+
+
+@moe_experts_fp8_backward.register_fake
+def _(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act, scaling, wgrad_fp8, fast_accum):
+    return (
+        x.new_empty(x.shape),
+        topk_weights.new_empty(topk_weights.shape),
+        w_up.new_empty(w_up.shape),
+        w_down.new_empty(w_down.shape),
+    )
+
+
+def _moe_fp8_setup(ctx, inputs, output):
+    x, _, topk_weights, w_up, w_down, *recipe = inputs
+    _, *saved = output
+    ctx.mark_non_differentiable(*saved)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the non-differentiable outputs
+    ctx.recipe = recipe
+    ctx.save_for_backward(x, topk_weights, w_up, w_down, *saved)
+
+
+def _moe_fp8_grad(ctx, dy, *_unused):
+    dx, d_weights, dw_up, dw_down = torch.ops.nmoe.moe_experts_fp8_backward(dy, *ctx.saved_tensors, *ctx.recipe)
+    return dx, None, d_weights, dw_up, dw_down, None, None, None
+
+
+moe_experts_fp8.register_autograd(_moe_fp8_grad, setup_context=_moe_fp8_setup)
+
+
 # --------------------------------------------------------------------------------------- linear_cross_entropy
 
 
@@ -333,6 +439,16 @@ def _(x_shape, ids_shape, weights_shape, w_up_shape, w_down_shape, out_shape=Non
 
 
 @register_flop_formula(torch.ops.nmoe.moe_experts_backward)
+def _(dy_shape, x_shape, weights_shape, w_up_shape, *_, out_shape=None) -> int:
+    return 2 * _expert_flops(weights_shape[0] * weights_shape[1], w_up_shape)
+
+
+@register_flop_formula(torch.ops.nmoe.moe_experts_fp8)
+def _(x_shape, ids_shape, weights_shape, w_up_shape, w_down_shape, *_, out_shape=None) -> int:
+    return _expert_flops(ids_shape[0] * ids_shape[1], w_up_shape)
+
+
+@register_flop_formula(torch.ops.nmoe.moe_experts_fp8_backward)
 def _(dy_shape, x_shape, weights_shape, w_up_shape, *_, out_shape=None) -> int:
     return 2 * _expert_flops(weights_shape[0] * weights_shape[1], w_up_shape)
 

@@ -311,14 +311,14 @@ def moe_experts_fp8(
     _check_moe(x, topk_ids, topk_weights, w_up, w_down)
     for name, t in (("x", x), ("w_up", w_up), ("w_down", w_down)):
         _check_float_input(name, t)
-    if not use_triton(x, topk_ids, topk_weights, w_up, w_down):
-        return R.moe_experts_fp8(x, topk_ids, topk_weights, w_up, w_down, scaling, wgrad_fp8=wgrad_fp8)
-    check_aligned(D=x.shape[1], H=w_down.shape[1])
-    from nmoe.kernels._lowprec_ops import MoEExpertsFP8
+    if use_triton(x, topk_ids, topk_weights, w_up, w_down):
+        check_aligned(D=x.shape[1], H=w_down.shape[1])
+    from nmoe.kernels import _ops
 
-    return MoEExpertsFP8.apply(
+    y, *_ = _ops.moe_experts_fp8(
         x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), w_up, w_down, scaling, wgrad_fp8, fast_accum
     )
+    return y
 
 
 # ---------------------------------------------------------------------------------------------------------

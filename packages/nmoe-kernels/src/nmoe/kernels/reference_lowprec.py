@@ -439,43 +439,67 @@ def expert_mlp_fp8(
     return ExpertMLPFP8.apply(rows, offsets, w_up, w_down, scaling, compute or torch.float32, wgrad_fp8)
 
 
+def keeps_act(scaling: str, wgrad_fp8: bool) -> bool:
+    """Whether the fp8 expert forward keeps act[R,H] for the backward (the bf16 dW of the down projection reads it;
+    blockwise quantises it in the up GEMM's epilogue and fp8 dW re-reads gate|up)."""
+    return scaling != "blockwise" and not wgrad_fp8
+
+
+def moe_experts_fp8_forward(x, topk_ids, topk_weights, w_up, w_down, scaling: str, compute: torch.dtype, wgrad_fp8):
+    """The fp8 expert MLP on the gathered tokens, weighted combine -> (y[T,D] in x.dtype, offsets[E] int32,
+    order[R] int64, token[R] int64, pre[R,2H]) with R = T*K grouped rows (dropped slots last)."""
+    routing = sort_by_expert(topk_ids, w_up.shape[0])
+    token = routing.order // topk_ids.shape[1]
+    rows = x[token]
+    pre = fp8_gemm(rows, w_up, routing.offsets, scaling, compute, "fwd").to(x.dtype)
+    act = swiglu_f32(pre).to(x.dtype)
+    out = fp8_gemm(act, w_down, routing.offsets, scaling, compute, "fwd").to(x.dtype)
+    weight = _routing_weights(topk_weights, routing.order, routing.offsets).to(compute)
+    y = out.new_zeros(x.shape, dtype=compute).index_add(0, token, out.to(compute) * weight[:, None])
+    return y.to(x.dtype), routing.offsets, routing.order, token, pre
+
+
+def moe_experts_fp8_backward(
+    dy, x, topk_weights, w_up, w_down, offsets, order, token, pre, scaling, compute, wgrad_fp8
+):
+    """dy[T,D] -> (dx[T,D], d_topk_weights[T,K], dw_up, dw_down) in the inputs' dtypes. As the kernels, dy is
+    quantised in token order and the routing weight is applied after the down dgrad GEMM."""
+    token = token.long()
+    fp8 = wgrad_fp8
+    dy_rows = dy.to(x.dtype)[token]
+    weight = _routing_weights(topk_weights, order, offsets)
+    d_weighted = fp8_gemm(dy_rows, w_down, offsets, scaling, compute, "dgrad")  # before the routing weight
+    act = swiglu_f32(pre).to(x.dtype)
+    d_weights = torch.zeros(order.shape[0], dtype=compute, device=x.device)
+    d_weights[order] = (d_weighted * act.to(compute)).sum(1)
+    d_pre = swiglu_backward(pre.to(compute), d_weighted * weight.to(compute)[:, None]).to(x.dtype)
+    weighted_dy = dy_rows.to(compute) * weight.to(compute)[:, None]
+    dw_down = wgrad_of(act, weighted_dy.to(x.dtype) if fp8 else weighted_dy, offsets, compute, fp8)
+    d_rows = fp8_gemm(d_pre, w_up, offsets, scaling, compute, "dgrad").to(compute)
+    dw_up = wgrad_of(x[token], d_pre, offsets, compute, fp8)
+    dx = torch.zeros(x.shape, dtype=compute, device=x.device).index_add(0, token, d_rows)
+    d_weights = d_weights.view(topk_weights.shape).to(topk_weights.dtype)
+    return dx.to(x.dtype), d_weights, dw_up.to(w_up.dtype), dw_down.to(w_down.dtype)
+
+
 class MoEExpertsFP8(torch.autograd.Function):
-    """Reference moe_experts_fp8: the fp8 expert MLP on the gathered tokens, weighted combine. As the kernels, the
-    backward quantises dy in token order and applies the routing weight after the down dgrad GEMM."""
+    """Reference moe_experts_fp8 (autograd over `moe_experts_fp8_forward` / `_backward`)."""
 
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, w_up, w_down, scaling, compute, wgrad_fp8):
         """x[T,D], topk_ids[T,K] (-1 dropped), topk_weights[T,K], w_up[E,D,2H], w_down[E,H,D] -> y[T,D] (x.dtype)."""
-        routing = sort_by_expert(topk_ids, w_up.shape[0])
-        token = routing.order // topk_ids.shape[1]
-        rows = x[token]
-        pre = fp8_gemm(rows, w_up, routing.offsets, scaling, compute, "fwd").to(x.dtype)
-        act = swiglu_f32(pre).to(x.dtype)
-        out = fp8_gemm(act, w_down, routing.offsets, scaling, compute, "fwd").to(x.dtype)
-        weight = _routing_weights(topk_weights, routing.order, routing.offsets).to(compute)
-        y = out.new_zeros(x.shape, dtype=compute).index_add(0, token, out.to(compute) * weight[:, None])
-        ctx.save_for_backward(x, topk_weights, w_up, w_down, routing.offsets, routing.order, token, pre)
+        y, offsets, order, token, pre = moe_experts_fp8_forward(
+            x, topk_ids, topk_weights, w_up, w_down, scaling, compute, wgrad_fp8
+        )
+        ctx.save_for_backward(x, topk_weights, w_up, w_down, offsets, order, token, pre)
         ctx.scaling, ctx.compute, ctx.wgrad_fp8 = scaling, compute, wgrad_fp8
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, topk_weights, w_up, w_down, offsets, order, token, pre = ctx.saved_tensors
-        scaling, compute, fp8 = ctx.scaling, ctx.compute, ctx.wgrad_fp8
-        dy_rows = dy.to(x.dtype)[token]
-        weight = _routing_weights(topk_weights, order, offsets)
-        d_weighted = fp8_gemm(dy_rows, w_down, offsets, scaling, compute, "dgrad")  # before the routing weight
-        act = swiglu_f32(pre).to(x.dtype)
-        d_weights = torch.zeros(order.shape[0], dtype=compute, device=x.device)
-        d_weights[order] = (d_weighted * act.to(compute)).sum(1)
-        d_pre = swiglu_backward(pre.to(compute), d_weighted * weight.to(compute)[:, None]).to(x.dtype)
-        weighted_dy = dy_rows.to(compute) * weight.to(compute)[:, None]
-        dw_down = wgrad_of(act, weighted_dy.to(x.dtype) if fp8 else weighted_dy, offsets, compute, fp8)
-        d_rows = fp8_gemm(d_pre, w_up, offsets, scaling, compute, "dgrad").to(compute)
-        dw_up = wgrad_of(x[token], d_pre, offsets, compute, fp8)
-        dx = torch.zeros(x.shape, dtype=compute, device=x.device).index_add(0, token, d_rows)
-        d_weights = d_weights.view(topk_weights.shape).to(topk_weights.dtype)
-        return dx.to(x.dtype), None, d_weights, dw_up.to(w_up.dtype), dw_down.to(w_down.dtype), None, None, None
+        grads = moe_experts_fp8_backward(dy, *ctx.saved_tensors, ctx.scaling, ctx.compute, ctx.wgrad_fp8)
+        dx, d_weights, dw_up, dw_down = grads
+        return dx, None, d_weights, dw_up, dw_down, None, None, None
 
 
 def _routing_weights(topk_weights: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
