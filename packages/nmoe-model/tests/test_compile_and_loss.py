@@ -40,9 +40,11 @@ def test_fused_loss_equals_cross_entropy_of_the_logits(attn):
     torch.testing.assert_close(g_fused, g_ref, rtol=1e-10, atol=1e-12)
 
 
-def test_the_model_compiles_without_graph_breaks():
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_the_model_compiles_without_graph_breaks(precision):
+    """precision: model.expert_precision (fp8: the moe_experts_fp8 op, its CPU reference inside)."""
     torch._dynamo.reset()
-    model = model_of(config(capacity_factor=1.0))  # the dropped-pair path too
+    model = model_of(config(capacity_factor=1.0, expert_precision=precision))  # the dropped-pair path too
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     gen = torch.Generator().manual_seed(1)
     idx, tgt = torch.randint(0, 64, (2, 16), generator=gen), torch.randint(0, 64, (2, 16), generator=gen)
