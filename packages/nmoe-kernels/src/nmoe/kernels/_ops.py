@@ -250,6 +250,14 @@ moe_experts.register_autograd(_moe_grad, setup_context=_moe_setup)
 # ------------------------------------------------------------------------------------------- moe_experts_fp8
 
 
+def _fp8_experts_on_triton(x: Tensor, w_down: Tensor, *others: Tensor) -> bool:
+    """Device and alignment checks of the fp8 experts (dtypes are checked by the public function)."""
+    if not _dispatch.use_triton(x, w_down, *others):
+        return False
+    _dispatch.check_aligned(D=x.shape[1], H=w_down.shape[1])
+    return True
+
+
 @torch.library.custom_op("nmoe::moe_experts_fp8", mutates_args=())
 def moe_experts_fp8(
     x: Tensor,
@@ -263,7 +271,7 @@ def moe_experts_fp8(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (y[T,D], offsets[E] int32, order[R] int64, token[R] int32, pos[R] int32, pre[R,2H], act[R,H] or [0]),
     R = T*K; the inputs checked by `nmoe.kernels.moe_experts_fp8`."""
-    if _dispatch.use_triton(x, topk_ids, topk_weights, w_up, w_down):
+    if _fp8_experts_on_triton(x, w_down, topk_ids, topk_weights, w_up):
         from nmoe.kernels import _lowprec_ops
 
         return _lowprec_ops.moe_fp8_forward(x, topk_ids, topk_weights, w_up, w_down, scaling, wgrad_fp8, fast_accum)
@@ -282,6 +290,7 @@ def moe_experts_fp8(
 
 @moe_experts_fp8.register_fake
 def _(x, topk_ids, topk_weights, w_up, w_down, scaling, wgrad_fp8, fast_accum):
+    _fp8_experts_on_triton(x, w_down, topk_ids, topk_weights, w_up)
     rows, h2 = topk_ids.numel(), w_up.shape[2]
 
     def ints(n, dtype):
@@ -317,7 +326,7 @@ def moe_experts_fp8_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dy[T,D] -> (dx[T,D], d_topk_weights[T,K], dw_up[E,D,2H], dw_down[E,H,D]) in the inputs' dtypes."""
     saved = (offsets, order, token, pos, pre, act)
-    if _dispatch.use_triton(x, topk_weights, w_up, w_down):
+    if _fp8_experts_on_triton(x, w_down, topk_weights, w_up):
         from nmoe.kernels import _lowprec_ops
 
         return _lowprec_ops.moe_fp8_backward(dy, x, topk_weights, w_up, w_down, *saved, scaling, wgrad_fp8, fast_accum)
