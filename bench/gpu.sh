@@ -3,7 +3,7 @@
 # Carry .whl (duckdb, nvshmem4py; ../shared/device/wheels.sh; WHEELS=DIR installs another folder's wheels) and, for training stages, .gpu (prepared data:
 # `uv run nmoe-data prep --source files --input ../shared/corpus/docs.jsonl.gz --output .gpu/data
 #  --name corpus-32k --tokenizer .gpu/data/tok-32k.json --tokenizer-vocab-size 32768 --val-tokens 262144`).
-# Every stage logs to $OUT/<stage>.log; the summary of each stage is printed last.
+# Every stage logs to $OUT/<stage>.log; the summary of each stage is printed last. precision runs eager unless COMPILE=true.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl \
   >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
@@ -50,7 +50,7 @@ import nmoe.train.loop, nmoe.rdep, nmoe.kernels; print(\"imports ok\")"' ;;
         --set optim.warmdown=5 --set eval.eval_every=0 --set train.log_every=5 --set runtime.compile=false ;;
     precision) TAIL=12 stage precision 560 python3 bench/precision.py configs/moonlet.toml --out "$OUT/precision" \
         --steps "${STEPS:-300}" ${PVARIANTS:+--variants "$PVARIANTS"} "${DATA[@]}" --set model.n_layers=6 --set train.global_batch_size=8 \
-        --set runtime.compile=false --set optim.warmup=30 --set optim.warmdown=60 --set eval.eval_every=100 \
+        --set runtime.compile=${COMPILE:-false} --set optim.warmup=30 --set optim.warmdown=60 --set eval.eval_every=100 \
         --set eval.eval_batches=8 --set train.log_every=25 ;;
     learning) for seed in ${SEEDS:-0}; do  # SEEDS="1 2": one run per seed (model init and data order)
         TAIL=16 stage "learning-s$seed" 590 python3 bench/learning.py --data .gpu/data/corpus-32k \
