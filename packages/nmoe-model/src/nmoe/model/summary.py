@@ -141,8 +141,9 @@ def _attention_activation_bytes(cfg: ModelConfig, act: int) -> float:
 
 def activation_bytes_per_token(cfg: ModelConfig, act_bytes: int = 2) -> float:
     """Estimated bytes alive for backward per token: bf16 autocast over an fp32 residual stream, fused
-    RMSNorm and flash-style attention (no S x S matrix), fp32 logits + loss softmax; no checkpointing."""
-    d, v, act = cfg.dim, cfg.vocab_size, act_bytes
+    RMSNorm and flash-style attention (no S x S matrix), the fused routed experts (`moe_experts`) and the fused
+    head + loss (`linear_cross_entropy`: no logits); no checkpointing."""
+    d, act = cfg.dim, act_bytes
     norm = 4 * d + 4 + act * d  # fp32 input + rstd, low-precision copy saved by the next matmul
     total = 0.0
     for layer in range(cfg.n_layers):
@@ -152,9 +153,9 @@ def activation_bytes_per_token(cfg: ModelConfig, act_bytes: int = 2) -> float:
             continue
         k, hid, e = cfg.top_k, cfg.moe_inter_dim, cfg.n_routed_experts
         total += 4 * d + 8 * e  # fp32 router input, scores (+ logits)
-        total += act * k * (2 * d + 4 * hid)  # gathered input, gate|up, swiglu, per-slot output
+        total += k * (act * 3 * hid + 20)  # per slot: gate|up and swiglu (gathered in the GEMM), routing indices
         total += act * 4 * cfg.n_shared_experts * hid
-    total += norm + 8 * v  # final norm, fp32 logits and the loss's fp32 softmax
+    total += norm + 4 * d  # final norm; the fused loss computes dL/dh (fp32) in its forward
     return total
 
 
