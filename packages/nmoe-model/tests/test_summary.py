@@ -138,15 +138,25 @@ def test_activation_estimate_tracks_saved_tensors(name):
 
 
 @pytest.mark.parametrize(
-    "layers,batch,peak_gib",
-    [(12, 12, 45.4), (6, 8, 20.1)],  # H100 peaks, bench/RESULTS.md: compiled 12 x 2048; the 6-layer eager study
+    "layers,batch,checkpointing,peak_gib",
+    # H100 peaks, bench/RESULTS.md: compiled 12 x 2048, without and with the MoE blocks re-run; the 6-layer study
+    [(12, 12, "none", 45.4), (12, 12, "moe", 30.0), (6, 8, "none", 20.1)],
 )
-def test_memory_estimate_tracks_the_peaks_measured_on_the_gpu(shapes, layers, batch, peak_gib):
+def test_memory_estimate_tracks_the_peaks_measured_on_the_gpu(shapes, layers, batch, checkpointing, peak_gib):
     """moonlet's estimate (fp32 params, grads and AdamW state, bf16 activations) against torch's peak allocation
     measured in training on an H100: within 10%, so that --dry-run can size a micro-batch."""
     cfg = dataclasses.replace(shapes["moonlet"], n_layers=layers)
-    estimate = model_summary(cfg, 2048, batch_size=batch, act_bytes=2).total_memory_bytes / 2**30
-    assert estimate == pytest.approx(peak_gib, rel=0.10)
+    summary = model_summary(cfg, 2048, batch_size=batch, act_bytes=2, checkpointing=checkpointing)
+    assert summary.total_memory_bytes / 2**30 == pytest.approx(peak_gib, rel=0.10)
+
+
+def test_checkpointing_keeps_block_inputs_and_one_rerun_block(shapes):
+    cfg = shapes["moonlet"]
+    none, moe, every = (activation_bytes_per_token(cfg, 2, mode) for mode in ("none", "moe", "all"))
+    assert every < moe < none
+    assert every >= 4 * cfg.dim * cfg.n_layers  # every block's fp32 input stays
+    with pytest.raises(ValueError, match="choose none, moe or all"):
+        activation_bytes_per_token(cfg, 2, "some")
 
 
 def test_table_lists_every_quantity(shapes):

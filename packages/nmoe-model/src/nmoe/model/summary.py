@@ -79,7 +79,7 @@ class ModelSummary:
     param_bytes: int
     grad_bytes: int
     optimizer_bytes: int  # AdamW m, v in fp32 plus an fp32 master copy when params are below fp32
-    activation_bytes: int  # saved activations of one micro-batch, no activation checkpointing (estimate)
+    activation_bytes: int  # saved activations of one micro-batch under its activation checkpointing (estimate)
     attention_kinds: str
 
     @property
@@ -139,30 +139,54 @@ def _attention_activation_bytes(cfg: ModelConfig, act: int) -> float:
     return (4 + act) * latent + act * (kv_b + 2 * h * qk + h * cfg.v_head_dim) + 4 * h
 
 
-def activation_bytes_per_token(cfg: ModelConfig, act_bytes: int = 2) -> float:
+def _layer_activation_bytes(cfg: ModelConfig, layer: int, act: int) -> float:
+    """Saved bytes per token of one block (its two norms, attention, dense FFN or MoE)."""
+    d = cfg.dim
+    norm = 4 * d + 4 + act * d  # fp32 input + rstd, low-precision copy saved by the next matmul
+    total = 2 * norm + _attention_activation_bytes(cfg, act)
+    if layer < cfg.n_dense_layers:
+        return total + act * 4 * cfg.inter_dim  # gate|up output, silu(gate), product
+    k, hid, e = cfg.top_k, cfg.moe_inter_dim, cfg.n_routed_experts
+    total += 4 * d + 8 * e  # fp32 router input, scores (+ logits)
+    total += k * (act * 3 * hid + 20)  # per slot: gate|up and swiglu (gathered in the GEMM), routing indices
+    return total + act * 4 * cfg.n_shared_experts * hid
+
+
+CHECKPOINTING = ("none", "moe", "all")
+
+
+def activation_bytes_per_token(cfg: ModelConfig, act_bytes: int = 2, checkpointing: str = "none") -> float:
     """Estimated bytes alive for backward per token: bf16 autocast over an fp32 residual stream, fused
     RMSNorm and flash-style attention (no S x S matrix), the fused routed experts (`moe_experts`) and the fused
-    head + loss (`linear_cross_entropy`: no logits); no checkpointing."""
+    head + loss (`linear_cross_entropy`: no logits). checkpointing ('none', 'moe', 'all', as
+    `Transformer.set_activation_checkpointing`): a re-run block keeps only its fp32 input, and at the peak one
+    of them holds its activations again during its backward."""
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"activation checkpointing {checkpointing!r}: choose none, moe or all")
     d, act = cfg.dim, act_bytes
-    norm = 4 * d + 4 + act * d  # fp32 input + rstd, low-precision copy saved by the next matmul
-    total = 0.0
+    kept, rerun = 0.0, [0.0]
     for layer in range(cfg.n_layers):
-        total += 2 * norm + _attention_activation_bytes(cfg, act)
-        if layer < cfg.n_dense_layers:
-            total += act * 4 * cfg.inter_dim  # gate|up output, silu(gate), product
-            continue
-        k, hid, e = cfg.top_k, cfg.moe_inter_dim, cfg.n_routed_experts
-        total += 4 * d + 8 * e  # fp32 router input, scores (+ logits)
-        total += k * (act * 3 * hid + 20)  # per slot: gate|up and swiglu (gathered in the GEMM), routing indices
-        total += act * 4 * cfg.n_shared_experts * hid
-    total += norm + 4 * d  # final norm; the fused loss computes dL/dh (fp32) in its forward
-    return total
+        block = _layer_activation_bytes(cfg, layer, act)
+        if checkpointing == "all" or (checkpointing == "moe" and layer >= cfg.n_dense_layers):
+            kept += 4 * d
+            rerun.append(block)
+        else:
+            kept += block
+    norm = 4 * d + 4 + act * d
+    return kept + max(rerun) + norm + 4 * d  # final norm; the fused loss computes dL/dh (fp32) in its forward
 
 
 def model_summary(
-    cfg: ModelConfig, seq_len: int, batch_size: int = 1, param_bytes: int = 4, grad_bytes: int = 4, act_bytes: int = 2
+    cfg: ModelConfig,
+    seq_len: int,
+    batch_size: int = 1,
+    param_bytes: int = 4,
+    grad_bytes: int = 4,
+    act_bytes: int = 2,
+    checkpointing: str = "none",
 ) -> ModelSummary:
-    """Summary of `cfg` for micro-batches of batch_size x seq_len; byte sizes per element as given."""
+    """Summary of `cfg` for micro-batches of batch_size x seq_len; byte sizes per element as given; checkpointing
+    as `Transformer.set_activation_checkpointing`."""
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be positive")
     layers = [layer_params(cfg, i) for i in range(cfg.n_layers)]
@@ -193,6 +217,6 @@ def model_summary(
         param_bytes=total * param_bytes,
         grad_bytes=total * grad_bytes,
         optimizer_bytes=optimizer,
-        activation_bytes=round(activation_bytes_per_token(cfg, act_bytes) * seq_len * batch_size),
+        activation_bytes=round(activation_bytes_per_token(cfg, act_bytes, checkpointing) * seq_len * batch_size),
         attention_kinds=pattern,
     )

@@ -74,7 +74,13 @@ def dry_run(cfg, world_size: int | None = None, cuda_available: bool | None = No
     from nmoe.train.runtime import plan_run, world_size_from_env
 
     plan = plan_run(cfg, world_size_from_env() if world_size is None else world_size, cuda_available)
-    summary = model_summary(cfg.model, cfg.train.seq_len, batch_size=plan.micro_batch, act_bytes=plan.act_bytes)
+    summary = model_summary(
+        cfg.model,
+        cfg.train.seq_len,
+        batch_size=plan.micro_batch,
+        act_bytes=plan.act_bytes,
+        checkpointing=cfg.runtime.activation_checkpointing,
+    )
     tokens = plan.tokens_per_step
     lines = [
         f"config       {cfg.source}",

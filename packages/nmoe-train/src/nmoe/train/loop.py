@@ -86,7 +86,13 @@ class Trainer:
         self.resumed = self.checkpoints.resume(self.loader)
         fresh = TrainState.fresh(cfg.name, cfg.fingerprint)
         self.state = self.resumed or TrainState(run_id=self.world.gather_objects(fresh.run_id)[0])
-        self.summary = model_summary(cfg.model, cfg.train.seq_len, self.plan.micro_batch, act_bytes=self.plan.act_bytes)
+        self.summary = model_summary(
+            cfg.model,
+            cfg.train.seq_len,
+            self.plan.micro_batch,
+            act_bytes=self.plan.act_bytes,
+            checkpointing=cfg.runtime.activation_checkpointing,
+        )
         self.peak = peak_tflops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.git_rev = ckpt.git_revision(Path(__file__).parent)
         self.last_batch: tuple[torch.Tensor, torch.Tensor] | None = None
