@@ -179,7 +179,7 @@ def gemm_only(offsets, rows, w_up, w_down, h) -> dict:
 def quantiser_sweep(x, w_up, w_down) -> dict:
     """ms of the row quantiser per ONE_PASS_ELEMENTS and of the forward weight quantiser per ONE_PASS_SLAB (0: the
     two-pass kernels), to pick the launch sizes."""
-    saved = ops.ONE_PASS_ELEMENTS, ops.ONE_PASS_SLAB
+    saved = ops.ONE_PASS_ELEMENTS, ops.ONE_PASS_SLAB, ops.TRANSPOSE_BLOCK
     out = {}
     pre = torch.randn(x.shape[0], 1408, device="cuda", dtype=torch.bfloat16)
     act = torch.randn(x.shape[0], 704, device="cuda", dtype=torch.bfloat16)
@@ -194,13 +194,25 @@ def quantiser_sweep(x, w_up, w_down) -> dict:
                 lambda: ops.quantize_weight(w_up, False, "dgrad")
             )
         ops.ONE_PASS_ELEMENTS = saved[0]
+        w_up32, w_down32 = w_up.float(), w_down.float()  # the model's float32 masters
         for slab in (0, 8192, 16384, 32768):
             ops.ONE_PASS_SLAB = slab
             out[f"w_up fwd, slab {slab}"] = bench_ms(lambda: ops.quantize_weight(w_up, False, "fwd"))
             out[f"w_down fwd, slab {slab}"] = bench_ms(lambda: ops.quantize_weight(w_down, False, "fwd"))
+            out[f"w_up fwd (fp32), slab {slab}"] = bench_ms(lambda: ops.quantize_weight(w_up32, False, "fwd"))
+        ops.ONE_PASS_SLAB = saved[1]
+        out["w_up once, both layouts (fp32)"] = bench_ms(lambda: ops.quantize_weight_both(w_up32, False, ops.UP_FOLD))
+        out["w_down once, both layouts (fp32)"] = bench_ms(
+            lambda: ops.quantize_weight_both(w_down32, False, ops.DOWN_FOLD)
+        )
+        q_up = ops.quantize_weight_both(w_up32, False, ops.UP_FOLD)[0]
+        for block in (32, 64, 128):
+            ops.TRANSPOSE_BLOCK = block
+            out[f"transpose w_up codes, block {block}"] = bench_ms(lambda: ops.transpose_codes(q_up))
+        ops.TRANSPOSE_BLOCK = saved[2]
         out.update(swiglu_sweep(x.shape[0], w_up.shape[0], w_down.shape[1]))
     finally:
-        ops.ONE_PASS_ELEMENTS, ops.ONE_PASS_SLAB = saved
+        ops.ONE_PASS_ELEMENTS, ops.ONE_PASS_SLAB, ops.TRANSPOSE_BLOCK = saved
     for k, v in out.items():
         print(f"sweep {k}: {v:.4f} ms", flush=True)
     return out

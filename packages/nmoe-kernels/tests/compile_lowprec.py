@@ -145,28 +145,33 @@ def dw_variants(quick: bool):
 def quantiser_variants():
     exact = dict(num_warps=4, num_stages=1, enable_fp_fusion=False)
     for src in ("bf16", "fp32"):
-        ints = dict.fromkeys(("M", "C", "stride_xm", "stride_qm", "stride_sm"), "i32")
+        ints = dict.fromkeys(("M", "C", "E", "stride_xm", "stride_qm", "stride_sm", "stride_cse"), "i32")
+        ptrs = dict(x_ptr=f"*{src}", q_ptr="*fp8e4nv", s_ptr="*fp32", cs_ptr="*fp32", offsets_ptr="*i32")
         for blockwise, one_pass in ((False, False), (False, True), (True, False)):
             for swiglu in (False, True):
                 # one pass: moonlet's rows (x 1024, act 704, d_pre 1408) at the launcher's rows per program and parts
                 for width in (1024, 704, 1408) if one_pass else (0,):
-                    block_c, *parts = ops.pow2_parts(width) if one_pass else (128, 0, 0, 0)
-                    block_m = ops._prev_power_of_2(ops.ONE_PASS_ELEMENTS // width // (1 + swiglu)) if one_pass else 32
-                    yield (
-                        f"fp8_quant_rows src={src} blockwise={blockwise} one_pass={one_pass} swiglu={swiglu} "
-                        f"width={width}",
-                        K.fp8_quant_rows_kernel,
-                        dict(ints, x_ptr=f"*{src}", q_ptr="*fp8e4nv", s_ptr="*fp32"),
-                        dict(
-                            SWIGLU_INPUT=swiglu,
-                            BLOCKWISE=blockwise,
-                            ONE_PASS=one_pass,
-                            BLOCK_M=block_m,
-                            BLOCK_C=block_c,
-                            **dict(zip(("PART1", "PART2", "PART3"), parts)),
-                        ),
-                        exact,
-                    )
+                    for fold in (False, True) if not blockwise and width in (0, 704) else (False,):  # act's fold
+                        elements = ops.ONE_PASS_ELEMENTS_FOLD if fold else ops.ONE_PASS_ELEMENTS
+                        block_c, *parts = ops.pow2_parts(width) if one_pass else (128, 0, 0, 0)
+                        block_m = ops._prev_power_of_2(elements // width // (1 + swiglu)) if one_pass else 32
+                        yield (
+                            f"fp8_quant_rows src={src} blockwise={blockwise} one_pass={one_pass} swiglu={swiglu} "
+                            f"width={width} fold={fold}",
+                            K.fp8_quant_rows_kernel,
+                            dict(ints, **ptrs),
+                            dict(
+                                SWIGLU_INPUT=swiglu,
+                                BLOCKWISE=blockwise,
+                                ONE_PASS=one_pass,
+                                BLOCK_M=block_m,
+                                BLOCK_C=block_c,
+                                **dict(zip(("PART1", "PART2", "PART3"), parts)),
+                                FOLD=fold,
+                                BLOCK_E=64 if fold else 1,
+                            ),
+                            exact,
+                        )
             yield (
                 f"fp8_quant_grouped_cols src={src} swiglu={blockwise}",
                 K.fp8_quant_grouped_cols_kernel,
@@ -180,11 +185,12 @@ def quantiser_variants():
                 dict(SWIGLU_INPUT=blockwise, BLOCK_C=ops.QUANT_COLS, BLOCK_E=256),
                 exact,
             )
-        for weighted, quantize in ((False, False), (True, False), (False, True), (True, True)):
+        for weighted, quantize, fold in ((False, False, False), (True, False, False), (False, True, True),
+                                         (True, True, True)):  # fmt: skip
             for hidden in (704, 512):  # moonlet's and speedrun-256's H, at the launcher's rows per program and parts
                 block_c, *parts = ops.pow2_parts(hidden)
                 yield (
-                    f"swiglu_bwd_rows pre={src} weighted={weighted} quantize={quantize} H={hidden}",
+                    f"swiglu_bwd_rows pre={src} weighted={weighted} quantize={quantize} fold={fold} H={hidden}",
                     K.swiglu_bwd_rows_kernel,
                     dict(
                         dact_ptr="*fp32",
@@ -196,11 +202,16 @@ def quantiser_variants():
                         w_idx_ptr="*i64",
                         dw_ptr="*fp32",
                         offsets_ptr="*i32",
-                        **dict.fromkeys(("M", "H", "E", "stride_dm", "stride_pm", "stride_dpm", "stride_qm"), "i32"),
+                        cs_ptr="*fp32",
+                        **dict.fromkeys(
+                            ("M", "H", "E", "stride_dm", "stride_pm", "stride_dpm", "stride_qm", "stride_cse"), "i32"
+                        ),
                     ),
                     dict(
                         WEIGHTED=weighted,
                         QUANTIZE=quantize,
+                        FOLD=fold,
+                        BLOCK_E=256 if fold else 1,
                         BLOCK_M=ops._prev_power_of_2(T.SWIGLU_BWD_ELEMENTS // (2 * hidden)),
                         BLOCK_C=block_c,
                         **dict(zip(("PART1", "PART2", "PART3"), parts)),
@@ -228,6 +239,14 @@ def quantiser_variants():
                     stride_qr=1,
                 ),
                 dict(exact, num_warps=8 if one_pass else 4),
+            )
+        if src == "fp32":  # the codes' transposed copy (int32 words of four codes)
+            yield (
+                "fp8_transpose",
+                K.fp8_transpose_kernel,
+                dict(q_ptr="*i32", qt_ptr="*i32", K="i32", N="i32"),
+                dict(BLOCK_K=ops.TRANSPOSE_BLOCK, BLOCK_N=ops.TRANSPOSE_BLOCK),
+                dict(num_warps=4, num_stages=1),
             )
         for write_q in (False, True):
             yield (

@@ -66,6 +66,29 @@ def check_quantisers(m: int, d: int, h: int, n_experts: int) -> None:
     for name, (got, want) in cases.items():
         bad = {f"mismatch_{i}": mismatches(a, b) for i, (a, b) in enumerate(zip(got, want))}
         record(f"quantiser {name} {tuple(got[0].shape)}", all(v == 0 for v in bad.values()), **bad)
+    from nmoe.kernels import _lowprec_ops
+
+    w_down = torch.randn(n_experts, h, d, device="cuda") * 0.02
+    for name, weight, fold_pass, scale_pass in (("w_up", w, "dgrad", "fwd"), ("w_down", w_down, "fwd", "dgrad")):
+        for blockwise in (False, True):
+            q_ref, s_ref = R.quantize_weight(weight, "blockwise" if blockwise else "rowwise", scale_pass)
+            label = "blockwise" if blockwise else f"rowwise, folded into {fold_pass}"
+            shipped = _lowprec_ops.TRANSPOSE_BLOCK
+            for block in sorted({32, 64, 128, shipped}):  # every transpose tile the profile sweeps
+                _lowprec_ops.TRANSPOSE_BLOCK = block
+                try:
+                    poison_allocator(2 * weight.numel())
+                    q, qt, s = _lowprec_ops.quantize_weight_both(weight, blockwise, fold_pass)
+                finally:
+                    _lowprec_ops.TRANSPOSE_BLOCK = shipped
+                bad = dict(q=mismatches(q, q_ref), qt=mismatches(qt, q_ref.transpose(1, 2).contiguous()))
+                bad["scales"] = mismatches(s, s_ref)
+                tag = " (shipped)" if block == shipped else ""
+                record(
+                    f"one quantisation, both layouts: {name} {label}, transpose tile {block}{tag}",
+                    all(v == 0 for v in bad.values()),
+                    **bad,
+                )
     q = nk.quantize_nvfp4(w)
     for dtype in (torch.bfloat16, torch.float32):
         poison_allocator(w.numel() * 4 * 2)
@@ -324,6 +347,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--only-nvfp4", action="store_true", help="the NVFP4 quantiser and AdamW checks only")
     parser.add_argument("--only-fp8-mlp", action="store_true", help="the expert MLP recipes and every config only")
+    parser.add_argument("--only-quantisers", action="store_true", help="the quantiser and transpose checks only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_lowprec.py needs a CUDA GPU")
@@ -361,6 +385,8 @@ def main() -> int:
     checks += [check_no_host_sync, check_fp8_compile, check_refusals]
     if args.only_fp8_mlp:
         checks = [checks[0], *recipes, check_every_config, check_no_host_sync, check_fp8_compile]
+    if args.only_quantisers:
+        checks = [checks[0]]
     if args.only_nvfp4:
         checks = [lambda r=rule: check_nvfp4_adamw((64, 1024, 1408), r) for rule in R.RULES]
     for check in checks:

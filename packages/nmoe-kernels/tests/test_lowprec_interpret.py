@@ -126,8 +126,22 @@ def test_fp8_quantiser_kernels_are_bitwise(one_pass, monkeypatch):
         nk.quantize_fp8_blockwise(w.transpose(1, 2)), R.quantize_fp8_blockwise(w.transpose(1, 2), (128, 128))
     ):
         assert_bitwise(a.contiguous(), b.contiguous(), "weight blockwise (strided input)")
+    for weight in (w, torch.randn(2, 176, 40, generator=g)):  # one quantisation, both GEMM layouts
+        for fold_pass, scale_pass in (("dgrad", "fwd"), ("fwd", "dgrad")):
+            q, qt, s = _lowprec_ops.quantize_weight_both(weight, False, fold_pass)
+            q_ref, s_ref = R.quantize_weight(weight, "rowwise", scale_pass)
+            assert_bitwise(q, q_ref, f"weight {tuple(weight.shape)} folded into {fold_pass}")
+            assert_bitwise(qt, q_ref.transpose(1, 2).contiguous(), "its transposed copy")
+            assert_bitwise(s, s_ref, "its scales")
     rows = torch.randn(200, 48, generator=g) * torch.logspace(-2, 1, 200)[:, None]
     offsets = torch.tensor([0, 130, 130, 197], dtype=torch.int32)  # an empty group, a 2-chunk group, 3 tail rows
+    col_scales = torch.rand(4, 48, generator=g) + 0.01
+    expert = torch.tensor([1] * 130 + [3] * 70)  # rows past offsets[-1] take the last expert's scales
+    for a, b in zip(
+        _lowprec_ops.quantize_rows(rows, False, fold=(col_scales, offsets)),
+        R.quantize_fp8_rowwise(rows * col_scales[expert]),
+    ):
+        assert_bitwise(a, b, "rows with a weight's scales folded in")
     qt, s = _lowprec_ops.quantize_grouped_cols(rows, offsets)
     q_ref, s_ref = R.quantize_fp8_grouped_cols(rows, offsets)
     assert_bitwise(s, s_ref, "grouped-col scales")
@@ -337,6 +351,22 @@ def test_swiglu_backward_rows_is_the_swiglu_backward_then_the_row_quantiser(dtyp
     dw_want[w_idx[:kept]] = (d_act[:kept].double() * act).sum(1)
     assert rel_err(d_weights, dw_want) < 1e-6
     assert d_weights[w_idx[kept:]].eq(0).all()  # dropped slots: no gradient written
+    fold = torch.rand(3, 2 * h, generator=g) + 0.01  # w_up's forward column scales, per expert
+    d_pre_f, q_f, s_f = swiglu_backward_rows(d_act, pre, offsets, weights, w_idx, torch.zeros(m), True, fold)
+    assert torch.equal(d_pre_f, d_pre)  # d_pre itself (the dW operand) is not scaled
+    expert = torch.cat([torch.zeros(10, dtype=torch.long), torch.full((kept - 10,), 2)])  # groups 0 and 2
+    q_want, s_want = quantize_rows(d_pre[:kept].float() * fold[expert], blockwise=False)
+    assert torch.equal(q_f[:kept].view(torch.uint8), q_want.view(torch.uint8)) and torch.equal(s_f[:kept], s_want)
+
+
+@pytest.mark.parametrize("shape", [(2, 40, 24), (3, 128, 200), (1, 12, 100), (2, 1408, 64)])
+def test_fp8_code_transpose_is_exact(shape):
+    """The e4m3 codes' transposed copy (moved as int32 words of four codes): every bit, masked tile edges too."""
+    from nmoe.kernels._lowprec_ops import transpose_codes
+
+    q = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    q = q.view(torch.float8_e4m3fn)
+    assert_bitwise(transpose_codes(q), q.transpose(1, 2).contiguous(), "transposed codes")
 
 
 def test_fp8_gpu_path_refuses_misaligned_dims():

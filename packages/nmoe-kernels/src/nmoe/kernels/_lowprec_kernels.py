@@ -310,23 +310,38 @@ def nvfp4_adamw_kernel(
 
 
 @triton.jit
-def _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT: tl.constexpr):
+def _expert_of(rows, offsets_ptr, E, BLOCK_E: tl.constexpr):
+    """Expert of each grouped row (offsets[e] = end of group e); E - 1 for rows past the last group."""
+    es = tl.arange(0, BLOCK_E)
+    ends = tl.load(offsets_ptr + es, mask=es < E, other=2147483647)
+    return tl.minimum(tl.sum((ends[None, :] <= rows[:, None]).to(tl.int32), 1), E - 1)
+
+
+@triton.jit
+def _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT: tl.constexpr, cs_rows, FOLD: tl.constexpr):
     """float32 tile of x[rows, cols], or of silu(x[:, cols]) * x[:, C + cols] rounded to x's dtype (the act the
-    bf16 path would store) when x is a gate|up pre-activation."""
+    bf16 path would store) when x is a gate|up pre-activation; FOLD: times the column scales cs_rows[:, cols]
+    (per-row pointers into a weight's scales, folded into this operand)."""
     ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
     if SWIGLU_INPUT:
         gate = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(ptrs + C, mask=ok, other=0.0).to(tl.float32)
-        return _rounded_for(x_ptr, _silu_mul(gate, up))
-    return tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        x = _rounded_for(x_ptr, _silu_mul(gate, up))
+    else:
+        x = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+    if FOLD:
+        x = x * tl.load(cs_rows[:, None] + cols[None, :], mask=ok, other=0.0)
+    return x
 
 
 @triton.jit
-def _row_part(x_ptr, rows, row_ok, c0, WIDTH: tl.constexpr, stride_xm, C, SWIGLU_INPUT: tl.constexpr):
+def _row_part(
+    x_ptr, rows, row_ok, c0, WIDTH: tl.constexpr, stride_xm, C, SWIGLU_INPUT: tl.constexpr, cs_rows, FOLD: tl.constexpr
+):  # fmt: skip
     """(float32 tile of columns [c0, c0 + WIDTH) of x's rows, its column indices, its mask)."""
     cols = c0 + tl.arange(0, WIDTH)
     ok = row_ok[:, None] & (cols < C)[None, :]
-    return _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT), cols, ok
+    return _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT, cs_rows, FOLD), cols, ok
 
 
 @triton.jit
@@ -339,11 +354,15 @@ def fp8_quant_rows_kernel(
     x_ptr,
     q_ptr,
     s_ptr,
+    cs_ptr,
+    offsets_ptr,
     M,
     C,
+    E,
     stride_xm,
     stride_qm,
     stride_sm,
+    stride_cse,
     SWIGLU_INPUT: tl.constexpr,
     BLOCKWISE: tl.constexpr,
     ONE_PASS: tl.constexpr,
@@ -352,35 +371,43 @@ def fp8_quant_rows_kernel(
     PART1: tl.constexpr = 0,
     PART2: tl.constexpr = 0,
     PART3: tl.constexpr = 0,
+    FOLD: tl.constexpr = False,
+    BLOCK_E: tl.constexpr = 1,
 ):
     """x[M,C] -> q[M,C] e4m3 with one scale per row (s[M]) or per row and 128 columns (s[M, C/128], BLOCK_C=128).
 
     Rowwise with ONE_PASS: each row is read once and kept in registers as up to four power-of-two column parts
     (BLOCK_C, PART1, PART2, PART3: 704 = 512 + 128 + 64 without masked lanes); else read twice (amax, then
-    quantise) in BLOCK_C-column pieces.
+    quantise) in BLOCK_C-column pieces. FOLD (rowwise, rows grouped by offsets[E]): quantise x[r, c] * cs[e(r), c]
+    instead, a weight's scales along this GEMM's reduction folded into its left operand.
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
+    cs_rows = cs_ptr
+    if FOLD:
+        cs_rows = cs_ptr + _expert_of(rows, offsets_ptr, E, BLOCK_E).to(tl.int64) * stride_cse
     if BLOCKWISE:
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < C)[None, :]
-        x = _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT)
+        x = _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT, cs_rows, False)
         scale = _fp8_scale(tl.max(tl.abs(x), 1))
         tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], _to_fp8(x, scale[:, None]), mask=ok)
         tl.store(s_ptr + rows64 * stride_sm + tl.program_id(1), scale, mask=row_ok)
     elif ONE_PASS:
-        x0, cols0, ok0 = _row_part(x_ptr, rows, row_ok, 0, BLOCK_C, stride_xm, C, SWIGLU_INPUT)
+        x0, cols0, ok0 = _row_part(x_ptr, rows, row_ok, 0, BLOCK_C, stride_xm, C, SWIGLU_INPUT, cs_rows, FOLD)
         amax = tl.max(tl.abs(x0), 1)
         if PART1 > 0:
-            x1, cols1, ok1 = _row_part(x_ptr, rows, row_ok, BLOCK_C, PART1, stride_xm, C, SWIGLU_INPUT)
+            x1, cols1, ok1 = _row_part(x_ptr, rows, row_ok, BLOCK_C, PART1, stride_xm, C, SWIGLU_INPUT, cs_rows, FOLD)
             amax = tl.maximum(amax, tl.max(tl.abs(x1), 1))
         if PART2 > 0:
-            x2, cols2, ok2 = _row_part(x_ptr, rows, row_ok, BLOCK_C + PART1, PART2, stride_xm, C, SWIGLU_INPUT)
+            x2, cols2, ok2 = _row_part(
+                x_ptr, rows, row_ok, BLOCK_C + PART1, PART2, stride_xm, C, SWIGLU_INPUT, cs_rows, FOLD
+            )
             amax = tl.maximum(amax, tl.max(tl.abs(x2), 1))
         if PART3 > 0:
             c3 = BLOCK_C + PART1 + PART2
-            x3, cols3, ok3 = _row_part(x_ptr, rows, row_ok, c3, PART3, stride_xm, C, SWIGLU_INPUT)
+            x3, cols3, ok3 = _row_part(x_ptr, rows, row_ok, c3, PART3, stride_xm, C, SWIGLU_INPUT, cs_rows, FOLD)
             amax = tl.maximum(amax, tl.max(tl.abs(x3), 1))
         scale = _fp8_scale(amax)
         _store_row_part(q_ptr, rows64, cols0, ok0, x0, scale, stride_qm)
@@ -396,12 +423,13 @@ def fp8_quant_rows_kernel(
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             ok = row_ok[:, None] & (cols < C)[None, :]
-            amax = tl.maximum(amax, tl.max(tl.abs(_load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT)), 1))
+            x = _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT, cs_rows, FOLD)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
         scale = _fp8_scale(amax)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             ok = row_ok[:, None] & (cols < C)[None, :]
-            x = _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT)
+            x = _load_rows(x_ptr, rows, cols, ok, stride_xm, C, SWIGLU_INPUT, cs_rows, FOLD)
             tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], _to_fp8(x, scale[:, None]), mask=ok)
         tl.store(s_ptr + rows64 * stride_sm, scale, mask=row_ok)
 
@@ -409,11 +437,11 @@ def fp8_quant_rows_kernel(
 @triton.jit
 def _swiglu_bwd_part(
     dact_ptr, pre_ptr, dpre_ptr, rows64, live, row_ok, weight, c0, WIDTH: tl.constexpr, H, stride_dm, stride_pm,
-    stride_dpm, WEIGHTED: tl.constexpr,
+    stride_dpm, WEIGHTED: tl.constexpr, cs_rows, FOLD: tl.constexpr,
 ):  # fmt: skip
     """Columns [c0, c0 + WIDTH) of the SwiGLU backward of the rows (zeros for rows not live): (d_gate, d_up rounded
-    to d_pre's dtype and stored there, their column indices, store mask, row amax over both, row partial
-    <d_act, act> (0 unless WEIGHTED))."""
+    to d_pre's dtype and stored there, times the column scales cs_rows[:, col] when FOLD (the values to quantise),
+    their column indices, store mask, row amax over both, row partial <d_act, act> (0 unless WEIGHTED))."""
     cols = c0 + tl.arange(0, WIDTH)
     col_ok = (cols < H)[None, :]
     ok = row_ok[:, None] & col_ok
@@ -434,6 +462,9 @@ def _swiglu_bwd_part(
     out = dpre_ptr + rows64[:, None] * stride_dpm + cols[None, :]
     tl.store(out, d_gate.to(dpre_ptr.dtype.element_ty), mask=ok)
     tl.store(out + H, d_up.to(dpre_ptr.dtype.element_ty), mask=ok)
+    if FOLD:
+        d_gate = d_gate * tl.load(cs_rows[:, None] + cols[None, :], mask=ok, other=0.0)
+        d_up = d_up * tl.load(cs_rows[:, None] + H + cols[None, :], mask=ok, other=0.0)
     amax = tl.maximum(tl.max(tl.abs(d_gate), 1), tl.max(tl.abs(d_up), 1))
     return d_gate, d_up, cols, ok, amax, dw
 
@@ -456,6 +487,7 @@ def swiglu_bwd_rows_kernel(
     w_idx_ptr,
     dw_ptr,
     offsets_ptr,
+    cs_ptr,
     M,
     H,
     E,
@@ -463,6 +495,7 @@ def swiglu_bwd_rows_kernel(
     stride_pm,
     stride_dpm,
     stride_qm,
+    stride_cse,
     WEIGHTED: tl.constexpr,
     QUANTIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -470,6 +503,8 @@ def swiglu_bwd_rows_kernel(
     PART1: tl.constexpr = 0,
     PART2: tl.constexpr = 0,
     PART3: tl.constexpr = 0,
+    FOLD: tl.constexpr = False,
+    BLOCK_E: tl.constexpr = 1,
 ):
     """The SwiGLU backward of grouped rows (the expert backward after its plain dgrad GEMM), for bf16 and fp8.
 
@@ -477,7 +512,9 @@ def swiglu_bwd_rows_kernel(
     d_up] in its dtype; QUANTIZE: also q[M,2H] e4m3 of the stored values with one scale per row s[M]; WEIGHTED:
     the rows' routing weights wts[w_idx[r]] scale d_act and dw[w_idx[r]] = <d_act[r], act[r]>. Rows past
     offsets[E-1] (dropped slots; d_act there is never written) get zeros, and no dw. A row's H columns sit in
-    registers as up to four power-of-two parts (a whole row is needed for its scale).
+    registers as up to four power-of-two parts (a whole row is needed for its scale). FOLD (with QUANTIZE): q holds
+    d_pre[r, c] * cs[e(r), c] instead, the up weight's forward column scales folded in (its dgrad GEMM then reads
+    the forward's codes with unit scales).
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -488,17 +525,22 @@ def swiglu_bwd_rows_kernel(
     if WEIGHTED:
         w_idx = tl.load(w_idx_ptr + rows, mask=live, other=0)
         weight = tl.load(wts_ptr + w_idx, mask=live, other=0.0).to(tl.float32)
+    cs_rows = cs_ptr
+    if FOLD:
+        cs_rows = cs_ptr + _expert_of(rows, offsets_ptr, E, BLOCK_E).to(tl.int64) * stride_cse
     args = (dact_ptr, pre_ptr, dpre_ptr, rows64, live, row_ok, weight)
     strides = (H, stride_dm, stride_pm, stride_dpm, WEIGHTED)
-    g0, u0, cols0, ok0, amax, dw = _swiglu_bwd_part(*args, 0, BLOCK_C, *strides)
+    g0, u0, cols0, ok0, amax, dw = _swiglu_bwd_part(*args, 0, BLOCK_C, *strides, cs_rows, FOLD)
     if PART1 > 0:
-        g1, u1, cols1, ok1, amax1, dw1 = _swiglu_bwd_part(*args, BLOCK_C, PART1, *strides)
+        g1, u1, cols1, ok1, amax1, dw1 = _swiglu_bwd_part(*args, BLOCK_C, PART1, *strides, cs_rows, FOLD)
         amax, dw = tl.maximum(amax, amax1), dw + dw1
     if PART2 > 0:
-        g2, u2, cols2, ok2, amax2, dw2 = _swiglu_bwd_part(*args, BLOCK_C + PART1, PART2, *strides)
+        g2, u2, cols2, ok2, amax2, dw2 = _swiglu_bwd_part(*args, BLOCK_C + PART1, PART2, *strides, cs_rows, FOLD)
         amax, dw = tl.maximum(amax, amax2), dw + dw2
     if PART3 > 0:
-        g3, u3, cols3, ok3, amax3, dw3 = _swiglu_bwd_part(*args, BLOCK_C + PART1 + PART2, PART3, *strides)
+        g3, u3, cols3, ok3, amax3, dw3 = _swiglu_bwd_part(
+            *args, BLOCK_C + PART1 + PART2, PART3, *strides, cs_rows, FOLD
+        )
         amax, dw = tl.maximum(amax, amax3), dw + dw3
     if QUANTIZE:
         scale = _fp8_scale(amax)
@@ -622,6 +664,32 @@ def fp8_quant_weight_blockwise_kernel(
 
 
 @triton.jit
+def fp8_transpose_kernel(q_ptr, qt_ptr, K, N, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """e4m3 codes q[E,K,N] -> qt[E,N,K], both read and written as int32 words of four codes (K, N multiples of 4).
+
+    Storing one 8-bit tile in a second layout miscompiled on sm_90 (Triton 3.6), so the codes are unpacked to
+    int32, transposed as int32 and packed again: every layout change is on 32-bit values.
+    """
+    e = tl.program_id(0).to(tl.int64)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cs = tl.program_id(2) * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)  # input words along N
+    ok = (ks < K)[:, None] & (cs < N // 4)[None, :]
+    words = tl.load(q_ptr + e * (K * N // 4) + ks[:, None].to(tl.int64) * (N // 4) + cs[None, :], mask=ok, other=0)
+    b0, b1 = words & 0xFF, (words >> 8) & 0xFF
+    b2, b3 = (words >> 16) & 0xFF, (words >> 24) & 0xFF
+    codes = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (BLOCK_K, BLOCK_N))  # [k, 4c + j] = byte j
+    t = tl.reshape(tl.trans(codes), (BLOCK_N, BLOCK_K // 4, 2, 2))  # [n, g, a, b] = code at k = 4g + 2a + b
+    even, odd = tl.split(t)  # b = 0, 1
+    c0, c2 = tl.split(even)  # a = 0, 1
+    c1, c3 = tl.split(odd)
+    out = c0 | (c1 << 8) | (c2 << 16) | (c3 << 24)
+    ns = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gs = tl.program_id(1) * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)  # output words along K
+    ok_t = (ns < N)[:, None] & (gs < K // 4)[None, :]
+    tl.store(qt_ptr + e * (K * N // 4) + ns[:, None].to(tl.int64) * (K // 4) + gs[None, :], out, mask=ok_t)
+
+
+@triton.jit
 def fp8_quant_grouped_cols_kernel(
     x_ptr,
     qt_ptr,
@@ -650,7 +718,7 @@ def fp8_quant_grouped_cols_kernel(
     r = tl.arange(0, FP8_BLOCK)
     col_ok = cols < C
     ok = (row0 + r < end)[:, None] & col_ok[None, :]
-    x = _load_rows(x_ptr, row0 + r, cols, ok, stride_xm, C, SWIGLU_INPUT)
+    x = _load_rows(x_ptr, row0 + r, cols, ok, stride_xm, C, SWIGLU_INPUT, x_ptr, False)
     scale = _fp8_scale(tl.max(tl.abs(x), 0))
     slot = chunk.to(tl.int64) * FP8_BLOCK + r
     tl.store(

@@ -81,6 +81,10 @@ else:
 # (wide enough for coalesced loads of a [K, columns] slab)
 ONE_PASS_ELEMENTS = 4096 if INTERPRET else 8192
 ONE_PASS_SLAB = 4096 if INTERPRET else 16384
+# rows folded with a weight's scales hold a second [rows, C] tile (the scales): fewer rows per program (measured:
+# act 704 wide, 0.094 ms at 4096 values against 0.116 at 8192)
+ONE_PASS_ELEMENTS_FOLD = 2048 if INTERPRET else 4096
+TRANSPOSE_BLOCK = 32 if INTERPRET else 128  # codes per side of a transposed tile (fastest of 32-128, --sweep)
 NVFP4_ADAMW_BLOCKS, NVFP4_WARPS = (64, 4) if INTERPRET else (32, 2)
 
 _GMM_KEY = ["N", "K", "E", "BLOCKWISE", "FAST_ACC", "GATHER_A", "WEIGHTED"]  # gathering GEMMs tune apart
@@ -189,8 +193,11 @@ def nvfp4_adamw(q, grad, exp_avg, exp_avg_sq, residual, c: R.AdamWConstants, rul
 # ---------------------------------------------------------------------------------------------------------
 
 
-def quantize_rows(x: torch.Tensor, blockwise: bool, swiglu_input: bool = False):
-    """x[M,C] (or gate|up [M,2C] with swiglu_input) -> (e4m3 [M,C], float32 scales [M] or [M, C/128])."""
+def quantize_rows(x: torch.Tensor, blockwise: bool, swiglu_input: bool = False, fold=None):
+    """x[M,C] (or gate|up [M,2C] with swiglu_input) -> (e4m3 [M,C], float32 scales [M] or [M, C/128]).
+
+    fold (rowwise): (col_scales float32 [E,C], offsets[E] int32 of x's grouped rows): quantise x[r, c] *
+    col_scales[e(r), c] instead (a weight's scales along the reduction, folded into this left operand)."""
     m = x.shape[0]
     c = x.shape[1] // 2 if swiglu_input else x.shape[1]
     q = torch.empty(m, c, dtype=FP8, device=x.device)
@@ -202,21 +209,29 @@ def quantize_rows(x: torch.Tensor, blockwise: bool, swiglu_input: bool = False):
         s = torch.empty(m, dtype=torch.float32, device=x.device)
         block_c, *parts = pow2_parts(c)
         width = block_c + sum(parts)
-        one_pass = width <= ONE_PASS_ELEMENTS
+        elements = ONE_PASS_ELEMENTS if fold is None else ONE_PASS_ELEMENTS_FOLD
+        one_pass = width <= elements
         if one_pass:  # whole rows in registers: read x once
-            block_m = _prev_power_of_2(ONE_PASS_ELEMENTS // width // (2 if swiglu_input else 1))
+            block_m = _prev_power_of_2(elements // width // (2 if swiglu_input else 1))
         else:
             block_c, parts = 256, (0, 0, 0)
     if m and c:
+        cs, offsets = fold if fold is not None else (s, s)
         K.fp8_quant_rows_kernel[(triton.cdiv(m, block_m), triton.cdiv(c, BLOCK) if blockwise else 1)](
             x,
             q,
             s,
+            cs,
+            offsets,
             m,
             c,
+            offsets.shape[0],
             x.stride(0),
             q.stride(0),
             s.stride(0),
+            cs.stride(0),
+            FOLD=fold is not None,
+            BLOCK_E=triton.next_power_of_2(offsets.shape[0]) if fold is not None else 1,
             SWIGLU_INPUT=swiglu_input,
             BLOCKWISE=blockwise,
             ONE_PASS=one_pass,
@@ -323,6 +338,59 @@ def quantize_weight(w: torch.Tensor, blockwise: bool, pass_: str) -> WeightOpera
         return WeightOperand(qt, s, (n * k, 1, k), (n, 0, 1))
     q, s = _weight_rowwise(w, reduce_dim=2, transpose=True)
     return WeightOperand(q, s, (k * n, 1, n), (k, 0, 1))
+
+
+def transpose_codes(q: torch.Tensor) -> torch.Tensor:
+    """e4m3 q[E,K,N] contiguous (K, N multiples of 4) -> qt[E,N,K] contiguous, bitwise the same codes."""
+    e, k, n = q.shape
+    qt = torch.empty(e, n, k, dtype=q.dtype, device=q.device)
+    if q.numel():
+        grid = (e, triton.cdiv(k, TRANSPOSE_BLOCK), triton.cdiv(n, TRANSPOSE_BLOCK))
+        K.fp8_transpose_kernel[grid](
+            q.view(torch.int32), qt.view(torch.int32), k, n, BLOCK_K=TRANSPOSE_BLOCK, BLOCK_N=TRANSPOSE_BLOCK
+        )
+    return qt
+
+
+def quantize_weight_both(w: torch.Tensor, blockwise: bool, fold_pass: str):
+    """w[E,K,N] -> (q [E,K,N] (the dgrad operand's layout), qt [E,N,K] (the forward's), float32 scales), quantised
+    once: 128x128 tiles (blockwise) or, rowwise, one scale per slice along the reduction of the pass that is not
+    fold_pass ('fwd' or 'dgrad'); fold_pass's GEMM reads the codes with unit scales and folds the scales into its
+    left operand (`quantize_rows(fold=...)`, `swiglu_backward_rows(fold=...)`), so that one set of codes serves
+    both GEMMs. The other layout is `transpose_codes` of the first."""
+    if blockwise:
+        q, _, s = _weight_blockwise(w, True, False)
+        return q, transpose_codes(q), s
+    if fold_pass == "dgrad":  # scales per output column over K: the forward's transposed quantiser
+        qt, s = _weight_rowwise(w, reduce_dim=1, transpose=True)
+        return transpose_codes(qt), qt, s
+    q, s = _weight_rowwise(w, reduce_dim=2, transpose=False)  # scales per row over N: contiguous rows
+    return q, transpose_codes(q), s
+
+
+_UNIT_SCALES: dict[torch.device, torch.Tensor] = {}
+
+
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    """A float32 [1] holding 1.0 on device (the scales of a weight operand whose scales were folded away)."""
+    if device not in _UNIT_SCALES:
+        _UNIT_SCALES[device] = torch.ones(1, dtype=torch.float32, device=device)
+    return _UNIT_SCALES[device]
+
+
+def weight_operand(q, qt, scales, blockwise: bool, pass_: str, fold_pass: str) -> WeightOperand:
+    """The B operand of the forward (qt, reduce K) or dgrad (q, reduce N) GEMM from `quantize_weight_both`'s
+    output (the layout a pass does not read may be None)."""
+    e, k, n = q.shape if q is not None else (qt.shape[0], qt.shape[2], qt.shape[1])
+    if blockwise:
+        kb, nb = triton.cdiv(k, BLOCK), triton.cdiv(n, BLOCK)
+        if pass_ == "fwd":
+            return WeightOperand(qt, scales, (n * k, 1, k), (kb * nb, nb, 1))
+        return WeightOperand(q, scales, (k * n, 1, n), (kb * nb, 1, nb))
+    codes, strides = (qt, (n * k, 1, k)) if pass_ == "fwd" else (q, (k * n, 1, n))
+    if pass_ == fold_pass:  # the scales run along this GEMM's reduction: folded into its left operand
+        return WeightOperand(codes, _unit_scale(scales.device), strides, (0, 0, 0))
+    return WeightOperand(codes, scales, strides, (scales.shape[1], 0, 1))
 
 
 def quantize_grouped_cols(x: torch.Tensor, offsets: torch.Tensor, swiglu_input: bool = False):
@@ -534,12 +602,22 @@ class _Recipe(NamedTuple):
     fast: bool
 
 
+# Each expert weight is quantised once per forward (`quantize_weight_both`) and the backward reuses the codes.
+# Rowwise, w_up's forward column scales fold into d_pre's quantisation (its dgrad GEMM) and w_down's dgrad row scales
+# into act's (its forward GEMM): both operands are grouped rows, which know their expert.
+UP_FOLD, DOWN_FOLD = "dgrad", "fwd"
+
+
 def _mlp_forward(qx, sx, offsets, w_up, w_down, r: _Recipe, m: int, dtype, token=None):
     """fp8 up GEMM (+ SwiGLU) and down GEMM over m grouped rows of the quantised rows qx (row token[g] for grouped
-    row g when given) -> (out[m,D], pre[m,2H], act[m,H] in dtype or None when blockwise quantised it alone)."""
+    row g when given) -> (out[m,D], pre[m,2H], act[m,H] in dtype or None when blockwise quantised it alone,
+    codes (q_up [E,D,2H], s_up, q_down [E,H,D], s_down): the weights' dgrad operands for `_mlp_backward`)."""
     d, h = w_up.shape[1], w_down.shape[1]
     dev = qx.device
-    up = quantize_weight(w_up, r.blockwise, "fwd")
+    q_up, qt_up, s_up = quantize_weight_both(w_up, r.blockwise, UP_FOLD)
+    q_dn, qt_dn, s_dn = quantize_weight_both(w_down, r.blockwise, DOWN_FOLD)
+    up = weight_operand(None, qt_up, s_up, r.blockwise, "fwd", UP_FOLD)
+    act_fold = None if r.blockwise else (s_dn, offsets)
     pre = torch.empty(m, 2 * h, dtype=dtype, device=dev)
     act = None
     if r.blockwise:
@@ -549,26 +627,28 @@ def _mlp_forward(qx, sx, offsets, w_up, w_down, r: _Recipe, m: int, dtype, token
              a_idx=token)  # fmt: skip
     elif r.wgrad_fp8:
         gemm(qx, sx, False, up, offsets, pre, 2 * h, d, fast=r.fast, a_idx=token)
-        q_act, s_act = quantize_rows(pre, False, swiglu_input=True)
+        q_act, s_act = quantize_rows(pre, False, swiglu_input=True, fold=act_fold)
     else:  # the bf16 dW of the down projection reads act: the up GEMM's epilogue writes it beside pre
         act = torch.empty(m, h, dtype=dtype, device=dev)
         gemm(qx, sx, False, up, offsets, act, h, d, epilogue=K.EPILOGUE_SWIGLU_STORE, h=pre, fast=r.fast, a_idx=token)
     if act is not None:
-        q_act, s_act = quantize_rows(act, False)
+        q_act, s_act = quantize_rows(act, False, fold=act_fold)
     out = torch.empty(m, d, dtype=dtype, device=dev)
-    gemm(q_act, s_act, r.blockwise, quantize_weight(w_down, r.blockwise, "fwd"), offsets, out, d, h, fast=r.fast)
-    return out, pre, act
+    down = weight_operand(None, qt_dn, s_dn, r.blockwise, "fwd", DOWN_FOLD)
+    gemm(q_act, s_act, r.blockwise, down, offsets, out, d, h, fast=r.fast)
+    return out, pre, act, (q_up, s_up, q_dn, s_dn)
 
 
-def _mlp_backward(dy, x, offsets, w_up, w_down, pre, act, r: _Recipe, routing=None):
-    """dy (token order [T,D] with routing = (token, weights, order), else grouped [m,D]) -> (d_rows[m,D] grouped,
-    dw_up, dw_down, d_weights[m] float32 by routing slot or None)."""
+def _mlp_backward(dy, x, offsets, w_up, w_down, codes, pre, act, r: _Recipe, routing=None):
+    """dy (token order [T,D] with routing = (token, weights, order), else grouped [m,D]), codes from
+    `_mlp_forward` -> (d_rows[m,D] grouped, dw_up, dw_down, d_weights[m] float32 by routing slot or None)."""
     m, h = pre.shape[0], w_down.shape[1]
     d = w_up.shape[1]
+    q_up, s_up, q_dn, s_dn = codes
     token, weights, order = routing if routing is not None else (None, None, None)
     qdy, sdy = quantize_rows(dy, r.blockwise)
     d_weights = None if routing is None else torch.zeros(m, dtype=torch.float32, device=dy.device)
-    down = quantize_weight(w_down, r.blockwise, "dgrad")
+    down = weight_operand(q_dn, None, s_dn, r.blockwise, "dgrad", DOWN_FOLD)
     if r.blockwise:  # the SwiGLU backward in the dgrad GEMM's epilogue; d_pre quantised per 128 columns below
         d_pre = torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)
         gemm(qdy, sdy, True, down, offsets, d_pre, h, d, epilogue=K.EPILOGUE_SWIGLU_BWD, h=pre, a_idx=token,
@@ -577,7 +657,7 @@ def _mlp_backward(dy, x, offsets, w_up, w_down, pre, act, r: _Recipe, routing=No
         d_act = torch.empty(m, h, dtype=torch.float32, device=dy.device)
         gemm(qdy, sdy, False, down, offsets, d_act, h, d, fast=r.fast, a_idx=token)
         d_pre, qdp, sdp = _triton_ops.swiglu_backward_rows(
-            d_act, pre, offsets, weights, order, d_weights, quantize=True
+            d_act, pre, offsets, weights, order, d_weights, quantize=True, fold=s_up
         )
     # the dW GEMMs read the token-order operands gathered (and dy weighted) into grouped rows
     dy_rows = dy.to(pre.dtype) if routing is None else _triton_ops.gather_rows(dy, token, weights, order)
@@ -590,7 +670,8 @@ def _mlp_backward(dy, x, offsets, w_up, w_down, pre, act, r: _Recipe, routing=No
     if r.blockwise:
         qdp, sdp = quantize_rows(d_pre, True)
     d_rows = torch.empty(m, d, dtype=pre.dtype, device=pre.device)
-    gemm(qdp, sdp, r.blockwise, quantize_weight(w_up, r.blockwise, "dgrad"), offsets, d_rows, d, 2 * h, fast=r.fast)
+    up = weight_operand(q_up, None, s_up, r.blockwise, "dgrad", UP_FOLD)
+    gemm(qdp, sdp, r.blockwise, up, offsets, d_rows, d, 2 * h, fast=r.fast)
     x_rows = x if token is None else _triton_ops.gather_rows(x, token)
     dw_up = (wgrad if r.wgrad_fp8 else wgrad_in_input_dtype)(x_rows, d_pre, offsets, w_up.dtype)
     return d_rows, dw_up, dw_down, d_weights
@@ -605,16 +686,18 @@ class ExpertMLPFP8(torch.autograd.Function):
         """rows[M,D] grouped by offsets[E], w_up[E,D,2H], w_down[E,H,D] -> [M,D] (rows.dtype)."""
         r = _Recipe(scaling == "blockwise", wgrad_fp8, fast_accum)
         qr, sr = quantize_rows(rows, r.blockwise)
-        out, pre, act = _mlp_forward(qr, sr, offsets, w_up, w_down, r, rows.shape[0], rows.dtype)
-        ctx.save_for_backward(rows, offsets, w_up, w_down, pre, act)
+        out, pre, act, codes = _mlp_forward(qr, sr, offsets, w_up, w_down, r, rows.shape[0], rows.dtype)
+        ctx.save_for_backward(rows, offsets, w_up, w_down, pre, act, *codes)
         ctx.recipe = r
         return out
 
     @staticmethod
     def backward(ctx, dy):
         """dy[M,D] -> (d_rows, None, dw_up, dw_down, None, None, None)."""
-        rows, offsets, w_up, w_down, pre, act = ctx.saved_tensors
-        d_rows, dw_up, dw_down, _ = _mlp_backward(dy.contiguous(), rows, offsets, w_up, w_down, pre, act, ctx.recipe)
+        rows, offsets, w_up, w_down, pre, act, *codes = ctx.saved_tensors
+        d_rows, dw_up, dw_down, _ = _mlp_backward(
+            dy.contiguous(), rows, offsets, w_up, w_down, codes, pre, act, ctx.recipe
+        )
         return d_rows, None, dw_up, dw_down, None, None, None
 
 
@@ -628,18 +711,22 @@ def moe_fp8_forward(x, topk_ids, topk_weights, w_up, w_down, scaling: str, wgrad
     n_tokens, top_k = topk_ids.shape
     routing, token, pos = _triton_ops.route(topk_ids, w_up.shape[0])
     qx, sx = quantize_rows(x, r.blockwise)
-    out, pre, act = _mlp_forward(qx, sx, routing.offsets, w_up, w_down, r, token.shape[0], x.dtype, token)
+    out, pre, act, codes = _mlp_forward(qx, sx, routing.offsets, w_up, w_down, r, token.shape[0], x.dtype, token)
     y = _triton_ops.combine(out, pos, topk_weights.reshape(-1), routing.offsets, n_tokens, top_k)
-    return y, routing.offsets, routing.order, token, pos, pre, x.new_empty(0) if act is None else act
+    codes = (codes[0].view(torch.uint8), codes[1], codes[2].view(torch.uint8), codes[3])  # see the op's schema
+    return y, routing.offsets, routing.order, token, pos, pre, x.new_empty(0) if act is None else act, *codes
 
 
-def moe_fp8_backward(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act, scaling, wgrad_fp8,
-                     fast_accum):  # fmt: skip
+def moe_fp8_backward(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act, q_up, s_up, q_down,
+                     s_down, scaling, wgrad_fp8, fast_accum):  # fmt: skip
     """dy[T,D] and `moe_fp8_forward`'s saved outputs -> (dx[T,D], d_topk_weights[T,K], dw_up, dw_down)."""
     r = _Recipe(scaling == "blockwise", wgrad_fp8, fast_accum)
     n_tokens, top_k = topk_weights.shape
     routing = (token, topk_weights.reshape(-1), order)
     act = act if R.keeps_act(scaling, wgrad_fp8) else None  # else a [0] placeholder
-    d_rows, dw_up, dw_down, d_weights = _mlp_backward(dy.contiguous(), x, offsets, w_up, w_down, pre, act, r, routing)
+    codes = (q_up.view(FP8), s_up, q_down.view(FP8), s_down)
+    d_rows, dw_up, dw_down, d_weights = _mlp_backward(
+        dy.contiguous(), x, offsets, w_up, w_down, codes, pre, act, r, routing
+    )
     dx = _triton_ops.combine(d_rows, pos, None, offsets, n_tokens, top_k)
     return dx, d_weights.view(n_tokens, top_k).to(topk_weights.dtype), dw_up, dw_down

@@ -268,9 +268,10 @@ def moe_experts_fp8(
     scaling: str,
     wgrad_fp8: bool,
     fast_accum: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (y[T,D], offsets[E] int32, order[R] int64, token[R] int32, pos[R] int32, pre[R,2H], act[R,H] or [0]),
-    R = T*K; the inputs checked by `nmoe.kernels.moe_experts_fp8`."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (y[T,D], offsets[E] int32, order[R] int64, token[R] int32, pos[R] int32, pre[R,2H], act[R,H] or [0],
+    the weights' e4m3 codes (as uint8: generic graph tooling cannot reduce float8) and scales the backward reuses:
+    q_up[E,D,2H], s_up, q_down[E,H,D], s_down), R = T*K; the inputs checked by `nmoe.kernels.moe_experts_fp8`."""
     if _fp8_experts_on_triton(x, w_down, topk_ids, topk_weights, w_up):
         from nmoe.kernels import _lowprec_ops
 
@@ -280,12 +281,29 @@ def moe_experts_fp8(
     )
     pos = torch.empty_like(order, dtype=torch.int32)
     pos[order] = torch.arange(order.shape[0], dtype=torch.int32, device=order.device)
+    codes = (*_reference_codes(w_up, scaling, "fwd"), *_reference_codes(w_down, scaling, "dgrad"))
     act = (
         reference_lowprec.swiglu_f32(pre).to(x.dtype)
         if reference_lowprec.keeps_act(scaling, wgrad_fp8)
         else x.new_empty(0)
     )
-    return y, offsets, order, token.to(torch.int32), pos, pre, act
+    return y, offsets, order, token.to(torch.int32), pos, pre, act, *codes
+
+
+def _reference_codes(w: Tensor, scaling: str, scale_pass: str) -> tuple[Tensor, Tensor]:
+    """The codes and scales the GPU path keeps for the backward (the CPU backward recomputes its own)."""
+    q, scales = reference_lowprec.quantize_weight(w, scaling, scale_pass)
+    return q.contiguous().view(torch.uint8), scales.contiguous()
+
+
+def _fake_codes(w: Tensor, scaling: str, scale_dim: int) -> tuple[Tensor, Tensor]:
+    e, k, n = w.shape
+    if scaling == "blockwise":
+        block = reference_lowprec.FP8_BLOCK
+        scales = w.new_empty(e, -(-k // block), -(-n // block), dtype=torch.float32)
+    else:
+        scales = w.new_empty(e, w.shape[scale_dim], dtype=torch.float32)
+    return w.new_empty(e, k, n, dtype=torch.uint8), scales
 
 
 @moe_experts_fp8.register_fake
@@ -304,6 +322,8 @@ def _(x, topk_ids, topk_weights, w_up, w_down, scaling, wgrad_fp8, fast_accum):
         ints(rows, torch.int32),
         x.new_empty(rows, h2),
         x.new_empty((rows, h2 // 2) if reference_lowprec.keeps_act(scaling, wgrad_fp8) else (0,)),
+        *_fake_codes(w_up, scaling, 2),  # w_up: forward scales, one per output column
+        *_fake_codes(w_down, scaling, 1),  # w_down: dgrad scales, one per row
     )
 
 
@@ -320,12 +340,16 @@ def moe_experts_fp8_backward(
     pos: Tensor,
     pre: Tensor,
     act: Tensor,
+    q_up: Tensor,
+    s_up: Tensor,
+    q_down: Tensor,
+    s_down: Tensor,
     scaling: str,
     wgrad_fp8: bool,
     fast_accum: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dy[T,D] -> (dx[T,D], d_topk_weights[T,K], dw_up[E,D,2H], dw_down[E,H,D]) in the inputs' dtypes."""
-    saved = (offsets, order, token, pos, pre, act)
+    saved = (offsets, order, token, pos, pre, act, q_up, s_up, q_down, s_down)
     if _fp8_experts_on_triton(x, w_down, topk_weights, w_up):
         from nmoe.kernels import _lowprec_ops
 
@@ -336,7 +360,8 @@ def moe_experts_fp8_backward(
 
 
 @moe_experts_fp8_backward.register_fake
-def _(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act, scaling, wgrad_fp8, fast_accum):
+def _(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act, q_up, s_up, q_down, s_down, scaling,
+      wgrad_fp8, fast_accum):  # fmt: skip
     return (
         x.new_empty(x.shape),
         topk_weights.new_empty(topk_weights.shape),

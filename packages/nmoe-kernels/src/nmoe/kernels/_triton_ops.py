@@ -374,10 +374,11 @@ SWIGLU_BWD_ELEMENTS = 4096 if INTERPRET else 8192
 SWIGLU_BWD_WARPS = 4  # 8192 values over 4 warps: the fastest of 4096-16384 x 4-8 warps for bf16 and fp8 (H100)
 
 
-def swiglu_backward_rows(d_act, pre, offsets, weights=None, w_idx=None, d_weights=None, quantize=False):
+def swiglu_backward_rows(d_act, pre, offsets, weights=None, w_idx=None, d_weights=None, quantize=False, fold=None):
     """d_act[M,H] float32 (dL/d act; before the routing weights[w_idx[r]] when given), pre[M,2H] -> d_pre[M,2H] in
     pre's dtype, or with quantize (d_pre, its e4m3 rows [M,2H], float32 row scales [M]); with weights,
-    d_weights[w_idx[r]] = <d_act[r], act[r]>. Rows past offsets[-1] (dropped slots) get zeros and no gradient."""
+    d_weights[w_idx[r]] = <d_act[r], act[r]>. Rows past offsets[-1] (dropped slots) get zeros and no gradient.
+    fold (with quantize): float32 [E,2H] column scales of each row's expert multiplied in before quantising."""
     m, h = d_act.shape
     dev = pre.device
     d_pre = torch.empty(m, 2 * h, dtype=pre.dtype, device=dev)
@@ -398,6 +399,7 @@ def swiglu_backward_rows(d_act, pre, offsets, weights=None, w_idx=None, d_weight
             w_idx if weighted else offsets,
             d_weights if weighted else d_act,
             offsets,
+            d_act if fold is None else fold,
             m,
             h,
             n_experts,
@@ -405,6 +407,9 @@ def swiglu_backward_rows(d_act, pre, offsets, weights=None, w_idx=None, d_weight
             pre.stride(0),
             d_pre.stride(0),
             q.stride(0) if quantize else 0,
+            0 if fold is None else fold.stride(0),
+            FOLD=fold is not None,
+            BLOCK_E=triton.next_power_of_2(n_experts) if fold is not None else 1,
             WEIGHTED=weighted,
             QUANTIZE=quantize,
             BLOCK_M=block_m,

@@ -346,6 +346,39 @@ def fp8_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, scaling: s
     )
 
 
+def _row_experts(offsets: torch.Tensor, m: int) -> torch.Tensor:
+    """The expert of each of m grouped rows; the last expert for rows past offsets[-1] (as the kernels)."""
+    rows = torch.arange(m, device=offsets.device)
+    return torch.bucketize(rows, offsets.long(), right=True).clamp(max=offsets.shape[0] - 1)
+
+
+def expert_gemm(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    offsets: torch.Tensor,
+    scaling: str,
+    compute: torch.dtype,
+    pass_: str,
+    fold_pass: str,
+) -> torch.Tensor:
+    """A GEMM of the fp8 expert MLP: blockwise, `fp8_gemm`; rowwise, w is quantised once for both passes, with the
+    scales of the pass that is not fold_pass, and fold_pass (w_up's dgrad, w_down's forward) multiplies those
+    scales into x's grouped rows before quantising x and reads the codes with unit scales."""
+    if scaling == "blockwise":
+        return fp8_gemm(x, w, offsets, scaling, compute, pass_)
+    scale_pass = "fwd" if fold_pass == "dgrad" else "dgrad"
+    qw, sw = quantize_weight(w, scaling, scale_pass)
+    if pass_ == fold_pass:
+        x = x.detach().float() * sw[_row_experts(offsets, x.shape[0])]
+        wd = qw.to(compute)
+    else:
+        wd = dequantize_weight(qw, sw, scaling, scale_pass, compute)
+    qx, sx = quantize_activation(x, scaling)
+    return _grouped(
+        dequantize_activation(qx, sx, scaling, compute), wd if pass_ == "fwd" else wd.transpose(1, 2), offsets
+    )
+
+
 def wgrad_of(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, compute: torch.dtype, fp8: bool) -> torch.Tensor:
     """dW[e] = a^T b over the rows of e: on fp8-quantised operands (fp8_wgrad), or on a and b as given."""
     if fp8:
@@ -405,9 +438,9 @@ class ExpertMLPFP8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, offsets, w_up, w_down, scaling, compute, wgrad_fp8):
         """rows[M,D] grouped by offsets[E], w_up[E,D,2H], w_down[E,H,D] -> [M,D] in rows.dtype."""
-        pre = fp8_gemm(rows, w_up, offsets, scaling, compute, "fwd").to(rows.dtype)
+        pre = expert_gemm(rows, w_up, offsets, scaling, compute, "fwd", "dgrad").to(rows.dtype)
         act = swiglu_f32(pre).to(rows.dtype)  # as the bf16 path stores it
-        out = fp8_gemm(act, w_down, offsets, scaling, compute, "fwd")
+        out = expert_gemm(act, w_down, offsets, scaling, compute, "fwd", "fwd")
         ctx.save_for_backward(rows, offsets, w_up, w_down, pre)
         ctx.scaling, ctx.compute, ctx.wgrad_fp8 = scaling, compute, wgrad_fp8
         return out.to(rows.dtype)
@@ -417,11 +450,11 @@ class ExpertMLPFP8(torch.autograd.Function):
         rows, offsets, w_up, w_down, pre = ctx.saved_tensors
         scaling, compute, fp8 = ctx.scaling, ctx.compute, ctx.wgrad_fp8
         dy = dy.to(rows.dtype)
-        d_act = fp8_gemm(dy, w_down, offsets, scaling, compute, "dgrad")
+        d_act = expert_gemm(dy, w_down, offsets, scaling, compute, "dgrad", "fwd")
         d_pre = swiglu_backward(pre.to(compute), d_act).to(rows.dtype)
         act = swiglu_f32(pre).to(rows.dtype)
         dw_down = wgrad_of(act, dy, offsets, compute, fp8).to(w_down.dtype)
-        d_rows = fp8_gemm(d_pre, w_up, offsets, scaling, compute, "dgrad").to(rows.dtype)
+        d_rows = expert_gemm(d_pre, w_up, offsets, scaling, compute, "dgrad", "dgrad").to(rows.dtype)
         dw_up = wgrad_of(rows, d_pre, offsets, compute, fp8).to(w_up.dtype)
         return d_rows, None, dw_up, dw_down, None, None, None
 
@@ -451,9 +484,9 @@ def moe_experts_fp8_forward(x, topk_ids, topk_weights, w_up, w_down, scaling: st
     routing = sort_by_expert(topk_ids, w_up.shape[0])
     token = routing.order // topk_ids.shape[1]
     rows = x[token]
-    pre = fp8_gemm(rows, w_up, routing.offsets, scaling, compute, "fwd").to(x.dtype)
+    pre = expert_gemm(rows, w_up, routing.offsets, scaling, compute, "fwd", "dgrad").to(x.dtype)
     act = swiglu_f32(pre).to(x.dtype)
-    out = fp8_gemm(act, w_down, routing.offsets, scaling, compute, "fwd").to(x.dtype)
+    out = expert_gemm(act, w_down, routing.offsets, scaling, compute, "fwd", "fwd").to(x.dtype)
     weight = _routing_weights(topk_weights, routing.order, routing.offsets).to(compute)
     y = out.new_zeros(x.shape, dtype=compute).index_add(0, token, out.to(compute) * weight[:, None])
     return y.to(x.dtype), routing.offsets, routing.order, token, pre
@@ -468,14 +501,14 @@ def moe_experts_fp8_backward(
     fp8 = wgrad_fp8
     dy_rows = dy.to(x.dtype)[token]
     weight = _routing_weights(topk_weights, order, offsets)
-    d_weighted = fp8_gemm(dy_rows, w_down, offsets, scaling, compute, "dgrad")  # before the routing weight
+    d_weighted = expert_gemm(dy_rows, w_down, offsets, scaling, compute, "dgrad", "fwd")  # before the routing weight
     act = swiglu_f32(pre).to(x.dtype)
     d_weights = torch.zeros(order.shape[0], dtype=compute, device=x.device)
     d_weights[order] = (d_weighted * act.to(compute)).sum(1)
     d_pre = swiglu_backward(pre.to(compute), d_weighted * weight.to(compute)[:, None]).to(x.dtype)
     weighted_dy = dy_rows.to(compute) * weight.to(compute)[:, None]
     dw_down = wgrad_of(act, weighted_dy.to(x.dtype) if fp8 else weighted_dy, offsets, compute, fp8)
-    d_rows = fp8_gemm(d_pre, w_up, offsets, scaling, compute, "dgrad").to(compute)
+    d_rows = expert_gemm(d_pre, w_up, offsets, scaling, compute, "dgrad", "dgrad").to(compute)
     dw_up = wgrad_of(x[token], d_pre, offsets, compute, fp8)
     dx = torch.zeros(x.shape, dtype=compute, device=x.device).index_add(0, token, d_rows)
     d_weights = d_weights.view(topk_weights.shape).to(topk_weights.dtype)
