@@ -225,7 +225,22 @@ def check_every_config() -> None:
             tuner.cache.clear()
 
 
-def check_nvfp4_adamw(shape: tuple[int, ...], rule: str) -> None:
+def check_nvfp4_adamw(shape: tuple[int, ...], rule: str, launch: tuple[int, int] | None = None) -> None:
+    """Two steps of the fused NVFP4 AdamW bitwise against the reference, under the shipped launch or
+    launch = (16-blocks per program, warps)."""
+    from nmoe.kernels import _lowprec_ops
+
+    shipped = _lowprec_ops.NVFP4_ADAMW_BLOCKS, _lowprec_ops.NVFP4_WARPS
+    _lowprec_ops.NVFP4_ADAMW_BLOCKS, _lowprec_ops.NVFP4_WARPS = launch or shipped
+    try:
+        _check_nvfp4_adamw(
+            shape, rule, "" if launch in (None, shipped) else f" [{launch[0]} blocks, {launch[1]} warps]"
+        )
+    finally:
+        _lowprec_ops.NVFP4_ADAMW_BLOCKS, _lowprec_ops.NVFP4_WARPS = shipped
+
+
+def _check_nvfp4_adamw(shape: tuple[int, ...], rule: str, tag: str) -> None:
     w = torch.randn(shape, device="cuda") * 0.02
     q = nk.quantize_nvfp4(w)
     q_ref = R.NVFP4Tensor(*(t.clone() for t in q))
@@ -246,7 +261,7 @@ def check_nvfp4_adamw(shape: tuple[int, ...], rule: str) -> None:
             bad[f"step{step}_{name}"] = mismatches(a, b)
         bad[f"step{step}_flips_diff"] = int(got.flips) - int(want.flips)
     flip_frac = int(got.flips) / got.numel
-    record(f"nvfp4_adamw_ {rule} {shape}", all(v == 0 for v in bad.values()), flip_frac=flip_frac, **bad)
+    record(f"nvfp4_adamw_ {rule} {shape}{tag}", all(v == 0 for v in bad.values()), flip_frac=flip_frac, **bad)
 
 
 def check_no_host_sync() -> None:
@@ -347,6 +362,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--only-nvfp4", action="store_true", help="the NVFP4 quantiser and AdamW checks only")
     parser.add_argument("--only-fp8-mlp", action="store_true", help="the expert MLP recipes and every config only")
+    parser.add_argument(
+        "--adamw-configs", default="", help="with --only-nvfp4: also under each launch, e.g. 32x2,16x1 (blocks x warps)"
+    )
     parser.add_argument("--only-quantisers", action="store_true", help="the quantiser and transpose checks only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -388,7 +406,12 @@ def main() -> int:
     if args.only_quantisers:
         checks = [checks[0]]
     if args.only_nvfp4:
-        checks = [lambda r=rule: check_nvfp4_adamw((64, 1024, 1408), r) for rule in R.RULES]
+        launches = [None] + [tuple(int(x) for x in c.split("x")) for c in args.adamw_configs.split(",") if c]
+        checks = [
+            lambda r=rule, c=launch: check_nvfp4_adamw((64, 1024, 1408), r, c)
+            for launch in launches
+            for rule in R.RULES
+        ]
     for check in checks:
         try:
             check()
