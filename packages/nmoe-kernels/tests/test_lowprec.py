@@ -97,14 +97,14 @@ def test_nvfp4_round_trip_error_is_at_most_half_a_code_step(rows, k, magnitude, 
 def test_fp8_activation_round_trip_within_half_an_e4m3_ulp(m, c, magnitude, scaling, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, c, generator=g) * magnitude
-    x[0] = 0  # an all-zero row gets scale 1 and zero codes
+    x[0] = 0  # an all-zero row gets the smallest normal scale and zero codes
     q, s = R.quantize_activation(x, scaling)
     assert q.dtype == torch.float8_e4m3fn and s.shape == ((m,) if scaling == "rowwise" else (m, -(-c // 128)))
     back = R.dequantize_activation(q, s, scaling, torch.float32)
     scale = R.dequantize_activation(torch.ones_like(x).to(torch.float8_e4m3fn), s, scaling, torch.float32)
     bound = x.abs() * 2.0**-4 + scale * E4M3_SUBNORMAL / 2
     assert ((x - back).abs() <= bound * (1 + 1e-6)).all()
-    assert back[0].eq(0).all() and s[0].eq(1).all()
+    assert back[0].eq(0).all() and s[0].eq(R.ZERO_SLICE_SCALE).all()
     assert ((q.float().abs().amax(dim=1) == 448) | (x.abs().amax(dim=1) == 0)).all()  # the row amax maps to 448
 
 
@@ -117,6 +117,27 @@ def test_fp8_weight_quantisers_scale_the_right_axes():
     q, s = R.quantize_fp8_blockwise(w, (128, 128))
     assert s.shape == (3, 2, 2) and s[1, 1, 0] == w[1, 128:, :128].abs().max() / 448
     assert rel_err(R.dequantize_weight(q, s, "blockwise", "fwd", torch.float32), w) < 0.04
+
+
+@pytest.mark.parametrize("fold_pass", ["fwd", "dgrad"])
+def test_a_dead_weight_slice_does_not_spoil_the_folded_operand(fold_pass):
+    """A weight slice of zeros (a dead row of w_down, a dead column of w_up) has zero codes; its scale, folded into
+    the other operand's rows, must not become their amax and push the live columns into e4m3's subnormals."""
+    g = torch.Generator().manual_seed(0)
+    n_experts, m, k, n = 2, 256, 128, 96
+    offsets = torch.tensor([128, 256], dtype=torch.int32)
+    w = torch.randn(n_experts, k, n, generator=g, dtype=torch.float64) * 2e-4
+    if fold_pass == "fwd":  # w_down: scales per row k (over n) fold into x[:, k]
+        w[:, 5, :] = 0
+        x = torch.randn(m, k, generator=g, dtype=torch.float64)
+        exact = R._grouped(x, w, offsets)
+    else:  # w_up: scales per column n (over k) fold into x[:, n] of the dgrad
+        w[:, :, 5] = 0
+        x = torch.randn(m, n, generator=g, dtype=torch.float64)
+        exact = R._grouped(x, w.transpose(1, 2), offsets)
+    unfolded = R.fp8_gemm(x, w, offsets, "rowwise", torch.float64, fold_pass)
+    folded = R.expert_gemm(x, w, offsets, "rowwise", torch.float64, fold_pass, fold_pass)
+    assert rel_err(folded, exact) < 1.2 * rel_err(unfolded, exact) + 1e-3
 
 
 def test_grouped_col_quantiser_chunks_never_cross_groups():

@@ -97,6 +97,7 @@ def test_fp8_quantiser_kernels_are_bitwise(one_pass, monkeypatch):
 
     if not one_pass:  # rows and weight slabs too long for registers: the two-pass kernels (amax, then quantise)
         monkeypatch.setattr(_lowprec_ops, "ONE_PASS_ELEMENTS", 16)
+        monkeypatch.setattr(_lowprec_ops, "ONE_PASS_ELEMENTS_FOLD", 16)
         monkeypatch.setattr(_lowprec_ops, "ONE_PASS_SLAB", 16)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(70, 200, generator=g) * torch.logspace(-3, 2, 70)[:, None]
@@ -126,7 +127,9 @@ def test_fp8_quantiser_kernels_are_bitwise(one_pass, monkeypatch):
         nk.quantize_fp8_blockwise(w.transpose(1, 2)), R.quantize_fp8_blockwise(w.transpose(1, 2), (128, 128))
     ):
         assert_bitwise(a.contiguous(), b.contiguous(), "weight blockwise (strided input)")
-    for weight in (w, torch.randn(2, 176, 40, generator=g)):  # one quantisation, both GEMM layouts
+    dead = w.clone()
+    dead[1, 7, :], dead[2, :, 5] = 0, 0  # all-zero slices along both axes
+    for weight in (w, torch.randn(2, 176, 40, generator=g), dead):  # one quantisation, both GEMM layouts
         for fold_pass, scale_pass in (("dgrad", "fwd"), ("fwd", "dgrad")):
             q, qt, s = _lowprec_ops.quantize_weight_both(weight, False, fold_pass)
             q_ref, s_ref = R.quantize_weight(weight, "rowwise", scale_pass)

@@ -18,6 +18,9 @@ import triton.language as tl
 from nmoe.kernels._kernels import _locate_tile
 
 E4M3_MAX = tl.constexpr(448.0)
+# the scale of an all-zero slice (its codes are all 0): the smallest normal float32, not 1, because a weight's
+# scales can be folded into the other GEMM operand, where a zero slice's scale must not set that row's amax
+ZERO_SLICE_SCALE = tl.constexpr(2.0**-126)
 # the interpreter's float32 -> fp8 conversion truncates: round in software there; the GPU's cvt.rn.satfinite rounds
 # to nearest even (as torch's CUDA conversion does) in one instruction per pair
 SOFTWARE_E4M3 = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
@@ -75,7 +78,7 @@ def _store_rounded(ptr, x, mask):
 
 @triton.jit
 def _fp8_scale(amax):
-    return tl.where(amax > 0, tl.math.div_rn(amax, E4M3_MAX), 1.0)
+    return tl.where(amax > 0, tl.math.div_rn(amax, E4M3_MAX), ZERO_SLICE_SCALE)
 
 
 @triton.jit

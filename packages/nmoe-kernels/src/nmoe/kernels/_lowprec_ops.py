@@ -200,6 +200,8 @@ def quantize_rows(x: torch.Tensor, blockwise: bool, swiglu_input: bool = False, 
     col_scales[e(r), c] instead (a weight's scales along the reduction, folded into this left operand)."""
     m = x.shape[0]
     c = x.shape[1] // 2 if swiglu_input else x.shape[1]
+    if fold is not None and (blockwise or fold[0].stride(1) != 1):
+        raise ValueError("quantize_rows: fold needs rowwise scaling and col_scales with unit column stride")
     q = torch.empty(m, c, dtype=FP8, device=x.device)
     one_pass, block_m, parts = False, QUANT_ROWS, (0, 0, 0)
     if blockwise:
@@ -342,6 +344,8 @@ def quantize_weight(w: torch.Tensor, blockwise: bool, pass_: str) -> WeightOpera
 
 def transpose_codes(q: torch.Tensor) -> torch.Tensor:
     """e4m3 q[E,K,N] contiguous (K, N multiples of 4) -> qt[E,N,K] contiguous, bitwise the same codes."""
+    if not q.is_contiguous() or q.shape[1] % 4 or q.shape[2] % 4:
+        raise ValueError(f"transpose_codes needs contiguous codes with K, N multiples of 4, got {tuple(q.shape)}")
     e, k, n = q.shape
     qt = torch.empty(e, n, k, dtype=q.dtype, device=q.device)
     if q.numel():

@@ -379,6 +379,8 @@ def swiglu_backward_rows(d_act, pre, offsets, weights=None, w_idx=None, d_weight
     pre's dtype, or with quantize (d_pre, its e4m3 rows [M,2H], float32 row scales [M]); with weights,
     d_weights[w_idx[r]] = <d_act[r], act[r]>. Rows past offsets[-1] (dropped slots) get zeros and no gradient.
     fold (with quantize): float32 [E,2H] column scales of each row's expert multiplied in before quantising."""
+    if fold is not None and (not quantize or fold.stride(1) != 1):
+        raise ValueError("swiglu_backward_rows: fold needs quantize and column scales with unit column stride")
     m, h = d_act.shape
     dev = pre.device
     d_pre = torch.empty(m, 2 * h, dtype=pre.dtype, device=dev)

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from nmoe.kernels.reference import group_sizes, sort_by_expert
 
 E4M3_MAX = 448.0
+# the scale of an all-zero slice (codes all 0): the smallest normal float32, not 1, because a weight's scales can
+# be folded into the other GEMM operand (expert_gemm), where a zero slice's scale must not set that row's amax
+ZERO_SLICE_SCALE = 2.0**-126
 E2M1_MAX = 6.0
 NVFP4_BLOCK = 16  # elements per e4m3 block scale along the last dim
 FP8_BLOCK = 128  # DeepSeek-V3 tiles: 1x128 for activations, 128x128 for weights, 128 rows for wgrad operands
@@ -176,8 +179,8 @@ def _div(x: torch.Tensor, divisor: float) -> torch.Tensor:
 
 
 def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
-    """float32 amax -> decode scale amax / 448 (1.0 where amax == 0)."""
-    return torch.where(amax > 0, _div(amax, E4M3_MAX), torch.ones_like(amax))
+    """float32 amax -> decode scale amax / 448 (ZERO_SLICE_SCALE where amax == 0)."""
+    return torch.where(amax > 0, _div(amax, E4M3_MAX), torch.full_like(amax, ZERO_SLICE_SCALE))
 
 
 def quantize_fp8_rowwise(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
