@@ -59,7 +59,8 @@ PROFILED = ("bf16 fused (expert_mlp)", "fp8 rowwise fast, bf16 dW", "fp8 rowwise
 DEFAULT_FP8 = dict(scaling="rowwise", wgrad_fp8=False, fast_accum=True)  # the model's fp8 recipe
 MASTERS_BF16 = "bf16 moe_experts, float32 masters cast inside (the model's bf16 layer)"
 MASTERS_FP8 = "fp8 moe_experts_fp8, float32 masters quantised (the model's fp8 layer)"
-MOE_PROFILED = ("bf16 moe_experts", "fp8 moe_experts_fp8", MASTERS_BF16, MASTERS_FP8)
+MASTERS_FP8_DW = "fp8 moe_experts_fp8 with fp8 dW (per-expert column scales), float32 masters"
+MOE_PROFILED = ("bf16 moe_experts", "fp8 moe_experts_fp8", MASTERS_BF16, MASTERS_FP8, MASTERS_FP8_DW)
 
 
 def expert_mlp_paths(tokens, top_k, n_experts, d, h):
@@ -127,6 +128,9 @@ def moe_paths(tokens, top_k, n_experts, d, h):
         "fp8 gather, expert_mlp_fp8, index_add (before)": step(composed),
         MASTERS_BF16: step(lambda: nk.moe_experts(x, ids, weights, *masters), master_leaves),
         MASTERS_FP8: step(lambda: nk.moe_experts_fp8(x, ids, weights, *masters, **DEFAULT_FP8), master_leaves),
+        MASTERS_FP8_DW: step(
+            lambda: nk.moe_experts_fp8(x, ids, weights, *masters, **dict(DEFAULT_FP8, wgrad_fp8=True)), master_leaves
+        ),
     }
 
 
@@ -165,7 +169,20 @@ def gemm_only(offsets, rows, w_up, w_down, h) -> dict:
                     cells["torch fast"] = g / bench_ms(torch_fast) / 1e9
         cells["bf16"] = g / bench_ms(lambda: nk.grouped_mm(a, b, offsets)) / 1e9
         cells["bf16 dW"] = g / bench_ms(lambda: ops.wgrad_in_input_dtype(a, out, offsets, torch.bfloat16)) / 1e9
-        cells["fp8 dW incl. quantisation"] = g / bench_ms(lambda: ops.wgrad(a, out, offsets, torch.bfloat16)) / 1e9
+        cells["fp8 dW blockwise incl. quantisation"] = (
+            g / bench_ms(lambda: ops.wgrad(a, out, offsets, torch.bfloat16, True)) / 1e9
+        )
+        cells["fp8 dW rowwise fast incl. quantisation"] = (
+            g / bench_ms(lambda: ops.wgrad(a, out, offsets, torch.bfloat16, False, True)) / 1e9
+        )
+        qa, sa = ops.quantize_expert_cols(a, offsets)
+        qb, sb = ops.quantize_expert_cols(out, offsets)
+        cells["fp8 dW rowwise fast"] = (
+            g / bench_ms(lambda: ops.wgrad_codes(qa, sa, qb, sb, offsets, torch.bfloat16, True, True)) / 1e9
+        )
+        cells["quantise expert cols (ms)"] = bench_ms(lambda: ops.quantize_expert_cols(a, offsets))
+        qr, _ = ops.quantize_rows(a, False)
+        cells["transpose grouped codes (ms)"] = bench_ms(lambda: ops.transpose_grouped_codes(qr, offsets))
         cells["quantise rows rowwise (ms)"] = bench_ms(lambda: ops.quantize_rows(a, False))
         cells["quantise rows blockwise (ms)"] = bench_ms(lambda: ops.quantize_rows(a, True))
         cells["quantise weight rowwise fwd (ms)"] = bench_ms(lambda: ops.quantize_weight(b, False, "fwd"))
@@ -340,7 +357,7 @@ def main() -> int:
             print(shape, name, f"{ms:.3f} ms", flush=True)
             if shape == "moonlet" and name in MOE_PROFILED:
                 result["kernels"][name] = kernel_table(fn)
-            if shape == "moonlet" and name in (MASTERS_BF16, MASTERS_FP8):
+            if shape == "moonlet" and name in (MASTERS_BF16, MASTERS_FP8, MASTERS_FP8_DW):
                 result.setdefault("launches", {})[name] = launch_sequence(fn)
         if shape == "moonlet":
             for name in PROFILED:
@@ -377,9 +394,10 @@ def main() -> int:
             "| --- | --- | --- | --- |",
         ]
         lines += [f"| {k} | {v['ms']:.3f} | {v['tflops']:.0f} | {base / v['ms']:.2f}x |" for k, v in paths.items()]
-        if MASTERS_FP8 in paths:
-            ratio = paths[MASTERS_BF16]["ms"] / paths[MASTERS_FP8]["ms"]
-            lines += ["", f"{shape}: fp8 vs bf16 as MoE layers run them (float32 masters): {ratio:.2f}x"]
+        for name in (MASTERS_FP8, MASTERS_FP8_DW):
+            if name in paths:
+                ratio = paths[MASTERS_BF16]["ms"] / paths[name]["ms"]
+                lines += ["", f"{shape}: {name} vs the model's bf16 layer: {ratio:.2f}x"]
     for name, table in result["kernels"].items():
         lines += ["", f"{name}: ms per iteration by kernel", ""]
         lines += [f"  {ms:7.3f} x{n:<2d} {k}" for k, ms, n in table[:12]]

@@ -132,14 +132,15 @@ def dw_variants(quick: bool):
         **dict.fromkeys(("KA", "N", "E", "stride_a", "stride_b", "stride_oe", "stride_ok"), "i32"),
     }
     for out in ("bf16", "fp32"):
-        for cfg in ops._DW_CONFIGS[:1] if quick else ops._DW_CONFIGS:
-            yield (
-                f"gmm_fp8_dw out={out} {cfg.kwargs}",
-                K.gmm_fp8_dw_kernel,
-                dict(types, out_ptr=f"*{out}"),
-                dict(UPCAST=False, BLOCK_E=256, **cfg.kwargs),
-                dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-            )
+        for expert_scales, fast in ((False, False), (True, False), (True, True)):
+            for cfg in ops._DW_CONFIGS[:1] if quick else ops._DW_CONFIGS:
+                yield (
+                    f"gmm_fp8_dw out={out} expert_scales={expert_scales} fast={fast} {cfg.kwargs}",
+                    K.gmm_fp8_dw_kernel,
+                    dict(types, out_ptr=f"*{out}"),
+                    dict(UPCAST=False, BLOCK_E=256, EXPERT_SCALES=expert_scales, FAST_ACC=fast, **cfg.kwargs),
+                    dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                )
 
 
 def quantiser_variants():
@@ -185,12 +186,14 @@ def quantiser_variants():
                 dict(SWIGLU_INPUT=blockwise, BLOCK_C=ops.QUANT_COLS, BLOCK_E=256),
                 exact,
             )
-        for weighted, quantize, fold in ((False, False, False), (True, False, False), (False, True, True),
-                                         (True, True, True)):  # fmt: skip
+        for weighted, quantize, fold, store in ((False, False, False, True), (True, False, False, True),
+                                                (False, True, True, True), (True, True, True, True),
+                                                (True, True, True, False)):  # fmt: skip
             for hidden in (704, 512):  # moonlet's and speedrun-256's H, at the launcher's rows per program and parts
                 block_c, *parts = ops.pow2_parts(hidden)
                 yield (
-                    f"swiglu_bwd_rows pre={src} weighted={weighted} quantize={quantize} fold={fold} H={hidden}",
+                    f"swiglu_bwd_rows pre={src} weighted={weighted} quantize={quantize} fold={fold} store={store} "
+                    f"H={hidden}",
                     K.swiglu_bwd_rows_kernel,
                     dict(
                         dact_ptr="*fp32",
@@ -211,6 +214,7 @@ def quantiser_variants():
                         WEIGHTED=weighted,
                         QUANTIZE=quantize,
                         FOLD=fold,
+                        STORE=store,
                         BLOCK_E=256 if fold else 1,
                         BLOCK_M=ops._prev_power_of_2(T.SWIGLU_BWD_ELEMENTS // (2 * hidden)),
                         BLOCK_C=block_c,
@@ -240,13 +244,38 @@ def quantiser_variants():
                 ),
                 dict(exact, num_warps=8 if one_pass else 4),
             )
-        if src == "fp32":  # the codes' transposed copy (int32 words of four codes)
+        if src == "fp32":  # the codes' transposed copies (int32 words of four codes)
             yield (
                 "fp8_transpose",
                 K.fp8_transpose_kernel,
                 dict(q_ptr="*i32", qt_ptr="*i32", K="i32", N="i32"),
                 dict(BLOCK_K=ops.TRANSPOSE_BLOCK, BLOCK_N=ops.TRANSPOSE_BLOCK),
                 dict(num_warps=4, num_stages=1),
+            )
+            yield (
+                "fp8_transpose_grouped",
+                K.fp8_transpose_grouped_kernel,
+                dict(q_ptr="*i32", qt_ptr="*i32", offsets_ptr="*i32", M="i32", C="i32", E="i32", stride_qt_words="i32"),
+                dict(BLOCK_C=ops.TRANSPOSE_BLOCK, BLOCK_E=256),
+                dict(num_warps=4, num_stages=1),
+            )
+        for gather, mult, weighted in ((False, False, False), (True, True, True), (True, True, False)):
+            yield (
+                f"fp8_quant_expert_cols src={src} gather={gather} mult={mult} weighted={weighted}",
+                K.fp8_quant_expert_cols_kernel,
+                dict(
+                    x_ptr=f"*{src}",
+                    idx_ptr="*i32",
+                    mult_ptr="*fp32",
+                    wts_ptr=f"*{src}",
+                    w_idx_ptr="*i64",
+                    qt_ptr="*fp8e4nv",
+                    s_ptr="*fp32",
+                    offsets_ptr="*i32",
+                    **dict.fromkeys(("C", "E", "stride_xm", "stride_qt"), "i32"),
+                ),
+                dict(GATHER=gather, MULT=mult, WEIGHTED=weighted, BLOCK_C=ops.QUANT_COLS, BLOCK_E=256),
+                exact,
             )
         for write_q in (False, True):
             yield (

@@ -166,9 +166,12 @@ def check_expert_mlp_fp8(
     )
 
 
-def check_moe_experts_fp8(name: str, tokens: int, top_k: int, d: int, h: int, n_experts: int, scaling: str, **recipe):
+def check_moe_experts_fp8(
+    name: str, tokens: int, top_k: int, d: int, h: int, n_experts: int, scaling: str, dead: str = "", **recipe
+):
     """The fused op (token-order quantisation, gathering GEMMs, weighted combine and SwiGLU backward) against its
-    float64 reference: skewed routing with every other expert empty and 5% of the slots dropped."""
+    float64 reference: skewed routing with every other expert empty and 5% of the slots dropped. dead: 'slices'
+    zeroes a row of w_down and a column of w_up (their gradients are checked alone), 'zero_init' all of w_down."""
     g = torch.Generator(device="cuda").manual_seed(0)
     p = torch.rand(n_experts, device="cuda", generator=g) ** 3 * (torch.arange(n_experts, device="cuda") % 2 == 0)
     ids = torch.multinomial(p.expand(tokens, -1), top_k, generator=g)
@@ -177,6 +180,11 @@ def check_moe_experts_fp8(name: str, tokens: int, top_k: int, d: int, h: int, n_
     weights = torch.rand(tokens, top_k, device="cuda").requires_grad_()
     w_up = (torch.randn(n_experts, d, 2 * h, device="cuda") / d**0.5).requires_grad_()
     w_down = (torch.randn(n_experts, h, d, device="cuda") / h**0.5).requires_grad_()
+    with torch.no_grad():
+        if dead == "slices":
+            w_down[2, 11], w_up[4, :, 9] = 0, 0
+        if dead == "zero_init":
+            w_down.zero_()
     leaves = (x, weights, w_up, w_down)
     dy = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
     poison_allocator(tokens * top_k * (d + 3 * h) * 8)
@@ -189,12 +197,16 @@ def check_moe_experts_fp8(name: str, tokens: int, top_k: int, d: int, h: int, n_
     errs = dict(y=rel_err(y, want))
     errs.update({f"d_{n}": rel_err(a, b) for n, a, b in zip(("x", "weights", "w_up", "w_down"), grads, want_grads)})
     dropped_zero = bool(grads[1][ids < 0].eq(0).all())
-    label = "".join(f" {k}={v}" for k, v in recipe.items())
+    if dead == "slices":
+        errs["d_w_down dead row"] = rel_err(grads[3][2, 11], want_grads[3][2, 11])
+        errs["d_w_up dead column"] = rel_err(grads[2][4, :, 9], want_grads[2][4, :, 9])
+    label = "".join(f" {k}={v}" for k, v in recipe.items()) + (f" dead={dead}" if dead else "")
     record(f"moe_experts_fp8 {scaling}{label} {name}", max(errs.values()) < 2e-2 and dropped_zero, **errs,
            dropped_weight_grads_zero=dropped_zero)  # fmt: skip
 
 
 BF16_WGRAD_FAST = dict(wgrad_fp8=False, fast_accum=True)
+FP8_WGRAD_FAST = dict(wgrad_fp8=True, fast_accum=True)
 
 
 def check_every_config() -> None:
@@ -216,6 +228,7 @@ def check_every_config() -> None:
                 check_expert_mlp_fp8(f"config #{i}", 8192, 1024, 704, 8, "skewed", scaling)
             check_expert_mlp_fp8(f"config #{i}", 8192, 1024, 704, 8, "skewed", "rowwise", **BF16_WGRAD_FAST)
             check_moe_experts_fp8(f"config #{i}", 2048, 4, 1024, 704, 8, "rowwise", **BF16_WGRAD_FAST)
+            check_moe_experts_fp8(f"config #{i}", 2048, 4, 1024, 704, 8, "rowwise", **FP8_WGRAD_FAST)
             check_moe_experts_fp8(f"config #{i}", 2048, 4, 1024, 704, 8, "blockwise")
             with _triton_ops.use_gemm_variant("tma"):
                 for scaling in R.SCALINGS:
@@ -305,6 +318,11 @@ def check_no_host_sync() -> None:
 
 
 def check_fp8_compile() -> None:
+    for recipe in (BF16_WGRAD_FAST, FP8_WGRAD_FAST):
+        _check_fp8_compile(recipe)
+
+
+def _check_fp8_compile(recipe: dict) -> None:
     """The fp8 routed experts (the moe_experts_fp8 custom op, float32 masters under bf16 tokens) inside a compiled
     fullgraph (inductor) give eager's loss and gradients."""
     torch._dynamo.reset()
@@ -318,7 +336,7 @@ def check_fp8_compile() -> None:
     def loss_fn(x):
         weights, ids = torch.sigmoid(x.float() @ gate.T).topk(4, dim=1)
         ids = torch.where(weights > 0.95, -1, ids)  # dropped slots
-        y = nk.moe_experts_fp8(x, ids, weights, w_up, w_down, "rowwise", **BF16_WGRAD_FAST)
+        y = nk.moe_experts_fp8(x, ids, weights, w_up, w_down, "rowwise", **recipe)
         return torch.tanh(y.float()).square().mean()
 
     def loss_and_grads(fn):
@@ -328,7 +346,9 @@ def check_fp8_compile() -> None:
     eager = loss_and_grads(loss_fn)
     compiled = loss_and_grads(torch.compile(loss_fn, fullgraph=True))
     errs = {f"out{i}": rel_err(c, e) for i, (c, e) in enumerate(zip(compiled, eager))}
-    record("fullgraph torch.compile (inductor) of moe_experts_fp8 matches eager", max(errs.values()) < 1e-2, **errs)
+    label = "".join(f" {k}={v}" for k, v in recipe.items())
+    record(f"fullgraph torch.compile (inductor) of moe_experts_fp8{label} matches eager", max(errs.values()) < 1e-2,
+           **errs)  # fmt: skip
 
 
 def check_refusals() -> None:
@@ -367,6 +387,7 @@ def main() -> int:
     parser.add_argument(
         "--adamw-configs", default="", help="with --only-nvfp4: also under each launch, e.g. 32x2,16x1 (blocks x warps)"
     )
+    parser.add_argument("--only-fp8-wgrad", action="store_true", help="the rowwise fp8 dW recipe's checks only")
     parser.add_argument("--only-quantisers", action="store_true", help="the quantiser and transpose checks only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -398,13 +419,20 @@ def main() -> int:
         lambda: check_moe_experts_fp8("moonlet", 16384, 6, 1024, 704, 64, "rowwise", **BF16_WGRAD_FAST),
         lambda: check_moe_experts_fp8("moonlet", 16384, 6, 1024, 704, 64, "rowwise"),
         lambda: check_moe_experts_fp8("moonlet", 16384, 6, 1024, 704, 64, "blockwise", wgrad_fp8=False),
+        lambda: check_expert_mlp_fp8("moonlet", moonlet_rows, 1024, 704, 64, "balanced", "rowwise", **FP8_WGRAD_FAST),
+        lambda: check_moe_experts_fp8("moonlet", 16384, 6, 1024, 704, 64, "rowwise", **FP8_WGRAD_FAST),
+        lambda: check_moe_experts_fp8("moonlet", 16384, 6, 1024, 704, 64, "rowwise", "slices", **FP8_WGRAD_FAST),
+        lambda: check_moe_experts_fp8("moonlet", 16384, 6, 1024, 704, 64, "rowwise", "zero_init", **FP8_WGRAD_FAST),
     ]
-    recipes = checks[-6:]
+    fp8_wgrad = checks[-4:]
+    recipes = checks[-10:]
     checks += [check_every_config]
     checks += [lambda r=rule: check_nvfp4_adamw((64, 1024, 1408), r) for rule in R.RULES]
     checks += [check_no_host_sync, check_fp8_compile, check_refusals]
     if args.only_fp8_mlp:
         checks = [checks[0], *recipes, check_every_config, check_no_host_sync, check_fp8_compile]
+    if args.only_fp8_wgrad:
+        checks = [checks[0], *fp8_wgrad, lambda: _check_fp8_compile(FP8_WGRAD_FAST)]
     if args.only_quantisers:
         checks = [checks[0]]
     if args.only_nvfp4:

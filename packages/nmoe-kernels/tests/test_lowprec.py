@@ -140,6 +140,33 @@ def test_a_dead_weight_slice_does_not_spoil_the_folded_operand(fold_pass):
     assert rel_err(folded, exact) < 1.2 * rel_err(unfolded, exact) + 1e-3
 
 
+@pytest.mark.parametrize("dead", ["none", "slices", "zero_init"])
+def test_rowwise_fp8_wgrads_on_the_gemms_codes_are_as_close_as_fresh_quantisation(dead):
+    """The rowwise recipe's dW reads act's and d_pre's folded codes: as close to the exact dW as quantising both
+    operands afresh per expert column, with dead weight slices and a zero-initialised w_down too (whose gradients
+    are not zero: a dead slice's scale folded into act must not wipe act's column)."""
+    g = torch.Generator().manual_seed(1)
+    n_experts, m, d, h = 2, 300, 64, 48
+    offsets = torch.tensor([170, 290], dtype=torch.int32)  # 10 dropped rows
+    x = torch.randn(m, d, generator=g, dtype=torch.float64)
+    act = torch.randn(m, h, generator=g, dtype=torch.float64) * torch.logspace(-2, 1, m, dtype=torch.float64)[:, None]
+    dy, d_pre = torch.randn(m, d, generator=g, dtype=torch.float64), torch.randn(m, 2 * h, generator=g)
+    w_up = torch.randn(n_experts, d, 2 * h, generator=g, dtype=torch.float64) * 0.02
+    w_down = torch.randn(n_experts, h, d, generator=g, dtype=torch.float64) * 0.02
+    if dead == "slices":
+        w_down[0, 5], w_up[1, :, 7] = 0, 0
+    if dead == "zero_init":
+        w_down.zero_()
+    got = R.rowwise_fp8_wgrads(x, act, dy, d_pre, w_up, w_down, offsets, torch.float64)
+    pairs = ((x, d_pre.double()), (act, dy))
+    for name, dw, (a, b) in zip(("dw_up", "dw_down"), got, pairs):
+        exact = R._grouped_wgrad(a, b, offsets)
+        fresh = R.fp8_wgrad(a, b, offsets, torch.float64, "rowwise")
+        assert rel_err(dw, exact) < 1.5 * rel_err(fresh, exact), name
+    assert rel_err(got[1][0, 5], R._grouped_wgrad(act, dy, offsets)[0, 5]) < 0.05, "a dead w_down row's gradient"
+    assert rel_err(got[0][1, :, 7], R._grouped_wgrad(x, d_pre.double(), offsets)[1, :, 7]) < 0.05
+
+
 def test_grouped_col_quantiser_chunks_never_cross_groups():
     g = torch.Generator().manual_seed(0)
     offsets = torch.tensor([3, 3, 300, 301], dtype=torch.int32)

@@ -154,6 +154,43 @@ def test_fp8_quantiser_kernels_are_bitwise(one_pass, monkeypatch):
         assert bits(slot[end - first :]).eq(0).all()
 
 
+def _chunk_slots(qt: torch.Tensor, offsets: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """qt[C, chunks*128] holds want's grouped rows chunk by chunk, transposed and zero-padded (the dW layout)."""
+    for cid, first, end in R.group_chunks(offsets):
+        slot = qt[:, 128 * cid : 128 * (cid + 1)].T
+        assert_bitwise(slot[: end - first].contiguous(), want[first:end], f"{what}, chunk {cid}")
+        assert bits(slot[end - first :]).eq(0).all(), f"{what}: chunk {cid} is not zero-padded"
+
+
+def test_expert_column_quantiser_and_grouped_transpose_match_the_reference():
+    """The rowwise dW operands: codes per expert and column (gathered, times a row multiplier and a routing weight,
+    as the routed backward reads x and dy), and other rows' codes moved into the same chunk layout."""
+    from nmoe.kernels import _lowprec_ops
+
+    g = torch.Generator().manual_seed(5)
+    offsets = torch.tensor([0, 130, 130, 197], dtype=torch.int32)  # empty groups, a 2-chunk group, 3 tail rows
+    rows = torch.randn(200, 48, generator=g) * torch.logspace(-3, 1, 200)[:, None]
+    qt, s = _lowprec_ops.quantize_expert_cols(rows, offsets)
+    q_ref, s_ref = R.quantize_fp8_expert_cols(rows, offsets)
+    assert_bitwise(s, s_ref, "expert-col scales")
+    assert torch.equal(s[0], torch.full((48,), R.ZERO_SLICE_SCALE)), "an empty group's scales"
+    _chunk_slots(qt, offsets, q_ref, "expert-col codes")
+
+    x = torch.randn(60, 48, generator=g).to(torch.bfloat16)
+    idx = torch.randint(0, 60, (200,), generator=g, dtype=torch.int32)
+    mult = torch.rand(200, generator=g) * 1e-3
+    weights = torch.rand(200, generator=g).to(torch.bfloat16)
+    w_idx = torch.randperm(200, generator=g)
+    qt, s = _lowprec_ops.quantize_expert_cols(x, offsets, idx, mult, weights, w_idx)
+    gathered = x[idx.long()].float() * mult[:, None] * weights[w_idx].float()[:, None]
+    q_ref, s_ref = R.quantize_fp8_expert_cols(gathered, offsets)
+    assert_bitwise(s, s_ref, "gathered, multiplied, weighted expert-col scales")
+    _chunk_slots(qt, offsets, q_ref, "gathered expert-col codes")
+
+    q, _ = R.quantize_fp8_rowwise(rows)
+    _chunk_slots(_lowprec_ops.transpose_grouped_codes(q, offsets), offsets, q, "grouped transpose")
+
+
 def _rounding_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     """Every e2m1 tie and grid point with its float32 neighbours, both signs, beyond +-6, and random values; random
     bits with the extremes."""

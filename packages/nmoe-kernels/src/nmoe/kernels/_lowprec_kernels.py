@@ -440,7 +440,7 @@ def fp8_quant_rows_kernel(
 @triton.jit
 def _swiglu_bwd_part(
     dact_ptr, pre_ptr, dpre_ptr, rows64, live, row_ok, weight, c0, WIDTH: tl.constexpr, H, stride_dm, stride_pm,
-    stride_dpm, WEIGHTED: tl.constexpr, cs_rows, FOLD: tl.constexpr,
+    stride_dpm, WEIGHTED: tl.constexpr, cs_rows, FOLD: tl.constexpr, STORE: tl.constexpr,
 ):  # fmt: skip
     """Columns [c0, c0 + WIDTH) of the SwiGLU backward of the rows (zeros for rows not live): (d_gate, d_up rounded
     to d_pre's dtype and stored there, times the column scales cs_rows[:, col] when FOLD (the values to quantise),
@@ -462,9 +462,10 @@ def _swiglu_bwd_part(
         d = d * weight[:, None]
     d_gate = _rounded_for(dpre_ptr, d * up * sig * (1.0 + gate * (1.0 - sig)))
     d_up = _rounded_for(dpre_ptr, d * silu)
-    out = dpre_ptr + rows64[:, None] * stride_dpm + cols[None, :]
-    tl.store(out, d_gate.to(dpre_ptr.dtype.element_ty), mask=ok)
-    tl.store(out + H, d_up.to(dpre_ptr.dtype.element_ty), mask=ok)
+    if STORE:
+        out = dpre_ptr + rows64[:, None] * stride_dpm + cols[None, :]
+        tl.store(out, d_gate.to(dpre_ptr.dtype.element_ty), mask=ok)
+        tl.store(out + H, d_up.to(dpre_ptr.dtype.element_ty), mask=ok)
     if FOLD:
         d_gate = d_gate * tl.load(cs_rows[:, None] + cols[None, :], mask=ok, other=0.0)
         d_up = d_up * tl.load(cs_rows[:, None] + H + cols[None, :], mask=ok, other=0.0)
@@ -508,6 +509,7 @@ def swiglu_bwd_rows_kernel(
     PART3: tl.constexpr = 0,
     FOLD: tl.constexpr = False,
     BLOCK_E: tl.constexpr = 1,
+    STORE: tl.constexpr = True,
 ):
     """The SwiGLU backward of grouped rows (the expert backward after its plain dgrad GEMM), for bf16 and fp8.
 
@@ -517,7 +519,8 @@ def swiglu_bwd_rows_kernel(
     offsets[E-1] (dropped slots; d_act there is never written) get zeros, and no dw. A row's H columns sit in
     registers as up to four power-of-two parts (a whole row is needed for its scale). FOLD (with QUANTIZE): q holds
     d_pre[r, c] * cs[e(r), c] instead, the up weight's forward column scales folded in (its dgrad GEMM then reads
-    the forward's codes with unit scales).
+    the forward's codes with unit scales). STORE False (with QUANTIZE): the codes only (d_pre values are rounded
+    to the dtype of dpre_ptr, which is then only a dtype carrier).
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -533,16 +536,16 @@ def swiglu_bwd_rows_kernel(
         cs_rows = cs_ptr + _expert_of(rows, offsets_ptr, E, BLOCK_E).to(tl.int64) * stride_cse
     args = (dact_ptr, pre_ptr, dpre_ptr, rows64, live, row_ok, weight)
     strides = (H, stride_dm, stride_pm, stride_dpm, WEIGHTED)
-    g0, u0, cols0, ok0, amax, dw = _swiglu_bwd_part(*args, 0, BLOCK_C, *strides, cs_rows, FOLD)
+    g0, u0, cols0, ok0, amax, dw = _swiglu_bwd_part(*args, 0, BLOCK_C, *strides, cs_rows, FOLD, STORE)
     if PART1 > 0:
-        g1, u1, cols1, ok1, amax1, dw1 = _swiglu_bwd_part(*args, BLOCK_C, PART1, *strides, cs_rows, FOLD)
+        g1, u1, cols1, ok1, amax1, dw1 = _swiglu_bwd_part(*args, BLOCK_C, PART1, *strides, cs_rows, FOLD, STORE)
         amax, dw = tl.maximum(amax, amax1), dw + dw1
     if PART2 > 0:
-        g2, u2, cols2, ok2, amax2, dw2 = _swiglu_bwd_part(*args, BLOCK_C + PART1, PART2, *strides, cs_rows, FOLD)
+        g2, u2, cols2, ok2, amax2, dw2 = _swiglu_bwd_part(*args, BLOCK_C + PART1, PART2, *strides, cs_rows, FOLD, STORE)
         amax, dw = tl.maximum(amax, amax2), dw + dw2
     if PART3 > 0:
         g3, u3, cols3, ok3, amax3, dw3 = _swiglu_bwd_part(
-            *args, BLOCK_C + PART1 + PART2, PART3, *strides, cs_rows, FOLD
+            *args, BLOCK_C + PART1 + PART2, PART3, *strides, cs_rows, FOLD, STORE
         )
         amax, dw = tl.maximum(amax, amax3), dw + dw3
     if QUANTIZE:
@@ -667,17 +670,12 @@ def fp8_quant_weight_blockwise_kernel(
 
 
 @triton.jit
-def fp8_transpose_kernel(q_ptr, qt_ptr, K, N, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """e4m3 codes q[E,K,N] -> qt[E,N,K], both read and written as int32 words of four codes (K, N multiples of 4).
+def _transpose_words(words, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """int32 words [BLOCK_K, BLOCK_N/4] of four codes each along N -> words [BLOCK_N, BLOCK_K/4] along K.
 
     Storing one 8-bit tile in a second layout miscompiled on sm_90 (Triton 3.6), so the codes are unpacked to
     int32, transposed as int32 and packed again: every layout change is on 32-bit values.
     """
-    e = tl.program_id(0).to(tl.int64)
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    cs = tl.program_id(2) * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)  # input words along N
-    ok = (ks < K)[:, None] & (cs < N // 4)[None, :]
-    words = tl.load(q_ptr + e * (K * N // 4) + ks[:, None].to(tl.int64) * (N // 4) + cs[None, :], mask=ok, other=0)
     b0, b1 = words & 0xFF, (words >> 8) & 0xFF
     b2, b3 = (words >> 16) & 0xFF, (words >> 24) & 0xFF
     codes = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (BLOCK_K, BLOCK_N))  # [k, 4c + j] = byte j
@@ -685,11 +683,118 @@ def fp8_transpose_kernel(q_ptr, qt_ptr, K, N, BLOCK_K: tl.constexpr, BLOCK_N: tl
     even, odd = tl.split(t)  # b = 0, 1
     c0, c2 = tl.split(even)  # a = 0, 1
     c1, c3 = tl.split(odd)
-    out = c0 | (c1 << 8) | (c2 << 16) | (c3 << 24)
+    return c0 | (c1 << 8) | (c2 << 16) | (c3 << 24)
+
+
+@triton.jit
+def fp8_transpose_kernel(q_ptr, qt_ptr, K, N, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """e4m3 codes q[E,K,N] -> qt[E,N,K], both read and written as int32 words of four codes (K, N multiples of 4)."""
+    e = tl.program_id(0).to(tl.int64)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cs = tl.program_id(2) * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)  # input words along N
+    ok = (ks < K)[:, None] & (cs < N // 4)[None, :]
+    words = tl.load(q_ptr + e * (K * N // 4) + ks[:, None].to(tl.int64) * (N // 4) + cs[None, :], mask=ok, other=0)
+    out = _transpose_words(words, BLOCK_K, BLOCK_N)
     ns = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     gs = tl.program_id(1) * (BLOCK_K // 4) + tl.arange(0, BLOCK_K // 4)  # output words along K
     ok_t = (ns < N)[:, None] & (gs < K // 4)[None, :]
     tl.store(qt_ptr + e * (K * N // 4) + ns[:, None].to(tl.int64) * (K // 4) + gs[None, :], out, mask=ok_t)
+
+
+@triton.jit
+def fp8_transpose_grouped_kernel(
+    q_ptr, qt_ptr, offsets_ptr, M, C, E, stride_qt_words, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr
+):
+    """Grouped rows of e4m3 codes q[M,C] -> qt[C, chunk*128 + r] in the dW operands' chunk layout (see
+    fp8_quant_grouped_cols_kernel; rows past a group's end are zeros), as int32 words (C a multiple of 4)."""
+    tiles_c = tl.cdiv(C, BLOCK_C)
+    chunk = tl.program_id(0) // tiles_c
+    c0 = (tl.program_id(0) % tiles_c) * BLOCK_C
+    _, row0, end, is_tail = _locate_tile(chunk, offsets_ptr, M, E, FP8_BLOCK, BLOCK_E)
+    if is_tail:
+        return
+    rows = row0 + tl.arange(0, FP8_BLOCK)
+    ws = c0 // 4 + tl.arange(0, BLOCK_C // 4)  # input words along C
+    ok = (rows < end)[:, None] & (ws < C // 4)[None, :]
+    words = tl.load(q_ptr + rows[:, None].to(tl.int64) * (C // 4) + ws[None, :], mask=ok, other=0)
+    out = _transpose_words(words, FP8_BLOCK, BLOCK_C)
+    cols = c0 + tl.arange(0, BLOCK_C)
+    slots = chunk.to(tl.int64) * (FP8_BLOCK // 4) + tl.arange(0, FP8_BLOCK // 4)  # output words along the slots
+    tl.store(qt_ptr + cols[:, None].to(tl.int64) * stride_qt_words + slots[None, :], out, mask=(cols < C)[:, None])
+
+
+@triton.jit
+def _expert_cols_tile(x_ptr, idx_ptr, mult_ptr, wts_ptr, w_idx_ptr, rows, row_ok, cols, col_ok, stride_xm,
+                      GATHER: tl.constexpr, MULT: tl.constexpr, WEIGHTED: tl.constexpr):  # fmt: skip
+    """float32 tile of grouped rows (x[idx[r]] when GATHER) times mult[r] (MULT) times wts[w_idx[r]] (WEIGHTED)."""
+    src = rows
+    if GATHER:
+        src = tl.load(idx_ptr + rows, mask=row_ok, other=0)
+    ok = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if MULT:
+        x = x * tl.load(mult_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    if WEIGHTED:
+        w_idx = tl.load(w_idx_ptr + rows, mask=row_ok, other=0)
+        x = x * tl.load(wts_ptr + w_idx, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    return x
+
+
+@triton.jit
+def fp8_quant_expert_cols_kernel(
+    x_ptr,
+    idx_ptr,
+    mult_ptr,
+    wts_ptr,
+    w_idx_ptr,
+    qt_ptr,
+    s_ptr,
+    offsets_ptr,
+    C,
+    E,
+    stride_xm,
+    stride_qt,
+    GATHER: tl.constexpr,
+    MULT: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """Grouped rows (see _expert_cols_tile) -> transposed e4m3 qt[C, chunk*128 + r] in the chunk layout of
+    fp8_quant_grouped_cols_kernel and scales s[E, C]: one per expert and column, so the dW GEMM accumulates codes
+    only. One program per (expert, column block) reads the expert's rows twice: amax, then codes."""
+    tiles_c = tl.cdiv(C, BLOCK_C)
+    expert = tl.program_id(0) // tiles_c
+    cols = (tl.program_id(0) % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    e_idx = tl.arange(0, BLOCK_E)
+    valid = e_idx < E
+    ends = tl.load(offsets_ptr + e_idx, mask=valid, other=0)
+    starts = tl.load(offsets_ptr + e_idx - 1, mask=valid & (e_idx > 0), other=0)
+    chunks = tl.where(valid, (ends - starts + FP8_BLOCK - 1) // FP8_BLOCK, 0)
+    first_chunk = tl.sum(tl.where(e_idx < expert, chunks, 0), 0)
+    n_chunks = tl.sum(tl.where(e_idx == expert, chunks, 0), 0)
+    start = tl.sum(tl.where(e_idx == expert, starts, 0), 0)
+    end = tl.sum(tl.where(e_idx == expert, ends, 0), 0)
+    r = tl.arange(0, FP8_BLOCK)
+    args = (x_ptr, idx_ptr, mult_ptr, wts_ptr, w_idx_ptr)
+    flags = (stride_xm, GATHER, MULT, WEIGHTED)
+    amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for j in range(0, n_chunks):
+        rows = start + j * FP8_BLOCK + r
+        x = _expert_cols_tile(*args, rows, rows < end, cols, col_ok, *flags)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), 0))
+    scale = _fp8_scale(amax)
+    for j in range(0, n_chunks):
+        rows = start + j * FP8_BLOCK + r
+        x = _expert_cols_tile(*args, rows, rows < end, cols, col_ok, *flags)
+        slot = (first_chunk + j).to(tl.int64) * FP8_BLOCK + r
+        tl.store(
+            qt_ptr + cols[None, :].to(tl.int64) * stride_qt + slot[:, None],
+            _to_fp8(x, scale[None, :]),
+            mask=col_ok[None, :],
+        )
+    tl.store(s_ptr + expert.to(tl.int64) * C + cols, scale, mask=col_ok)
 
 
 @triton.jit
@@ -953,11 +1058,14 @@ def gmm_fp8_dw_kernel(
     BLOCK_KA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    EXPERT_SCALES: tl.constexpr = False,
+    FAST_ACC: tl.constexpr = False,
 ):
     """out[e] = A[rows of e]^T @ B[rows of e] from chunked transposed e4m3 copies a[KA, slot], b[N, slot].
 
-    Slots as written by fp8_quant_grouped_cols_kernel (128 zero-padded columns per chunk); scales
-    sa[chunk, KA], sb[chunk, N]. BLOCK_M divides 128, so each partial product has one chunk's scales.
+    Slots as written by fp8_quant_grouped_cols_kernel (128 zero-padded columns per chunk). Scales sa[chunk, KA],
+    sb[chunk, N]: BLOCK_M divides 128, so each partial product has one chunk's scales. EXPERT_SCALES: sa[E, KA],
+    sb[E, N], applied once to the whole sum (promoted to float32 every BLOCK_M slots, or never with FAST_ACC).
     Empty groups store zeros.
     """
     pid = tl.program_id(0)
@@ -986,10 +1094,17 @@ def gmm_fp8_dw_kernel(
         slot = tl.multiple_of(j * BLOCK_M, BLOCK_M) + tl.arange(0, BLOCK_M)
         a = tl.load(a_rows + slot[None, :], mask=ka_ok[:, None], other=0.0)
         b = tl.load(b_cols + slot[:, None], mask=col_ok[None, :], other=0.0)
-        chunk = j // steps  # int32 is enough: chunks * max(KA, N) < 2^31
-        sa = tl.load(sa_ptr + chunk * KA + kas, mask=ka_ok, other=0.0)
-        sb = tl.load(sb_ptr + chunk * N + cols, mask=col_ok, other=0.0)
-        zero = tl.zeros((BLOCK_KA, BLOCK_N), dtype=tl.float32)
-        acc += _dot_fp8(a, b, zero, UPCAST, BLOCK_M) * (sa[:, None] * sb[None, :])
+        if EXPERT_SCALES:
+            acc = _dot_fp8(a, b, acc, UPCAST, 0 if FAST_ACC else BLOCK_M)
+        else:
+            chunk = j // steps  # int32 is enough: chunks * max(KA, N) < 2^31
+            sa = tl.load(sa_ptr + chunk * KA + kas, mask=ka_ok, other=0.0)
+            sb = tl.load(sb_ptr + chunk * N + cols, mask=col_ok, other=0.0)
+            zero = tl.zeros((BLOCK_KA, BLOCK_N), dtype=tl.float32)
+            acc += _dot_fp8(a, b, zero, UPCAST, BLOCK_M) * (sa[:, None] * sb[None, :])
+    if EXPERT_SCALES:  # acc first: a dead weight slice's 1 / scale (2^126) times 0 stays 0
+        sa = tl.load(sa_ptr + expert * KA + kas, mask=ka_ok, other=0.0)
+        sb = tl.load(sb_ptr + expert * N + cols, mask=col_ok, other=0.0)
+        acc = acc * sa[:, None] * sb[None, :]
     out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + kas[:, None].to(tl.int64) * stride_ok + cols[None, :]
     _store_rounded(out_ptrs, acc, ka_ok[:, None] & col_ok[None, :])

@@ -107,7 +107,7 @@ def _with_hook(configs):
 # one autotuner per (epilogue, TMA) so that their tuning caches stay apart
 _GMM = {e: triton.autotune(c, key=_GMM_KEY)(K.gmm_fp8_kernel) for e, c in _GMM_CONFIGS.items()}
 _GMM_TMA = {e: triton.autotune(_with_hook(c), key=_GMM_KEY)(K.gmm_fp8_kernel) for e, c in _GMM_CONFIGS.items()}
-_GMM_DW = triton.autotune(_DW_CONFIGS, key=["KA", "N", "E"])(K.gmm_fp8_dw_kernel)
+_GMM_DW = triton.autotune(_DW_CONFIGS, key=["KA", "N", "E", "EXPERT_SCALES", "FAST_ACC"])(K.gmm_fp8_dw_kernel)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,6 +303,13 @@ def _weight_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool) -> tuple[
     return q, s
 
 
+def _weight_scales_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_weight_rowwise` for a GEMM's weight operand: dead slices revived (R.revive_dead_slices), as the reference's
+    quantize_weight."""
+    q, s = _weight_rowwise(w, reduce_dim, transpose)
+    return q, R.revive_dead_slices(s)
+
+
 def _weight_blockwise(w: torch.Tensor, write_q: bool, write_qt: bool):
     """w[E,K,N] -> (q[E,K,N] or None, qt[E,N,K] or None, scales[E, K/128, N/128]) with 128x128 tiles."""
     e, k, n = w.shape
@@ -336,9 +343,9 @@ def quantize_weight(w: torch.Tensor, blockwise: bool, pass_: str) -> WeightOpera
         q, _, s = _weight_blockwise(w, True, False)
         return WeightOperand(q, s, (k * n, 1, n), (kb * nb, 1, nb))
     if pass_ == "fwd":
-        qt, s = _weight_rowwise(w, reduce_dim=1, transpose=True)
+        qt, s = _weight_scales_rowwise(w, reduce_dim=1, transpose=True)
         return WeightOperand(qt, s, (n * k, 1, k), (n, 0, 1))
-    q, s = _weight_rowwise(w, reduce_dim=2, transpose=True)
+    q, s = _weight_scales_rowwise(w, reduce_dim=2, transpose=True)
     return WeightOperand(q, s, (k * n, 1, n), (k, 0, 1))
 
 
@@ -366,9 +373,9 @@ def quantize_weight_both(w: torch.Tensor, blockwise: bool, fold_pass: str):
         q, _, s = _weight_blockwise(w, True, False)
         return q, transpose_codes(q), s
     if fold_pass == "dgrad":  # scales per output column over K: the forward's transposed quantiser
-        qt, s = _weight_rowwise(w, reduce_dim=1, transpose=True)
+        qt, s = _weight_scales_rowwise(w, reduce_dim=1, transpose=True)
         return transpose_codes(qt), qt, s
-    q, s = _weight_rowwise(w, reduce_dim=2, transpose=False)  # scales per row over N: contiguous rows
+    q, s = _weight_scales_rowwise(w, reduce_dim=2, transpose=False)  # scales per row over N: contiguous rows
     return q, transpose_codes(q), s
 
 
@@ -427,6 +434,59 @@ def quantize_grouped_cols(x: torch.Tensor, offsets: torch.Tensor, swiglu_input: 
             **EXACT,
         )
     return qt, s
+
+
+def quantize_expert_cols(x, offsets, idx=None, mult=None, weights=None, w_idx=None):
+    """Grouped rows r of x (x[idx[r]] when idx is given), times mult[r] float32 and weights[w_idx[r]] when given ->
+    (qt e4m3 [C, chunks*128] in quantize_grouped_cols' chunk layout, float32 scales [E, C]): one scale per expert
+    and column, which the dW GEMM applies once to the whole sum."""
+    m = x.shape[0] if idx is None else idx.shape[0]
+    c, n_experts = x.shape[1], offsets.shape[0]
+    qt = torch.empty(c, R.grouped_col_chunks(m, n_experts) * BLOCK, dtype=FP8, device=x.device)
+    s = torch.empty(n_experts, c, dtype=torch.float32, device=x.device)
+    if n_experts and c:
+        K.fp8_quant_expert_cols_kernel[(n_experts * triton.cdiv(c, QUANT_COLS),)](
+            x,
+            offsets if idx is None else idx,
+            offsets if mult is None else mult,
+            offsets if weights is None else weights,
+            offsets if w_idx is None else w_idx,
+            qt,
+            s,
+            offsets,
+            c,
+            n_experts,
+            x.stride(0),
+            qt.stride(0),
+            GATHER=idx is not None,
+            MULT=mult is not None,
+            WEIGHTED=weights is not None,
+            BLOCK_C=QUANT_COLS,
+            BLOCK_E=triton.next_power_of_2(n_experts),
+            **EXACT,
+        )
+    return qt, s
+
+
+def transpose_grouped_codes(q: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """e4m3 grouped rows q[M,C] (C a multiple of 4) -> [C, chunks*128] in quantize_grouped_cols' chunk layout."""
+    m, c = q.shape
+    n_experts = offsets.shape[0]
+    n_chunks = R.grouped_col_chunks(m, n_experts)
+    qt = torch.empty(c, n_chunks * BLOCK, dtype=FP8, device=q.device)
+    if m and c and n_experts:
+        K.fp8_transpose_grouped_kernel[(n_chunks * triton.cdiv(c, TRANSPOSE_BLOCK),)](
+            q.contiguous().view(torch.int32),
+            qt.view(torch.int32),
+            offsets,
+            m,
+            c,
+            n_experts,
+            qt.stride(0) // 4,
+            BLOCK_C=TRANSPOSE_BLOCK,
+            BLOCK_E=triton.next_power_of_2(n_experts),
+        )
+    return qt
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -525,16 +585,28 @@ def _use_tma(qa: torch.Tensor, b: WeightOperand) -> bool:
     )
 
 
-def wgrad(a, b, offsets, dtype, a_swiglu=False):
-    """dW[e] = a[rows of e]^T @ b[rows of e] -> [E, KA, N] in dtype (a may be a gate|up pre-activation)."""
-    n_experts = offsets.shape[0]
-    ka = a.shape[1] // 2 if a_swiglu else a.shape[1]
-    n = b.shape[1]
-    out = torch.empty(n_experts, ka, n, dtype=dtype, device=a.device)
+def wgrad(a, b, offsets, dtype, blockwise, fast=False, a_swiglu=False):
+    """dW[e] = a[rows of e]^T @ b[rows of e] -> [E, KA, N] in dtype, both operands quantised per column: per 128-row
+    chunk (blockwise; a may then be a gate|up pre-activation) or per expert (rowwise; fast as in `gemm`)."""
     if a.shape[0] == 0:
-        return out.zero_()
-    qa, sa = quantize_grouped_cols(a, offsets, a_swiglu)
-    qb, sb = quantize_grouped_cols(b, offsets)
+        ka = a.shape[1] // 2 if a_swiglu else a.shape[1]
+        return torch.zeros(offsets.shape[0], ka, b.shape[1], dtype=dtype, device=a.device)
+    if blockwise:
+        qa, sa = quantize_grouped_cols(a, offsets, a_swiglu)
+        qb, sb = quantize_grouped_cols(b, offsets)
+    elif a_swiglu:
+        raise ValueError("wgrad: a gate|up operand needs blockwise scaling")
+    else:
+        qa, sa = quantize_expert_cols(a, offsets)
+        qb, sb = quantize_expert_cols(b, offsets)
+    return wgrad_codes(qa, sa, qb, sb, offsets, dtype, expert_scales=not blockwise, fast=fast)
+
+
+def wgrad_codes(qa, sa, qb, sb, offsets, dtype, expert_scales, fast=False):
+    """dW[e] [E, KA, N] in dtype from chunk-layout codes qa[KA, slots], qb[N, slots] with column scales per expert
+    (sa[E, KA], sb[E, N]) or per 128-row chunk (sa[chunks, KA], sb[chunks, N])."""
+    n_experts, ka, n = offsets.shape[0], qa.shape[0], qb.shape[0]
+    out = torch.empty(n_experts, ka, n, dtype=dtype, device=qa.device)
 
     def grid(meta):
         return (n_experts * triton.cdiv(ka, meta["BLOCK_KA"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -555,6 +627,8 @@ def wgrad(a, b, offsets, dtype, a_swiglu=False):
         out.stride(1),
         UPCAST=INTERPRET,
         BLOCK_E=triton.next_power_of_2(n_experts),
+        EXPERT_SCALES=expert_scales,
+        FAST_ACC=fast and expert_scales,
     )
     return out
 
@@ -594,7 +668,7 @@ class GroupedMMFP8(torch.autograd.Function):
             gemm(qdy, sdy, ctx.blockwise, wop, offsets, dx, w.shape[1], w.shape[2], fast=ctx.fast)
         if ctx.needs_input_grad[1]:
             if ctx.wgrad_fp8:
-                dw = wgrad(x, dy, offsets, w.dtype)
+                dw = wgrad(x, dy, offsets, w.dtype, ctx.blockwise, ctx.fast)
             else:
                 dw = wgrad_in_input_dtype(x, dy.to(x.dtype), offsets, w.dtype)
         return dx, dw, None, None, None, None
@@ -614,8 +688,9 @@ UP_FOLD, DOWN_FOLD = "dgrad", "fwd"
 
 def _mlp_forward(qx, sx, offsets, w_up, w_down, r: _Recipe, m: int, dtype, token=None):
     """fp8 up GEMM (+ SwiGLU) and down GEMM over m grouped rows of the quantised rows qx (row token[g] for grouped
-    row g when given) -> (out[m,D], pre[m,2H], act[m,H] in dtype or None when blockwise quantised it alone,
-    codes (q_up [E,D,2H], s_up, q_down [E,H,D], s_down): the weights' dgrad operands for `_mlp_backward`)."""
+    row g when given) -> (out[m,D], pre[m,2H], act, codes (q_up [E,D,2H], s_up, q_down [E,H,D], s_down): the
+    weights' dgrad operands for `_mlp_backward`). act, what the dW of the down projection reads: rowwise with a
+    bf16 dW, act[m,H] in dtype; rowwise with an fp8 dW, (its folded e4m3 codes [m,H], row scales [m]); else None."""
     d, h = w_up.shape[1], w_down.shape[1]
     dev = qx.device
     q_up, qt_up, s_up = quantize_weight_both(w_up, r.blockwise, UP_FOLD)
@@ -629,13 +704,14 @@ def _mlp_forward(qx, sx, offsets, w_up, w_down, r: _Recipe, m: int, dtype, token
         s_act = torch.empty(m, triton.cdiv(h, BLOCK), dtype=torch.float32, device=dev)
         gemm(qx, sx, True, up, offsets, pre, h, d, epilogue=K.EPILOGUE_SWIGLU_QUANT, h=pre, q_out=(q_act, s_act),
              a_idx=token)  # fmt: skip
-    elif r.wgrad_fp8:
+    elif r.wgrad_fp8:  # the fp8 dW reads act's codes: no bf16 act
         gemm(qx, sx, False, up, offsets, pre, 2 * h, d, fast=r.fast, a_idx=token)
         q_act, s_act = quantize_rows(pre, False, swiglu_input=True, fold=act_fold)
+        act = (q_act, s_act)
     else:  # the bf16 dW of the down projection reads act: the up GEMM's epilogue writes it beside pre
         act = torch.empty(m, h, dtype=dtype, device=dev)
         gemm(qx, sx, False, up, offsets, act, h, d, epilogue=K.EPILOGUE_SWIGLU_STORE, h=pre, fast=r.fast, a_idx=token)
-    if act is not None:
+    if isinstance(act, torch.Tensor):
         q_act, s_act = quantize_rows(act, False, fold=act_fold)
     out = torch.empty(m, d, dtype=dtype, device=dev)
     down = weight_operand(None, qt_dn, s_dn, r.blockwise, "fwd", DOWN_FOLD)
@@ -661,23 +737,39 @@ def _mlp_backward(dy, x, offsets, w_up, w_down, codes, pre, act, r: _Recipe, rou
         d_act = torch.empty(m, h, dtype=torch.float32, device=dy.device)
         gemm(qdy, sdy, False, down, offsets, d_act, h, d, fast=r.fast, a_idx=token)
         d_pre, qdp, sdp = _triton_ops.swiglu_backward_rows(
-            d_act, pre, offsets, weights, order, d_weights, quantize=True, fold=s_up
+            d_act, pre, offsets, weights, order, d_weights, quantize=True, fold=s_up, store=not r.wgrad_fp8
         )
-    # the dW GEMMs read the token-order operands gathered (and dy weighted) into grouped rows
-    dy_rows = dy.to(pre.dtype) if routing is None else _triton_ops.gather_rows(dy, token, weights, order)
-    if r.wgrad_fp8:
-        dw_down = wgrad(pre, dy_rows, offsets, w_down.dtype, a_swiglu=True)
-    else:
-        if act is None:  # blockwise wrote only the quantised act
-            act = R.swiglu_f32(pre).to(pre.dtype)
-        dw_down = wgrad_in_input_dtype(act, dy_rows, offsets, w_down.dtype)
+    rowwise_fp8_dw = r.wgrad_fp8 and not r.blockwise
+    if rowwise_fp8_dw:  # act's folded codes; their row scales go into the weighted dy, quantised per expert column
+        q_act, s_act = act
+        qb, sb = quantize_expert_cols(dy, offsets, token, s_act, weights, order)
+        dw_down = wgrad_codes(
+            transpose_grouped_codes(q_act, offsets), torch.reciprocal(s_dn), qb, sb, offsets, w_down.dtype, True,
+            r.fast,
+        )  # fmt: skip
+    else:  # the dW GEMMs read the token-order operands gathered (and dy weighted) into grouped rows
+        dy_rows = dy.to(pre.dtype) if routing is None else _triton_ops.gather_rows(dy, token, weights, order)
+        if r.wgrad_fp8:
+            dw_down = wgrad(pre, dy_rows, offsets, w_down.dtype, True, a_swiglu=True)
+        else:
+            if act is None:  # blockwise wrote only the quantised act
+                act = R.swiglu_f32(pre).to(pre.dtype)
+            dw_down = wgrad_in_input_dtype(act, dy_rows, offsets, w_down.dtype)
     if r.blockwise:
         qdp, sdp = quantize_rows(d_pre, True)
     d_rows = torch.empty(m, d, dtype=pre.dtype, device=pre.device)
     up = weight_operand(q_up, None, s_up, r.blockwise, "dgrad", UP_FOLD)
     gemm(qdp, sdp, r.blockwise, up, offsets, d_rows, d, 2 * h, fast=r.fast)
-    x_rows = x if token is None else _triton_ops.gather_rows(x, token)
-    dw_up = (wgrad if r.wgrad_fp8 else wgrad_in_input_dtype)(x_rows, d_pre, offsets, w_up.dtype)
+    if rowwise_fp8_dw:  # d_pre's folded codes; their row scales go into x, quantised per expert column
+        qa, sa = quantize_expert_cols(x, offsets, token, sdp)
+        qb = transpose_grouped_codes(qdp, offsets)
+        dw_up = wgrad_codes(qa, sa, qb, torch.reciprocal(s_up), offsets, w_up.dtype, True, r.fast)
+    else:
+        x_rows = x if token is None else _triton_ops.gather_rows(x, token)
+        if r.wgrad_fp8:
+            dw_up = wgrad(x_rows, d_pre, offsets, w_up.dtype, True)
+        else:
+            dw_up = wgrad_in_input_dtype(x_rows, d_pre, offsets, w_up.dtype)
     return d_rows, dw_up, dw_down, d_weights
 
 
@@ -691,14 +783,16 @@ class ExpertMLPFP8(torch.autograd.Function):
         r = _Recipe(scaling == "blockwise", wgrad_fp8, fast_accum)
         qr, sr = quantize_rows(rows, r.blockwise)
         out, pre, act, codes = _mlp_forward(qr, sr, offsets, w_up, w_down, r, rows.shape[0], rows.dtype)
-        ctx.save_for_backward(rows, offsets, w_up, w_down, pre, act, *codes)
+        ctx.act_is_codes = isinstance(act, tuple)
+        ctx.save_for_backward(rows, offsets, w_up, w_down, pre, *(act if ctx.act_is_codes else (act, None)), *codes)
         ctx.recipe = r
         return out
 
     @staticmethod
     def backward(ctx, dy):
         """dy[M,D] -> (d_rows, None, dw_up, dw_down, None, None, None)."""
-        rows, offsets, w_up, w_down, pre, act, *codes = ctx.saved_tensors
+        rows, offsets, w_up, w_down, pre, act, act_scales, *codes = ctx.saved_tensors
+        act = (act, act_scales) if ctx.act_is_codes else act
         d_rows, dw_up, dw_down, _ = _mlp_backward(
             dy.contiguous(), rows, offsets, w_up, w_down, codes, pre, act, ctx.recipe
         )
@@ -709,8 +803,9 @@ def moe_fp8_forward(x, topk_ids, topk_weights, w_up, w_down, scaling: str, wgrad
     """Routed SwiGLU experts with fp8 GEMMs, fused as the bf16 moe_experts: tokens are quantised once in token order
     (x forward, dy backward) and gathered by the GEMMs; the routing weights are applied in the combine and in the
     SwiGLU backward (which also yields their gradient). -> (y[T,D] x.dtype, offsets[E] int32, order[R] int64,
-    token[R] int32, pos[R] int32, pre[R,2H], act[R,H] or [0] when the recipe keeps none): the `nmoe::moe_experts_fp8`
-    op's outputs, R = T*K."""
+    token[R] int32, pos[R] int32, pre[R,2H], act, act_scales, the weights' codes and scales): the
+    `nmoe::moe_experts_fp8` op's outputs, R = T*K. act (R.saved_act): [R,H] in x.dtype and act_scales [0]; act's
+    folded codes [R,H] uint8 and their row scales [R]; or both [0]."""
     r = _Recipe(scaling == "blockwise", wgrad_fp8, fast_accum)
     n_tokens, top_k = topk_ids.shape
     routing, token, pos = _triton_ops.route(topk_ids, w_up.shape[0])
@@ -718,16 +813,21 @@ def moe_fp8_forward(x, topk_ids, topk_weights, w_up, w_down, scaling: str, wgrad
     out, pre, act, codes = _mlp_forward(qx, sx, routing.offsets, w_up, w_down, r, token.shape[0], x.dtype, token)
     y = _triton_ops.combine(out, pos, topk_weights.reshape(-1), routing.offsets, n_tokens, top_k)
     codes = (codes[0].view(torch.uint8), codes[1], codes[2].view(torch.uint8), codes[3])  # see the op's schema
-    return y, routing.offsets, routing.order, token, pos, pre, x.new_empty(0) if act is None else act, *codes
+    if isinstance(act, tuple):
+        act, act_scales = act[0].view(torch.uint8), act[1]
+    else:
+        act, act_scales = x.new_empty(0) if act is None else act, x.new_empty(0, dtype=torch.float32)
+    return y, routing.offsets, routing.order, token, pos, pre, act, act_scales, *codes
 
 
-def moe_fp8_backward(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act, q_up, s_up, q_down,
-                     s_down, scaling, wgrad_fp8, fast_accum):  # fmt: skip
+def moe_fp8_backward(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act, act_scales, q_up, s_up,
+                     q_down, s_down, scaling, wgrad_fp8, fast_accum):  # fmt: skip
     """dy[T,D] and `moe_fp8_forward`'s saved outputs -> (dx[T,D], d_topk_weights[T,K], dw_up, dw_down)."""
     r = _Recipe(scaling == "blockwise", wgrad_fp8, fast_accum)
     n_tokens, top_k = topk_weights.shape
     routing = (token, topk_weights.reshape(-1), order)
-    act = act if R.keeps_act(scaling, wgrad_fp8) else None  # else a [0] placeholder
+    kept = R.saved_act(scaling, wgrad_fp8)
+    act = (act.view(FP8), act_scales) if kept == "codes" else act if kept == "values" else None  # else placeholders
     codes = (q_up.view(FP8), s_up, q_down.view(FP8), s_down)
     d_rows, dw_up, dw_down, d_weights = _mlp_backward(
         dy.contiguous(), x, offsets, w_up, w_down, codes, pre, act, r, routing

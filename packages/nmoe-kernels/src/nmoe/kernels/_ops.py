@@ -268,10 +268,12 @@ def moe_experts_fp8(
     scaling: str,
     wgrad_fp8: bool,
     fast_accum: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (y[T,D], offsets[E] int32, order[R] int64, token[R] int32, pos[R] int32, pre[R,2H], act[R,H] or [0],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (y[T,D], offsets[E] int32, order[R] int64, token[R] int32, pos[R] int32, pre[R,2H], act, act_scales,
     the weights' e4m3 codes (as uint8: generic graph tooling cannot reduce float8) and scales the backward reuses:
-    q_up[E,D,2H], s_up, q_down[E,H,D], s_down), R = T*K; the inputs checked by `nmoe.kernels.moe_experts_fp8`."""
+    q_up[E,D,2H], s_up, q_down[E,H,D], s_down), R = T*K; the inputs checked by `nmoe.kernels.moe_experts_fp8`.
+    act, act_scales as `reference_lowprec.saved_act` says: act[R,H] in x.dtype and [0]; act's folded codes
+    [R,H] uint8 and their float32 row scales [R]; or [0] and [0]."""
     if _fp8_experts_on_triton(x, w_down, topk_ids, topk_weights, w_up):
         from nmoe.kernels import _lowprec_ops
 
@@ -282,12 +284,22 @@ def moe_experts_fp8(
     pos = torch.empty_like(order, dtype=torch.int32)
     pos[order] = torch.arange(order.shape[0], dtype=torch.int32, device=order.device)
     codes = (*_reference_codes(w_up, scaling, "fwd"), *_reference_codes(w_down, scaling, "dgrad"))
-    act = (
-        reference_lowprec.swiglu_f32(pre).to(x.dtype)
-        if reference_lowprec.keeps_act(scaling, wgrad_fp8)
-        else x.new_empty(0)
-    )
-    return y, offsets, order, token.to(torch.int32), pos, pre, act, *codes
+    act, act_scales = _reference_act(pre, w_down, offsets, scaling, wgrad_fp8)
+    return y, offsets, order, token.to(torch.int32), pos, pre, act, act_scales, *codes
+
+
+def _reference_act(pre: Tensor, w_down: Tensor, offsets: Tensor, scaling: str, wgrad_fp8: bool):
+    """act and act_scales as the GPU path keeps them (the CPU backward recomputes its own)."""
+    kept = reference_lowprec.saved_act(scaling, wgrad_fp8)
+    none = pre.new_empty(0, dtype=torch.float32)
+    if kept is None:
+        return pre.new_empty(0), none
+    act = reference_lowprec.swiglu_f32(pre).to(pre.dtype)
+    if kept == "values":
+        return act, none
+    _, s_down = reference_lowprec.quantize_weight(w_down, scaling, "dgrad")
+    q, scales = reference_lowprec.folded_rows(act, s_down, offsets)
+    return q.view(torch.uint8), scales
 
 
 def _reference_codes(w: Tensor, scaling: str, scale_pass: str) -> tuple[Tensor, Tensor]:
@@ -306,6 +318,13 @@ def _fake_codes(w: Tensor, scaling: str, scale_dim: int) -> tuple[Tensor, Tensor
     return w.new_empty(e, k, n, dtype=torch.uint8), scales
 
 
+def _fake_act(x: Tensor, rows: int, h: int, kept: str | None) -> tuple[Tensor, Tensor]:
+    scales = x.new_empty(rows if kept == "codes" else 0, dtype=torch.float32)
+    if kept is None:
+        return x.new_empty(0), scales
+    return x.new_empty(rows, h, dtype=torch.uint8 if kept == "codes" else x.dtype), scales
+
+
 @moe_experts_fp8.register_fake
 def _(x, topk_ids, topk_weights, w_up, w_down, scaling, wgrad_fp8, fast_accum):
     _fp8_experts_on_triton(x, w_down, topk_ids, topk_weights, w_up)
@@ -321,7 +340,7 @@ def _(x, topk_ids, topk_weights, w_up, w_down, scaling, wgrad_fp8, fast_accum):
         ints(rows, torch.int32),
         ints(rows, torch.int32),
         x.new_empty(rows, h2),
-        x.new_empty((rows, h2 // 2) if reference_lowprec.keeps_act(scaling, wgrad_fp8) else (0,)),
+        *_fake_act(x, rows, h2 // 2, reference_lowprec.saved_act(scaling, wgrad_fp8)),
         *_fake_codes(w_up, scaling, 2),  # w_up: forward scales, one per output column
         *_fake_codes(w_down, scaling, 1),  # w_down: dgrad scales, one per row
     )
@@ -340,6 +359,7 @@ def moe_experts_fp8_backward(
     pos: Tensor,
     pre: Tensor,
     act: Tensor,
+    act_scales: Tensor,
     q_up: Tensor,
     s_up: Tensor,
     q_down: Tensor,
@@ -349,7 +369,7 @@ def moe_experts_fp8_backward(
     fast_accum: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dy[T,D] -> (dx[T,D], d_topk_weights[T,K], dw_up[E,D,2H], dw_down[E,H,D]) in the inputs' dtypes."""
-    saved = (offsets, order, token, pos, pre, act, q_up, s_up, q_down, s_down)
+    saved = (offsets, order, token, pos, pre, act, act_scales, q_up, s_up, q_down, s_down)
     if _fp8_experts_on_triton(x, w_down, topk_weights, w_up):
         from nmoe.kernels import _lowprec_ops
 
@@ -360,8 +380,8 @@ def moe_experts_fp8_backward(
 
 
 @moe_experts_fp8_backward.register_fake
-def _(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act, q_up, s_up, q_down, s_down, scaling,
-      wgrad_fp8, fast_accum):  # fmt: skip
+def _(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act, act_scales, q_up, s_up, q_down, s_down,
+      scaling, wgrad_fp8, fast_accum):  # fmt: skip
     return (
         x.new_empty(x.shape),
         topk_weights.new_empty(topk_weights.shape),

@@ -374,16 +374,21 @@ SWIGLU_BWD_ELEMENTS = 4096 if INTERPRET else 8192
 SWIGLU_BWD_WARPS = 4  # 8192 values over 4 warps: the fastest of 4096-16384 x 4-8 warps for bf16 and fp8 (H100)
 
 
-def swiglu_backward_rows(d_act, pre, offsets, weights=None, w_idx=None, d_weights=None, quantize=False, fold=None):
+def swiglu_backward_rows(
+    d_act, pre, offsets, weights=None, w_idx=None, d_weights=None, quantize=False, fold=None, store=True
+):
     """d_act[M,H] float32 (dL/d act; before the routing weights[w_idx[r]] when given), pre[M,2H] -> d_pre[M,2H] in
     pre's dtype, or with quantize (d_pre, its e4m3 rows [M,2H], float32 row scales [M]); with weights,
     d_weights[w_idx[r]] = <d_act[r], act[r]>. Rows past offsets[-1] (dropped slots) get zeros and no gradient.
-    fold (with quantize): float32 [E,2H] column scales of each row's expert multiplied in before quantising."""
+    fold (with quantize): float32 [E,2H] column scales of each row's expert multiplied in before quantising.
+    store=False (with quantize): d_pre is not written and comes back as None."""
     if fold is not None and (not quantize or fold.stride(1) != 1):
         raise ValueError("swiglu_backward_rows: fold needs quantize and column scales with unit column stride")
+    if not (store or quantize):
+        raise ValueError("swiglu_backward_rows: store=False needs quantize (else it computes nothing)")
     m, h = d_act.shape
     dev = pre.device
-    d_pre = torch.empty(m, 2 * h, dtype=pre.dtype, device=dev)
+    d_pre = torch.empty(m, 2 * h, dtype=pre.dtype, device=dev) if store else pre  # pre: a dtype carrier only
     q = torch.empty(m, 2 * h if quantize else 0, dtype=torch.float8_e4m3fn, device=dev)
     s = torch.empty(m if quantize else 0, dtype=torch.float32, device=dev)
     n_experts = offsets.shape[0]
@@ -414,6 +419,7 @@ def swiglu_backward_rows(d_act, pre, offsets, weights=None, w_idx=None, d_weight
             BLOCK_E=triton.next_power_of_2(n_experts) if fold is not None else 1,
             WEIGHTED=weighted,
             QUANTIZE=quantize,
+            STORE=store,
             BLOCK_M=block_m,
             BLOCK_C=block_c,
             PART1=parts[0],
@@ -422,6 +428,7 @@ def swiglu_backward_rows(d_act, pre, offsets, weights=None, w_idx=None, d_weight
             num_warps=SWIGLU_BWD_WARPS,
             **({} if INTERPRET else {"enable_fp_fusion": False}),
         )
+    d_pre = d_pre if store else None
     return (d_pre, q, s) if quantize else d_pre
 
 

@@ -265,6 +265,35 @@ def dequantize_fp8_grouped_cols(
     return out
 
 
+def quantize_fp8_expert_cols(x: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x[M,C] rows grouped by offsets -> (float8 [M,C], float32 scales [E,C]): one scale per expert and column.
+
+    The rowwise recipe's weight-gradient operands: dW[e] sums over the rows of e, so these scales factor out of
+    the sum (the GEMM accumulates codes only). Rows past offsets[-1] quantise to 0; an empty group's scales are
+    ZERO_SLICE_SCALE.
+    """
+    sizes = checked_group_sizes(offsets, x.shape[0])
+    xf = x.detach().float()
+    scales = torch.empty(len(sizes), x.shape[1], device=x.device)
+    q = torch.zeros(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    start = 0
+    for e, size in enumerate(sizes):
+        rows = xf[start : start + size]
+        scales[e] = fp8_scale(rows.abs().amax(dim=0) if size else xf.new_zeros(x.shape[1]))
+        q[start : start + size] = round_e4m3(rows / scales[e])
+        start += size
+    return q, scales
+
+
+def dequantize_fp8_expert_cols(
+    q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Inverse of quantize_fp8_expert_cols in dtype (rows past offsets[-1] are 0)."""
+    out = q.to(dtype) * scales.to(dtype)[_row_experts(offsets, q.shape[0])]
+    out[int(offsets[-1]) if offsets.numel() else 0 :] = 0
+    return out
+
+
 def quantize_activation(x: torch.Tensor, scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
     """GEMM left operand [M,K], scaled along K: rowwise -> scales [M]; blockwise 1x128 -> scales [M, ceil(K/128)]."""
     if scaling == "rowwise":
@@ -278,15 +307,27 @@ def dequantize_activation(q: torch.Tensor, scales: torch.Tensor, scaling: str, d
     return q.to(dtype) * _expand_blocks(scales.to(dtype), (1, FP8_BLOCK), q.shape)
 
 
+def revive_dead_slices(scales: torch.Tensor) -> torch.Tensor:
+    """Rowwise weight scales [E,S]: an all-zero slice's scale becomes the largest of its expert (1 when the whole
+    matrix is zero). Its codes are 0 under any scale; folded into the other GEMM operand (`expert_gemm`), a typical
+    scale keeps that operand's column inside e4m3's range, so the column still yields the dead slice's weight
+    gradient (`rowwise_fp8_wgrads`: a zero-initialised projection must learn)."""
+    dead = scales == ZERO_SLICE_SCALE
+    top = scales.amax(dim=-1, keepdim=True)
+    return torch.where(dead, torch.where(top == ZERO_SLICE_SCALE, 1.0, top), scales)
+
+
 def quantize_weight(w: torch.Tensor, scaling: str, pass_: str) -> tuple[torch.Tensor, torch.Tensor]:
     """w[E,K,N] for the forward (reduce over K) or dgrad (reduce over N) GEMM -> (float8 [E,K,N], float32 scales).
 
-    rowwise: forward scales [E,N] (one per output column over K), dgrad scales [E,K] (one per row over N);
-    blockwise: 128x128 tiles, scales [E, ceil(K/128), ceil(N/128)], the same for both passes.
+    rowwise: forward scales [E,N] (one per output column over K), dgrad scales [E,K] (one per row over N), dead
+    slices revived (`revive_dead_slices`); blockwise: 128x128 tiles, scales [E, ceil(K/128), ceil(N/128)], the
+    same for both passes.
     """
     if scaling == "blockwise":
         return quantize_fp8_blockwise(w, (FP8_BLOCK, FP8_BLOCK))
-    return quantize_fp8_rowwise(w, dim=1 if pass_ == "fwd" else 2)
+    q, scales = quantize_fp8_rowwise(w, dim=1 if pass_ == "fwd" else 2)
+    return q, revive_dead_slices(scales)
 
 
 def dequantize_weight(q: torch.Tensor, scales: torch.Tensor, scaling: str, pass_: str, dtype) -> torch.Tensor:
@@ -328,8 +369,19 @@ def _grouped_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> t
     return out
 
 
-def fp8_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
-    """dW[e] = a^T b over the rows of e, both operands quantised per 128-row chunk and column."""
+def fp8_wgrad(
+    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, compute: torch.dtype, scaling: str
+) -> torch.Tensor:
+    """dW[e] = a^T b over the rows of e, both operands quantised per column: rowwise, one scale per expert
+    (`quantize_fp8_expert_cols`); blockwise, one per 128-row chunk (DeepSeek-V3's 128x1 wgrad tiles)."""
+    if scaling == "rowwise":
+        qa, sa = quantize_fp8_expert_cols(a, offsets)
+        qb, sb = quantize_fp8_expert_cols(b, offsets)
+        return _grouped_wgrad(
+            dequantize_fp8_expert_cols(qa, sa, offsets, compute),
+            dequantize_fp8_expert_cols(qb, sb, offsets, compute),
+            offsets,
+        )
     qa, sa = quantize_fp8_grouped_cols(a, offsets)
     qb, sb = quantize_fp8_grouped_cols(b, offsets)
     return _grouped_wgrad(
@@ -372,20 +424,53 @@ def expert_gemm(
     scale_pass = "fwd" if fold_pass == "dgrad" else "dgrad"
     qw, sw = quantize_weight(w, scaling, scale_pass)
     if pass_ == fold_pass:
-        x = x.detach().float() * sw[_row_experts(offsets, x.shape[0])]
+        qx, sx = folded_rows(x, sw, offsets)
         wd = qw.to(compute)
     else:
         wd = dequantize_weight(qw, sw, scaling, scale_pass, compute)
-    qx, sx = quantize_activation(x, scaling)
+        qx, sx = quantize_activation(x, scaling)
     return _grouped(
         dequantize_activation(qx, sx, scaling, compute), wd if pass_ == "fwd" else wd.transpose(1, 2), offsets
     )
 
 
-def wgrad_of(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, compute: torch.dtype, fp8: bool) -> torch.Tensor:
+def folded_rows(x: torch.Tensor, col_scales: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped rows x[M,C] times their expert's weight scales col_scales[E,C], quantised rowwise -> (codes, [M])."""
+    return quantize_activation(x.detach().float() * col_scales[_row_experts(offsets, x.shape[0])], "rowwise")
+
+
+def rowwise_fp8_wgrads(x_rows, act, dy_rows, d_pre, w_up, w_down, offsets, compute, weight=None):
+    """(dw_up, dw_down) of the rowwise recipe on the codes its GEMMs already made: act's and d_pre's folded row
+    codes (`expert_gemm`) are read as they are, and their row scales move into the other operand (x's rows; dy's
+    rows times the routing weight when given), quantised per expert and column (`quantize_fp8_expert_cols`).
+    The folded weight scales come out as 1 / scale on their dW rows (w_down) or columns (w_up)."""
+    experts = _row_experts(offsets, act.shape[0])
+    _, s_up = quantize_weight(w_up, "rowwise", "fwd")  # [E, 2H], folded into d_pre
+    _, s_down = quantize_weight(w_down, "rowwise", "dgrad")  # [E, H], folded into act
+    q_act, s_act = folded_rows(act, s_down, offsets)
+    q_dpre, s_dpre = folded_rows(d_pre, s_up, offsets)
+    b = dy_rows.detach().float() * s_act[:, None]
+    if weight is not None:
+        b = b * weight.float()[:, None]
+    q_dy, s_dy = quantize_fp8_expert_cols(b, offsets)
+    q_x, s_x = quantize_fp8_expert_cols(x_rows.detach().float() * s_dpre[:, None], offsets)
+    dw_down = _grouped_wgrad(
+        q_act.to(compute) / s_down.to(compute)[experts],
+        dequantize_fp8_expert_cols(q_dy, s_dy, offsets, compute),
+        offsets,
+    )
+    dw_up = _grouped_wgrad(
+        dequantize_fp8_expert_cols(q_x, s_x, offsets, compute), q_dpre.to(compute) / s_up.to(compute)[experts], offsets
+    )
+    return dw_up, dw_down
+
+
+def wgrad_of(
+    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, compute: torch.dtype, fp8: bool, scaling: str = "blockwise"
+) -> torch.Tensor:
     """dW[e] = a^T b over the rows of e: on fp8-quantised operands (fp8_wgrad), or on a and b as given."""
     if fp8:
-        return fp8_wgrad(a, b, offsets, compute)
+        return fp8_wgrad(a, b, offsets, compute, scaling)
     return _grouped_wgrad(a.to(compute), b.to(compute), offsets)
 
 
@@ -404,7 +489,7 @@ class GroupedMMFP8(torch.autograd.Function):
     def backward(ctx, dy):
         x, w, offsets = ctx.saved_tensors
         dx = fp8_gemm(dy, w, offsets, ctx.scaling, ctx.compute, "dgrad").to(x.dtype)
-        dw = wgrad_of(x, dy.to(x.dtype), offsets, ctx.compute, ctx.wgrad_fp8).to(w.dtype)
+        dw = wgrad_of(x, dy.to(x.dtype), offsets, ctx.compute, ctx.wgrad_fp8, ctx.scaling).to(w.dtype)
         return dx, dw, None, None, None, None
 
 
@@ -456,10 +541,13 @@ class ExpertMLPFP8(torch.autograd.Function):
         d_act = expert_gemm(dy, w_down, offsets, scaling, compute, "dgrad", "fwd")
         d_pre = swiglu_backward(pre.to(compute), d_act).to(rows.dtype)
         act = swiglu_f32(pre).to(rows.dtype)
-        dw_down = wgrad_of(act, dy, offsets, compute, fp8).to(w_down.dtype)
         d_rows = expert_gemm(d_pre, w_up, offsets, scaling, compute, "dgrad", "dgrad").to(rows.dtype)
-        dw_up = wgrad_of(rows, d_pre, offsets, compute, fp8).to(w_up.dtype)
-        return d_rows, None, dw_up, dw_down, None, None, None
+        if fp8 and scaling == "rowwise":
+            dw_up, dw_down = rowwise_fp8_wgrads(rows, act, dy, d_pre, w_up, w_down, offsets, compute)
+        else:
+            dw_down = wgrad_of(act, dy, offsets, compute, fp8)
+            dw_up = wgrad_of(rows, d_pre, offsets, compute, fp8)
+        return d_rows, None, dw_up.to(w_up.dtype), dw_down.to(w_down.dtype), None, None, None
 
 
 def expert_mlp_fp8(
@@ -475,10 +563,13 @@ def expert_mlp_fp8(
     return ExpertMLPFP8.apply(rows, offsets, w_up, w_down, scaling, compute or torch.float32, wgrad_fp8)
 
 
-def keeps_act(scaling: str, wgrad_fp8: bool) -> bool:
-    """Whether the fp8 expert forward keeps act[R,H] for the backward (the bf16 dW of the down projection reads it;
-    blockwise quantises it in the up GEMM's epilogue and fp8 dW re-reads gate|up)."""
-    return scaling != "blockwise" and not wgrad_fp8
+def saved_act(scaling: str, wgrad_fp8: bool) -> str | None:
+    """What the fp8 expert forward keeps of act[R,H] for the dW of the down projection: 'values' (rowwise, bf16 dW),
+    'codes' (rowwise, fp8 dW: act's folded row codes and scales, `rowwise_fp8_wgrads`) or None (blockwise: act is
+    quantised in the up GEMM's epilogue, and the backward recomputes it from gate|up)."""
+    if scaling == "blockwise":
+        return None
+    return "codes" if wgrad_fp8 else "values"
 
 
 def moe_experts_fp8_forward(x, topk_ids, topk_weights, w_up, w_down, scaling: str, compute: torch.dtype, wgrad_fp8):
@@ -509,10 +600,13 @@ def moe_experts_fp8_backward(
     d_weights = torch.zeros(order.shape[0], dtype=compute, device=x.device)
     d_weights[order] = (d_weighted * act.to(compute)).sum(1)
     d_pre = swiglu_backward(pre.to(compute), d_weighted * weight.to(compute)[:, None]).to(x.dtype)
-    weighted_dy = dy_rows.to(compute) * weight.to(compute)[:, None]
-    dw_down = wgrad_of(act, weighted_dy.to(x.dtype) if fp8 else weighted_dy, offsets, compute, fp8)
     d_rows = expert_gemm(d_pre, w_up, offsets, scaling, compute, "dgrad", "dgrad").to(compute)
-    dw_up = wgrad_of(x[token], d_pre, offsets, compute, fp8)
+    if fp8 and scaling == "rowwise":
+        dw_up, dw_down = rowwise_fp8_wgrads(x[token], act, dy_rows, d_pre, w_up, w_down, offsets, compute, weight)
+    else:
+        weighted_dy = dy_rows.to(compute) * weight.to(compute)[:, None]
+        dw_down = wgrad_of(act, weighted_dy.to(x.dtype) if fp8 else weighted_dy, offsets, compute, fp8)
+        dw_up = wgrad_of(x[token], d_pre, offsets, compute, fp8)
     dx = torch.zeros(x.shape, dtype=compute, device=x.device).index_add(0, token, d_rows)
     d_weights = d_weights.view(topk_weights.shape).to(topk_weights.dtype)
     return dx.to(x.dtype), d_weights, dw_up.to(w_up.dtype), dw_down.to(w_down.dtype)
