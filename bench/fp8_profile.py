@@ -180,8 +180,11 @@ def gemm_only(offsets, rows, w_up, w_down, h) -> dict:
         cells["fp8 dW rowwise fast"] = (
             g / bench_ms(lambda: ops.wgrad_codes(qa, sa, qb, sb, offsets, torch.bfloat16, True, True)) / 1e9
         )
+        qr, sr = ops.quantize_rows(a, False)
         cells["quantise expert cols (ms)"] = bench_ms(lambda: ops.quantize_expert_cols(a, offsets))
-        qr, _ = ops.quantize_rows(a, False)
+        cells["requantise codes per expert col (ms)"] = bench_ms(
+            lambda: ops.quantize_expert_cols(qr, offsets, x_scales=sr)
+        )
         cells["transpose grouped codes (ms)"] = bench_ms(lambda: ops.transpose_grouped_codes(qr, offsets))
         cells["quantise rows rowwise (ms)"] = bench_ms(lambda: ops.quantize_rows(a, False))
         cells["quantise rows blockwise (ms)"] = bench_ms(lambda: ops.quantize_rows(a, True))

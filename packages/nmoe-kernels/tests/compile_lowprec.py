@@ -10,6 +10,7 @@ cubin with the ptxas shipped in the triton wheel and prints register / shared-me
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -259,22 +260,36 @@ def quantiser_variants():
                 dict(BLOCK_C=ops.TRANSPOSE_BLOCK, BLOCK_E=256),
                 dict(num_warps=4, num_stages=1),
             )
-        for gather, mult, weighted in ((False, False, False), (True, True, True), (True, True, False)):
+        for (gather, mult, weighted, codes), phase in itertools.product(
+            ((False, False, False, False), (True, True, True, True), (True, True, False, True),
+             (False, True, False, True)), (1, 2)
+        ):  # fmt: skip
             yield (
-                f"fp8_quant_expert_cols src={src} gather={gather} mult={mult} weighted={weighted}",
+                f"fp8_quant_expert_cols src={src} gather={gather} mult={mult} weighted={weighted} codes={codes} "
+                f"phase={phase}",
                 K.fp8_quant_expert_cols_kernel,
                 dict(
-                    x_ptr=f"*{src}",
+                    x_ptr="*fp8e4nv" if codes else f"*{src}",
                     idx_ptr="*i32",
+                    xs_ptr="*fp32",
                     mult_ptr="*fp32",
                     wts_ptr=f"*{src}",
                     w_idx_ptr="*i64",
-                    qt_ptr="*fp8e4nv",
+                    qt_ptr="*i32",
                     s_ptr="*fp32",
+                    amax_ptr="*i32",
                     offsets_ptr="*i32",
-                    **dict.fromkeys(("C", "E", "stride_xm", "stride_qt"), "i32"),
+                    **dict.fromkeys(("M", "C", "E", "stride_xm", "stride_qt_words"), "i32"),
                 ),
-                dict(GATHER=gather, MULT=mult, WEIGHTED=weighted, BLOCK_C=ops.QUANT_COLS, BLOCK_E=256),
+                dict(
+                    GATHER=gather,
+                    X_SCALES=codes,
+                    MULT=mult,
+                    WEIGHTED=weighted,
+                    BLOCK_C=ops.QUANT_COLS,
+                    BLOCK_E=256,
+                    PHASE=phase,
+                ),
                 exact,
             )
         for write_q in (False, True):

@@ -163,8 +163,9 @@ def test_rowwise_fp8_wgrads_on_the_gemms_codes_are_as_close_as_fresh_quantisatio
         exact = R._grouped_wgrad(a, b, offsets)
         fresh = R.fp8_wgrad(a, b, offsets, torch.float64, "rowwise")
         assert rel_err(dw, exact) < 1.5 * rel_err(fresh, exact), name
-    assert rel_err(got[1][0, 5], R._grouped_wgrad(act, dy, offsets)[0, 5]) < 0.05, "a dead w_down row's gradient"
-    assert rel_err(got[0][1, :, 7], R._grouped_wgrad(x, d_pre.double(), offsets)[1, :, 7]) < 0.05
+    # as close as a live row (about 0.04 with x and dy requantised from their row codes); wiped, it would be 1
+    assert rel_err(got[1][0, 5], R._grouped_wgrad(act, dy, offsets)[0, 5]) < 0.1, "a dead w_down row's gradient"
+    assert rel_err(got[0][1, :, 7], R._grouped_wgrad(x, d_pre.double(), offsets)[1, :, 7]) < 0.1
 
 
 def test_grouped_col_quantiser_chunks_never_cross_groups():

@@ -187,6 +187,15 @@ def test_expert_column_quantiser_and_grouped_transpose_match_the_reference():
     assert_bitwise(s, s_ref, "gathered, multiplied, weighted expert-col scales")
     _chunk_slots(qt, offsets, q_ref, "gathered expert-col codes")
 
+    codes, row_scales = R.quantize_fp8_rowwise(x)  # requantised codes, as the rowwise dW reads x and dy
+    qt, s = _lowprec_ops.quantize_expert_cols(codes, offsets, idx, mult, weights, w_idx, row_scales)
+    values = codes.float() * row_scales[:, None]
+    q_ref, s_ref = R.quantize_fp8_expert_cols(
+        values[idx.long()] * mult[:, None] * weights[w_idx].float()[:, None], offsets
+    )
+    assert_bitwise(s, s_ref, "expert-col scales of requantised codes")
+    _chunk_slots(qt, offsets, q_ref, "requantised expert-col codes")
+
     q, _ = R.quantize_fp8_rowwise(rows)
     _chunk_slots(_lowprec_ops.transpose_grouped_codes(q, offsets), offsets, q, "grouped transpose")
 

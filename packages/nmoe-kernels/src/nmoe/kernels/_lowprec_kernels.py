@@ -679,7 +679,13 @@ def _transpose_words(words, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     b0, b1 = words & 0xFF, (words >> 8) & 0xFF
     b2, b3 = (words >> 16) & 0xFF, (words >> 24) & 0xFF
     codes = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (BLOCK_K, BLOCK_N))  # [k, 4c + j] = byte j
-    t = tl.reshape(tl.trans(codes), (BLOCK_N, BLOCK_K // 4, 2, 2))  # [n, g, a, b] = code at k = 4g + 2a + b
+    return _pack_words(tl.trans(codes), BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _pack_words(codes, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """int32 byte values [ROWS, COLS] -> int32 words [ROWS, COLS/4], byte j of word g = codes[:, 4g + j]."""
+    t = tl.reshape(codes, (ROWS, COLS // 4, 2, 2))  # [n, g, a, b] = code at column 4g + 2a + b
     even, odd = tl.split(t)  # b = 0, 1
     c0, c2 = tl.split(even)  # a = 0, 1
     c1, c3 = tl.split(odd)
@@ -724,14 +730,18 @@ def fp8_transpose_grouped_kernel(
 
 
 @triton.jit
-def _expert_cols_tile(x_ptr, idx_ptr, mult_ptr, wts_ptr, w_idx_ptr, rows, row_ok, cols, col_ok, stride_xm,
-                      GATHER: tl.constexpr, MULT: tl.constexpr, WEIGHTED: tl.constexpr):  # fmt: skip
-    """float32 tile of grouped rows (x[idx[r]] when GATHER) times mult[r] (MULT) times wts[w_idx[r]] (WEIGHTED)."""
+def _expert_cols_tile(x_ptr, idx_ptr, xs_ptr, mult_ptr, wts_ptr, w_idx_ptr, rows, row_ok, cols, col_ok, stride_xm,
+                      GATHER: tl.constexpr, X_SCALES: tl.constexpr, MULT: tl.constexpr,
+                      WEIGHTED: tl.constexpr):  # fmt: skip
+    """float32 tile of grouped rows (x[idx[r]] when GATHER; times x's row scale xs[idx[r]] when X_SCALES, x then
+    being e4m3 codes) times mult[r] (MULT) times wts[w_idx[r]] (WEIGHTED)."""
     src = rows
     if GATHER:
         src = tl.load(idx_ptr + rows, mask=row_ok, other=0)
     ok = row_ok[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if X_SCALES:
+        x = x * tl.load(xs_ptr + src, mask=row_ok, other=0.0)[:, None]
     if MULT:
         x = x * tl.load(mult_ptr + rows, mask=row_ok, other=0.0)[:, None]
     if WEIGHTED:
@@ -744,57 +754,56 @@ def _expert_cols_tile(x_ptr, idx_ptr, mult_ptr, wts_ptr, w_idx_ptr, rows, row_ok
 def fp8_quant_expert_cols_kernel(
     x_ptr,
     idx_ptr,
+    xs_ptr,
     mult_ptr,
     wts_ptr,
     w_idx_ptr,
     qt_ptr,
     s_ptr,
+    amax_ptr,
     offsets_ptr,
+    M,
     C,
     E,
     stride_xm,
-    stride_qt,
+    stride_qt_words,
     GATHER: tl.constexpr,
+    X_SCALES: tl.constexpr,
     MULT: tl.constexpr,
     WEIGHTED: tl.constexpr,
+    PHASE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
     """Grouped rows (see _expert_cols_tile) -> transposed e4m3 qt[C, chunk*128 + r] in the chunk layout of
     fp8_quant_grouped_cols_kernel and scales s[E, C]: one per expert and column, so the dW GEMM accumulates codes
-    only. One program per (expert, column block) reads the expert's rows twice: amax, then codes."""
+    only. One program per (128-row chunk, column block), twice: PHASE 1 atomically maxes the chunk's column amax
+    into amax[E, C] (float32 bits as int32, zero-filled); PHASE 2 quantises with it and stores the codes as int32
+    words of four (C a multiple of 4; see _transpose_words), the expert's first chunk its scales (s is pre-filled
+    with the zero-slice scale: an empty expert has no chunk)."""
     tiles_c = tl.cdiv(C, BLOCK_C)
-    expert = tl.program_id(0) // tiles_c
-    cols = (tl.program_id(0) % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+    chunk = tl.program_id(0) // tiles_c
+    c0 = (tl.program_id(0) % tiles_c) * BLOCK_C
+    cols = c0 + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    e_idx = tl.arange(0, BLOCK_E)
-    valid = e_idx < E
-    ends = tl.load(offsets_ptr + e_idx, mask=valid, other=0)
-    starts = tl.load(offsets_ptr + e_idx - 1, mask=valid & (e_idx > 0), other=0)
-    chunks = tl.where(valid, (ends - starts + FP8_BLOCK - 1) // FP8_BLOCK, 0)
-    first_chunk = tl.sum(tl.where(e_idx < expert, chunks, 0), 0)
-    n_chunks = tl.sum(tl.where(e_idx == expert, chunks, 0), 0)
-    start = tl.sum(tl.where(e_idx == expert, starts, 0), 0)
-    end = tl.sum(tl.where(e_idx == expert, ends, 0), 0)
-    r = tl.arange(0, FP8_BLOCK)
-    args = (x_ptr, idx_ptr, mult_ptr, wts_ptr, w_idx_ptr)
-    flags = (stride_xm, GATHER, MULT, WEIGHTED)
-    amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for j in range(0, n_chunks):
-        rows = start + j * FP8_BLOCK + r
-        x = _expert_cols_tile(*args, rows, rows < end, cols, col_ok, *flags)
-        amax = tl.maximum(amax, tl.max(tl.abs(x), 0))
-    scale = _fp8_scale(amax)
-    for j in range(0, n_chunks):
-        rows = start + j * FP8_BLOCK + r
-        x = _expert_cols_tile(*args, rows, rows < end, cols, col_ok, *flags)
-        slot = (first_chunk + j).to(tl.int64) * FP8_BLOCK + r
-        tl.store(
-            qt_ptr + cols[None, :].to(tl.int64) * stride_qt + slot[:, None],
-            _to_fp8(x, scale[None, :]),
-            mask=col_ok[None, :],
-        )
-    tl.store(s_ptr + expert.to(tl.int64) * C + cols, scale, mask=col_ok)
+    expert, row0, end, is_tail = _locate_tile(chunk, offsets_ptr, M, E, FP8_BLOCK, BLOCK_E)
+    if is_tail:
+        return
+    rows = row0 + tl.arange(0, FP8_BLOCK)
+    x = _expert_cols_tile(x_ptr, idx_ptr, xs_ptr, mult_ptr, wts_ptr, w_idx_ptr, rows, rows < end, cols, col_ok,
+                          stride_xm, GATHER, X_SCALES, MULT, WEIGHTED)  # fmt: skip
+    at = amax_ptr + expert.to(tl.int64) * C + cols
+    if PHASE == 1:  # non-negative float32 values order as their int32 bits
+        tl.atomic_max(at, tl.max(tl.abs(x), 0).to(tl.int32, bitcast=True), mask=col_ok)
+    else:
+        scale = _fp8_scale(tl.load(at, mask=col_ok, other=0).to(tl.float32, bitcast=True))
+        codes = _to_fp8(x, scale[None, :]).to(tl.uint8, bitcast=True).to(tl.int32)
+        words = _pack_words(tl.trans(codes), BLOCK_C, FP8_BLOCK)  # [column, word of four rows]
+        slots = chunk.to(tl.int64) * (FP8_BLOCK // 4) + tl.arange(0, FP8_BLOCK // 4)
+        tl.store(qt_ptr + cols[:, None].to(tl.int64) * stride_qt_words + slots[None, :], words, mask=col_ok[:, None])
+        start = tl.where(expert > 0, tl.load(offsets_ptr + tl.maximum(expert - 1, 0)), 0)
+        if row0 == start:  # the expert's first chunk writes its scales
+            tl.store(s_ptr + expert.to(tl.int64) * C + cols, scale, mask=col_ok)
 
 
 @triton.jit

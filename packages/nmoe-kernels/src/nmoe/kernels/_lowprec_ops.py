@@ -84,6 +84,9 @@ ONE_PASS_SLAB = 4096 if INTERPRET else 16384
 # rows folded with a weight's scales hold a second [rows, C] tile (the scales): fewer rows per program (measured:
 # act 704 wide, 0.094 ms at 4096 values against 0.116 at 8192)
 ONE_PASS_ELEMENTS_FOLD = 2048 if INTERPRET else 4096
+# the per-expert column quantiser: two passes per (expert, column block), or split over (chunk, column block)
+# programs with an atomic amax between them (more parallel)
+EXPERT_COLS_SPLIT = True
 TRANSPOSE_BLOCK = 32 if INTERPRET else 128  # codes per side of a transposed tile (fastest of 32-128, --sweep)
 NVFP4_ADAMW_BLOCKS, NVFP4_WARPS = (64, 4) if INTERPRET else (32, 2)
 
@@ -436,31 +439,43 @@ def quantize_grouped_cols(x: torch.Tensor, offsets: torch.Tensor, swiglu_input: 
     return qt, s
 
 
-def quantize_expert_cols(x, offsets, idx=None, mult=None, weights=None, w_idx=None):
-    """Grouped rows r of x (x[idx[r]] when idx is given), times mult[r] float32 and weights[w_idx[r]] when given ->
-    (qt e4m3 [C, chunks*128] in quantize_grouped_cols' chunk layout, float32 scales [E, C]): one scale per expert
-    and column, which the dW GEMM applies once to the whole sum."""
+def quantize_expert_cols(x, offsets, idx=None, mult=None, weights=None, w_idx=None, x_scales=None):
+    """Grouped rows r of x (x[idx[r]] when idx is given; x may be e4m3 codes with float32 row scales x_scales),
+    times mult[r] float32 and weights[w_idx[r]] when given -> (qt e4m3 [C, chunks*128] in quantize_grouped_cols'
+    chunk layout, float32 scales [E, C]): one scale per expert and column, which the dW GEMM applies once to the
+    whole sum."""
     m = x.shape[0] if idx is None else idx.shape[0]
     c, n_experts = x.shape[1], offsets.shape[0]
-    qt = torch.empty(c, R.grouped_col_chunks(m, n_experts) * BLOCK, dtype=FP8, device=x.device)
-    s = torch.empty(n_experts, c, dtype=torch.float32, device=x.device)
-    if n_experts and c:
-        K.fp8_quant_expert_cols_kernel[(n_experts * triton.cdiv(c, QUANT_COLS),)](
+    if c % 4:
+        raise ValueError(f"quantize_expert_cols: C must be a multiple of 4, got {c}")
+    n_chunks = R.grouped_col_chunks(m, n_experts)
+    qt = torch.empty(c, n_chunks * BLOCK, dtype=FP8, device=x.device)
+    s = torch.full((n_experts, c), R.ZERO_SLICE_SCALE, dtype=torch.float32, device=x.device)
+    if not (n_experts and c and m):
+        return qt, s
+    amax = torch.zeros(n_experts, c, dtype=torch.int32, device=x.device)
+    for phase in (1, 2):
+        K.fp8_quant_expert_cols_kernel[(n_chunks * triton.cdiv(c, QUANT_COLS),)](
             x,
             offsets if idx is None else idx,
+            offsets if x_scales is None else x_scales,
             offsets if mult is None else mult,
             offsets if weights is None else weights,
             offsets if w_idx is None else w_idx,
-            qt,
+            qt.view(torch.int32),
             s,
+            amax,
             offsets,
+            m,
             c,
             n_experts,
             x.stride(0),
-            qt.stride(0),
+            qt.stride(0) // 4,
             GATHER=idx is not None,
+            X_SCALES=x_scales is not None,
             MULT=mult is not None,
             WEIGHTED=weights is not None,
+            PHASE=phase,
             BLOCK_C=QUANT_COLS,
             BLOCK_E=triton.next_power_of_2(n_experts),
             **EXACT,
@@ -739,38 +754,45 @@ def _mlp_backward(dy, x, offsets, w_up, w_down, codes, pre, act, r: _Recipe, rou
         d_pre, qdp, sdp = _triton_ops.swiglu_backward_rows(
             d_act, pre, offsets, weights, order, d_weights, quantize=True, fold=s_up, store=not r.wgrad_fp8
         )
-    rowwise_fp8_dw = r.wgrad_fp8 and not r.blockwise
-    if rowwise_fp8_dw:  # act's folded codes; their row scales go into the weighted dy, quantised per expert column
-        q_act, s_act = act
-        qb, sb = quantize_expert_cols(dy, offsets, token, s_act, weights, order)
-        dw_down = wgrad_codes(
-            transpose_grouped_codes(q_act, offsets), torch.reciprocal(s_dn), qb, sb, offsets, w_down.dtype, True,
-            r.fast,
-        )  # fmt: skip
-    else:  # the dW GEMMs read the token-order operands gathered (and dy weighted) into grouped rows
-        dy_rows = dy.to(pre.dtype) if routing is None else _triton_ops.gather_rows(dy, token, weights, order)
-        if r.wgrad_fp8:
-            dw_down = wgrad(pre, dy_rows, offsets, w_down.dtype, True, a_swiglu=True)
-        else:
-            if act is None:  # blockwise wrote only the quantised act
-                act = R.swiglu_f32(pre).to(pre.dtype)
-            dw_down = wgrad_in_input_dtype(act, dy_rows, offsets, w_down.dtype)
+    dw_down = _dw_down(dy, qdy, sdy, pre, act, s_dn, offsets, w_down.dtype, r, token, weights, order)
     if r.blockwise:
         qdp, sdp = quantize_rows(d_pre, True)
     d_rows = torch.empty(m, d, dtype=pre.dtype, device=pre.device)
     up = weight_operand(q_up, None, s_up, r.blockwise, "dgrad", UP_FOLD)
     gemm(qdp, sdp, r.blockwise, up, offsets, d_rows, d, 2 * h, fast=r.fast)
-    if rowwise_fp8_dw:  # d_pre's folded codes; their row scales go into x, quantised per expert column
-        qa, sa = quantize_expert_cols(x, offsets, token, sdp)
-        qb = transpose_grouped_codes(qdp, offsets)
-        dw_up = wgrad_codes(qa, sa, qb, torch.reciprocal(s_up), offsets, w_up.dtype, True, r.fast)
-    else:
-        x_rows = x if token is None else _triton_ops.gather_rows(x, token)
-        if r.wgrad_fp8:
-            dw_up = wgrad(x_rows, d_pre, offsets, w_up.dtype, True)
-        else:
-            dw_up = wgrad_in_input_dtype(x_rows, d_pre, offsets, w_up.dtype)
+    dw_up = _dw_up(x, d_pre, qdp, sdp, s_up, offsets, w_up.dtype, r, token)
     return d_rows, dw_up, dw_down, d_weights
+
+
+def _dw_down(dy, qdy, sdy, pre, act, s_dn, offsets, dtype, r: _Recipe, token, weights, order):
+    """dW of the down projection [E,H,D] in dtype: rowwise fp8 on act's folded codes (their row scales go into dy's
+    codes times the routing weight, requantised per expert column), blockwise fp8 per 128-row chunk, or bf16."""
+    if r.wgrad_fp8 and not r.blockwise:
+        q_act, s_act = act
+        qb, sb = quantize_expert_cols(qdy, offsets, token, s_act, weights, order, sdy)
+        qa = transpose_grouped_codes(q_act, offsets)
+        return wgrad_codes(qa, torch.reciprocal(s_dn), qb, sb, offsets, dtype, True, r.fast)
+    # the token-order dy gathered (and weighted) into grouped rows
+    dy_rows = dy.to(pre.dtype) if token is None else _triton_ops.gather_rows(dy, token, weights, order)
+    if r.wgrad_fp8:
+        return wgrad(pre, dy_rows, offsets, dtype, True, a_swiglu=True)
+    if act is None:  # blockwise wrote only the quantised act
+        act = R.swiglu_f32(pre).to(pre.dtype)
+    return wgrad_in_input_dtype(act, dy_rows, offsets, dtype)
+
+
+def _dw_up(x, d_pre, qdp, sdp, s_up, offsets, dtype, r: _Recipe, token):
+    """dW of the up projection [E,D,2H] in dtype: rowwise fp8 on d_pre's folded codes (their row scales go into
+    x's codes, requantised per expert column), blockwise fp8 per 128-row chunk, or bf16."""
+    if r.wgrad_fp8 and not r.blockwise:
+        qx, sx = quantize_rows(x, False)
+        qa, sa = quantize_expert_cols(qx, offsets, token, sdp, x_scales=sx)
+        qb = transpose_grouped_codes(qdp, offsets)
+        return wgrad_codes(qa, sa, qb, torch.reciprocal(s_up), offsets, dtype, True, r.fast)
+    x_rows = x if token is None else _triton_ops.gather_rows(x, token)
+    if r.wgrad_fp8:
+        return wgrad(x_rows, d_pre, offsets, dtype, True)
+    return wgrad_in_input_dtype(x_rows, d_pre, offsets, dtype)
 
 
 class ExpertMLPFP8(torch.autograd.Function):

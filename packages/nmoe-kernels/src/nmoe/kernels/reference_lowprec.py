@@ -441,19 +441,22 @@ def folded_rows(x: torch.Tensor, col_scales: torch.Tensor, offsets: torch.Tensor
 
 def rowwise_fp8_wgrads(x_rows, act, dy_rows, d_pre, w_up, w_down, offsets, compute, weight=None):
     """(dw_up, dw_down) of the rowwise recipe on the codes its GEMMs already made: act's and d_pre's folded row
-    codes (`expert_gemm`) are read as they are, and their row scales move into the other operand (x's rows; dy's
-    rows times the routing weight when given), quantised per expert and column (`quantize_fp8_expert_cols`).
-    The folded weight scales come out as 1 / scale on their dW rows (w_down) or columns (w_up)."""
+    codes (`expert_gemm`) are read as they are, and their row scales move into the other operand: x's and dy's
+    row codes (dy times the routing weight when given), requantised per expert and column
+    (`quantize_fp8_expert_cols`; reading 1-byte codes halves that pass's traffic). The folded weight scales
+    come out as 1 / scale on their dW rows (w_down) or columns (w_up)."""
     experts = _row_experts(offsets, act.shape[0])
     _, s_up = quantize_weight(w_up, "rowwise", "fwd")  # [E, 2H], folded into d_pre
     _, s_down = quantize_weight(w_down, "rowwise", "dgrad")  # [E, H], folded into act
     q_act, s_act = folded_rows(act, s_down, offsets)
     q_dpre, s_dpre = folded_rows(d_pre, s_up, offsets)
-    b = dy_rows.detach().float() * s_act[:, None]
+    q, s = quantize_activation(dy_rows, "rowwise")
+    b = q.float() * s[:, None] * s_act[:, None]
     if weight is not None:
         b = b * weight.float()[:, None]
     q_dy, s_dy = quantize_fp8_expert_cols(b, offsets)
-    q_x, s_x = quantize_fp8_expert_cols(x_rows.detach().float() * s_dpre[:, None], offsets)
+    q, s = quantize_activation(x_rows, "rowwise")
+    q_x, s_x = quantize_fp8_expert_cols(q.float() * s[:, None] * s_dpre[:, None], offsets)
     dw_down = _grouped_wgrad(
         q_act.to(compute) / s_down.to(compute)[experts],
         dequantize_fp8_expert_cols(q_dy, s_dy, offsets, compute),
