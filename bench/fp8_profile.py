@@ -30,6 +30,25 @@ def bench_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
+def graph_ms(fn) -> float | None:
+    """Median ms of fn replayed from a CUDA graph: its GPU time without the host's launch overhead (None, with
+    the reason printed, when fn cannot be captured)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # autotuning and allocations before capture
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as err:
+        print(f"graph capture failed: {err}", flush=True)
+        return None
+    return bench_ms(graph.replay)
+
+
 def kernel_table(fn, iters: int = 5) -> list[tuple[str, float, int]]:
     """(kernel name, CUDA ms per iteration, launches per iteration), largest first."""
     fn()
@@ -59,7 +78,7 @@ PROFILED = ("bf16 fused (expert_mlp)", "fp8 rowwise fast, bf16 dW", "fp8 rowwise
 DEFAULT_FP8 = dict(scaling="rowwise", wgrad_fp8=False, fast_accum=True)  # the model's fp8 recipe
 MASTERS_BF16 = "bf16 moe_experts, float32 masters cast inside (the model's bf16 layer)"
 MASTERS_FP8 = "fp8 moe_experts_fp8, float32 masters quantised (the model's fp8 layer)"
-MASTERS_FP8_DW = "fp8 moe_experts_fp8 with fp8 dW (per-expert column scales), float32 masters"
+MASTERS_FP8_DW = "fp8 moe_experts_fp8 with fp8 dW (shared column scales), float32 masters"
 MOE_PROFILED = ("bf16 moe_experts", "fp8 moe_experts_fp8", MASTERS_BF16, MASTERS_FP8, MASTERS_FP8_DW)
 
 
@@ -175,16 +194,14 @@ def gemm_only(offsets, rows, w_up, w_down, h) -> dict:
         cells["fp8 dW rowwise fast incl. quantisation"] = (
             g / bench_ms(lambda: ops.wgrad(a, out, offsets, torch.bfloat16, False, True)) / 1e9
         )
-        qa, sa = ops.quantize_expert_cols(a, offsets)
-        qb, sb = ops.quantize_expert_cols(out, offsets)
+        qa, sa = ops.quantize_dw_cols(a, offsets)
+        qb, sb = ops.quantize_dw_cols(out, offsets)
         cells["fp8 dW rowwise fast"] = (
             g / bench_ms(lambda: ops.wgrad_codes(qa, sa, qb, sb, offsets, torch.bfloat16, True, True)) / 1e9
         )
         qr, sr = ops.quantize_rows(a, False)
-        cells["quantise expert cols (ms)"] = bench_ms(lambda: ops.quantize_expert_cols(a, offsets))
-        cells["requantise codes per expert col (ms)"] = bench_ms(
-            lambda: ops.quantize_expert_cols(qr, offsets, x_scales=sr)
-        )
+        cells["quantise dW cols (ms)"] = bench_ms(lambda: ops.quantize_dw_cols(a, offsets))
+        cells["requantise codes per dW col (ms)"] = bench_ms(lambda: ops.quantize_dw_cols(qr, offsets, x_scales=sr))
         cells["transpose grouped codes (ms)"] = bench_ms(lambda: ops.transpose_grouped_codes(qr, offsets))
         cells["quantise rows rowwise (ms)"] = bench_ms(lambda: ops.quantize_rows(a, False))
         cells["quantise rows blockwise (ms)"] = bench_ms(lambda: ops.quantize_rows(a, True))
@@ -235,6 +252,33 @@ def quantiser_sweep(x, w_up, w_down) -> dict:
         ops.ONE_PASS_ELEMENTS, ops.ONE_PASS_SLAB, ops.TRANSPOSE_BLOCK = saved
     for k, v in out.items():
         print(f"sweep {k}: {v:.4f} ms", flush=True)
+    return out
+
+
+def dw_cols_sweep(tokens: int, top_k: int, n_experts: int, d: int) -> dict:
+    """CUDA-graph ms of the routed dW column quantiser as _dw_down (token-order codes gathered top-k, times row
+    scales, a row multiplier and a routing weight) and _dw_up (no routing weight) call it, per columns per program
+    and warps."""
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    codes, row_scales = ops.quantize_rows(x, False)
+    ids = torch.rand(tokens, n_experts, device="cuda").topk(top_k, dim=1).indices
+    routing, token, _ = _triton_ops.route(ids, n_experts)
+    mult, weights = torch.rand(tokens * top_k, device="cuda"), torch.rand(tokens * top_k, device="cuda")
+    offsets, order = routing.offsets, routing.order
+    saved = ops.DW_COLS_BLOCK, ops.DW_COLS_WARPS
+    out = {}
+    try:
+        for block in (32, 64, 128):
+            for warps in (2, 4, 8):
+                ops.DW_COLS_BLOCK, ops.DW_COLS_WARPS = block, warps
+                out[f"dW cols as dy, block {block}, warps {warps}"] = graph_ms(
+                    lambda: ops.quantize_dw_cols(codes, offsets, token, mult, weights, order, row_scales)
+                )
+                out[f"dW cols as x, block {block}, warps {warps}"] = graph_ms(
+                    lambda: ops.quantize_dw_cols(codes, offsets, token, mult, x_scales=row_scales)
+                )
+    finally:
+        ops.DW_COLS_BLOCK, ops.DW_COLS_WARPS = saved
     return out
 
 
@@ -326,6 +370,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--sweep", action="store_true", help="also time the quantisers per launch size")
+    parser.add_argument("--only-sweep-dw", action="store_true", help="only time the dW column quantiser per launch")
     parser.add_argument("--host", action="store_true", help="also time the host side of the routed experts")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {', '.join(SHAPES)}")
     args = parser.parse_args()
@@ -339,6 +384,13 @@ def main() -> int:
         kernels={},
         gemm_only={},
     )
+    if args.only_sweep_dw:
+        result["sweep_dw"] = dw_cols_sweep(*SHAPES["moonlet"][:4])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        for k, v in result["sweep_dw"].items():
+            print(f"sweep {k}: {v:.4f} ms", flush=True)
+        return 0
     for shape, dims in SHAPES.items():
         if shape not in args.shapes.split(","):
             continue
@@ -362,6 +414,8 @@ def main() -> int:
                 result["kernels"][name] = kernel_table(fn)
             if shape == "moonlet" and name in (MASTERS_BF16, MASTERS_FP8, MASTERS_FP8_DW):
                 result.setdefault("launches", {})[name] = launch_sequence(fn)
+                result.setdefault("graph_ms", {})[name] = graph_ms(fn)
+                print(shape, name, f"CUDA graph {result['graph_ms'][name]} ms", flush=True)
         if shape == "moonlet":
             for name in PROFILED:
                 result["kernels"][name] = kernel_table(paths[name])
@@ -401,6 +455,14 @@ def main() -> int:
             if name in paths:
                 ratio = paths[MASTERS_BF16]["ms"] / paths[name]["ms"]
                 lines += ["", f"{shape}: {name} vs the model's bf16 layer: {ratio:.2f}x"]
+    graphs = result.get("graph_ms", {})
+    if graphs.get(MASTERS_BF16):
+        lines += ["", "moonlet: as MoE layers run them, replayed from a CUDA graph (no host overhead)", ""]
+        lines += ["| path | ms | vs the model's bf16 layer |", "| --- | --- | --- |"]
+        lines += [
+            f"| {k} | {v:.3f} | {graphs[MASTERS_BF16] / v:.3f}x |" if v else f"| {k} | not captured | |"
+            for k, v in graphs.items()
+        ]
     for name, table in result["kernels"].items():
         lines += ["", f"{name}: ms per iteration by kernel", ""]
         lines += [f"  {ms:7.3f} x{n:<2d} {k}" for k, ms, n in table[:12]]

@@ -260,14 +260,31 @@ def quantiser_variants():
                 dict(BLOCK_C=ops.TRANSPOSE_BLOCK, BLOCK_E=256),
                 dict(num_warps=4, num_stages=1),
             )
+        for codes, weighted in ((True, True), (True, False)):  # the routed dW's dy and x operands
+            yield (
+                f"row_factor_max src={src} codes={codes} weighted={weighted}",
+                K.row_factor_max_kernel,
+                dict(
+                    idx_ptr="*i32",
+                    xs_ptr="*fp32",
+                    mult_ptr="*fp32",
+                    wts_ptr=f"*{src}",
+                    w_idx_ptr="*i64",
+                    fmax_ptr="*i32",
+                    offsets_ptr="*i32",
+                    E="i32",
+                ),
+                dict(X_SCALES=codes, MULT=True, WEIGHTED=weighted, BLOCK=ops.ROW_BLOCK),
+                exact,
+            )
         for (gather, mult, weighted, codes), phase in itertools.product(
             ((False, False, False, False), (True, True, True, True), (True, True, False, True),
              (False, True, False, True)), (1, 2)
         ):  # fmt: skip
             yield (
-                f"fp8_quant_expert_cols src={src} gather={gather} mult={mult} weighted={weighted} codes={codes} "
+                f"fp8_quant_dw_cols src={src} gather={gather} mult={mult} weighted={weighted} codes={codes} "
                 f"phase={phase}",
-                K.fp8_quant_expert_cols_kernel,
+                K.fp8_quant_dw_cols_kernel,
                 dict(
                     x_ptr="*fp8e4nv" if codes else f"*{src}",
                     idx_ptr="*i32",

@@ -143,7 +143,7 @@ def test_a_dead_weight_slice_does_not_spoil_the_folded_operand(fold_pass):
 @pytest.mark.parametrize("dead", ["none", "slices", "zero_init"])
 def test_rowwise_fp8_wgrads_on_the_gemms_codes_are_as_close_as_fresh_quantisation(dead):
     """The rowwise recipe's dW reads act's and d_pre's folded codes: as close to the exact dW as quantising both
-    operands afresh per expert column, with dead weight slices and a zero-initialised w_down too (whose gradients
+    operands afresh per column, with dead weight slices and a zero-initialised w_down too (whose gradients
     are not zero: a dead slice's scale folded into act must not wipe act's column)."""
     g = torch.Generator().manual_seed(1)
     n_experts, m, d, h = 2, 300, 64, 48

@@ -162,39 +162,42 @@ def _chunk_slots(qt: torch.Tensor, offsets: torch.Tensor, want: torch.Tensor, wh
         assert bits(slot[end - first :]).eq(0).all(), f"{what}: chunk {cid} is not zero-padded"
 
 
-def test_expert_column_quantiser_and_grouped_transpose_match_the_reference():
-    """The rowwise dW operands: codes per expert and column (gathered, times a row multiplier and a routing weight,
-    as the routed backward reads x and dy), and other rows' codes moved into the same chunk layout."""
+def test_dw_column_quantiser_and_grouped_transpose_match_the_reference():
+    """The rowwise dW operands: codes per column, one scale shared by the experts (gathered, times a row multiplier
+    and a routing weight, as the routed backward reads x and dy: the amax then comes from the token rows), and
+    other rows' codes moved into the same chunk layout. Dropped tail rows count for nothing."""
     from nmoe.kernels import _lowprec_ops
 
     g = torch.Generator().manual_seed(5)
     offsets = torch.tensor([0, 130, 130, 197], dtype=torch.int32)  # empty groups, a 2-chunk group, 3 tail rows
     rows = torch.randn(200, 48, generator=g) * torch.logspace(-3, 1, 200)[:, None]
-    qt, s = _lowprec_ops.quantize_expert_cols(rows, offsets)
-    q_ref, s_ref = R.quantize_fp8_expert_cols(rows, offsets)
-    assert_bitwise(s, s_ref, "expert-col scales")
+    rows[197:] = 1e6  # dropped: must not set a scale
+    qt, s = _lowprec_ops.quantize_dw_cols(rows, offsets)
+    q_ref, s_ref = R.quantize_fp8_dw_cols(rows, offsets)
+    assert_bitwise(s, s_ref, "dW-col scales")
     assert torch.equal(s[0], torch.full((48,), R.ZERO_SLICE_SCALE)), "an empty group's scales"
-    _chunk_slots(qt, offsets, q_ref, "expert-col codes")
+    assert torch.equal(s[1], s[3]), "one scale per column, shared by the experts"
+    _chunk_slots(qt, offsets, q_ref, "dW-col codes")
 
     x = torch.randn(60, 48, generator=g).to(torch.bfloat16)
-    idx = torch.randint(0, 60, (200,), generator=g, dtype=torch.int32)
+    x[59] = 1e4  # a token only the dropped rows read
+    idx = torch.randint(0, 59, (200,), generator=g, dtype=torch.int32)
+    idx[197:] = 59
     mult = torch.rand(200, generator=g) * 1e-3
     weights = torch.rand(200, generator=g).to(torch.bfloat16)
     w_idx = torch.randperm(200, generator=g)
-    qt, s = _lowprec_ops.quantize_expert_cols(x, offsets, idx, mult, weights, w_idx)
-    gathered = x[idx.long()].float() * mult[:, None] * weights[w_idx].float()[:, None]
-    q_ref, s_ref = R.quantize_fp8_expert_cols(gathered, offsets)
-    assert_bitwise(s, s_ref, "gathered, multiplied, weighted expert-col scales")
-    _chunk_slots(qt, offsets, q_ref, "gathered expert-col codes")
+    factor = mult * weights[w_idx].float()  # each row's multipliers first, as the kernels
+    qt, s = _lowprec_ops.quantize_dw_cols(x, offsets, idx, mult, weights, w_idx)
+    q_ref, s_ref = R.quantize_fp8_dw_cols(x[idx.long()].float() * factor[:, None], offsets)
+    assert_bitwise(s, s_ref, "gathered, multiplied, weighted dW-col scales")
+    _chunk_slots(qt, offsets, q_ref, "gathered dW-col codes")
 
     codes, row_scales = R.quantize_fp8_rowwise(x)  # requantised codes, as the rowwise dW reads x and dy
-    qt, s = _lowprec_ops.quantize_expert_cols(codes, offsets, idx, mult, weights, w_idx, row_scales)
-    values = codes.float() * row_scales[:, None]
-    q_ref, s_ref = R.quantize_fp8_expert_cols(
-        values[idx.long()] * mult[:, None] * weights[w_idx].float()[:, None], offsets
-    )
-    assert_bitwise(s, s_ref, "expert-col scales of requantised codes")
-    _chunk_slots(qt, offsets, q_ref, "requantised expert-col codes")
+    qt, s = _lowprec_ops.quantize_dw_cols(codes, offsets, idx, mult, weights, w_idx, row_scales)
+    factor = row_scales[idx.long()] * mult * weights[w_idx].float()
+    q_ref, s_ref = R.quantize_fp8_dw_cols(codes[idx.long()].float() * factor[:, None], offsets)
+    assert_bitwise(s, s_ref, "dW-col scales of requantised codes")
+    _chunk_slots(qt, offsets, q_ref, "requantised dW-col codes")
 
     q, _ = R.quantize_fp8_rowwise(rows)
     _chunk_slots(_lowprec_ops.transpose_grouped_codes(q, offsets), offsets, q, "grouped transpose")

@@ -730,28 +730,53 @@ def fp8_transpose_grouped_kernel(
 
 
 @triton.jit
-def _expert_cols_tile(x_ptr, idx_ptr, xs_ptr, mult_ptr, wts_ptr, w_idx_ptr, rows, row_ok, cols, col_ok, stride_xm,
-                      GATHER: tl.constexpr, X_SCALES: tl.constexpr, MULT: tl.constexpr,
-                      WEIGHTED: tl.constexpr):  # fmt: skip
-    """float32 tile of grouped rows (x[idx[r]] when GATHER; times x's row scale xs[idx[r]] when X_SCALES, x then
-    being e4m3 codes) times mult[r] (MULT) times wts[w_idx[r]] (WEIGHTED)."""
+def _row_factor(rows, row_ok, src, xs_ptr, mult_ptr, wts_ptr, w_idx_ptr, X_SCALES: tl.constexpr, MULT: tl.constexpr,
+                WEIGHTED: tl.constexpr):  # fmt: skip
+    """float32 multiplier of grouped rows: ((xs[src[r]] if X_SCALES) * mult[r] if MULT) * wts[w_idx[r]] if WEIGHTED
+    (1 when none), in that order, so that a row's values and the per-token maximum agree bit for bit."""
+    f = tl.full(rows.shape, 1.0, tl.float32)
+    if X_SCALES:
+        f = tl.load(xs_ptr + src, mask=row_ok, other=0.0)
+    if MULT:
+        f = f * tl.load(mult_ptr + rows, mask=row_ok, other=0.0)
+    if WEIGHTED:
+        w_idx = tl.load(w_idx_ptr + rows, mask=row_ok, other=0)
+        f = f * tl.load(wts_ptr + w_idx, mask=row_ok, other=0.0).to(tl.float32)
+    return f
+
+
+@triton.jit
+def row_factor_max_kernel(idx_ptr, xs_ptr, mult_ptr, wts_ptr, w_idx_ptr, fmax_ptr, offsets_ptr, E,
+                          X_SCALES: tl.constexpr, MULT: tl.constexpr, WEIGHTED: tl.constexpr,
+                          BLOCK: tl.constexpr):  # fmt: skip
+    """fmax[t] = the largest _row_factor over the routed grouped rows r (r < offsets[-1]) with idx[r] = t, as float32
+    bits in int32 (zero-filled; non-negative float32 values order as their bits)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < tl.load(offsets_ptr + E - 1)
+    src = tl.load(idx_ptr + rows, mask=row_ok, other=0)
+    f = _row_factor(rows, row_ok, src, xs_ptr, mult_ptr, wts_ptr, w_idx_ptr, X_SCALES, MULT, WEIGHTED)
+    tl.atomic_max(fmax_ptr + src, tl.abs(f).to(tl.int32, bitcast=True), mask=row_ok)
+
+
+@triton.jit
+def _dw_cols_tile(x_ptr, idx_ptr, xs_ptr, mult_ptr, wts_ptr, w_idx_ptr, rows, row_ok, cols, col_ok, stride_xm,
+                  GATHER: tl.constexpr, X_SCALES: tl.constexpr, MULT: tl.constexpr,
+                  WEIGHTED: tl.constexpr):  # fmt: skip
+    """float32 tile of grouped rows: x[idx[r]] (GATHER; x may be e4m3 codes with row scales xs when X_SCALES) times
+    the row's _row_factor."""
     src = rows
     if GATHER:
         src = tl.load(idx_ptr + rows, mask=row_ok, other=0)
     ok = row_ok[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    if X_SCALES:
-        x = x * tl.load(xs_ptr + src, mask=row_ok, other=0.0)[:, None]
-    if MULT:
-        x = x * tl.load(mult_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    if WEIGHTED:
-        w_idx = tl.load(w_idx_ptr + rows, mask=row_ok, other=0)
-        x = x * tl.load(wts_ptr + w_idx, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if X_SCALES or MULT or WEIGHTED:
+        f = _row_factor(rows, row_ok, src, xs_ptr, mult_ptr, wts_ptr, w_idx_ptr, X_SCALES, MULT, WEIGHTED)
+        x = x * f[:, None]
     return x
 
 
 @triton.jit
-def fp8_quant_expert_cols_kernel(
+def fp8_quant_dw_cols_kernel(
     x_ptr,
     idx_ptr,
     xs_ptr,
@@ -775,12 +800,11 @@ def fp8_quant_expert_cols_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    """Grouped rows (see _expert_cols_tile) -> transposed e4m3 qt[C, chunk*128 + r] in the chunk layout of
-    fp8_quant_grouped_cols_kernel and scales s[E, C]: one per expert and column, so the dW GEMM accumulates codes
-    only. One program per (128-row chunk, column block), twice: PHASE 1 atomically maxes the chunk's column amax
-    into amax[E, C] (float32 bits as int32, zero-filled); PHASE 2 quantises with it and stores the codes as int32
-    words of four (C a multiple of 4; see _transpose_words), the expert's first chunk its scales (s is pre-filled
-    with the zero-slice scale: an empty expert has no chunk)."""
+    """Grouped rows (see _dw_cols_tile) -> transposed e4m3 qt[C, chunk*128 + r] in the chunk layout of
+    fp8_quant_grouped_cols_kernel and scales s[E, C]: one per column, shared by the experts, so the dW GEMM
+    accumulates codes only. One program per (128-row chunk, column block): PHASE 1 atomically maxes the chunk's
+    column amax into amax[C] (float32 bits as int32, zero-filled); PHASE 2 quantises with it and stores the codes
+    as int32 words of four (C a multiple of 4; see _transpose_words), the expert's first chunk its scales (s is pre-filled with the zero-slice scale: an empty expert has no chunk)."""
     tiles_c = tl.cdiv(C, BLOCK_C)
     chunk = tl.program_id(0) // tiles_c
     c0 = (tl.program_id(0) % tiles_c) * BLOCK_C
@@ -790,9 +814,9 @@ def fp8_quant_expert_cols_kernel(
     if is_tail:
         return
     rows = row0 + tl.arange(0, FP8_BLOCK)
-    x = _expert_cols_tile(x_ptr, idx_ptr, xs_ptr, mult_ptr, wts_ptr, w_idx_ptr, rows, rows < end, cols, col_ok,
-                          stride_xm, GATHER, X_SCALES, MULT, WEIGHTED)  # fmt: skip
-    at = amax_ptr + expert.to(tl.int64) * C + cols
+    x = _dw_cols_tile(x_ptr, idx_ptr, xs_ptr, mult_ptr, wts_ptr, w_idx_ptr, rows, rows < end, cols, col_ok,
+                      stride_xm, GATHER, X_SCALES, MULT, WEIGHTED)  # fmt: skip
+    at = amax_ptr + cols
     if PHASE == 1:  # non-negative float32 values order as their int32 bits
         tl.atomic_max(at, tl.max(tl.abs(x), 0).to(tl.int32, bitcast=True), mask=col_ok)
     else:

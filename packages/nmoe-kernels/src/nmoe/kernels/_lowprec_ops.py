@@ -84,9 +84,8 @@ ONE_PASS_SLAB = 4096 if INTERPRET else 16384
 # rows folded with a weight's scales hold a second [rows, C] tile (the scales): fewer rows per program (measured:
 # act 704 wide, 0.094 ms at 4096 values against 0.116 at 8192)
 ONE_PASS_ELEMENTS_FOLD = 2048 if INTERPRET else 4096
-# the per-expert column quantiser: two passes per (expert, column block), or split over (chunk, column block)
-# programs with an atomic amax between them (more parallel)
-EXPERT_COLS_SPLIT = True
+# the dW column quantiser's columns per 128-row program and warps (fp8_profile --sweep)
+DW_COLS_BLOCK, DW_COLS_WARPS = (32, 4) if INTERPRET else (64, 4)
 TRANSPOSE_BLOCK = 32 if INTERPRET else 128  # codes per side of a transposed tile (fastest of 32-128, --sweep)
 NVFP4_ADAMW_BLOCKS, NVFP4_WARPS = (64, 4) if INTERPRET else (32, 2)
 
@@ -439,48 +438,72 @@ def quantize_grouped_cols(x: torch.Tensor, offsets: torch.Tensor, swiglu_input: 
     return qt, s
 
 
-def quantize_expert_cols(x, offsets, idx=None, mult=None, weights=None, w_idx=None, x_scales=None):
+def quantize_dw_cols(x, offsets, idx=None, mult=None, weights=None, w_idx=None, x_scales=None):
     """Grouped rows r of x (x[idx[r]] when idx is given; x may be e4m3 codes with float32 row scales x_scales),
     times mult[r] float32 and weights[w_idx[r]] when given -> (qt e4m3 [C, chunks*128] in quantize_grouped_cols'
-    chunk layout, float32 scales [E, C]): one scale per expert and column, which the dW GEMM applies once to the
-    whole sum."""
+    chunk layout, float32 scales [E, C]): one scale per column, shared by the experts (an empty expert's row is
+    ZERO_SLICE_SCALE), which the dW GEMM applies once to the whole sum. Gathering, the column amax is taken over
+    x's rows in token order, each times its largest row multiplier: a pass over T rows instead of T*K."""
     m = x.shape[0] if idx is None else idx.shape[0]
     c, n_experts = x.shape[1], offsets.shape[0]
     if c % 4:
-        raise ValueError(f"quantize_expert_cols: C must be a multiple of 4, got {c}")
+        raise ValueError(f"quantize_dw_cols: C must be a multiple of 4, got {c}")
     n_chunks = R.grouped_col_chunks(m, n_experts)
     qt = torch.empty(c, n_chunks * BLOCK, dtype=FP8, device=x.device)
     s = torch.full((n_experts, c), R.ZERO_SLICE_SCALE, dtype=torch.float32, device=x.device)
     if not (n_experts and c and m):
         return qt, s
-    amax = torch.zeros(n_experts, c, dtype=torch.int32, device=x.device)
-    for phase in (1, 2):
-        K.fp8_quant_expert_cols_kernel[(n_chunks * triton.cdiv(c, QUANT_COLS),)](
-            x,
-            offsets if idx is None else idx,
-            offsets if x_scales is None else x_scales,
-            offsets if mult is None else mult,
-            offsets if weights is None else weights,
-            offsets if w_idx is None else w_idx,
-            qt.view(torch.int32),
-            s,
-            amax,
-            offsets,
-            m,
-            c,
-            n_experts,
-            x.stride(0),
-            qt.stride(0) // 4,
-            GATHER=idx is not None,
-            X_SCALES=x_scales is not None,
-            MULT=mult is not None,
-            WEIGHTED=weights is not None,
-            PHASE=phase,
-            BLOCK_C=QUANT_COLS,
-            BLOCK_E=triton.next_power_of_2(n_experts),
-            **EXACT,
+    amax = torch.zeros(c, dtype=torch.int32, device=x.device)
+    factors = dict(X_SCALES=x_scales is not None, MULT=mult is not None, WEIGHTED=weights is not None)
+    row_args = (
+        offsets if x_scales is None else x_scales,
+        offsets if mult is None else mult,
+        offsets if weights is None else weights,
+        offsets if w_idx is None else w_idx,
+    )
+    if idx is None:
+        _dw_cols_pass(1, x, offsets, None, row_args, factors, qt, s, amax, m)
+    else:  # the amax over the tokens, each times the largest factor of its grouped rows
+        n_tok = x.shape[0]
+        fmax = torch.zeros(n_tok, dtype=torch.int32, device=x.device)
+        K.row_factor_max_kernel[(triton.cdiv(m, ROW_BLOCK),)](
+            idx, *row_args, fmax, offsets, n_experts, **factors, BLOCK=ROW_BLOCK, **EXACT
         )
+        tokens = torch.full((1,), n_tok, dtype=torch.int32, device=x.device)
+        no_factors = dict(X_SCALES=False, MULT=True, WEIGHTED=False)
+        _dw_cols_pass(1, x, tokens, None, (offsets, fmax.view(torch.float32), offsets, offsets), no_factors, qt, s,
+                      amax, n_tok)  # fmt: skip
+    _dw_cols_pass(2, x, offsets, idx, row_args, factors, qt, s, amax, m)
     return qt, s
+
+
+ROW_BLOCK = 1024
+
+
+def _dw_cols_pass(phase, x, offsets, idx, row_args, factors, qt, s, amax, m):
+    """One launch of fp8_quant_dw_cols_kernel over m grouped rows (see quantize_dw_cols)."""
+    n_experts, c = offsets.shape[0], x.shape[1]
+    K.fp8_quant_dw_cols_kernel[(R.grouped_col_chunks(m, n_experts) * triton.cdiv(c, DW_COLS_BLOCK),)](
+        x,
+        offsets if idx is None else idx,
+        *row_args,
+        qt.view(torch.int32),
+        s,
+        amax,
+        offsets,
+        m,
+        c,
+        n_experts,
+        x.stride(0),
+        qt.stride(0) // 4,
+        GATHER=idx is not None,
+        **factors,
+        PHASE=phase,
+        BLOCK_C=DW_COLS_BLOCK,
+        BLOCK_E=triton.next_power_of_2(n_experts),
+        **EXACT,
+        **({} if INTERPRET else {"num_warps": DW_COLS_WARPS}),
+    )
 
 
 def transpose_grouped_codes(q: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -602,7 +625,7 @@ def _use_tma(qa: torch.Tensor, b: WeightOperand) -> bool:
 
 def wgrad(a, b, offsets, dtype, blockwise, fast=False, a_swiglu=False):
     """dW[e] = a[rows of e]^T @ b[rows of e] -> [E, KA, N] in dtype, both operands quantised per column: per 128-row
-    chunk (blockwise; a may then be a gate|up pre-activation) or per expert (rowwise; fast as in `gemm`)."""
+    chunk (blockwise; a may then be a gate|up pre-activation) or shared by the experts (rowwise; fast as in `gemm`)."""
     if a.shape[0] == 0:
         ka = a.shape[1] // 2 if a_swiglu else a.shape[1]
         return torch.zeros(offsets.shape[0], ka, b.shape[1], dtype=dtype, device=a.device)
@@ -612,8 +635,8 @@ def wgrad(a, b, offsets, dtype, blockwise, fast=False, a_swiglu=False):
     elif a_swiglu:
         raise ValueError("wgrad: a gate|up operand needs blockwise scaling")
     else:
-        qa, sa = quantize_expert_cols(a, offsets)
-        qb, sb = quantize_expert_cols(b, offsets)
+        qa, sa = quantize_dw_cols(a, offsets)
+        qb, sb = quantize_dw_cols(b, offsets)
     return wgrad_codes(qa, sa, qb, sb, offsets, dtype, expert_scales=not blockwise, fast=fast)
 
 
@@ -766,10 +789,10 @@ def _mlp_backward(dy, x, offsets, w_up, w_down, codes, pre, act, r: _Recipe, rou
 
 def _dw_down(dy, qdy, sdy, pre, act, s_dn, offsets, dtype, r: _Recipe, token, weights, order):
     """dW of the down projection [E,H,D] in dtype: rowwise fp8 on act's folded codes (their row scales go into dy's
-    codes times the routing weight, requantised per expert column), blockwise fp8 per 128-row chunk, or bf16."""
+    codes times the routing weight, requantised per column), blockwise fp8 per 128-row chunk, or bf16."""
     if r.wgrad_fp8 and not r.blockwise:
         q_act, s_act = act
-        qb, sb = quantize_expert_cols(qdy, offsets, token, s_act, weights, order, sdy)
+        qb, sb = quantize_dw_cols(qdy, offsets, token, s_act, weights, order, sdy)
         qa = transpose_grouped_codes(q_act, offsets)
         return wgrad_codes(qa, torch.reciprocal(s_dn), qb, sb, offsets, dtype, True, r.fast)
     # the token-order dy gathered (and weighted) into grouped rows
@@ -783,10 +806,10 @@ def _dw_down(dy, qdy, sdy, pre, act, s_dn, offsets, dtype, r: _Recipe, token, we
 
 def _dw_up(x, d_pre, qdp, sdp, s_up, offsets, dtype, r: _Recipe, token):
     """dW of the up projection [E,D,2H] in dtype: rowwise fp8 on d_pre's folded codes (their row scales go into
-    x's codes, requantised per expert column), blockwise fp8 per 128-row chunk, or bf16."""
+    x's codes, requantised per column), blockwise fp8 per 128-row chunk, or bf16."""
     if r.wgrad_fp8 and not r.blockwise:
         qx, sx = quantize_rows(x, False)
-        qa, sa = quantize_expert_cols(qx, offsets, token, sdp, x_scales=sx)
+        qa, sa = quantize_dw_cols(qx, offsets, token, sdp, x_scales=sx)
         qb = transpose_grouped_codes(qdp, offsets)
         return wgrad_codes(qa, sa, qb, torch.reciprocal(s_up), offsets, dtype, True, r.fast)
     x_rows = x if token is None else _triton_ops.gather_rows(x, token)

@@ -265,30 +265,28 @@ def dequantize_fp8_grouped_cols(
     return out
 
 
-def quantize_fp8_expert_cols(x: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x[M,C] rows grouped by offsets -> (float8 [M,C], float32 scales [E,C]): one scale per expert and column.
+def quantize_fp8_dw_cols(x: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x[M,C] rows grouped by offsets -> (float8 [M,C], float32 scales [E,C]): one scale per column, shared by the
+    experts (an empty group's row is ZERO_SLICE_SCALE).
 
     The rowwise recipe's weight-gradient operands: dW[e] sums over the rows of e, so these scales factor out of
-    the sum (the GEMM accumulates codes only). Rows past offsets[-1] quantise to 0; an empty group's scales are
-    ZERO_SLICE_SCALE.
+    the sum (the GEMM accumulates codes only). Rows past offsets[-1] quantise to 0 and do not count.
     """
     sizes = checked_group_sizes(offsets, x.shape[0])
+    routed = sum(sizes)
     xf = x.detach().float()
-    scales = torch.empty(len(sizes), x.shape[1], device=x.device)
+    shared = fp8_scale(xf[:routed].abs().amax(dim=0) if routed else xf.new_zeros(x.shape[1]))
+    scales = shared.expand(len(sizes), -1).clone()
+    scales[torch.tensor(sizes, device=x.device) == 0] = ZERO_SLICE_SCALE
     q = torch.zeros(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    start = 0
-    for e, size in enumerate(sizes):
-        rows = xf[start : start + size]
-        scales[e] = fp8_scale(rows.abs().amax(dim=0) if size else xf.new_zeros(x.shape[1]))
-        q[start : start + size] = round_e4m3(rows / scales[e])
-        start += size
+    q[:routed] = round_e4m3(xf[:routed] / shared)
     return q, scales
 
 
-def dequantize_fp8_expert_cols(
+def dequantize_fp8_dw_cols(
     q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Inverse of quantize_fp8_expert_cols in dtype (rows past offsets[-1] are 0)."""
+    """Inverse of quantize_fp8_dw_cols in dtype (rows past offsets[-1] are 0)."""
     out = q.to(dtype) * scales.to(dtype)[_row_experts(offsets, q.shape[0])]
     out[int(offsets[-1]) if offsets.numel() else 0 :] = 0
     return out
@@ -372,14 +370,14 @@ def _grouped_wgrad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> t
 def fp8_wgrad(
     a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, compute: torch.dtype, scaling: str
 ) -> torch.Tensor:
-    """dW[e] = a^T b over the rows of e, both operands quantised per column: rowwise, one scale per expert
-    (`quantize_fp8_expert_cols`); blockwise, one per 128-row chunk (DeepSeek-V3's 128x1 wgrad tiles)."""
+    """dW[e] = a^T b over the rows of e, both operands quantised per column: rowwise, one scale per column shared
+    by the experts (`quantize_fp8_dw_cols`); blockwise, one per 128-row chunk (DeepSeek-V3's 128x1 wgrad tiles)."""
     if scaling == "rowwise":
-        qa, sa = quantize_fp8_expert_cols(a, offsets)
-        qb, sb = quantize_fp8_expert_cols(b, offsets)
+        qa, sa = quantize_fp8_dw_cols(a, offsets)
+        qb, sb = quantize_fp8_dw_cols(b, offsets)
         return _grouped_wgrad(
-            dequantize_fp8_expert_cols(qa, sa, offsets, compute),
-            dequantize_fp8_expert_cols(qb, sb, offsets, compute),
+            dequantize_fp8_dw_cols(qa, sa, offsets, compute),
+            dequantize_fp8_dw_cols(qb, sb, offsets, compute),
             offsets,
         )
     qa, sa = quantize_fp8_grouped_cols(a, offsets)
@@ -442,28 +440,26 @@ def folded_rows(x: torch.Tensor, col_scales: torch.Tensor, offsets: torch.Tensor
 def rowwise_fp8_wgrads(x_rows, act, dy_rows, d_pre, w_up, w_down, offsets, compute, weight=None):
     """(dw_up, dw_down) of the rowwise recipe on the codes its GEMMs already made: act's and d_pre's folded row
     codes (`expert_gemm`) are read as they are, and their row scales move into the other operand: x's and dy's
-    row codes (dy times the routing weight when given), requantised per expert and column
-    (`quantize_fp8_expert_cols`; reading 1-byte codes halves that pass's traffic). The folded weight scales
-    come out as 1 / scale on their dW rows (w_down) or columns (w_up)."""
+    row codes (dy times the routing weight when given), requantised per column (`quantize_fp8_dw_cols`; reading
+    1-byte codes halves that pass's traffic). Each row's multipliers are multiplied first, as the kernels do. The
+    folded weight scales come out as 1 / scale on their dW rows (w_down) or columns (w_up)."""
     experts = _row_experts(offsets, act.shape[0])
     _, s_up = quantize_weight(w_up, "rowwise", "fwd")  # [E, 2H], folded into d_pre
     _, s_down = quantize_weight(w_down, "rowwise", "dgrad")  # [E, H], folded into act
     q_act, s_act = folded_rows(act, s_down, offsets)
     q_dpre, s_dpre = folded_rows(d_pre, s_up, offsets)
     q, s = quantize_activation(dy_rows, "rowwise")
-    b = q.float() * s[:, None] * s_act[:, None]
-    if weight is not None:
-        b = b * weight.float()[:, None]
-    q_dy, s_dy = quantize_fp8_expert_cols(b, offsets)
+    factor = s * s_act if weight is None else s * s_act * weight.float()
+    q_dy, s_dy = quantize_fp8_dw_cols(q.float() * factor[:, None], offsets)
     q, s = quantize_activation(x_rows, "rowwise")
-    q_x, s_x = quantize_fp8_expert_cols(q.float() * s[:, None] * s_dpre[:, None], offsets)
+    q_x, s_x = quantize_fp8_dw_cols(q.float() * (s * s_dpre)[:, None], offsets)
     dw_down = _grouped_wgrad(
         q_act.to(compute) / s_down.to(compute)[experts],
-        dequantize_fp8_expert_cols(q_dy, s_dy, offsets, compute),
+        dequantize_fp8_dw_cols(q_dy, s_dy, offsets, compute),
         offsets,
     )
     dw_up = _grouped_wgrad(
-        dequantize_fp8_expert_cols(q_x, s_x, offsets, compute), q_dpre.to(compute) / s_up.to(compute)[experts], offsets
+        dequantize_fp8_dw_cols(q_x, s_x, offsets, compute), q_dpre.to(compute) / s_up.to(compute)[experts], offsets
     )
     return dw_up, dw_down
 

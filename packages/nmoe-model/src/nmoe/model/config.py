@@ -163,7 +163,7 @@ class ModelConfig:
     fp8_wgrad: bool = config_field(
         False,
         "fp8: the expert weight-gradient GEMMs in fp8 too (rowwise: act's and d_pre's codes reused, x and dy "
-        "quantised per expert and column; blockwise: per 128-row chunk and column); false (default, faster on "
+        "quantised per column; blockwise: per 128-row chunk and column); false (default, faster on "
         "Hopper: bench/RESULTS.md): in bf16 on the unquantised activations and gradients",
     )
     fp8_fast_accum: bool = config_field(
