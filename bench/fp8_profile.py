@@ -75,11 +75,11 @@ RECIPES = {  # expert_mlp_fp8 keyword arguments
     "fp8 rowwise fast, bf16 dW": dict(scaling="rowwise", wgrad_fp8=False, fast_accum=True),
 }
 PROFILED = ("bf16 fused (expert_mlp)", "fp8 rowwise fast, bf16 dW", "fp8 rowwise fast, bf16 dW, TMA")
-DEFAULT_FP8 = dict(scaling="rowwise", wgrad_fp8=False, fast_accum=True)  # the model's fp8 recipe
+DEFAULT_FP8 = dict(scaling="rowwise", wgrad_fp8=True, fast_accum=True)  # the model's fp8 recipe
 MASTERS_BF16 = "bf16 moe_experts, float32 masters cast inside (the model's bf16 layer)"
 MASTERS_FP8 = "fp8 moe_experts_fp8, float32 masters quantised (the model's fp8 layer)"
-MASTERS_FP8_DW = "fp8 moe_experts_fp8 with fp8 dW (shared column scales), float32 masters"
-MOE_PROFILED = ("bf16 moe_experts", "fp8 moe_experts_fp8", MASTERS_BF16, MASTERS_FP8, MASTERS_FP8_DW)
+MASTERS_FP8_BF16_DW = "fp8 moe_experts_fp8 with bf16 dW (the default before 2026-11-25), float32 masters"
+MOE_PROFILED = ("bf16 moe_experts", "fp8 moe_experts_fp8", MASTERS_BF16, MASTERS_FP8, MASTERS_FP8_BF16_DW)
 
 
 def expert_mlp_paths(tokens, top_k, n_experts, d, h):
@@ -147,8 +147,8 @@ def moe_paths(tokens, top_k, n_experts, d, h):
         "fp8 gather, expert_mlp_fp8, index_add (before)": step(composed),
         MASTERS_BF16: step(lambda: nk.moe_experts(x, ids, weights, *masters), master_leaves),
         MASTERS_FP8: step(lambda: nk.moe_experts_fp8(x, ids, weights, *masters, **DEFAULT_FP8), master_leaves),
-        MASTERS_FP8_DW: step(
-            lambda: nk.moe_experts_fp8(x, ids, weights, *masters, **dict(DEFAULT_FP8, wgrad_fp8=True)), master_leaves
+        MASTERS_FP8_BF16_DW: step(
+            lambda: nk.moe_experts_fp8(x, ids, weights, *masters, **dict(DEFAULT_FP8, wgrad_fp8=False)), master_leaves
         ),
     }
 
@@ -412,7 +412,7 @@ def main() -> int:
             print(shape, name, f"{ms:.3f} ms", flush=True)
             if shape == "moonlet" and name in MOE_PROFILED:
                 result["kernels"][name] = kernel_table(fn)
-            if shape == "moonlet" and name in (MASTERS_BF16, MASTERS_FP8, MASTERS_FP8_DW):
+            if shape == "moonlet" and name in (MASTERS_BF16, MASTERS_FP8, MASTERS_FP8_BF16_DW):
                 result.setdefault("launches", {})[name] = launch_sequence(fn)
                 result.setdefault("graph_ms", {})[name] = graph_ms(fn)
                 print(shape, name, f"CUDA graph {result['graph_ms'][name]} ms", flush=True)
@@ -451,7 +451,7 @@ def main() -> int:
             "| --- | --- | --- | --- |",
         ]
         lines += [f"| {k} | {v['ms']:.3f} | {v['tflops']:.0f} | {base / v['ms']:.2f}x |" for k, v in paths.items()]
-        for name in (MASTERS_FP8, MASTERS_FP8_DW):
+        for name in (MASTERS_FP8, MASTERS_FP8_BF16_DW):
             if name in paths:
                 ratio = paths[MASTERS_BF16]["ms"] / paths[name]["ms"]
                 lines += ["", f"{shape}: {name} vs the model's bf16 layer: {ratio:.2f}x"]

@@ -37,8 +37,9 @@ VARIANTS = {
         "model.fp8_wgrad": "false",
         "model.fp8_fast_accum": "false",
     },
-    "fp8 rowwise fast bf16-dW": {"model.expert_precision": "fp8"},  # the defaults: bf16 dW, fast accumulation
-    "fp8 rowwise fast fp8-dW": {"model.expert_precision": "fp8", "model.fp8_wgrad": "true"},  # shared column scales
+    # the default before 2026-11-25: fast accumulation, bf16 dW
+    "fp8 rowwise fast bf16-dW": {"model.expert_precision": "fp8", "model.fp8_wgrad": "false"},
+    "fp8 rowwise fast fp8-dW": {"model.expert_precision": "fp8"},  # the defaults: fast accumulation, fp8 dW
     "nvfp4 nearest": {"model.expert_precision": "nvfp4", "optim.nvfp4_rule": "nearest"},
     "nvfp4 seed dither": {"model.expert_precision": "nvfp4", "optim.nvfp4_rule": "seed"},
     "nvfp4 stochastic": {"model.expert_precision": "nvfp4", "optim.nvfp4_rule": "stochastic"},

@@ -347,13 +347,13 @@ def test_routed_experts_read_the_master_weights_as_their_gemms_need(precision):
 
 
 def test_fp8_recipe_keys_reach_the_expert_mlp_and_fast_accumulation_needs_rowwise():
-    cfg = moe_config(expert_precision="fp8", fp8_wgrad=True, fp8_fast_accum=False)
-    assert expert_mlp_of(cfg).keywords == dict(scaling="rowwise", wgrad_fp8=True, fast_accum=False)
+    cfg = moe_config(expert_precision="fp8", fp8_wgrad=False, fp8_fast_accum=False)
+    assert expert_mlp_of(cfg).keywords == dict(scaling="rowwise", wgrad_fp8=False, fast_accum=False)
     assert fused_experts_of(cfg).keywords == expert_mlp_of(cfg).keywords  # LocalDispatch's op, same recipe
     assert build_moe(cfg, seed=0, dtype=torch.float32).dispatcher.fused.func is nk.moe_experts_fp8
     assert build_moe(moe_config(), seed=0, dtype=torch.float32).dispatcher.fused is nk.moe_experts
     assert expert_mlp_of(moe_config(expert_precision="fp8")).keywords == dict(  # the measured defaults
-        scaling="rowwise", wgrad_fp8=False, fast_accum=True
+        scaling="rowwise", wgrad_fp8=True, fast_accum=True
     )
     with pytest.raises(ValueError, match="fp8_fast_accum = true needs model.fp8_scaling = 'rowwise'"):
         moe_config(expert_precision="fp8", fp8_scaling="blockwise")
