@@ -41,7 +41,7 @@ import nmoe.train.loop, nmoe.rdep, nmoe.kernels; print(\"imports ok\")"' ;;
         --layers "${LAYERS:-2}" $([ "$s" = determinism-strict ] && echo --deterministic) ;;
     kernels-bench) stage kernels-bench 420 python3 bench/kernels.py --out "$OUT/kernels.json" ;;
     lowprec-bench) stage lowprec-bench 300 python3 bench/lowprec.py --out "$OUT/lowprec.json" ${LOWPREC_ARGS:-} ;;
-    fp8-profile) TAIL=60 stage fp8-profile 300 python3 bench/fp8_profile.py --out "$OUT/fp8_profile.json" ${FP8_ARGS:-} ;;
+    fp8-profile) TAIL=60 stage fp8-profile 420 python3 bench/fp8_profile.py --out "$OUT/fp8_profile.json" ${FP8_ARGS:-} ;;
     rdep-local) stage rdep-local 240 python3 bench/rdep_local.py --out "$OUT/rdep_local.json" ;;
     train-moonlet) TAIL=22 stage train-moonlet 560 python3 bench/train.py configs/moonlet.toml --steps "${STEPS:-40}" \
         --variants "${VARIANTS:-nmoe,tma}" ${PROFILE---profile} --out "$OUT/train" "${DATA[@]}" ${EXTRA:-} ;;
