@@ -184,7 +184,7 @@ def test_dw_column_quantiser_and_grouped_transpose_match_the_reference():
     idx = torch.randint(0, 59, (200,), generator=g, dtype=torch.int32)
     idx[197:] = 59
     mult = torch.rand(200, generator=g) * 1e-3
-    weights = torch.rand(200, generator=g).to(torch.bfloat16)
+    weights = (torch.rand(200, generator=g) * 2 - 1).to(torch.bfloat16)  # negative too: amaxes of |values|
     w_idx = torch.randperm(200, generator=g)
     factor = mult * weights[w_idx].float()  # each row's multipliers first, as the kernels
     qt, s = _lowprec_ops.quantize_dw_cols(x, offsets, idx, mult, weights, w_idx)

@@ -803,8 +803,10 @@ def fp8_quant_dw_cols_kernel(
     """Grouped rows (see _dw_cols_tile) -> transposed e4m3 qt[C, chunk*128 + r] in the chunk layout of
     fp8_quant_grouped_cols_kernel and scales s[E, C]: one per column, shared by the experts, so the dW GEMM
     accumulates codes only. One program per (128-row chunk, column block): PHASE 1 atomically maxes the chunk's
-    column amax into amax[C] (float32 bits as int32, zero-filled); PHASE 2 quantises with it and stores the codes
-    as int32 words of four (C a multiple of 4; see _transpose_words), the expert's first chunk its scales (s is pre-filled with the zero-slice scale: an empty expert has no chunk)."""
+    column amax into amax[C] (float32 bits as int32, zero-filled; routed, quantize_dw_cols runs it over the token
+    rows instead, as one group, MULT the per-token max of row_factor_max_kernel); PHASE 2 quantises with it and
+    stores the codes as int32 words of four (C a multiple of 4; see _transpose_words), the expert's first chunk
+    its scales (s is pre-filled with the zero-slice scale: an empty expert has no chunk)."""
     tiles_c = tl.cdiv(C, BLOCK_C)
     chunk = tl.program_id(0) // tiles_c
     c0 = (tl.program_id(0) % tiles_c) * BLOCK_C

@@ -84,7 +84,8 @@ ONE_PASS_SLAB = 4096 if INTERPRET else 16384
 # rows folded with a weight's scales hold a second [rows, C] tile (the scales): fewer rows per program (measured:
 # act 704 wide, 0.094 ms at 4096 values against 0.116 at 8192)
 ONE_PASS_ELEMENTS_FOLD = 2048 if INTERPRET else 4096
-# the dW column quantiser's columns per 128-row program and warps (fp8_profile --sweep)
+# the dW column quantiser's columns per 128-row program and warps (fastest of 32-128 x 2-8, fp8_profile
+# --only-sweep-dw)
 DW_COLS_BLOCK, DW_COLS_WARPS = (32, 4) if INTERPRET else (64, 4)
 TRANSPOSE_BLOCK = 32 if INTERPRET else 128  # codes per side of a transposed tile (fastest of 32-128, --sweep)
 NVFP4_ADAMW_BLOCKS, NVFP4_WARPS = (64, 4) if INTERPRET else (32, 2)
@@ -642,7 +643,8 @@ def wgrad(a, b, offsets, dtype, blockwise, fast=False, a_swiglu=False):
 
 def wgrad_codes(qa, sa, qb, sb, offsets, dtype, expert_scales, fast=False):
     """dW[e] [E, KA, N] in dtype from chunk-layout codes qa[KA, slots], qb[N, slots] with column scales per expert
-    (sa[E, KA], sb[E, N]) or per 128-row chunk (sa[chunks, KA], sb[chunks, N])."""
+    (sa[E, KA], sb[E, N]; quantize_dw_cols gives every expert the same row) or per 128-row chunk (sa[chunks, KA],
+    sb[chunks, N])."""
     n_experts, ka, n = offsets.shape[0], qa.shape[0], qb.shape[0]
     out = torch.empty(n_experts, ka, n, dtype=dtype, device=qa.device)
 

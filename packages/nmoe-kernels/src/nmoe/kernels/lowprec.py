@@ -231,9 +231,10 @@ def grouped_mm_fp8(
     """x[M,K] @ w[e][K,N] per group with E4M3 operands quantised inside -> [M,N] in x.dtype; autograd (fp8 dX, dW).
 
     scaling 'rowwise': per-row x / per-column w scales; 'blockwise': 1x128 x and 128x128 w tiles. dW quantises
-    its operands per column and expert (rowwise) or per column and 128-row chunk of a group (blockwise), or with
-    wgrad_fp8=False runs the bf16/fp32 grouped GEMM on x and dy as they are. fast_accum (rowwise, GPU): keep Hopper's reduced-precision fp8 accumulator
-    over the whole K instead of promoting each 128-block to float32. x, w: bf16 or fp32 (each).
+    its operands per column, one scale shared by the groups (rowwise), or per column and 128-row chunk of a group
+    (blockwise), or with wgrad_fp8=False runs the bf16/fp32 grouped GEMM on x and dy as they are. fast_accum
+    (rowwise, GPU): keep Hopper's reduced-precision fp8 accumulator over the whole K instead of promoting each
+    128-block to float32. x, w: bf16 or fp32 (each).
     """
     _check_recipe(scaling, wgrad_fp8, fast_accum)
     _check_grouped_mm(x, w, offsets)
