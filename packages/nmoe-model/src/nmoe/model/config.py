@@ -164,7 +164,8 @@ class ModelConfig:
         True,
         "fp8: the expert weight-gradient GEMMs in fp8 too (default; rowwise: act's and d_pre's codes reused, x "
         "and dy quantised per column, faster and leaner on Hopper than bf16 dW, bench/RESULTS.md; blockwise: per "
-        "128-row chunk and column); false: in bf16 on the unquantised activations and gradients",
+        "128-row chunk and column, slower than bf16 dW on Hopper); false: in bf16 on the unquantised activations "
+        "and gradients",
     )
     fp8_fast_accum: bool = config_field(
         True,
