@@ -87,6 +87,7 @@ ONE_PASS_ELEMENTS_FOLD = 2048 if INTERPRET else 4096
 # the dW column quantiser's columns per 128-row program and warps (fastest of 32-128 x 2-8, fp8_profile
 # --only-sweep-dw)
 DW_COLS_BLOCK, DW_COLS_WARPS = (32, 4) if INTERPRET else (64, 4)
+ROW_BLOCK = 1024  # grouped rows per program of row_factor_max_kernel
 TRANSPOSE_BLOCK = 32 if INTERPRET else 128  # codes per side of a transposed tile (fastest of 32-128, --sweep)
 NVFP4_ADAMW_BLOCKS, NVFP4_WARPS = (64, 4) if INTERPRET else (32, 2)
 
@@ -470,15 +471,12 @@ def quantize_dw_cols(x, offsets, idx=None, mult=None, weights=None, w_idx=None, 
         K.row_factor_max_kernel[(triton.cdiv(m, ROW_BLOCK),)](
             idx, *row_args, fmax, offsets, n_experts, **factors, BLOCK=ROW_BLOCK, **EXACT
         )
-        tokens = torch.full((1,), n_tok, dtype=torch.int32, device=x.device)
-        no_factors = dict(X_SCALES=False, MULT=True, WEIGHTED=False)
-        _dw_cols_pass(1, x, tokens, None, (offsets, fmax.view(torch.float32), offsets, offsets), no_factors, qt, s,
-                      amax, n_tok)  # fmt: skip
+        one_group = torch.full((1,), n_tok, dtype=torch.int32, device=x.device)
+        token_max = dict(X_SCALES=False, MULT=True, WEIGHTED=False)  # each token row times its largest factor
+        _dw_cols_pass(1, x, one_group, None, (offsets, fmax.view(torch.float32), offsets, offsets), token_max, qt,
+                      s, amax, n_tok)  # fmt: skip
     _dw_cols_pass(2, x, offsets, idx, row_args, factors, qt, s, amax, m)
     return qt, s
-
-
-ROW_BLOCK = 1024
 
 
 def _dw_cols_pass(phase, x, offsets, idx, row_args, factors, qt, s, amax, m):
