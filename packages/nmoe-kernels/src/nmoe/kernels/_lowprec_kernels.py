@@ -21,6 +21,7 @@ E4M3_MAX = tl.constexpr(448.0)
 # the scale of an all-zero slice (its codes are all 0): the smallest normal float32, not 1, because a weight's
 # scales can be folded into the other GEMM operand, where a zero slice's scale must not set that row's amax
 ZERO_SLICE_SCALE = tl.constexpr(2.0**-126)
+MAX_INVERSE = tl.constexpr(2.0**126)
 # the interpreter's float32 -> fp8 conversion truncates: round in software there; the GPU's cvt.rn.satfinite rounds
 # to nearest even (as torch's CUDA conversion does) in one instruction per pair
 SOFTWARE_E4M3 = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
@@ -82,9 +83,19 @@ def _fp8_scale(amax):
 
 
 @triton.jit
+def _fp8_inverse(scale):
+    """1 / scale correctly rounded, capped at 2^126 (finite for subnormal and zero scales), as the reference's
+    fp8_inverse: quantising multiplies by it (a division per element would cost the quantisers a third of their
+    time)."""
+    inverse = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    return tl.where(inverse > MAX_INVERSE, MAX_INVERSE, inverse)
+
+
+@triton.jit
 def _to_fp8(x, scale):
-    """float32 x / scale rounded to e4m3, nearest even, saturating at +-448 (as tl.float8e4nv)."""
-    y = tl.math.div_rn(x, scale)
+    """float32 x times _fp8_inverse(scale) (per slice: scale broadcasts against x) rounded to e4m3, nearest even,
+    saturating at +-448 (as tl.float8e4nv)."""
+    y = x * _fp8_inverse(scale)
     if SOFTWARE_E4M3:
         return _round_e4m3(y).to(tl.float8e4nv)
     return tl.minimum(tl.maximum(y, -E4M3_MAX), E4M3_MAX).to(tl.float8e4nv, fp_downcast_rounding="rtne")
@@ -513,7 +524,7 @@ def swiglu_bwd_rows_kernel(
 ):
     """The SwiGLU backward of grouped rows (the expert backward after its plain dgrad GEMM), for bf16 and fp8.
 
-    d_act[M,H] float32 (dL/d act; before the routing weight when WEIGHTED), pre[M,2H] -> d_pre[M,2H] = [d_gate |
+    d_act[M,H] float32 or bf16 (dL/d act; before the routing weight when WEIGHTED), pre[M,2H] -> d_pre[M,2H] = [d_gate |
     d_up] in its dtype; QUANTIZE: also q[M,2H] e4m3 of the stored values with one scale per row s[M]; WEIGHTED:
     the rows' routing weights wts[w_idx[r]] scale d_act and dw[w_idx[r]] = <d_act[r], act[r]>. Rows past
     offsets[E-1] (dropped slots; d_act there is never written) get zeros, and no dw. A row's H columns sit in

@@ -771,8 +771,9 @@ def _mlp_backward(dy, x, offsets, w_up, w_down, codes, pre, act, r: _Recipe, rou
         d_pre = torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)
         gemm(qdy, sdy, True, down, offsets, d_pre, h, d, epilogue=K.EPILOGUE_SWIGLU_BWD, h=pre, a_idx=token,
              wts=weights, w_idx=order, dw=d_weights)  # fmt: skip
-    else:  # a plain dgrad GEMM into float32 d_act, then the SwiGLU backward fused with d_pre's rowwise quantiser
-        d_act = torch.empty(m, h, dtype=torch.float32, device=dy.device)
+    else:  # a plain dgrad GEMM into d_act in pre's dtype (d_pre is rounded to e4m3 after it), then the SwiGLU
+        # backward fused with d_pre's rowwise quantiser
+        d_act = torch.empty(m, h, dtype=pre.dtype, device=dy.device)
         gemm(qdy, sdy, False, down, offsets, d_act, h, d, fast=r.fast, a_idx=token)
         d_pre, qdp, sdp = _triton_ops.swiglu_backward_rows(
             d_act, pre, offsets, weights, order, d_weights, quantize=True, fold=s_up, store=not r.wgrad_fp8

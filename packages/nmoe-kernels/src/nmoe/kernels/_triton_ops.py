@@ -377,7 +377,7 @@ SWIGLU_BWD_WARPS = 4  # 8192 values over 4 warps: the fastest of 4096-16384 x 4-
 def swiglu_backward_rows(
     d_act, pre, offsets, weights=None, w_idx=None, d_weights=None, quantize=False, fold=None, store=True
 ):
-    """d_act[M,H] float32 (dL/d act; before the routing weights[w_idx[r]] when given), pre[M,2H] -> d_pre[M,2H] in
+    """d_act[M,H] float32 or pre's dtype (dL/d act; before the routing weights[w_idx[r]] when given), pre[M,2H] -> d_pre[M,2H] in
     pre's dtype, or with quantize (d_pre, its e4m3 rows [M,2H], float32 row scales [M]); with weights,
     d_weights[w_idx[r]] = <d_act[r], act[r]>. Rows past offsets[-1] (dropped slots) get zeros and no gradient.
     fold (with quantize): float32 [E,2H] column scales of each row's expert multiplied in before quantising.

@@ -19,6 +19,7 @@ E4M3_MAX = 448.0
 # the scale of an all-zero slice (codes all 0): the smallest normal float32, not 1, because a weight's scales can
 # be folded into the other GEMM operand (expert_gemm), where a zero slice's scale must not set that row's amax
 ZERO_SLICE_SCALE = 2.0**-126
+MAX_INVERSE = 2.0**126  # fp8_inverse's cap: subnormal and zero scales quantise to finite codes
 E2M1_MAX = 6.0
 NVFP4_BLOCK = 16  # elements per e4m3 block scale along the last dim
 FP8_BLOCK = 128  # DeepSeek-V3 tiles: 1x128 for activations, 128x128 for weights, 128 rows for wgrad operands
@@ -183,11 +184,18 @@ def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, _div(amax, E4M3_MAX), torch.full_like(amax, ZERO_SLICE_SCALE))
 
 
+def fp8_inverse(scale: torch.Tensor) -> torch.Tensor:
+    """float32 scales -> 1 / scale correctly rounded, capped at MAX_INVERSE: every fp8 quantiser computes
+    round_e4m3(x * fp8_inverse(scale)), one division per slice instead of one per element (the kernels too)."""
+    inverse = torch.ones_like(scale) / scale
+    return torch.where(inverse > MAX_INVERSE, MAX_INVERSE, inverse)
+
+
 def quantize_fp8_rowwise(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (float8_e4m3fn like x, float32 scales with `dim` removed); x ≈ q * scale, one scale per slice along dim."""
     xf = x.detach().float()
     scale = fp8_scale(xf.abs().amax(dim=dim, keepdim=True))
-    return round_e4m3(xf / scale), scale.squeeze(dim)
+    return round_e4m3(xf * fp8_inverse(scale)), scale.squeeze(dim)
 
 
 def _pad_to(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -213,7 +221,7 @@ def quantize_fp8_blockwise(
     *lead, rows, cols = padded.shape
     tiles = padded.reshape(*lead, rows // block[0], block[0], cols // block[1], block[1])
     scales = fp8_scale(tiles.abs().amax(dim=(-3, -1)))
-    return round_e4m3(xf / _expand_blocks(scales, block, x.shape)), scales
+    return round_e4m3(xf * _expand_blocks(fp8_inverse(scales), block, x.shape)), scales
 
 
 def group_chunks(offsets: torch.Tensor, chunk: int = FP8_BLOCK) -> list[tuple[int, int, int]]:
@@ -251,7 +259,7 @@ def quantize_fp8_grouped_cols(
     for cid, first, end in group_chunks(offsets, chunk):
         s = fp8_scale(xf[first:end].abs().amax(dim=0))
         scales[cid] = s
-        q[first:end] = round_e4m3(xf[first:end] / s)
+        q[first:end] = round_e4m3(xf[first:end] * fp8_inverse(s))
     return q, scales
 
 
@@ -279,7 +287,7 @@ def quantize_fp8_dw_cols(x: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.
     scales = shared.expand(len(sizes), -1).clone()
     scales[torch.tensor(sizes, device=x.device) == 0] = ZERO_SLICE_SCALE
     q = torch.zeros(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    q[:routed] = round_e4m3(xf[:routed] / shared)
+    q[:routed] = round_e4m3(xf[:routed] * fp8_inverse(shared))
     return q, scales
 
 
@@ -537,7 +545,7 @@ class ExpertMLPFP8(torch.autograd.Function):
         rows, offsets, w_up, w_down, pre = ctx.saved_tensors
         scaling, compute, fp8 = ctx.scaling, ctx.compute, ctx.wgrad_fp8
         dy = dy.to(rows.dtype)
-        d_act = expert_gemm(dy, w_down, offsets, scaling, compute, "dgrad", "fwd")
+        d_act = _rounded_d_act(expert_gemm(dy, w_down, offsets, scaling, compute, "dgrad", "fwd"), scaling, rows.dtype)
         d_pre = swiglu_backward(pre.to(compute), d_act).to(rows.dtype)
         act = swiglu_f32(pre).to(rows.dtype)
         d_rows = expert_gemm(d_pre, w_up, offsets, scaling, compute, "dgrad", "dgrad").to(rows.dtype)
@@ -560,6 +568,12 @@ def expert_mlp_fp8(
 ) -> torch.Tensor:
     """Reference of nmoe.kernels.expert_mlp_fp8 (compute defaults to float32; the tests use float64)."""
     return ExpertMLPFP8.apply(rows, offsets, w_up, w_down, scaling, compute or torch.float32, wgrad_fp8)
+
+
+def _rounded_d_act(d_act: torch.Tensor, scaling: str, dtype: torch.dtype) -> torch.Tensor:
+    """d_act as the kernels hand it to the SwiGLU backward: rowwise, the dgrad GEMM stores it in the activations'
+    dtype; blockwise, the SwiGLU backward runs in that GEMM's epilogue on its float32 accumulators."""
+    return d_act.to(dtype).to(d_act.dtype) if scaling == "rowwise" else d_act
 
 
 def saved_act(scaling: str, wgrad_fp8: bool) -> str | None:
@@ -595,6 +609,7 @@ def moe_experts_fp8_backward(
     dy_rows = dy.to(x.dtype)[token]
     weight = _routing_weights(topk_weights, order, offsets)
     d_weighted = expert_gemm(dy_rows, w_down, offsets, scaling, compute, "dgrad", "fwd")  # before the routing weight
+    d_weighted = _rounded_d_act(d_weighted, scaling, x.dtype)
     act = swiglu_f32(pre).to(x.dtype)
     d_weights = torch.zeros(order.shape[0], dtype=compute, device=x.device)
     d_weights[order] = (d_weighted * act.to(compute)).sum(1)
