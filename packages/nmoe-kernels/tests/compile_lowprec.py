@@ -224,19 +224,23 @@ def quantiser_variants():
                     exact,
                 )
         weight_ints = ("R", "C", "stride_we", "stride_wr", "stride_wc", "stride_qe", "stride_qr", "stride_qc")
-        for one_pass, rows in ((False, 0), (True, 1024), (True, 704)):  # one pass: w_up's and w_down's slabs
+        # one pass: w_up's and w_down's slabs; both: w_up's, writing its codes in both layouts
+        for one_pass, rows, both in ((False, 0, False), (True, 1024, False), (True, 704, False), (True, 1024, True)):
             block_r, *parts = ops.pow2_parts(rows) if one_pass else (ops.QUANT_COLS, 0, 0, 0)
+            codes = "*i32" if both else "*fp8e4nv"
             yield (
-                f"fp8_quant_weight_rowwise src={src} one_pass={one_pass} rows={rows}",
+                f"fp8_quant_weight_rowwise src={src} one_pass={one_pass} rows={rows} both={both}",
                 K.fp8_quant_weight_rowwise_kernel,
                 dict(
                     w_ptr=f"*{src}",
-                    q_ptr="*fp8e4nv",
+                    q_ptr=codes,
+                    q2_ptr=codes,
                     s_ptr="*fp32",
                     **dict.fromkeys(weight_ints + ("stride_se",), "i32"),
                 ),
                 dict(
                     ONE_PASS=one_pass,
+                    BOTH=both,
                     BLOCK_R=block_r,
                     BLOCK_C=ops._prev_power_of_2(ops.ONE_PASS_SLAB // rows) if one_pass else ops.QUANT_COLS,
                     **dict(zip(("PART1", "PART2", "PART3"), parts)),

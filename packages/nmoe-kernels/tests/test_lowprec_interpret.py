@@ -129,7 +129,8 @@ def test_fp8_quantiser_kernels_are_bitwise(one_pass, monkeypatch):
         assert_bitwise(a.contiguous(), b.contiguous(), "weight blockwise (strided input)")
     dead = w.clone()
     dead[1, 7, :], dead[2, :, 5] = 0, 0  # all-zero slices along both axes
-    for weight in (w, torch.randn(2, 176, 40, generator=g), dead):  # one quantisation, both GEMM layouts
+    # one quantisation, both GEMM layouts; K = 128 (one pass): the w_up slab kernel writes both layouts itself
+    for weight in (w, torch.randn(2, 176, 40, generator=g), dead, torch.randn(2, 128, 40, generator=g)):
         for fold_pass, scale_pass in (("dgrad", "fwd"), ("fwd", "dgrad")):
             q, qt, s = _lowprec_ops.quantize_weight_both(weight, False, fold_pass)
             q_ref, s_ref = R.quantize_weight(weight, "rowwise", scale_pass)

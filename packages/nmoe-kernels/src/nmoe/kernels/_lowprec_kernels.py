@@ -590,6 +590,7 @@ def _store_slab_part(q_base, rs, ok, w, scale, stride_qr):
 def fp8_quant_weight_rowwise_kernel(
     w_ptr,
     q_ptr,
+    q2_ptr,
     s_ptr,
     R,
     C,
@@ -606,18 +607,32 @@ def fp8_quant_weight_rowwise_kernel(
     PART1: tl.constexpr = 0,
     PART2: tl.constexpr = 0,
     PART3: tl.constexpr = 0,
+    BOTH: tl.constexpr = False,
 ):
     """w[e] viewed as [R,C] -> q (any strides) with one scale per column c over all R (s[e, c]).
 
     ONE_PASS: the [R, BLOCK_C] slab is read once and kept in registers as up to four power-of-two row parts
-    (BLOCK_R, PART1, PART2, PART3); else read twice in BLOCK_R-row pieces.
+    (BLOCK_R, PART1, PART2, PART3); else read twice in BLOCK_R-row pieces. BOTH (one pass, one part, R and C
+    multiples of 4): q is [E,C,R] contiguous and q2 [E,R,C] contiguous gets the same codes (else q2 is unused), both stored as int32
+    words of four (see _transpose_words). The column blocks are the fastest grid axis: programs running together
+    read neighbouring pieces of the same rows.
     """
-    e = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    e = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     w_base = w_ptr + e * stride_we + cols[None, :] * stride_wc
     q_base = q_ptr + e * stride_qe + cols[None, :] * stride_qc
-    if ONE_PASS:
+    if BOTH:
+        w0, rs0, ok0 = _slab_part(w_base, 0, BLOCK_R, R, col_ok, stride_wr)
+        scale = _fp8_scale(tl.max(tl.abs(w0), 0))
+        codes = _to_fp8(w0, scale[None, :]).to(tl.uint8, bitcast=True).to(tl.int32)  # [BLOCK_R, BLOCK_C]
+        words = tl.program_id(0) * (BLOCK_C // 4) + tl.arange(0, BLOCK_C // 4)  # along C
+        q2 = q2_ptr + e * (R * C // 4) + rs0[:, None].to(tl.int64) * (C // 4) + words[None, :]
+        tl.store(q2, _pack_words(codes, BLOCK_R, BLOCK_C), mask=(rs0 < R)[:, None] & (words < C // 4)[None, :])
+        slots = tl.arange(0, BLOCK_R // 4)  # along R
+        qt = q_ptr + e * (R * C // 4) + cols[:, None].to(tl.int64) * (R // 4) + slots[None, :]
+        tl.store(qt, _pack_words(tl.trans(codes), BLOCK_C, BLOCK_R), mask=col_ok[:, None] & (slots < R // 4)[None, :])
+    elif ONE_PASS:
         w0, rs0, ok0 = _slab_part(w_base, 0, BLOCK_R, R, col_ok, stride_wr)
         amax = tl.max(tl.abs(w0), 0)
         if PART1 > 0:

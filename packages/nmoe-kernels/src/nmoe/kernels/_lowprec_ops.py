@@ -260,15 +260,18 @@ class WeightOperand(NamedTuple):
     scale_strides: tuple[int, int, int]
 
 
-def _weight_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """w[E,K,N] -> (e4m3, scales[E, other dim]) with one scale per slice along reduce_dim (1 or 2).
+def _weight_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool, both: bool = False):
+    """w[E,K,N] -> (e4m3, scales[E, other dim], the codes in w's layout or None) with one scale per slice along
+    reduce_dim (1 or 2).
 
-    transpose: q is laid out [E, other, reduce] (reduction contiguous), else like w ([E,K,N] contiguous).
+    transpose: q is laid out [E, other, reduce] (reduction contiguous), else like w ([E,K,N] contiguous). both
+    (with transpose, reduce_dim 1): the same pass also writes the codes as [E,K,N] when one register slab holds a
+    whole column (K a power of two, K and N multiples of 4); else the third value is None.
     """
     e, k, n = w.shape
     if reduce_dim == 2 and w.is_contiguous() and w.numel():  # rows of N: the row quantiser over [E*K, N]
         q, s = quantize_rows(w.view(e * k, n), blockwise=False)
-        return q.view(e, k, n), s.view(e, k)
+        return q.view(e, k, n), s.view(e, k), None
     other_dim = 3 - reduce_dim
     r, c = w.shape[reduce_dim], w.shape[other_dim]
     q = torch.empty((e, c, r) if transpose else (e, k, n), dtype=FP8, device=w.device)
@@ -281,10 +284,13 @@ def _weight_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool) -> tuple[
     block_c = _prev_power_of_2(ONE_PASS_SLAB // r) if one_pass else QUANT_COLS
     if not one_pass:
         block_r, parts = QUANT_COLS, (0, 0, 0)
+    both = both and transpose and reduce_dim == 1 and one_pass and block_r == r and r % 4 == 0 and c % 4 == 0
+    q2 = torch.empty(e, k, n, dtype=FP8, device=w.device) if both else None
     if q.numel():
-        K.fp8_quant_weight_rowwise_kernel[(e, triton.cdiv(c, block_c))](
+        K.fp8_quant_weight_rowwise_kernel[(triton.cdiv(c, block_c), e)](
             w,
-            q,
+            q.view(torch.int32) if both else q,
+            q2.view(torch.int32) if both else q,
             s,
             r,
             c,
@@ -301,17 +307,18 @@ def _weight_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool) -> tuple[
             PART1=parts[0],
             PART2=parts[1],
             PART3=parts[2],
+            BOTH=both,
             num_warps=8 if one_pass else 4,
             **EXACT,
         )
-    return q, s
+    return q, s, q2
 
 
-def _weight_scales_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _weight_scales_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool, both: bool = False):
     """`_weight_rowwise` for a GEMM's weight operand: dead slices revived (R.revive_dead_slices), as the reference's
     quantize_weight."""
-    q, s = _weight_rowwise(w, reduce_dim, transpose)
-    return q, R.revive_dead_slices(s)
+    q, s, q2 = _weight_rowwise(w, reduce_dim, transpose, both)
+    return q, R.revive_dead_slices(s), q2
 
 
 def _weight_blockwise(w: torch.Tensor, write_q: bool, write_qt: bool):
@@ -347,9 +354,9 @@ def quantize_weight(w: torch.Tensor, blockwise: bool, pass_: str) -> WeightOpera
         q, _, s = _weight_blockwise(w, True, False)
         return WeightOperand(q, s, (k * n, 1, n), (kb * nb, 1, nb))
     if pass_ == "fwd":
-        qt, s = _weight_scales_rowwise(w, reduce_dim=1, transpose=True)
+        qt, s, _ = _weight_scales_rowwise(w, reduce_dim=1, transpose=True)
         return WeightOperand(qt, s, (n * k, 1, k), (n, 0, 1))
-    q, s = _weight_scales_rowwise(w, reduce_dim=2, transpose=True)
+    q, s, _ = _weight_scales_rowwise(w, reduce_dim=2, transpose=True)
     return WeightOperand(q, s, (k * n, 1, n), (k, 0, 1))
 
 
@@ -377,9 +384,9 @@ def quantize_weight_both(w: torch.Tensor, blockwise: bool, fold_pass: str):
         q, _, s = _weight_blockwise(w, True, False)
         return q, transpose_codes(q), s
     if fold_pass == "dgrad":  # scales per output column over K: the forward's transposed quantiser
-        qt, s = _weight_scales_rowwise(w, reduce_dim=1, transpose=True)
-        return transpose_codes(qt), qt, s
-    q, s = _weight_scales_rowwise(w, reduce_dim=2, transpose=False)  # scales per row over N: contiguous rows
+        qt, s, q = _weight_scales_rowwise(w, reduce_dim=1, transpose=True, both=True)
+        return transpose_codes(qt) if q is None else q, qt, s
+    q, s, _ = _weight_scales_rowwise(w, reduce_dim=2, transpose=False)  # scales per row over N: contiguous rows
     return q, transpose_codes(q), s
 
 

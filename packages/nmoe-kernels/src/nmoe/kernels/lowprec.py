@@ -179,7 +179,7 @@ def quantize_fp8_rowwise(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, 
 
     if x.dim() == 2:
         return _lowprec_ops.quantize_rows(x.contiguous(), blockwise=False)
-    return _lowprec_ops._weight_rowwise(x, reduce_dim=dim, transpose=False)
+    return _lowprec_ops._weight_rowwise(x, reduce_dim=dim, transpose=False)[:2]
 
 
 def quantize_fp8_blockwise(x: torch.Tensor, block: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
