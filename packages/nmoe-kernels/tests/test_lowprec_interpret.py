@@ -155,7 +155,6 @@ def test_fp8_quantiser_kernels_are_bitwise(one_pass, monkeypatch):
         assert bits(slot[end - first :]).eq(0).all()
 
 
-
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:overflow:RuntimeWarning")  # 1 / 0
 def test_fp8_quantisers_give_finite_codes_for_subnormal_and_underflowing_scales():
     """Slices with a subnormal scale (1 / scale overflows float32) or an amax so small that amax / 448 underflows to
