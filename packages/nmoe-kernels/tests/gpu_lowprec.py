@@ -71,7 +71,12 @@ def check_quantisers(m: int, d: int, h: int, n_experts: int) -> None:
 
     w_down = torch.randn(n_experts, h, d, device="cuda") * 0.02
     w_down[3, 11, :], w_down[4, :, 9] = 0, 0
-    for name, weight, fold_pass, scale_pass in (("w_up", w, "dgrad", "fwd"), ("w_down", w_down, "fwd", "dgrad")):
+    weights = (
+        ("w_up", w, "dgrad", "fwd"),  # rowwise: its slab pass writes both layouts (the tile is not used)
+        ("w_up with K 704", w[:, :704].contiguous(), "dgrad", "fwd"),  # rowwise: the transposed copy
+        ("w_down", w_down, "fwd", "dgrad"),
+    )
+    for name, weight, fold_pass, scale_pass in weights:
         for blockwise in (False, True):
             q_ref, s_ref = R.quantize_weight(weight, "blockwise" if blockwise else "rowwise", scale_pass)
             label = "blockwise" if blockwise else f"rowwise, folded into {fold_pass}"

@@ -21,7 +21,7 @@ E4M3_MAX = tl.constexpr(448.0)
 # the scale of an all-zero slice (its codes are all 0): the smallest normal float32, not 1, because a weight's
 # scales can be folded into the other GEMM operand, where a zero slice's scale must not set that row's amax
 ZERO_SLICE_SCALE = tl.constexpr(2.0**-126)
-MAX_INVERSE = tl.constexpr(2.0**126)
+MIN_SCALE = tl.constexpr(2.0**-125)  # see reference_lowprec.MIN_SCALE
 # the interpreter's float32 -> fp8 conversion truncates: round in software there; the GPU's cvt.rn.satfinite rounds
 # to nearest even (as torch's CUDA conversion does) in one instruction per pair
 SOFTWARE_E4M3 = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
@@ -79,16 +79,14 @@ def _store_rounded(ptr, x, mask):
 
 @triton.jit
 def _fp8_scale(amax):
-    return tl.where(amax > 0, tl.math.div_rn(amax, E4M3_MAX), ZERO_SLICE_SCALE)
+    return tl.where(amax > 0, tl.maximum(tl.math.div_rn(amax, E4M3_MAX), MIN_SCALE), ZERO_SLICE_SCALE)
 
 
 @triton.jit
 def _fp8_inverse(scale):
-    """1 / scale correctly rounded, capped at 2^126 (finite for subnormal and zero scales), as the reference's
-    fp8_inverse: quantising multiplies by it (a division per element would cost the quantisers a third of their
-    time)."""
-    inverse = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    return tl.where(inverse > MAX_INVERSE, MAX_INVERSE, inverse)
+    """1 / scale correctly rounded, as the reference's fp8_inverse: quantising multiplies by it (a division per
+    element would cost the quantisers a third of their time)."""
+    return tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
 
 
 @triton.jit

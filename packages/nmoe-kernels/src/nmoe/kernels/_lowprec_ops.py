@@ -379,7 +379,8 @@ def quantize_weight_both(w: torch.Tensor, blockwise: bool, fold_pass: str):
     once: 128x128 tiles (blockwise) or, rowwise, one scale per slice along the reduction of the pass that is not
     fold_pass ('fwd' or 'dgrad'); fold_pass's GEMM reads the codes with unit scales and folds the scales into its
     left operand (`quantize_rows(fold=...)`, `swiglu_backward_rows(fold=...)`), so that one set of codes serves
-    both GEMMs. The other layout is `transpose_codes` of the first."""
+    both GEMMs. The other layout is `transpose_codes` of the first, except rowwise with fold_pass 'dgrad' (w_up)
+    when one register slab holds a whole column: `_weight_rowwise(both=True)` writes both."""
     if blockwise:
         q, _, s = _weight_blockwise(w, True, False)
         return q, transpose_codes(q), s

@@ -19,7 +19,9 @@ E4M3_MAX = 448.0
 # the scale of an all-zero slice (codes all 0): the smallest normal float32, not 1, because a weight's scales can
 # be folded into the other GEMM operand (expert_gemm), where a zero slice's scale must not set that row's amax
 ZERO_SLICE_SCALE = 2.0**-126
-MAX_INVERSE = 2.0**126  # fp8_inverse's cap: subnormal and zero scales quantise to finite codes
+# the smallest scale of a nonzero slice (not ZERO_SLICE_SCALE, which marks all-zero slices): scales stay normal,
+# so 1 / scale is finite, and subnormal results of amax / 448 cannot differ between CPU and a flushing GPU
+MIN_SCALE = 2.0**-125
 E2M1_MAX = 6.0
 NVFP4_BLOCK = 16  # elements per e4m3 block scale along the last dim
 FP8_BLOCK = 128  # DeepSeek-V3 tiles: 1x128 for activations, 128x128 for weights, 128 rows for wgrad operands
@@ -180,15 +182,14 @@ def _div(x: torch.Tensor, divisor: float) -> torch.Tensor:
 
 
 def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
-    """float32 amax -> decode scale amax / 448 (ZERO_SLICE_SCALE where amax == 0)."""
-    return torch.where(amax > 0, _div(amax, E4M3_MAX), torch.full_like(amax, ZERO_SLICE_SCALE))
+    """float32 amax -> decode scale max(amax / 448, MIN_SCALE) (ZERO_SLICE_SCALE where amax == 0)."""
+    return torch.where(amax > 0, _div(amax, E4M3_MAX).clamp(min=MIN_SCALE), torch.full_like(amax, ZERO_SLICE_SCALE))
 
 
 def fp8_inverse(scale: torch.Tensor) -> torch.Tensor:
-    """float32 scales -> 1 / scale correctly rounded, capped at MAX_INVERSE: every fp8 quantiser computes
-    round_e4m3(x * fp8_inverse(scale)), one division per slice instead of one per element (the kernels too)."""
-    inverse = torch.ones_like(scale) / scale
-    return torch.where(inverse > MAX_INVERSE, MAX_INVERSE, inverse)
+    """float32 scales -> 1 / scale correctly rounded: every fp8 quantiser computes round_e4m3(x * fp8_inverse(scale)),
+    one division per slice instead of one per element (the kernels too)."""
+    return torch.ones_like(scale) / scale
 
 
 def quantize_fp8_rowwise(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
