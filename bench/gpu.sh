@@ -2,7 +2,9 @@
 # One GPU-machine call (device tool), by stages: bash bench/gpu.sh STAGE [STAGE ...]
 # Carry .whl (duckdb, nvshmem4py; ../shared/device/wheels.sh; WHEELS=DIR installs another folder's wheels) and, for training stages, .gpu (prepared data:
 # `uv run nmoe-data prep --source files --input ../shared/corpus/docs.jsonl.gz --output .gpu/data
-#  --name corpus-32k --tokenizer .gpu/data/tok-32k.json --tokenizer-vocab-size 32768 --val-tokens 262144`).
+#  --name corpus-32k --tokenizer .gpu/data/tok-32k.json --tokenizer-vocab-size 32768 --val-tokens 262144
+#  --shard-tokens 100000000 --max-docs 7000`, then MAX_DOCS=7000 here: 6.4M train tokens, 15 MB, enough for the
+#  300-step precision study; the whole corpus (28 MB) no longer fits beside the wheels in the 64 MiB carry).
 # Every stage logs to $OUT/<stage>.log; the summary of each stage is printed last. precision runs eager unless COMPILE=true.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl \
@@ -13,7 +15,7 @@ export TRITON_CACHE_DIR=$PWD/.gpu/triton-cache TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu
 OUT=${OUT:-/tmp/out}
 DATA=(--set data.source=files --set data.input=../shared/corpus/docs.jsonl.gz --set data.data_dir=.gpu/data --set data.name=corpus-32k
       --set data.tokenizer=.gpu/data/tok-32k.json --set data.shard_tokens=100000000 --set data.val_tokens=262144
-      --set data.max_docs= --set data.verify_shards=false)
+      --set data.max_docs=${MAX_DOCS:-} --set data.verify_shards=false)
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
 
