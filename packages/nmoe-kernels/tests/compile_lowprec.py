@@ -261,7 +261,7 @@ def quantiser_variants():
                 "fp8_transpose_grouped",
                 K.fp8_transpose_grouped_kernel,
                 dict(q_ptr="*i32", qt_ptr="*i32", offsets_ptr="*i32", M="i32", C="i32", E="i32", stride_qt_words="i32"),
-                dict(BLOCK_C=ops.TRANSPOSE_BLOCK, BLOCK_E=256),
+                dict(BLOCK_C=ops.GROUPED_TRANSPOSE_COLS, BLOCK_E=256),
                 dict(num_warps=4, num_stages=1),
             )
         for codes, weighted in ((True, True), (True, False)):  # the routed dW's dy and x operands

@@ -80,15 +80,24 @@ else:
 # of 1-8k over moonlet's 704-, 1,024- and 1,408-wide rows together, fp8_profile --sweep) and per weight column slab
 # (wide enough for coalesced loads of a [K, columns] slab)
 ONE_PASS_ELEMENTS = 4096 if INTERPRET else 8192
-ONE_PASS_SLAB = 4096 if INTERPRET else 16384
+# w_up's slab (1,024 x 32 float32, 8 warps): 0.208 ms against 0.244 at 16,384 values (H100 2026-11-25)
+ONE_PASS_SLAB = 4096 if INTERPRET else 32768
+# warps per program of the one-pass weight slab quantiser. Not 4: w_up's two-layout pass then wrote wrong codes on the
+# H100 (Triton 3.6; so did every launch at 65,536 values); 8 and 16 were bit-exact, equally fast
+WEIGHT_WARPS = 8
 # rows folded with a weight's scales hold a second [rows, C] tile (the scales): fewer rows per program (measured:
-# act 704 wide, 0.094 ms at 4096 values against 0.116 at 8192)
+# act 704 wide, 0.094 ms at 4096 values against 0.116 at 8192; as SwiGLU of gate|up, 0.132 ms at 4 rows against
+# 0.171 at 2, the fastest of 1-16 rows x 2-8 warps, H100 2026-11-25)
 ONE_PASS_ELEMENTS_FOLD = 2048 if INTERPRET else 4096
-# the dW column quantiser's columns per 128-row program and warps (fastest of 32-128 x 2-8, fp8_profile
-# --only-sweep-dw)
-DW_COLS_BLOCK, DW_COLS_WARPS = (32, 4) if INTERPRET else (64, 4)
+ROW_WARPS = 4  # warps per program of the row quantiser
+# the dW column quantiser's columns per 128-row program and warps (fastest of 32-256 x 4-8 on moonlet's dy and x
+# together, H100 probe 2026-11-25)
+DW_COLS_BLOCK, DW_COLS_WARPS = (32, 4) if INTERPRET else (128, 4)
 ROW_BLOCK = 1024  # grouped rows per program of row_factor_max_kernel
-TRANSPOSE_BLOCK = 32 if INTERPRET else 128  # codes per side of a transposed tile (fastest of 32-128, --sweep)
+TRANSPOSE_BLOCK = 32 if INTERPRET else 128  # codes per side of a transposed weight tile (fastest of 32-128, --sweep)
+# columns per 128-row program of the grouped (dW chunk layout) transpose: the fastest of 64-512 on moonlet's 704-,
+# 1,024- and 1,408-wide codes (H100 probe 2026-11-25; 128 was 1-2% slower)
+GROUPED_TRANSPOSE_COLS = 32 if INTERPRET else 256
 NVFP4_ADAMW_BLOCKS, NVFP4_WARPS = (64, 4) if INTERPRET else (32, 2)
 
 _GMM_KEY = ["N", "K", "E", "BLOCKWISE", "FAST_ACC", "GATHER_A", "WEIGHTED"]  # gathering GEMMs tune apart
@@ -218,7 +227,8 @@ def quantize_rows(x: torch.Tensor, blockwise: bool, swiglu_input: bool = False, 
         elements = ONE_PASS_ELEMENTS if fold is None else ONE_PASS_ELEMENTS_FOLD
         one_pass = width <= elements
         if one_pass:  # whole rows in registers: read x once
-            block_m = _prev_power_of_2(elements // width // (2 if swiglu_input else 1))
+            # folded rows count output values (act as gate|up or stored: 4 rows of 704 were the fastest of both)
+            block_m = _prev_power_of_2(elements // width // (2 if swiglu_input and fold is None else 1))
         else:
             block_c, parts = 256, (0, 0, 0)
     if m and c:
@@ -246,6 +256,7 @@ def quantize_rows(x: torch.Tensor, blockwise: bool, swiglu_input: bool = False, 
             PART1=parts[0],
             PART2=parts[1],
             PART3=parts[2],
+            num_warps=ROW_WARPS,
             **EXACT,
         )
     return q, s
@@ -308,7 +319,7 @@ def _weight_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool, both: boo
             PART2=parts[1],
             PART3=parts[2],
             BOTH=both,
-            num_warps=8 if one_pass else 4,
+            num_warps=WEIGHT_WARPS if one_pass else 4,
             **EXACT,
         )
     return q, s, q2
@@ -520,7 +531,7 @@ def transpose_grouped_codes(q: torch.Tensor, offsets: torch.Tensor) -> torch.Ten
     n_chunks = R.grouped_col_chunks(m, n_experts)
     qt = torch.empty(c, n_chunks * BLOCK, dtype=FP8, device=q.device)
     if m and c and n_experts:
-        K.fp8_transpose_grouped_kernel[(n_chunks * triton.cdiv(c, TRANSPOSE_BLOCK),)](
+        K.fp8_transpose_grouped_kernel[(n_chunks * triton.cdiv(c, GROUPED_TRANSPOSE_COLS),)](
             q.contiguous().view(torch.int32),
             qt.view(torch.int32),
             offsets,
@@ -528,7 +539,7 @@ def transpose_grouped_codes(q: torch.Tensor, offsets: torch.Tensor) -> torch.Ten
             c,
             n_experts,
             qt.stride(0) // 4,
-            BLOCK_C=TRANSPOSE_BLOCK,
+            BLOCK_C=GROUPED_TRANSPOSE_COLS,
             BLOCK_E=triton.next_power_of_2(n_experts),
         )
     return qt
