@@ -264,6 +264,13 @@ def quantiser_variants():
                 dict(BLOCK_C=ops.GROUPED_TRANSPOSE_COLS, BLOCK_E=256),
                 dict(num_warps=4, num_stages=1),
             )
+            yield (
+                "revive_dead_slices",
+                K.revive_dead_slices_kernel,
+                dict(s_ptr="*fp32", S="i32"),
+                dict(BLOCK_S=2048),
+                dict(num_warps=4, num_stages=1),
+            )
         for codes, weighted in ((True, True), (True, False)):  # the routed dW's dy and x operands
             yield (
                 f"row_factor_max src={src} codes={codes} weighted={weighted}",
@@ -281,13 +288,16 @@ def quantiser_variants():
                 dict(X_SCALES=codes, MULT=True, WEIGHTED=weighted, BLOCK=ops.ROW_BLOCK),
                 exact,
             )
-        for (gather, mult, weighted, codes), phase in itertools.product(
+        dw_cols = itertools.product(
             ((False, False, False, False), (True, True, True, True), (True, True, False, True),
-             (False, True, False, True)), (1, 2)
-        ):  # fmt: skip
+             (False, True, False, True)), (1, 2), (False,)
+        )  # fmt: skip
+        # the routed token-order amax pass: codes times their token's largest factor, all tokens one group
+        for (gather, mult, weighted, codes), phase, one_group in (*dw_cols, ((False, True, False, True), 1, True)):
+            x_scales = codes and not one_group
             yield (
                 f"fp8_quant_dw_cols src={src} gather={gather} mult={mult} weighted={weighted} codes={codes} "
-                f"phase={phase}",
+                f"x_scales={x_scales} phase={phase} one_group={one_group}",
                 K.fp8_quant_dw_cols_kernel,
                 dict(
                     x_ptr="*fp8e4nv" if codes else f"*{src}",
@@ -304,12 +314,13 @@ def quantiser_variants():
                 ),
                 dict(
                     GATHER=gather,
-                    X_SCALES=codes,
+                    X_SCALES=x_scales,
                     MULT=mult,
                     WEIGHTED=weighted,
-                    BLOCK_C=ops.QUANT_COLS,
+                    BLOCK_C=ops.DW_COLS_BLOCK,
                     BLOCK_E=256,
                     PHASE=phase,
+                    ONE_GROUP=one_group,
                 ),
                 exact,
             )

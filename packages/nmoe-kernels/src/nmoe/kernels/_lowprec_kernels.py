@@ -694,6 +694,18 @@ def fp8_quant_weight_blockwise_kernel(
 
 
 @triton.jit
+def revive_dead_slices_kernel(s_ptr, S, BLOCK_S: tl.constexpr):
+    """In place over rowwise weight scales s[E,S], one program per expert: an all-zero slice's scale (ZERO_SLICE_SCALE)
+    becomes the largest of its expert, or 1 when every slice is zero (reference_lowprec.revive_dead_slices)."""
+    ptrs = s_ptr + tl.program_id(0).to(tl.int64) * S + tl.arange(0, BLOCK_S)
+    ok = tl.arange(0, BLOCK_S) < S
+    s = tl.load(ptrs, mask=ok, other=ZERO_SLICE_SCALE)
+    top = tl.max(s, 0)
+    top = tl.where(top == ZERO_SLICE_SCALE, 1.0, top)
+    tl.store(ptrs, tl.where(s == ZERO_SLICE_SCALE, top, s), mask=ok)
+
+
+@triton.jit
 def _byte(words, j: tl.constexpr):
     """Byte j of int32 words, as int32 values 0-255."""
     return (words >> (8 * j)) & 0xFF
@@ -871,12 +883,14 @@ def fp8_quant_dw_cols_kernel(
     PHASE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    ONE_GROUP: tl.constexpr = False,
 ):
     """Grouped rows (see _dw_cols_tile) -> transposed e4m3 qt[C, chunk*128 + r] in the chunk layout of
     fp8_quant_grouped_cols_kernel and scales s[E, C]: one per column, shared by the experts, so the dW GEMM
     accumulates codes only. One program per (128-row chunk, column block): PHASE 1 atomically maxes the chunk's
     column amax into amax[C] (float32 bits as int32, zero-filled; routed, quantize_dw_cols runs it over the token
-    rows instead, as one group, MULT the per-token max of row_factor_max_kernel); PHASE 2 quantises with it and
+    rows instead, as ONE_GROUP of all M rows (offsets unread), MULT the per-token max of row_factor_max_kernel);
+    PHASE 2 quantises with it and
     stores the codes as int32 words of four (C a multiple of 4; see _store_quads_transposed), the expert's first chunk
     its scales (s is pre-filled with the zero-slice scale: an empty expert has no chunk)."""
     tiles_c = tl.cdiv(C, BLOCK_C)
@@ -884,7 +898,11 @@ def fp8_quant_dw_cols_kernel(
     c0 = (tl.program_id(0) % tiles_c) * BLOCK_C
     cols = c0 + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    expert, row0, end, is_tail = _locate_tile(chunk, offsets_ptr, M, E, FP8_BLOCK, BLOCK_E)
+    if ONE_GROUP:
+        expert, row0, end = 0, chunk * FP8_BLOCK, M
+        is_tail = row0 >= M
+    else:
+        expert, row0, end, is_tail = _locate_tile(chunk, offsets_ptr, M, E, FP8_BLOCK, BLOCK_E)
     if is_tail:
         return
     at = amax_ptr + cols

@@ -326,10 +326,12 @@ def _weight_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool, both: boo
 
 
 def _weight_scales_rowwise(w: torch.Tensor, reduce_dim: int, transpose: bool, both: bool = False):
-    """`_weight_rowwise` for a GEMM's weight operand: dead slices revived (R.revive_dead_slices), as the reference's
+    """`_weight_rowwise` for a GEMM's weight operand: dead slices revived (as R.revive_dead_slices), as the reference's
     quantize_weight."""
     q, s, q2 = _weight_rowwise(w, reduce_dim, transpose, both)
-    return q, R.revive_dead_slices(s), q2
+    if s.numel():  # one launch in place of the reference's five torch ops
+        K.revive_dead_slices_kernel[(s.shape[0],)](s, s.shape[1], BLOCK_S=triton.next_power_of_2(s.shape[1]))
+    return q, s, q2
 
 
 def _weight_blockwise(w: torch.Tensor, write_q: bool, write_qt: bool):
@@ -474,7 +476,9 @@ def quantize_dw_cols(x, offsets, idx=None, mult=None, weights=None, w_idx=None, 
     s = torch.full((n_experts, c), R.ZERO_SLICE_SCALE, dtype=torch.float32, device=x.device)
     if not (n_experts and c and m):
         return qt, s
-    amax = torch.zeros(c, dtype=torch.int32, device=x.device)
+    n_tok = 0 if idx is None else x.shape[0]
+    zeros = torch.zeros(c + n_tok, dtype=torch.int32, device=x.device)  # one fill for the column and token maxima
+    amax, fmax = zeros[:c], zeros[c:]
     factors = dict(X_SCALES=x_scales is not None, MULT=mult is not None, WEIGHTED=weights is not None)
     row_args = (
         offsets if x_scales is None else x_scales,
@@ -485,22 +489,20 @@ def quantize_dw_cols(x, offsets, idx=None, mult=None, weights=None, w_idx=None, 
     if idx is None:
         _dw_cols_pass(1, x, offsets, None, row_args, factors, qt, s, amax, m)
     else:  # the amax over the tokens, each times the largest factor of its grouped rows
-        n_tok = x.shape[0]
-        fmax = torch.zeros(n_tok, dtype=torch.int32, device=x.device)
         K.row_factor_max_kernel[(triton.cdiv(m, ROW_BLOCK),)](
             idx, *row_args, fmax, offsets, n_experts, **factors, BLOCK=ROW_BLOCK, **EXACT
         )
-        one_group = torch.full((1,), n_tok, dtype=torch.int32, device=x.device)
         token_max = dict(X_SCALES=False, MULT=True, WEIGHTED=False)  # each token row times its largest factor
-        _dw_cols_pass(1, x, one_group, None, (offsets, fmax.view(torch.float32), offsets, offsets), token_max, qt,
-                      s, amax, n_tok)  # fmt: skip
+        _dw_cols_pass(1, x, offsets, None, (offsets, fmax.view(torch.float32), offsets, offsets), token_max, qt,
+                      s, amax, n_tok, one_group=True)  # fmt: skip
     _dw_cols_pass(2, x, offsets, idx, row_args, factors, qt, s, amax, m)
     return qt, s
 
 
-def _dw_cols_pass(phase, x, offsets, idx, row_args, factors, qt, s, amax, m):
-    """One launch of fp8_quant_dw_cols_kernel over m grouped rows (see quantize_dw_cols)."""
-    n_experts, c = offsets.shape[0], x.shape[1]
+def _dw_cols_pass(phase, x, offsets, idx, row_args, factors, qt, s, amax, m, one_group=False):
+    """One launch of fp8_quant_dw_cols_kernel over m grouped rows (see quantize_dw_cols); one_group: all m rows as
+    one group (offsets unread)."""
+    n_experts, c = (1 if one_group else offsets.shape[0]), x.shape[1]
     K.fp8_quant_dw_cols_kernel[(R.grouped_col_chunks(m, n_experts) * triton.cdiv(c, DW_COLS_BLOCK),)](
         x,
         offsets if idx is None else idx,
@@ -519,6 +521,7 @@ def _dw_cols_pass(phase, x, offsets, idx, row_args, factors, qt, s, amax, m):
         PHASE=phase,
         BLOCK_C=DW_COLS_BLOCK,
         BLOCK_E=triton.next_power_of_2(n_experts),
+        ONE_GROUP=one_group,
         **EXACT,
         **({} if INTERPRET else {"num_warps": DW_COLS_WARPS}),
     )
