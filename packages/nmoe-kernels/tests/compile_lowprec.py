@@ -156,7 +156,8 @@ def quantiser_variants():
                     for fold in (False, True) if not blockwise and width in (0, 704) else (False,):  # act's fold
                         elements = ops.ONE_PASS_ELEMENTS_FOLD if fold else ops.ONE_PASS_ELEMENTS
                         block_c, *parts = ops.pow2_parts(width) if one_pass else (128, 0, 0, 0)
-                        block_m = ops._prev_power_of_2(elements // width // (1 + swiglu)) if one_pass else 32
+                        per_row = width * (2 if swiglu and not fold else 1)  # as quantize_rows counts
+                        block_m = ops._prev_power_of_2(elements // per_row) if one_pass else 32
                         yield (
                             f"fp8_quant_rows src={src} blockwise={blockwise} one_pass={one_pass} swiglu={swiglu} "
                             f"width={width} fold={fold}",
@@ -247,7 +248,7 @@ def quantiser_variants():
                     stride_wc=1,  # as the forward copy launches it: w contiguous along C, q (transposed) along R
                     stride_qr=1,
                 ),
-                dict(exact, num_warps=8 if one_pass else 4),
+                dict(exact, num_warps=ops.WEIGHT_WARPS if one_pass else 4),
             )
         if src == "fp32":  # the codes' transposed copies (int32 words of four codes)
             yield (

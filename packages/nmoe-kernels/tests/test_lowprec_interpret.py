@@ -234,6 +234,25 @@ def test_dw_column_quantiser_and_grouped_transpose_match_the_reference():
     q, _ = R.quantize_fp8_rowwise(rows)
     _chunk_slots(_lowprec_ops.transpose_grouped_codes(q, offsets), offsets, q, "grouped transpose")
 
+    # groups of 1-3 rows and of exactly 128, C a multiple of 4 but not of 16 (a partial column block): the kernels
+    # pack four rows per word, so every position of a group's end within a word matters
+    offsets = torch.tensor([3, 4, 132, 134, 262], dtype=torch.int32)
+    rows = torch.randn(262, 44, generator=g)
+    qt, s = _lowprec_ops.quantize_dw_cols(rows, offsets)
+    q_ref, s_ref = R.quantize_fp8_dw_cols(rows, offsets)
+    assert_bitwise(s, s_ref, "dW-col scales, short groups")
+    _chunk_slots(qt, offsets, q_ref, "dW-col codes, short groups")
+    q, _ = R.quantize_fp8_rowwise(rows)
+    _chunk_slots(_lowprec_ops.transpose_grouped_codes(q, offsets), offsets, q, "grouped transpose, short groups")
+    codes, row_scales = R.quantize_fp8_rowwise(torch.randn(50, 44, generator=g))
+    idx = torch.randint(0, 50, (262,), generator=g, dtype=torch.int32)
+    mult = torch.rand(262, generator=g)
+    qt, s = _lowprec_ops.quantize_dw_cols(codes, offsets, idx, mult, x_scales=row_scales)  # as _dw_up reads x
+    factor = row_scales[idx.long()] * mult
+    q_ref, s_ref = R.quantize_fp8_dw_cols(codes[idx.long()].float() * factor[:, None], offsets)
+    assert_bitwise(s, s_ref, "dW-col scales of requantised codes, short groups")
+    _chunk_slots(qt, offsets, q_ref, "requantised dW-col codes, short groups")
+
 
 def _rounding_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     """Every e2m1 tie and grid point with its float32 neighbours, both signs, beyond +-6, and random values; random

@@ -611,8 +611,8 @@ def fp8_quant_weight_rowwise_kernel(
 
     ONE_PASS: the [R, BLOCK_C] slab is read once and kept in registers as up to four power-of-two row parts
     (BLOCK_R, PART1, PART2, PART3); else read twice in BLOCK_R-row pieces. BOTH (one pass, one part, R and C
-    multiples of 4): q is [E,C,R] contiguous and q2 [E,R,C] contiguous gets the same codes (else q2 is unused), both stored as int32
-    words of four (see _transpose_words). The column blocks are the fastest grid axis: programs running together
+    multiples of 4): q is [E,C,R] contiguous and q2 [E,R,C] contiguous gets the same codes (else q2 is unused),
+    both stored as int32 words of four (see _transpose_words). The column blocks are the fastest grid axis: programs running together
     read neighbouring pieces of the same rows.
     """
     e = tl.program_id(1).to(tl.int64)
@@ -736,7 +736,7 @@ def _store_quads_transposed(out_ptr, w0, w1, w2, w3, words, n_cols, slots, slot_
 
     Transposing packed bytes this way moves words, never single bytes: four elementwise byte gathers and an int32
     transpose per output row set. Against _transpose_words (every word unpacked to four int32 values, one transpose
-    of them all) it took the dW column requantisation from 0.136 to 0.106 ms and the grouped transposes 10-20% off on
+    of them all) it took the dW column requantisation from 0.136 to 0.104 ms and the grouped transposes 10-20% off on
     moonlet (H100); the [E,K,N] weight transpose stays on _transpose_words, which was 6x faster there.
     """
     for j in tl.static_range(4):
@@ -890,9 +890,9 @@ def fp8_quant_dw_cols_kernel(
     accumulates codes only. One program per (128-row chunk, column block): PHASE 1 atomically maxes the chunk's
     column amax into amax[C] (float32 bits as int32, zero-filled; routed, quantize_dw_cols runs it over the token
     rows instead, as ONE_GROUP of all M rows (offsets unread), MULT the per-token max of row_factor_max_kernel);
-    PHASE 2 quantises with it and
-    stores the codes as int32 words of four (C a multiple of 4; see _store_quads_transposed), the expert's first chunk
-    its scales (s is pre-filled with the zero-slice scale: an empty expert has no chunk)."""
+    PHASE 2 quantises with it and stores the codes transposed, as int32 words of four rows 4g..4g+3 per column
+    (see _quad_words), the expert's first chunk its scales (s is pre-filled with the zero-slice scale: an empty
+    expert has no chunk)."""
     tiles_c = tl.cdiv(C, BLOCK_C)
     chunk = tl.program_id(0) // tiles_c
     c0 = (tl.program_id(0) % tiles_c) * BLOCK_C
