@@ -283,7 +283,7 @@ def dw_cols_sweep(tokens: int, top_k: int, n_experts: int, d: int) -> dict:
     x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
     codes, row_scales = ops.quantize_rows(x, False)
     ids = torch.rand(tokens, n_experts, device="cuda").topk(top_k, dim=1).indices
-    routing, token, _ = _triton_ops.route(ids, n_experts)
+    routing, token, pos = _triton_ops.route(ids, n_experts)
     mult, weights = torch.rand(tokens * top_k, device="cuda"), torch.rand(tokens * top_k, device="cuda")
     offsets, order = routing.offsets, routing.order
     saved = ops.DW_COLS_BLOCK, ops.DW_COLS_WARPS
@@ -293,10 +293,10 @@ def dw_cols_sweep(tokens: int, top_k: int, n_experts: int, d: int) -> dict:
             for warps in (2, 4, 8):
                 ops.DW_COLS_BLOCK, ops.DW_COLS_WARPS = block, warps
                 out[f"dW cols as dy, block {block}, warps {warps}"] = graph_ms(
-                    lambda: ops.quantize_dw_cols(codes, offsets, token, mult, weights, order, row_scales)
+                    lambda: ops.quantize_dw_cols(codes, offsets, token, mult, weights, order, row_scales, pos=pos)
                 )
                 out[f"dW cols as x, block {block}, warps {warps}"] = graph_ms(
-                    lambda: ops.quantize_dw_cols(codes, offsets, token, mult, x_scales=row_scales)
+                    lambda: ops.quantize_dw_cols(codes, offsets, token, mult, x_scales=row_scales, pos=pos)
                 )
     finally:
         ops.DW_COLS_BLOCK, ops.DW_COLS_WARPS = saved

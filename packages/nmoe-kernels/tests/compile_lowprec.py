@@ -133,13 +133,24 @@ def dw_variants(quick: bool):
         **dict.fromkeys(("KA", "N", "E", "stride_a", "stride_b", "stride_oe", "stride_ok"), "i32"),
     }
     for out in ("bf16", "fp32"):
-        for expert_scales, fast in ((False, False), (True, False), (True, True)):
+        # the routed rowwise dW divides out a weight's folded scales: w_down's on A, w_up's on B
+        recipes = ((False, False, (False, False)), (True, False, (False, False)), (True, True, (True, False)),
+                   (True, True, (False, True)))  # fmt: skip
+        for expert_scales, fast, inverse in recipes:
             for cfg in ops._DW_CONFIGS[:1] if quick else ops._DW_CONFIGS:
                 yield (
-                    f"gmm_fp8_dw out={out} expert_scales={expert_scales} fast={fast} {cfg.kwargs}",
+                    f"gmm_fp8_dw out={out} expert_scales={expert_scales} fast={fast} inverse={inverse} {cfg.kwargs}",
                     K.gmm_fp8_dw_kernel,
                     dict(types, out_ptr=f"*{out}"),
-                    dict(UPCAST=False, BLOCK_E=256, EXPERT_SCALES=expert_scales, FAST_ACC=fast, **cfg.kwargs),
+                    dict(
+                        UPCAST=False,
+                        BLOCK_E=256,
+                        EXPERT_SCALES=expert_scales,
+                        FAST_ACC=fast,
+                        INVERSE_A=inverse[0],
+                        INVERSE_B=inverse[1],
+                        **cfg.kwargs,
+                    ),  # fmt: skip
                     dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
                 )
 
@@ -272,33 +283,18 @@ def quantiser_variants():
                 dict(BLOCK_S=2048),
                 dict(num_warps=4, num_stages=1),
             )
-        for codes, weighted in ((True, True), (True, False)):  # the routed dW's dy and x operands
-            yield (
-                f"row_factor_max src={src} codes={codes} weighted={weighted}",
-                K.row_factor_max_kernel,
-                dict(
-                    idx_ptr="*i32",
-                    xs_ptr="*fp32",
-                    mult_ptr="*fp32",
-                    wts_ptr=f"*{src}",
-                    w_idx_ptr="*i64",
-                    fmax_ptr="*i32",
-                    offsets_ptr="*i32",
-                    E="i32",
-                ),
-                dict(X_SCALES=codes, MULT=True, WEIGHTED=weighted, BLOCK=ops.ROW_BLOCK),
-                exact,
-            )
         dw_cols = itertools.product(
             ((False, False, False, False), (True, True, True, True), (True, True, False, True),
-             (False, True, False, True)), (1, 2), (False,)
+             (False, True, False, True)), (1, 2), (0,)
         )  # fmt: skip
-        # the routed token-order amax pass: codes times their token's largest factor, all tokens one group
-        for (gather, mult, weighted, codes), phase, one_group in (*dw_cols, ((False, True, False, True), 1, True)):
-            x_scales = codes and not one_group
+        # the routed token-order amax pass (moonlet's top_k): codes times their token's largest row factor, as the
+        # routed dW's dy (weighted) and x operands read them
+        routed = (((False, True, True, True), 1, 6), ((False, True, False, True), 1, 6))
+        for (gather, mult, weighted, codes), phase, top_k in (*dw_cols, *routed):
+            x_scales = codes
             yield (
                 f"fp8_quant_dw_cols src={src} gather={gather} mult={mult} weighted={weighted} codes={codes} "
-                f"x_scales={x_scales} phase={phase} one_group={one_group}",
+                f"x_scales={x_scales} phase={phase} top_k={top_k}",
                 K.fp8_quant_dw_cols_kernel,
                 dict(
                     x_ptr="*fp8e4nv" if codes else f"*{src}",
@@ -321,7 +317,7 @@ def quantiser_variants():
                     BLOCK_C=ops.DW_COLS_BLOCK,
                     BLOCK_E=256,
                     PHASE=phase,
-                    ONE_GROUP=one_group,
+                    TOP_K=top_k,
                 ),
                 exact,
             )

@@ -194,6 +194,17 @@ def _chunk_slots(qt: torch.Tensor, offsets: torch.Tensor, want: torch.Tensor, wh
         assert bits(slot[end - first :]).eq(0).all(), f"{what}: chunk {cid} is not zero-padded"
 
 
+def _routing(n_tokens: int, top_k: int, g: torch.Generator, last_dropped: bool = False):
+    """A routing's (order[R] int64: token slot of grouped row r, token[R] int32, pos[R] int32: grouped row of each
+    slot), R = n_tokens * top_k; last_dropped: the last token's slots are the last grouped rows."""
+    n = n_tokens * top_k
+    kept = n - top_k if last_dropped else n
+    order = torch.cat([torch.randperm(kept, generator=g), torch.arange(kept, n)])
+    pos = torch.empty(n, dtype=torch.int32)
+    pos[order] = torch.arange(n, dtype=torch.int32)
+    return order, (order // top_k).to(torch.int32), pos
+
+
 def test_dw_column_quantiser_and_grouped_transpose_match_the_reference():
     """The rowwise dW operands: codes per column, one scale shared by the experts (gathered, times a row multiplier
     and a routing weight, as the routed backward reads x and dy: the amax then comes from the token rows), and
@@ -211,21 +222,21 @@ def test_dw_column_quantiser_and_grouped_transpose_match_the_reference():
     assert torch.equal(s[1], s[3]), "one scale per column, shared by the experts"
     _chunk_slots(qt, offsets, q_ref, "dW-col codes")
 
-    x = torch.randn(60, 48, generator=g).to(torch.bfloat16)
-    x[59] = 1e4  # a token only the dropped rows read
-    idx = torch.randint(0, 59, (200,), generator=g, dtype=torch.int32)
-    idx[197:] = 59
-    mult = torch.rand(200, generator=g) * 1e-3
-    weights = (torch.rand(200, generator=g) * 2 - 1).to(torch.bfloat16)  # negative too: amaxes of |values|
-    w_idx = torch.randperm(200, generator=g)
+    # gathered as a routing of 67 tokens x top-3 reads them: the last token's 3 slots are the dropped rows
+    offsets = torch.tensor([0, 130, 130, 198], dtype=torch.int32)
+    x = torch.randn(67, 48, generator=g).to(torch.bfloat16)
+    x[66] = 1e4  # a token only the dropped rows read
+    w_idx, idx, pos = _routing(67, 3, g, last_dropped=True)
+    mult = torch.rand(201, generator=g) * 1e-3
+    weights = (torch.rand(201, generator=g) * 2 - 1).to(torch.bfloat16)  # negative too: amaxes of |values|
     factor = mult * weights[w_idx].float()  # each row's multipliers first, as the kernels
-    qt, s = _lowprec_ops.quantize_dw_cols(x, offsets, idx, mult, weights, w_idx)
+    qt, s = _lowprec_ops.quantize_dw_cols(x, offsets, idx, mult, weights, w_idx, pos=pos)
     q_ref, s_ref = R.quantize_fp8_dw_cols(x[idx.long()].float() * factor[:, None], offsets)
     assert_bitwise(s, s_ref, "gathered, multiplied, weighted dW-col scales")
     _chunk_slots(qt, offsets, q_ref, "gathered dW-col codes")
 
     codes, row_scales = R.quantize_fp8_rowwise(x)  # requantised codes, as the rowwise dW reads x and dy
-    qt, s = _lowprec_ops.quantize_dw_cols(codes, offsets, idx, mult, weights, w_idx, row_scales)
+    qt, s = _lowprec_ops.quantize_dw_cols(codes, offsets, idx, mult, weights, w_idx, row_scales, pos=pos)
     factor = row_scales[idx.long()] * mult * weights[w_idx].float()
     q_ref, s_ref = R.quantize_fp8_dw_cols(codes[idx.long()].float() * factor[:, None], offsets)
     assert_bitwise(s, s_ref, "dW-col scales of requantised codes")
@@ -244,10 +255,10 @@ def test_dw_column_quantiser_and_grouped_transpose_match_the_reference():
     _chunk_slots(qt, offsets, q_ref, "dW-col codes, short groups")
     q, _ = R.quantize_fp8_rowwise(rows)
     _chunk_slots(_lowprec_ops.transpose_grouped_codes(q, offsets), offsets, q, "grouped transpose, short groups")
-    codes, row_scales = R.quantize_fp8_rowwise(torch.randn(50, 44, generator=g))
-    idx = torch.randint(0, 50, (262,), generator=g, dtype=torch.int32)
+    codes, row_scales = R.quantize_fp8_rowwise(torch.randn(131, 44, generator=g))
+    _, idx, pos = _routing(131, 2, g)
     mult = torch.rand(262, generator=g)
-    qt, s = _lowprec_ops.quantize_dw_cols(codes, offsets, idx, mult, x_scales=row_scales)  # as _dw_up reads x
+    qt, s = _lowprec_ops.quantize_dw_cols(codes, offsets, idx, mult, x_scales=row_scales, pos=pos)  # as _dw_up
     factor = row_scales[idx.long()] * mult
     q_ref, s_ref = R.quantize_fp8_dw_cols(codes[idx.long()].float() * factor[:, None], offsets)
     assert_bitwise(s, s_ref, "dW-col scales of requantised codes, short groups")

@@ -820,19 +820,6 @@ def _row_factor(rows, row_ok, src, xs_ptr, mult_ptr, wts_ptr, w_idx_ptr, X_SCALE
 
 
 @triton.jit
-def row_factor_max_kernel(idx_ptr, xs_ptr, mult_ptr, wts_ptr, w_idx_ptr, fmax_ptr, offsets_ptr, E,
-                          X_SCALES: tl.constexpr, MULT: tl.constexpr, WEIGHTED: tl.constexpr,
-                          BLOCK: tl.constexpr):  # fmt: skip
-    """fmax[t] = the largest _row_factor over the routed grouped rows r (r < offsets[-1]) with idx[r] = t, as float32
-    bits in int32 (zero-filled; non-negative float32 values order as their bits)."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    row_ok = rows < tl.load(offsets_ptr + E - 1)
-    src = tl.load(idx_ptr + rows, mask=row_ok, other=0)
-    f = _row_factor(rows, row_ok, src, xs_ptr, mult_ptr, wts_ptr, w_idx_ptr, X_SCALES, MULT, WEIGHTED)
-    tl.atomic_max(fmax_ptr + src, tl.abs(f).to(tl.int32, bitcast=True), mask=row_ok)
-
-
-@triton.jit
 def _dw_cols_tile(x_ptr, idx_ptr, xs_ptr, mult_ptr, wts_ptr, w_idx_ptr, rows, row_ok, cols, col_ok, stride_xm,
                   GATHER: tl.constexpr, X_SCALES: tl.constexpr, MULT: tl.constexpr,
                   WEIGHTED: tl.constexpr):  # fmt: skip
@@ -883,29 +870,45 @@ def fp8_quant_dw_cols_kernel(
     PHASE: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_E: tl.constexpr,
-    ONE_GROUP: tl.constexpr = False,
+    TOP_K: tl.constexpr = 0,
 ):
     """Grouped rows (see _dw_cols_tile) -> transposed e4m3 qt[C, chunk*128 + r] in the chunk layout of
     fp8_quant_grouped_cols_kernel and scales s[E, C]: one per column, shared by the experts, so the dW GEMM
     accumulates codes only. One program per (128-row chunk, column block): PHASE 1 atomically maxes the chunk's
-    column amax into amax[C] (float32 bits as int32, zero-filled; routed, quantize_dw_cols runs it over the token
-    rows instead, as ONE_GROUP of all M rows (offsets unread), MULT the per-token max of row_factor_max_kernel);
-    PHASE 2 quantises with it and stores the codes transposed, as int32 words of four rows 4g..4g+3 per column
-    (see _quad_words), the expert's first chunk its scales (s is pre-filled with the zero-slice scale: an empty
-    expert has no chunk)."""
+    column amax into amax[C] (float32 bits as int32, zero-filled); PHASE 2 quantises with it and stores the codes
+    transposed, as int32 words of four rows 4g..4g+3 per column (see _quad_words), the expert's first chunk its
+    scales, and program column block c of chunk e < E the zero-slice scale of expert e if it is empty (it has no
+    chunk). Routed (TOP_K > 0, PHASE 1): the amax is taken over x's M token rows in 128-row pieces instead (offsets
+    read for the routed end only), each token times the largest |_row_factor| of its grouped rows idx_ptr[t*TOP_K +
+    k] (its pos; rows past offsets[-1] are dropped): a pass over the T tokens instead of the T*K grouped rows."""
     tiles_c = tl.cdiv(C, BLOCK_C)
     chunk = tl.program_id(0) // tiles_c
     c0 = (tl.program_id(0) % tiles_c) * BLOCK_C
     cols = c0 + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    if ONE_GROUP:
-        expert, row0, end = 0, chunk * FP8_BLOCK, M
-        is_tail = row0 >= M
-    else:
-        expert, row0, end, is_tail = _locate_tile(chunk, offsets_ptr, M, E, FP8_BLOCK, BLOCK_E)
+    at = amax_ptr + cols
+    if TOP_K > 0:  # token rows, each times its largest row factor; the same products as PHASE 2's rows
+        tokens = chunk * FP8_BLOCK + tl.arange(0, FP8_BLOCK)
+        token_ok = tokens < M
+        routed_end = tl.load(offsets_ptr + E - 1)
+        f = tl.zeros((FP8_BLOCK,), dtype=tl.float32)
+        for k in tl.static_range(TOP_K):
+            rows = tl.load(idx_ptr + tokens * TOP_K + k, mask=token_ok, other=0)
+            ok = token_ok & (rows < routed_end)
+            fk = _row_factor(rows, ok, tokens, xs_ptr, mult_ptr, wts_ptr, w_idx_ptr, X_SCALES, MULT, WEIGHTED)
+            f = tl.maximum(f, tl.where(ok, tl.abs(fk), 0.0))
+        x = tl.load(x_ptr + tokens.to(tl.int64)[:, None] * stride_xm + cols[None, :],
+                    mask=token_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        tl.atomic_max(at, tl.max(tl.abs(x * f[:, None]), 0).to(tl.int32, bitcast=True), mask=col_ok)
+        return
+    if PHASE == 2 and chunk < E:  # an empty expert's scales (it has no chunk to write them)
+        e_start = tl.where(chunk > 0, tl.load(offsets_ptr + tl.maximum(chunk - 1, 0)), 0)
+        if tl.load(offsets_ptr + chunk) == e_start:
+            tl.store(s_ptr + chunk.to(tl.int64) * C + cols, tl.full((BLOCK_C,), ZERO_SLICE_SCALE, tl.float32),
+                     mask=col_ok)  # fmt: skip
+    expert, row0, end, is_tail = _locate_tile(chunk, offsets_ptr, M, E, FP8_BLOCK, BLOCK_E)
     if is_tail:
         return
-    at = amax_ptr + cols
     if PHASE == 1:  # non-negative float32 values order as their int32 bits
         rows = row0 + tl.arange(0, FP8_BLOCK)
         x = _dw_cols_tile(x_ptr, idx_ptr, xs_ptr, mult_ptr, wts_ptr, w_idx_ptr, rows, rows < end, cols, col_ok,
@@ -1197,12 +1200,16 @@ def gmm_fp8_dw_kernel(
     BLOCK_E: tl.constexpr,
     EXPERT_SCALES: tl.constexpr = False,
     FAST_ACC: tl.constexpr = False,
+    INVERSE_A: tl.constexpr = False,
+    INVERSE_B: tl.constexpr = False,
 ):
     """out[e] = A[rows of e]^T @ B[rows of e] from chunked transposed e4m3 copies a[KA, slot], b[N, slot].
 
     Slots as written by fp8_quant_grouped_cols_kernel (128 zero-padded columns per chunk). Scales sa[chunk, KA],
     sb[chunk, N]: BLOCK_M divides 128, so each partial product has one chunk's scales. EXPERT_SCALES: sa[E, KA],
-    sb[E, N], applied once to the whole sum (promoted to float32 every BLOCK_M slots, or never with FAST_ACC).
+    sb[E, N], applied once to the whole sum (promoted to float32 every BLOCK_M slots, or never with FAST_ACC);
+    INVERSE_A / INVERSE_B: that operand's scales divide instead (multiplied by their correctly rounded inverse, as
+    torch.reciprocal gives it: a weight's scales folded into the operand's codes come back out).
     Empty groups store zeros.
     """
     pid = tl.program_id(0)
@@ -1240,8 +1247,12 @@ def gmm_fp8_dw_kernel(
             zero = tl.zeros((BLOCK_KA, BLOCK_N), dtype=tl.float32)
             acc += _dot_fp8(a, b, zero, UPCAST, BLOCK_M) * (sa[:, None] * sb[None, :])
     if EXPERT_SCALES:  # acc first: a dead weight slice's 1 / scale (2^126) times 0 stays 0
-        sa = tl.load(sa_ptr + expert * KA + kas, mask=ka_ok, other=0.0)
-        sb = tl.load(sb_ptr + expert * N + cols, mask=col_ok, other=0.0)
+        sa = tl.load(sa_ptr + expert * KA + kas, mask=ka_ok, other=1.0)
+        sb = tl.load(sb_ptr + expert * N + cols, mask=col_ok, other=1.0)
+        if INVERSE_A:
+            sa = _fp8_inverse(sa)
+        if INVERSE_B:
+            sb = _fp8_inverse(sb)
         acc = acc * sa[:, None] * sb[None, :]
     out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + kas[:, None].to(tl.int64) * stride_ok + cols[None, :]
     _store_rounded(out_ptrs, acc, ka_ok[:, None] & col_ok[None, :])

@@ -93,7 +93,6 @@ ROW_WARPS = 4  # warps per program of the row quantiser
 # the dW column quantiser's columns per 128-row program and warps (fastest of 32-256 x 4-8 on moonlet's dy and x
 # together, H100 probe 2026-11-25)
 DW_COLS_BLOCK, DW_COLS_WARPS = (32, 4) if INTERPRET else (128, 4)
-ROW_BLOCK = 1024  # grouped rows per program of row_factor_max_kernel
 TRANSPOSE_BLOCK = 32 if INTERPRET else 128  # codes per side of a transposed weight tile (fastest of 32-128, --sweep)
 # columns per 128-row program of the grouped (dW chunk layout) transpose: the fastest of 64-512 on moonlet's 704-,
 # 1,024- and 1,408-wide codes (H100 probe 2026-11-25; 128 was 1-2% slower)
@@ -461,24 +460,27 @@ def quantize_grouped_cols(x: torch.Tensor, offsets: torch.Tensor, swiglu_input: 
     return qt, s
 
 
-def quantize_dw_cols(x, offsets, idx=None, mult=None, weights=None, w_idx=None, x_scales=None):
+def quantize_dw_cols(x, offsets, idx=None, mult=None, weights=None, w_idx=None, x_scales=None, *, pos=None, amax=None):
     """Grouped rows r of x (x[idx[r]] when idx is given; x may be e4m3 codes with float32 row scales x_scales),
     times mult[r] float32 and weights[w_idx[r]] when given -> (qt e4m3 [C, chunks*128] in quantize_grouped_cols'
     chunk layout, float32 scales [E, C]): one scale per column, shared by the experts (an empty expert's row is
-    ZERO_SLICE_SCALE), which the dW GEMM applies once to the whole sum. Gathering, the column amax is taken over
-    x's rows in token order, each times its largest row multiplier: a pass over T rows instead of T*K."""
+    ZERO_SLICE_SCALE), which the dW GEMM applies once to the whole sum.
+
+    Gathering, idx is a routing's token[r] = order[r] // K and pos[T*K] int32 its inverse (grouped row of each
+    token slot): the column amax is then taken over x's T token rows, each times its largest row factor, a pass
+    over T rows instead of T*K. amax: int32 [C] zeros to use as the amax buffer (the caller's share of one fill)."""
     m = x.shape[0] if idx is None else idx.shape[0]
     c, n_experts = x.shape[1], offsets.shape[0]
     if c % 4:
         raise ValueError(f"quantize_dw_cols: C must be a multiple of 4, got {c}")
+    if idx is not None and (pos is None or pos.shape[0] % max(x.shape[0], 1)):
+        raise ValueError("quantize_dw_cols: gathering needs pos, the routing's grouped row of each of T*K token slots")
     n_chunks = R.grouped_col_chunks(m, n_experts)
     qt = torch.empty(c, n_chunks * BLOCK, dtype=FP8, device=x.device)
-    s = torch.full((n_experts, c), R.ZERO_SLICE_SCALE, dtype=torch.float32, device=x.device)
     if not (n_experts and c and m):
-        return qt, s
-    n_tok = 0 if idx is None else x.shape[0]
-    zeros = torch.zeros(c + n_tok, dtype=torch.int32, device=x.device)  # one fill for the column and token maxima
-    amax, fmax = zeros[:c], zeros[c:]
+        return qt, torch.full((n_experts, c), R.ZERO_SLICE_SCALE, dtype=torch.float32, device=x.device)
+    s = torch.empty(n_experts, c, dtype=torch.float32, device=x.device)  # the kernel writes every expert's row
+    amax = torch.zeros(c, dtype=torch.int32, device=x.device) if amax is None else amax
     factors = dict(X_SCALES=x_scales is not None, MULT=mult is not None, WEIGHTED=weights is not None)
     row_args = (
         offsets if x_scales is None else x_scales,
@@ -488,22 +490,19 @@ def quantize_dw_cols(x, offsets, idx=None, mult=None, weights=None, w_idx=None, 
     )
     if idx is None:
         _dw_cols_pass(1, x, offsets, None, row_args, factors, qt, s, amax, m)
-    else:  # the amax over the tokens, each times the largest factor of its grouped rows
-        K.row_factor_max_kernel[(triton.cdiv(m, ROW_BLOCK),)](
-            idx, *row_args, fmax, offsets, n_experts, **factors, BLOCK=ROW_BLOCK, **EXACT
-        )
-        token_max = dict(X_SCALES=False, MULT=True, WEIGHTED=False)  # each token row times its largest factor
-        _dw_cols_pass(1, x, offsets, None, (offsets, fmax.view(torch.float32), offsets, offsets), token_max, qt,
-                      s, amax, n_tok, one_group=True)  # fmt: skip
+    else:  # over the token rows, each times the largest factor of its top_k grouped rows
+        n_tok = x.shape[0]
+        _dw_cols_pass(1, x, offsets, pos, row_args, factors, qt, s, amax, n_tok, top_k=pos.shape[0] // n_tok)
     _dw_cols_pass(2, x, offsets, idx, row_args, factors, qt, s, amax, m)
     return qt, s
 
 
-def _dw_cols_pass(phase, x, offsets, idx, row_args, factors, qt, s, amax, m, one_group=False):
-    """One launch of fp8_quant_dw_cols_kernel over m grouped rows (see quantize_dw_cols); one_group: all m rows as
-    one group (offsets unread)."""
-    n_experts, c = (1 if one_group else offsets.shape[0]), x.shape[1]
-    K.fp8_quant_dw_cols_kernel[(R.grouped_col_chunks(m, n_experts) * triton.cdiv(c, DW_COLS_BLOCK),)](
+def _dw_cols_pass(phase, x, offsets, idx, row_args, factors, qt, s, amax, m, top_k=0):
+    """One launch of fp8_quant_dw_cols_kernel over m grouped rows (see quantize_dw_cols); top_k > 0: phase 1 over m
+    token rows, idx their slots' grouped rows (pos)."""
+    n_experts, c = offsets.shape[0], x.shape[1]
+    n_chunks = triton.cdiv(m, BLOCK) if top_k else R.grouped_col_chunks(m, n_experts)
+    K.fp8_quant_dw_cols_kernel[(n_chunks * triton.cdiv(c, DW_COLS_BLOCK),)](
         x,
         offsets if idx is None else idx,
         *row_args,
@@ -516,12 +515,12 @@ def _dw_cols_pass(phase, x, offsets, idx, row_args, factors, qt, s, amax, m, one
         n_experts,
         x.stride(0),
         qt.stride(0) // 4,
-        GATHER=idx is not None,
+        GATHER=idx is not None and not top_k,
         **factors,
         PHASE=phase,
         BLOCK_C=DW_COLS_BLOCK,
         BLOCK_E=triton.next_power_of_2(n_experts),
-        ONE_GROUP=one_group,
+        TOP_K=top_k,
         **EXACT,
         **({} if INTERPRET else {"num_warps": DW_COLS_WARPS}),
     )
@@ -661,11 +660,13 @@ def wgrad(a, b, offsets, dtype, blockwise, fast=False, a_swiglu=False):
     return wgrad_codes(qa, sa, qb, sb, offsets, dtype, expert_scales=not blockwise, fast=fast)
 
 
-def wgrad_codes(qa, sa, qb, sb, offsets, dtype, expert_scales, fast=False):
+def wgrad_codes(qa, sa, qb, sb, offsets, dtype, expert_scales, fast=False, inverse=(False, False)):
     """dW[e] [E, KA, N] in dtype from chunk-layout codes qa[KA, slots], qb[N, slots] with column scales per expert
     (sa[E, KA], sb[E, N]; quantize_dw_cols gives every expert the same row) or per 128-row chunk (sa[chunks, KA],
-    sb[chunks, N])."""
+    sb[chunks, N]). inverse (expert scales): whether sa, sb divide instead (a weight's scales folded into codes)."""
     n_experts, ka, n = offsets.shape[0], qa.shape[0], qb.shape[0]
+    if any(inverse) and not expert_scales:
+        raise ValueError("wgrad_codes: inverse scales need expert_scales")
     out = torch.empty(n_experts, ka, n, dtype=dtype, device=qa.device)
 
     def grid(meta):
@@ -689,6 +690,8 @@ def wgrad_codes(qa, sa, qb, sb, offsets, dtype, expert_scales, fast=False):
         BLOCK_E=triton.next_power_of_2(n_experts),
         EXPERT_SCALES=expert_scales,
         FAST_ACC=fast and expert_scales,
+        INVERSE_A=inverse[0],
+        INVERSE_B=inverse[1],
     )
     return out
 
@@ -779,15 +782,21 @@ def _mlp_forward(qx, sx, offsets, w_up, w_down, r: _Recipe, m: int, dtype, token
     return out, pre, act, (q_up, s_up, q_dn, s_dn)
 
 
-def _mlp_backward(dy, x, offsets, w_up, w_down, codes, pre, act, r: _Recipe, routing=None):
-    """dy (token order [T,D] with routing = (token, weights, order), else grouped [m,D]), codes from
-    `_mlp_forward` -> (d_rows[m,D] grouped, dw_up, dw_down, d_weights[m] float32 by routing slot or None)."""
+def _mlp_backward(dy, x, offsets, w_up, w_down, codes, pre, act, r: _Recipe, routing=None, x_codes=None):
+    """dy (token order [T,D] with routing = (token, weights, order, pos), else grouped [m,D]), codes from
+    `_mlp_forward`, x_codes: x's e4m3 rows and row scales as the forward quantised them (rowwise fp8 dW) ->
+    (d_rows[m,D] grouped, dw_up, dw_down, d_weights[m] float32 by routing slot or None)."""
     m, h = pre.shape[0], w_down.shape[1]
     d = w_up.shape[1]
     q_up, s_up, q_dn, s_dn = codes
-    token, weights, order = routing if routing is not None else (None, None, None)
+    token, weights, order, pos = routing if routing is not None else (None, None, None, None)
     qdy, sdy = quantize_rows(dy, r.blockwise)
-    d_weights = None if routing is None else torch.zeros(m, dtype=torch.float32, device=dy.device)
+    # one zero fill: the routing weights' gradient (dropped slots get none) and the dW column quantisers' amaxes
+    cols_fp8 = r.wgrad_fp8 and not r.blockwise
+    n_weights = 0 if routing is None else m
+    zeros = torch.zeros(n_weights + (2 * d if cols_fp8 else 0), dtype=torch.float32, device=dy.device)
+    d_weights = None if routing is None else zeros[:m]
+    amaxes = (zeros[n_weights : n_weights + d].view(torch.int32), zeros[n_weights + d :].view(torch.int32))
     down = weight_operand(q_dn, None, s_dn, r.blockwise, "dgrad", DOWN_FOLD)
     if r.blockwise:  # the SwiGLU backward in the dgrad GEMM's epilogue; d_pre quantised per 128 columns below
         d_pre = torch.empty(pre.shape, dtype=pre.dtype, device=pre.device)
@@ -800,24 +809,27 @@ def _mlp_backward(dy, x, offsets, w_up, w_down, codes, pre, act, r: _Recipe, rou
         d_pre, qdp, sdp = _triton_ops.swiglu_backward_rows(
             d_act, pre, offsets, weights, order, d_weights, quantize=True, fold=s_up, store=not r.wgrad_fp8
         )
-    dw_down = _dw_down(dy, qdy, sdy, pre, act, s_dn, offsets, w_down.dtype, r, token, weights, order)
+    route = (token, pos, weights, order)
+    dw_down = _dw_down(dy, qdy, sdy, pre, act, s_dn, offsets, w_down.dtype, r, route, amaxes[0])
     if r.blockwise:
         qdp, sdp = quantize_rows(d_pre, True)
     d_rows = torch.empty(m, d, dtype=pre.dtype, device=pre.device)
     up = weight_operand(q_up, None, s_up, r.blockwise, "dgrad", UP_FOLD)
     gemm(qdp, sdp, r.blockwise, up, offsets, d_rows, d, 2 * h, fast=r.fast)
-    dw_up = _dw_up(x, d_pre, qdp, sdp, s_up, offsets, w_up.dtype, r, token)
+    dw_up = _dw_up(x, x_codes, d_pre, qdp, sdp, s_up, offsets, w_up.dtype, r, route[:2], amaxes[1])
     return d_rows, dw_up, dw_down, d_weights
 
 
-def _dw_down(dy, qdy, sdy, pre, act, s_dn, offsets, dtype, r: _Recipe, token, weights, order):
+def _dw_down(dy, qdy, sdy, pre, act, s_dn, offsets, dtype, r: _Recipe, route, amax):
     """dW of the down projection [E,H,D] in dtype: rowwise fp8 on act's folded codes (their row scales go into dy's
-    codes times the routing weight, requantised per column), blockwise fp8 per 128-row chunk, or bf16."""
+    codes times the routing weight, requantised per column; amax: the column quantiser's zeroed buffer), blockwise
+    fp8 per 128-row chunk, or bf16. route: (token, pos, weights, order), all None unrouted."""
+    token, pos, weights, order = route
     if r.wgrad_fp8 and not r.blockwise:
         q_act, s_act = act
-        qb, sb = quantize_dw_cols(qdy, offsets, token, s_act, weights, order, sdy)
+        qb, sb = quantize_dw_cols(qdy, offsets, token, s_act, weights, order, sdy, pos=pos, amax=amax)
         qa = transpose_grouped_codes(q_act, offsets)
-        return wgrad_codes(qa, torch.reciprocal(s_dn), qb, sb, offsets, dtype, True, r.fast)
+        return wgrad_codes(qa, s_dn, qb, sb, offsets, dtype, True, r.fast, inverse=(True, False))
     # the token-order dy gathered (and weighted) into grouped rows
     dy_rows = dy.to(pre.dtype) if token is None else _triton_ops.gather_rows(dy, token, weights, order)
     if r.wgrad_fp8:
@@ -827,14 +839,16 @@ def _dw_down(dy, qdy, sdy, pre, act, s_dn, offsets, dtype, r: _Recipe, token, we
     return wgrad_in_input_dtype(act, dy_rows, offsets, dtype)
 
 
-def _dw_up(x, d_pre, qdp, sdp, s_up, offsets, dtype, r: _Recipe, token):
+def _dw_up(x, x_codes, d_pre, qdp, sdp, s_up, offsets, dtype, r: _Recipe, route, amax):
     """dW of the up projection [E,D,2H] in dtype: rowwise fp8 on d_pre's folded codes (their row scales go into
-    x's codes, requantised per column), blockwise fp8 per 128-row chunk, or bf16."""
+    x's codes, x_codes from the forward, requantised per column), blockwise fp8 per 128-row chunk, or bf16.
+    route: (token, pos), both None unrouted."""
+    token, pos = route
     if r.wgrad_fp8 and not r.blockwise:
-        qx, sx = quantize_rows(x, False)
-        qa, sa = quantize_dw_cols(qx, offsets, token, sdp, x_scales=sx)
+        qx, sx = x_codes
+        qa, sa = quantize_dw_cols(qx, offsets, token, sdp, x_scales=sx, pos=pos, amax=amax)
         qb = transpose_grouped_codes(qdp, offsets)
-        return wgrad_codes(qa, sa, qb, torch.reciprocal(s_up), offsets, dtype, True, r.fast)
+        return wgrad_codes(qa, sa, qb, s_up, offsets, dtype, True, r.fast, inverse=(False, True))
     x_rows = x if token is None else _triton_ops.gather_rows(x, token)
     if r.wgrad_fp8:
         return wgrad(x_rows, d_pre, offsets, dtype, True)
@@ -851,18 +865,19 @@ class ExpertMLPFP8(torch.autograd.Function):
         r = _Recipe(scaling == "blockwise", wgrad_fp8, fast_accum)
         qr, sr = quantize_rows(rows, r.blockwise)
         out, pre, act, codes = _mlp_forward(qr, sr, offsets, w_up, w_down, r, rows.shape[0], rows.dtype)
-        ctx.act_is_codes = isinstance(act, tuple)
-        ctx.save_for_backward(rows, offsets, w_up, w_down, pre, *(act if ctx.act_is_codes else (act, None)), *codes)
+        ctx.act_is_codes = isinstance(act, tuple)  # rowwise fp8 dW: act's codes, and the rows' for dW up
+        saved = (*act, qr, sr) if ctx.act_is_codes else (act, None, None, None)
+        ctx.save_for_backward(rows, offsets, w_up, w_down, pre, *saved, *codes)
         ctx.recipe = r
         return out
 
     @staticmethod
     def backward(ctx, dy):
         """dy[M,D] -> (d_rows, None, dw_up, dw_down, None, None, None)."""
-        rows, offsets, w_up, w_down, pre, act, act_scales, *codes = ctx.saved_tensors
+        rows, offsets, w_up, w_down, pre, act, act_scales, qr, sr, *codes = ctx.saved_tensors
         act = (act, act_scales) if ctx.act_is_codes else act
         d_rows, dw_up, dw_down, _ = _mlp_backward(
-            dy.contiguous(), rows, offsets, w_up, w_down, codes, pre, act, ctx.recipe
+            dy.contiguous(), rows, offsets, w_up, w_down, codes, pre, act, ctx.recipe, x_codes=(qr, sr)
         )
         return d_rows, None, dw_up, dw_down, None, None, None
 
@@ -871,9 +886,10 @@ def moe_fp8_forward(x, topk_ids, topk_weights, w_up, w_down, scaling: str, wgrad
     """Routed SwiGLU experts with fp8 GEMMs, fused as the bf16 moe_experts: tokens are quantised once in token order
     (x forward, dy backward) and gathered by the GEMMs; the routing weights are applied in the combine and in the
     SwiGLU backward (which also yields their gradient). -> (y[T,D] x.dtype, offsets[E] int32, order[R] int64,
-    token[R] int32, pos[R] int32, pre[R,2H], act, act_scales, the weights' codes and scales): the
-    `nmoe::moe_experts_fp8` op's outputs, R = T*K. act (R.saved_act): [R,H] in x.dtype and act_scales [0]; act's
-    folded codes [R,H] uint8 and their row scales [R]; or both [0]."""
+    token[R] int32, pos[R] int32, pre[R,2H], act, act_scales, x_codes, x_scales, the weights' codes and scales):
+    the `nmoe::moe_experts_fp8` op's outputs, R = T*K. act (R.saved_act): [R,H] in x.dtype and act_scales [0]; act's
+    folded codes [R,H] uint8 and their row scales [R]; or both [0]. x_codes [T,D] uint8 and x_scales [T]: x's e4m3
+    rows for the fp8 dW of the up projection when act is kept as codes, else both [0]."""
     r = _Recipe(scaling == "blockwise", wgrad_fp8, fast_accum)
     n_tokens, top_k = topk_ids.shape
     routing, token, pos = _triton_ops.route(topk_ids, w_up.shape[0])
@@ -883,22 +899,24 @@ def moe_fp8_forward(x, topk_ids, topk_weights, w_up, w_down, scaling: str, wgrad
     codes = (codes[0].view(torch.uint8), codes[1], codes[2].view(torch.uint8), codes[3])  # see the op's schema
     if isinstance(act, tuple):
         act, act_scales = act[0].view(torch.uint8), act[1]
+        x_codes = (qx.view(torch.uint8), sx)
     else:
         act, act_scales = x.new_empty(0) if act is None else act, x.new_empty(0, dtype=torch.float32)
-    return y, routing.offsets, routing.order, token, pos, pre, act, act_scales, *codes
+        x_codes = (x.new_empty(0, dtype=torch.uint8), x.new_empty(0, dtype=torch.float32))
+    return y, routing.offsets, routing.order, token, pos, pre, act, act_scales, *x_codes, *codes
 
 
-def moe_fp8_backward(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act, act_scales, q_up, s_up,
-                     q_down, s_down, scaling, wgrad_fp8, fast_accum):  # fmt: skip
+def moe_fp8_backward(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act, act_scales, x_codes,
+                     x_scales, q_up, s_up, q_down, s_down, scaling, wgrad_fp8, fast_accum):  # fmt: skip
     """dy[T,D] and `moe_fp8_forward`'s saved outputs -> (dx[T,D], d_topk_weights[T,K], dw_up, dw_down)."""
     r = _Recipe(scaling == "blockwise", wgrad_fp8, fast_accum)
     n_tokens, top_k = topk_weights.shape
-    routing = (token, topk_weights.reshape(-1), order)
+    routing = (token, topk_weights.reshape(-1), order, pos)
     kept = R.saved_act(scaling, wgrad_fp8)
     act = (act.view(FP8), act_scales) if kept == "codes" else act if kept == "values" else None  # else placeholders
     codes = (q_up.view(FP8), s_up, q_down.view(FP8), s_down)
     d_rows, dw_up, dw_down, d_weights = _mlp_backward(
-        dy.contiguous(), x, offsets, w_up, w_down, codes, pre, act, r, routing
+        dy.contiguous(), x, offsets, w_up, w_down, codes, pre, act, r, routing, (x_codes.view(FP8), x_scales)
     )
     dx = _triton_ops.combine(d_rows, pos, None, offsets, n_tokens, top_k)
     return dx, d_weights.view(n_tokens, top_k).to(topk_weights.dtype), dw_up, dw_down

@@ -268,12 +268,16 @@ def moe_experts_fp8(
     scaling: str,
     wgrad_fp8: bool,
     fast_accum: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
+]:
     """-> (y[T,D], offsets[E] int32, order[R] int64, token[R] int32, pos[R] int32, pre[R,2H], act, act_scales,
-    the weights' e4m3 codes (as uint8: generic graph tooling cannot reduce float8) and scales the backward reuses:
-    q_up[E,D,2H], s_up, q_down[E,H,D], s_down), R = T*K; the inputs checked by `nmoe.kernels.moe_experts_fp8`.
-    act, act_scales as `reference_lowprec.saved_act` says: act[R,H] in x.dtype and [0]; act's folded codes
-    [R,H] uint8 and their float32 row scales [R]; or [0] and [0]."""
+    x_codes, x_scales, the weights' e4m3 codes (as uint8: generic graph tooling cannot reduce float8) and scales the
+    backward reuses: q_up[E,D,2H], s_up, q_down[E,H,D], s_down), R = T*K; the inputs checked by
+    `nmoe.kernels.moe_experts_fp8`. act, act_scales as `reference_lowprec.saved_act` says: act[R,H] in x.dtype and
+    [0]; act's folded codes [R,H] uint8 and their float32 row scales [R]; or [0] and [0]. x_codes [T,D] uint8 and
+    x_scales [T] float32: x's rowwise e4m3 rows when act is kept as codes (the fp8 dW of the up projection), else
+    [0] and [0]."""
     if _fp8_experts_on_triton(x, w_down, topk_ids, topk_weights, w_up):
         from nmoe.kernels import _lowprec_ops
 
@@ -285,7 +289,16 @@ def moe_experts_fp8(
     pos[order] = torch.arange(order.shape[0], dtype=torch.int32, device=order.device)
     codes = (*_reference_codes(w_up, scaling, "fwd"), *_reference_codes(w_down, scaling, "dgrad"))
     act, act_scales = _reference_act(pre, w_down, offsets, scaling, wgrad_fp8)
-    return y, offsets, order, token.to(torch.int32), pos, pre, act, act_scales, *codes
+    x_codes = _reference_x_codes(x, reference_lowprec.saved_act(scaling, wgrad_fp8))
+    return y, offsets, order, token.to(torch.int32), pos, pre, act, act_scales, *x_codes, *codes
+
+
+def _reference_x_codes(x: Tensor, kept: str | None) -> tuple[Tensor, Tensor]:
+    """x_codes and x_scales as the GPU path keeps them (the CPU backward recomputes its own)."""
+    if kept != "codes":
+        return x.new_empty(0, dtype=torch.uint8), x.new_empty(0, dtype=torch.float32)
+    q, scales = reference_lowprec.quantize_fp8_rowwise(x)
+    return q.view(torch.uint8), scales
 
 
 def _reference_act(pre: Tensor, w_down: Tensor, offsets: Tensor, scaling: str, wgrad_fp8: bool):
@@ -318,11 +331,17 @@ def _fake_codes(w: Tensor, scaling: str, scale_dim: int) -> tuple[Tensor, Tensor
     return w.new_empty(e, k, n, dtype=torch.uint8), scales
 
 
-def _fake_act(x: Tensor, rows: int, h: int, kept: str | None) -> tuple[Tensor, Tensor]:
-    scales = x.new_empty(rows if kept == "codes" else 0, dtype=torch.float32)
+def _fake_act(x: Tensor, rows: int, h: int, kept: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """act, act_scales, x_codes, x_scales."""
+    codes = kept == "codes"
+    scales = x.new_empty(rows if codes else 0, dtype=torch.float32)
+    x_codes = (
+        x.new_empty(x.shape if codes else 0, dtype=torch.uint8),
+        x.new_empty(x.shape[0] if codes else 0, dtype=torch.float32),
+    )
     if kept is None:
-        return x.new_empty(0), scales
-    return x.new_empty(rows, h, dtype=torch.uint8 if kept == "codes" else x.dtype), scales
+        return x.new_empty(0), scales, *x_codes
+    return x.new_empty(rows, h, dtype=torch.uint8 if codes else x.dtype), scales, *x_codes
 
 
 @moe_experts_fp8.register_fake
@@ -360,6 +379,8 @@ def moe_experts_fp8_backward(
     pre: Tensor,
     act: Tensor,
     act_scales: Tensor,
+    x_codes: Tensor,
+    x_scales: Tensor,
     q_up: Tensor,
     s_up: Tensor,
     q_down: Tensor,
@@ -369,7 +390,7 @@ def moe_experts_fp8_backward(
     fast_accum: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dy[T,D] -> (dx[T,D], d_topk_weights[T,K], dw_up[E,D,2H], dw_down[E,H,D]) in the inputs' dtypes."""
-    saved = (offsets, order, token, pos, pre, act, act_scales, q_up, s_up, q_down, s_down)
+    saved = (offsets, order, token, pos, pre, act, act_scales, x_codes, x_scales, q_up, s_up, q_down, s_down)
     if _fp8_experts_on_triton(x, w_down, topk_weights, w_up):
         from nmoe.kernels import _lowprec_ops
 
@@ -380,8 +401,8 @@ def moe_experts_fp8_backward(
 
 
 @moe_experts_fp8_backward.register_fake
-def _(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act, act_scales, q_up, s_up, q_down, s_down,
-      scaling, wgrad_fp8, fast_accum):  # fmt: skip
+def _(dy, x, topk_weights, w_up, w_down, offsets, order, token, pos, pre, act, act_scales, x_codes, x_scales, q_up,
+      s_up, q_down, s_down, scaling, wgrad_fp8, fast_accum):  # fmt: skip
     return (
         x.new_empty(x.shape),
         topk_weights.new_empty(topk_weights.shape),
