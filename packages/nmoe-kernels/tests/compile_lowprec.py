@@ -133,24 +133,13 @@ def dw_variants(quick: bool):
         **dict.fromkeys(("KA", "N", "E", "stride_a", "stride_b", "stride_oe", "stride_ok"), "i32"),
     }
     for out in ("bf16", "fp32"):
-        # the routed rowwise dW divides out a weight's folded scales: w_down's on A, w_up's on B
-        recipes = ((False, False, (False, False)), (True, False, (False, False)), (True, True, (True, False)),
-                   (True, True, (False, True)))  # fmt: skip
-        for expert_scales, fast, inverse in recipes:
+        for expert_scales, fast in ((False, False), (True, False), (True, True)):
             for cfg in ops._DW_CONFIGS[:1] if quick else ops._DW_CONFIGS:
                 yield (
-                    f"gmm_fp8_dw out={out} expert_scales={expert_scales} fast={fast} inverse={inverse} {cfg.kwargs}",
+                    f"gmm_fp8_dw out={out} expert_scales={expert_scales} fast={fast} {cfg.kwargs}",
                     K.gmm_fp8_dw_kernel,
                     dict(types, out_ptr=f"*{out}"),
-                    dict(
-                        UPCAST=False,
-                        BLOCK_E=256,
-                        EXPERT_SCALES=expert_scales,
-                        FAST_ACC=fast,
-                        INVERSE_A=inverse[0],
-                        INVERSE_B=inverse[1],
-                        **cfg.kwargs,
-                    ),  # fmt: skip
+                    dict(UPCAST=False, BLOCK_E=256, EXPERT_SCALES=expert_scales, FAST_ACC=fast, **cfg.kwargs),
                     dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
                 )
 

@@ -1200,16 +1200,12 @@ def gmm_fp8_dw_kernel(
     BLOCK_E: tl.constexpr,
     EXPERT_SCALES: tl.constexpr = False,
     FAST_ACC: tl.constexpr = False,
-    INVERSE_A: tl.constexpr = False,
-    INVERSE_B: tl.constexpr = False,
 ):
     """out[e] = A[rows of e]^T @ B[rows of e] from chunked transposed e4m3 copies a[KA, slot], b[N, slot].
 
     Slots as written by fp8_quant_grouped_cols_kernel (128 zero-padded columns per chunk). Scales sa[chunk, KA],
     sb[chunk, N]: BLOCK_M divides 128, so each partial product has one chunk's scales. EXPERT_SCALES: sa[E, KA],
-    sb[E, N], applied once to the whole sum (promoted to float32 every BLOCK_M slots, or never with FAST_ACC);
-    INVERSE_A / INVERSE_B: that operand's scales divide instead (multiplied by their correctly rounded inverse, as
-    torch.reciprocal gives it: a weight's scales folded into the operand's codes come back out).
+    sb[E, N], applied once to the whole sum (promoted to float32 every BLOCK_M slots, or never with FAST_ACC).
     Empty groups store zeros.
     """
     pid = tl.program_id(0)
@@ -1247,12 +1243,8 @@ def gmm_fp8_dw_kernel(
             zero = tl.zeros((BLOCK_KA, BLOCK_N), dtype=tl.float32)
             acc += _dot_fp8(a, b, zero, UPCAST, BLOCK_M) * (sa[:, None] * sb[None, :])
     if EXPERT_SCALES:  # acc first: a dead weight slice's 1 / scale (2^126) times 0 stays 0
-        sa = tl.load(sa_ptr + expert * KA + kas, mask=ka_ok, other=1.0)
-        sb = tl.load(sb_ptr + expert * N + cols, mask=col_ok, other=1.0)
-        if INVERSE_A:
-            sa = _fp8_inverse(sa)
-        if INVERSE_B:
-            sb = _fp8_inverse(sb)
+        sa = tl.load(sa_ptr + expert * KA + kas, mask=ka_ok, other=0.0)
+        sb = tl.load(sb_ptr + expert * N + cols, mask=col_ok, other=0.0)
         acc = acc * sa[:, None] * sb[None, :]
     out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + kas[:, None].to(tl.int64) * stride_ok + cols[None, :]
     _store_rounded(out_ptrs, acc, ka_ok[:, None] & col_ok[None, :])

@@ -660,13 +660,11 @@ def wgrad(a, b, offsets, dtype, blockwise, fast=False, a_swiglu=False):
     return wgrad_codes(qa, sa, qb, sb, offsets, dtype, expert_scales=not blockwise, fast=fast)
 
 
-def wgrad_codes(qa, sa, qb, sb, offsets, dtype, expert_scales, fast=False, inverse=(False, False)):
+def wgrad_codes(qa, sa, qb, sb, offsets, dtype, expert_scales, fast=False):
     """dW[e] [E, KA, N] in dtype from chunk-layout codes qa[KA, slots], qb[N, slots] with column scales per expert
     (sa[E, KA], sb[E, N]; quantize_dw_cols gives every expert the same row) or per 128-row chunk (sa[chunks, KA],
-    sb[chunks, N]). inverse (expert scales): whether sa, sb divide instead (a weight's scales folded into codes)."""
+    sb[chunks, N])."""
     n_experts, ka, n = offsets.shape[0], qa.shape[0], qb.shape[0]
-    if any(inverse) and not expert_scales:
-        raise ValueError("wgrad_codes: inverse scales need expert_scales")
     out = torch.empty(n_experts, ka, n, dtype=dtype, device=qa.device)
 
     def grid(meta):
@@ -690,8 +688,6 @@ def wgrad_codes(qa, sa, qb, sb, offsets, dtype, expert_scales, fast=False, inver
         BLOCK_E=triton.next_power_of_2(n_experts),
         EXPERT_SCALES=expert_scales,
         FAST_ACC=fast and expert_scales,
-        INVERSE_A=inverse[0],
-        INVERSE_B=inverse[1],
     )
     return out
 
@@ -829,7 +825,7 @@ def _dw_down(dy, qdy, sdy, pre, act, s_dn, offsets, dtype, r: _Recipe, route, am
         q_act, s_act = act
         qb, sb = quantize_dw_cols(qdy, offsets, token, s_act, weights, order, sdy, pos=pos, amax=amax)
         qa = transpose_grouped_codes(q_act, offsets)
-        return wgrad_codes(qa, s_dn, qb, sb, offsets, dtype, True, r.fast, inverse=(True, False))
+        return wgrad_codes(qa, torch.reciprocal(s_dn), qb, sb, offsets, dtype, True, r.fast)
     # the token-order dy gathered (and weighted) into grouped rows
     dy_rows = dy.to(pre.dtype) if token is None else _triton_ops.gather_rows(dy, token, weights, order)
     if r.wgrad_fp8:
@@ -848,7 +844,7 @@ def _dw_up(x, x_codes, d_pre, qdp, sdp, s_up, offsets, dtype, r: _Recipe, route,
         qx, sx = x_codes
         qa, sa = quantize_dw_cols(qx, offsets, token, sdp, x_scales=sx, pos=pos, amax=amax)
         qb = transpose_grouped_codes(qdp, offsets)
-        return wgrad_codes(qa, sa, qb, s_up, offsets, dtype, True, r.fast, inverse=(False, True))
+        return wgrad_codes(qa, sa, qb, torch.reciprocal(s_up), offsets, dtype, True, r.fast)
     x_rows = x if token is None else _triton_ops.gather_rows(x, token)
     if r.wgrad_fp8:
         return wgrad(x_rows, d_pre, offsets, dtype, True)
