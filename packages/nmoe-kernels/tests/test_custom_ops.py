@@ -73,16 +73,18 @@ def test_opcheck_moe_experts_backward(dtype):
     assert dw_up.dtype == dw_down.dtype == torch.float32
 
 
-@pytest.mark.parametrize("recipe", [("rowwise", False, True), ("blockwise", True, False)])
+@pytest.mark.parametrize("recipe", [("rowwise", False, True), ("rowwise", True, True), ("blockwise", True, False)])
 def test_opcheck_moe_experts_fp8_backward(recipe):
-    """The fp8 op's backward on its forward's saved outputs (act [R,H], or the [0] placeholder), float32 masters
-    under bf16 tokens: gradients in the inputs' dtypes."""
+    """The fp8 op's backward on its forward's saved outputs (act [R,H] as values or codes, or the [0] placeholder;
+    x's codes with the fp8 dW), float32 masters under bf16 tokens: gradients in the inputs' dtypes."""
     g = torch.Generator().manual_seed(1)
     w_up, w_down = expert_weights(g)
     x = torch.randn(6, 16, generator=g).bfloat16()
     ids, weights = torch.tensor([[0, 1], [2, -1], [3, 0]] * 2), torch.rand(6, 2)
     y, *saved = torch.ops.nmoe.moe_experts_fp8(x, ids, weights, w_up, w_down, *recipe)
-    assert saved[5].shape == ((12, 16) if recipe[1] is False else (0,))  # act, or its placeholder
+    codes = recipe[0] == "rowwise" and recipe[1]
+    assert saved[5].shape == ((0,) if recipe[0] == "blockwise" else (12, 16))  # act, or its placeholder
+    assert saved[7].shape == ((6, 16) if codes else (0,)) and saved[8].shape == ((6,) if codes else (0,))  # x codes
     args = (torch.randn(6, 16, generator=g).bfloat16(), x, weights, w_up, w_down, *saved, *recipe)
     torch.library.opcheck(torch.ops.nmoe.moe_experts_fp8_backward.default, args)
     dx, d_weights, dw_up, dw_down = torch.ops.nmoe.moe_experts_fp8_backward(*args)

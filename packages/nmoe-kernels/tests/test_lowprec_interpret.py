@@ -235,6 +235,21 @@ def test_dw_column_quantiser_and_grouped_transpose_match_the_reference():
     assert_bitwise(s, s_ref, "gathered, multiplied, weighted dW-col scales")
     _chunk_slots(qt, offsets, q_ref, "gathered dW-col codes")
 
+    # the last expert empty, 10 dropped slots at random: tokens that keep some of their slots and drop others
+    t_offsets = torch.tensor([50, 50, 110, 110], dtype=torch.int32)
+    t_order, t_idx, t_pos = _routing(40, 3, g)
+    t_mult = torch.rand(120, generator=g)
+    qt, s = _lowprec_ops.quantize_dw_cols(x[:40], t_offsets, t_idx, t_mult, weights[:120], t_order, pos=t_pos)
+    t_factor = t_mult * weights[:120][t_order].float()
+    q_ref, s_ref = R.quantize_fp8_dw_cols(x[:40][t_idx.long()].float() * t_factor[:, None], t_offsets)
+    assert_bitwise(s, s_ref, "dW-col scales, partly dropped tokens, an empty last expert")
+    assert torch.equal(s[3], torch.full((48,), R.ZERO_SLICE_SCALE)), "the empty last expert's scales"
+    _chunk_slots(qt, t_offsets, q_ref, "dW-col codes, partly dropped tokens")
+    dropped = t_order[110:] // 3  # the tokens of the dropped slots
+    assert (torch.bincount(dropped) % 3 != 0).any(), "the case needs a token that keeps some slots and drops others"
+    with pytest.raises(ValueError, match="pos"):
+        _lowprec_ops.quantize_dw_cols(x[:40], t_offsets, t_idx, t_mult, pos=t_pos[:40])  # another top-k's pos
+
     codes, row_scales = R.quantize_fp8_rowwise(x)  # requantised codes, as the rowwise dW reads x and dy
     qt, s = _lowprec_ops.quantize_dw_cols(codes, offsets, idx, mult, weights, w_idx, row_scales, pos=pos)
     factor = row_scales[idx.long()] * mult * weights[w_idx].float()

@@ -878,9 +878,10 @@ def fp8_quant_dw_cols_kernel(
     column amax into amax[C] (float32 bits as int32, zero-filled); PHASE 2 quantises with it and stores the codes
     transposed, as int32 words of four rows 4g..4g+3 per column (see _quad_words), the expert's first chunk its
     scales, and program column block c of chunk e < E the zero-slice scale of expert e if it is empty (it has no
-    chunk). Routed (TOP_K > 0, PHASE 1): the amax is taken over x's M token rows in 128-row pieces instead (offsets
-    read for the routed end only), each token times the largest |_row_factor| of its grouped rows idx_ptr[t*TOP_K +
-    k] (its pos; rows past offsets[-1] are dropped): a pass over the T tokens instead of the T*K grouped rows."""
+    chunk). Routed (TOP_K > 0, launched as PHASE 1 only): the amax is taken over x's M token rows in 128-row pieces
+    instead (offsets read for the routed end only), each token times the largest |_row_factor| of its grouped rows
+    idx_ptr[t*TOP_K + k] (its pos; rows past offsets[-1] are dropped): a pass over the T tokens instead of the T*K
+    grouped rows."""
     tiles_c = tl.cdiv(C, BLOCK_C)
     chunk = tl.program_id(0) // tiles_c
     c0 = (tl.program_id(0) % tiles_c) * BLOCK_C

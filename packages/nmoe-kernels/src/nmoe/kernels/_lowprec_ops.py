@@ -466,15 +466,22 @@ def quantize_dw_cols(x, offsets, idx=None, mult=None, weights=None, w_idx=None, 
     chunk layout, float32 scales [E, C]): one scale per column, shared by the experts (an empty expert's row is
     ZERO_SLICE_SCALE), which the dW GEMM applies once to the whole sum.
 
-    Gathering, idx is a routing's token[r] = order[r] // K and pos[T*K] int32 its inverse (grouped row of each
-    token slot): the column amax is then taken over x's T token rows, each times its largest row factor, a pass
-    over T rows instead of T*K. amax: int32 [C] zeros to use as the amax buffer (the caller's share of one fill)."""
+    Gathering, idx is a routing's token[r] = order[r] // K and pos[T*K] int32 the inverse of order (grouped row of
+    each token slot): the column amax is then taken over x's T token rows, each times its largest row factor, a
+    pass over T rows instead of T*K. amax: int32 [C] zeros to use as the amax buffer (the caller's share of one
+    fill)."""
     m = x.shape[0] if idx is None else idx.shape[0]
     c, n_experts = x.shape[1], offsets.shape[0]
     if c % 4:
         raise ValueError(f"quantize_dw_cols: C must be a multiple of 4, got {c}")
-    if idx is not None and (pos is None or pos.shape[0] % max(x.shape[0], 1)):
-        raise ValueError("quantize_dw_cols: gathering needs pos, the routing's grouped row of each of T*K token slots")
+    n_tok = x.shape[0]
+    if idx is not None and (
+        pos is None or pos.shape[0] != idx.shape[0] or pos.shape[0] < n_tok or pos.shape[0] % max(n_tok, 1)
+    ):
+        raise ValueError(
+            "quantize_dw_cols: gathering needs pos, the routing's grouped row of each of the T*K token slots "
+            f"(K >= 1; T = {n_tok} rows of x, {m} grouped rows, pos of {None if pos is None else pos.shape[0]})"
+        )
     n_chunks = R.grouped_col_chunks(m, n_experts)
     qt = torch.empty(c, n_chunks * BLOCK, dtype=FP8, device=x.device)
     if not (n_experts and c and m):
@@ -491,7 +498,6 @@ def quantize_dw_cols(x, offsets, idx=None, mult=None, weights=None, w_idx=None, 
     if idx is None:
         _dw_cols_pass(1, x, offsets, None, row_args, factors, qt, s, amax, m)
     else:  # over the token rows, each times the largest factor of its top_k grouped rows
-        n_tok = x.shape[0]
         _dw_cols_pass(1, x, offsets, pos, row_args, factors, qt, s, amax, n_tok, top_k=pos.shape[0] // n_tok)
     _dw_cols_pass(2, x, offsets, idx, row_args, factors, qt, s, amax, m)
     return qt, s
