@@ -99,8 +99,9 @@ DEFAULT_FP8 = dict(scaling="rowwise", wgrad_fp8=True, fast_accum=True)  # the mo
 MASTERS_BF16 = "bf16 moe_experts, float32 masters cast inside (the model's bf16 layer)"
 MASTERS_FP8 = "fp8 moe_experts_fp8, float32 masters quantised (the model's fp8 layer)"
 MASTERS_FP8_BF16_DW = "fp8 moe_experts_fp8 with bf16 dW (the default before 2026-11-25), float32 masters"
-MOE_PROFILED = ("bf16 moe_experts", "fp8 moe_experts_fp8", MASTERS_BF16, MASTERS_FP8, MASTERS_FP8_BF16_DW)
-GRAPHED = (MASTERS_BF16, MASTERS_FP8, MASTERS_FP8_BF16_DW)  # timed from CUDA graphs, taking turns
+MASTERS_FP8_TRITON = "fp8 moe_experts_fp8, Triton GEMMs only (no CUTLASS picks), float32 masters"
+MOE_PROFILED = ("bf16 moe_experts", "fp8 moe_experts_fp8", MASTERS_BF16, MASTERS_FP8, MASTERS_FP8_TRITON)
+GRAPHED = (MASTERS_BF16, MASTERS_FP8, MASTERS_FP8_TRITON)  # timed from CUDA graphs, taking turns
 
 
 def expert_mlp_paths(tokens, top_k, n_experts, d, h):
@@ -162,6 +163,13 @@ def moe_paths(tokens, top_k, n_experts, d, h):
     def step(fn, wrt=leaves):
         return lambda: torch.autograd.grad(fn(), wrt, dy)
 
+    def triton_only(fn):
+        def run():
+            with ops.use_fp8_gemm_kernel("triton"):
+                return fn()
+
+        return run
+
     return {
         "bf16 moe_experts": step(lambda: nk.moe_experts(x, ids, weights, w_up, w_down)),
         "fp8 moe_experts_fp8": step(lambda: nk.moe_experts_fp8(x, ids, weights, w_up, w_down, **DEFAULT_FP8)),
@@ -170,6 +178,9 @@ def moe_paths(tokens, top_k, n_experts, d, h):
         MASTERS_FP8: step(lambda: nk.moe_experts_fp8(x, ids, weights, *masters, **DEFAULT_FP8), master_leaves),
         MASTERS_FP8_BF16_DW: step(
             lambda: nk.moe_experts_fp8(x, ids, weights, *masters, **dict(DEFAULT_FP8, wgrad_fp8=False)), master_leaves
+        ),
+        MASTERS_FP8_TRITON: triton_only(
+            step(lambda: nk.moe_experts_fp8(x, ids, weights, *masters, **DEFAULT_FP8), master_leaves)
         ),
     }
 
@@ -384,6 +395,7 @@ def tuned_configs() -> dict:
         {f"gmm TMA epilogue {e}": {str(k): str(c) for k, c in t.cache.items()} for e, t in ops._GMM_TMA.items()}
     )
     picks["gmm_dw"] = {str(k): str(c) for k, c in ops._GMM_DW.cache.items()}
+    picks["cutlass picked (N, K, E)"] = {str(k[:3]): v for k, v in ops.CUTLASS_PICKS.items()}
     return picks
 
 
@@ -476,7 +488,7 @@ def main() -> int:
             "| --- | --- | --- | --- |",
         ]
         lines += [f"| {k} | {v['ms']:.3f} | {v['tflops']:.0f} | {base / v['ms']:.2f}x |" for k, v in paths.items()]
-        for name in (MASTERS_FP8, MASTERS_FP8_BF16_DW):
+        for name in (MASTERS_FP8, MASTERS_FP8_BF16_DW, MASTERS_FP8_TRITON):
             if name in paths:
                 ratio = paths[MASTERS_BF16]["ms"] / paths[name]["ms"]
                 lines += ["", f"{shape}: {name} vs the model's bf16 layer: {ratio:.2f}x"]

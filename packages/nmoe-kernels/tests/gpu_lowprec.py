@@ -210,6 +210,54 @@ def check_moe_experts_fp8(
            dropped_weight_grads_zero=dropped_zero)  # fmt: skip
 
 
+def check_cutlass_gemm(name: str, m_rows: int, k: int, n: int, n_experts: int, layout: str) -> None:
+    """The plain grouped GEMM through torch's CUTLASS kernel and through ours: the same bits on every routed row
+    (rows past offsets[-1] are undefined), with unit (folded) and real column scales."""
+    from nmoe.kernels import _lowprec_ops as ops
+
+    offsets, m = grouped_offsets(m_rows, n_experts, layout)
+    qa, sa = ops.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), False)
+    w = torch.randn(n_experts, k, n, device="cuda") / k**0.5
+    used = int(offsets[-1])
+    for scales in ("real", "folded"):
+        b = ops.quantize_weight(w, False, "fwd")
+        if scales == "folded":
+            b = ops.WeightOperand(b.q, ops._unit_scale(b.q.device), b.strides, (0, 0, 0))
+        poison_allocator(m * n * 4)
+        with ops.use_fp8_gemm_kernel("cutlass"):
+            theirs = ops.gemm_rows(qa, sa, b, offsets, n, k, torch.bfloat16, True)
+        with ops.use_fp8_gemm_kernel("triton"):
+            ours = ops.gemm_rows(qa, sa, b, offsets, n, k, torch.bfloat16, True)
+        bad = mismatches(theirs[:used], ours[:used])
+        record(f"cutlass gemm = ours bitwise, {scales} scales, {name}", bad == 0, mismatches=bad, m=m, k=k, n=n)
+
+
+def check_cutlass_layer(name: str, tokens: int, top_k: int, d: int, h: int, n_experts: int) -> None:
+    """The routed fp8 layer (fp8 dW, fast accumulation) with the CUTLASS kernel forced and with ours only: the
+    same output and gradients, bit for bit (skewed routing, every other expert empty, 5% of slots dropped)."""
+    from nmoe.kernels import _lowprec_ops as ops
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    p = torch.rand(n_experts, device="cuda", generator=g) ** 3 * (torch.arange(n_experts, device="cuda") % 2 == 0)
+    ids = torch.multinomial(p.expand(tokens, -1), top_k, generator=g)
+    ids[torch.rand(tokens, top_k, device="cuda", generator=g) < 0.05] = -1
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    weights = torch.rand(tokens, top_k, device="cuda")
+    w_up = torch.randn(n_experts, d, 2 * h, device="cuda") / d**0.5
+    w_down = torch.randn(n_experts, h, d, device="cuda") / h**0.5
+    dy = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    results = {}
+    for kernel in ("cutlass", "triton"):
+        leaves = [t.clone().requires_grad_() for t in (x, weights, w_up, w_down)]
+        poison_allocator(tokens * top_k * (d + 3 * h) * 8)
+        with ops.use_fp8_gemm_kernel(kernel):
+            y = nk.moe_experts_fp8(x=leaves[0], topk_ids=ids, topk_weights=leaves[1], w_up=leaves[2],
+                                   w_down=leaves[3], scaling="rowwise", wgrad_fp8=True, fast_accum=True)  # fmt: skip
+            results[kernel] = (y, *torch.autograd.grad(y, leaves, dy))
+    bad = {n: mismatches(a, b) for n, a, b in zip(("y", "dx", "d_weights", "dw_up", "dw_down"), *results.values())}
+    record(f"moe_experts_fp8 cutlass = triton bitwise, {name}", not any(bad.values()), **bad)
+
+
 BF16_WGRAD_FAST = dict(wgrad_fp8=False, fast_accum=True)
 FP8_WGRAD_FAST = dict(wgrad_fp8=True, fast_accum=True)
 
@@ -429,8 +477,15 @@ def main() -> int:
         lambda: check_moe_experts_fp8("moonlet", 16384, 6, 1024, 704, 64, "rowwise", "slices", **FP8_WGRAD_FAST),
         lambda: check_moe_experts_fp8("moonlet", 16384, 6, 1024, 704, 64, "rowwise", "zero_init", **FP8_WGRAD_FAST),
     ]
-    fp8_wgrad = checks[-4:]
-    recipes = checks[-10:]
+    checks += [
+        lambda: check_cutlass_gemm("moonlet down", moonlet_rows, 704, 1024, 64, "balanced"),
+        lambda: check_cutlass_gemm("moonlet dgrad up skewed+tail", moonlet_rows, 1408, 1024, 64, "skewed"),
+        lambda: check_cutlass_gemm("speedrun-256 down skewed+tail", 8192 * 8, 512, 1024, 256, "skewed"),
+        lambda: check_cutlass_layer("moonlet", 16384, 6, 1024, 704, 64),
+        lambda: check_cutlass_layer("speedrun-256", 8192, 8, 1024, 512, 256),
+    ]
+    fp8_wgrad = checks[-9:]
+    recipes = checks[-15:]
     checks += [check_every_config]
     checks += [lambda r=rule: check_nvfp4_adamw((64, 1024, 1408), r) for rule in R.RULES]
     checks += [check_no_host_sync, check_fp8_compile, check_refusals]

@@ -536,3 +536,56 @@ def test_moe_experts_fp8_kernels_match_float64_of_the_quantised_math(scaling, wg
     exact = float64_oracle_leaves(x, weights, w_up, w_down)
     y_exact = moe_experts_ref(exact[0], ids, *exact[1:])
     assert rel_err(y, y_exact) < 0.1  # two e4m3 GEMMs in a row
+
+
+def test_plain_fp8_gemm_runs_ours_off_hopper_and_a_forced_cutlass_kernel_says_why_it_cannot():
+    """gemm_rows (the routed layer's down and dgrad-up GEMMs) is `gemm` wherever torch's CUTLASS kernel cannot run;
+    forcing that kernel there is refused with the reason and the remedy, and each operand it does not take is named."""
+    from nmoe.kernels import _lowprec_ops as ops
+
+    g = torch.Generator().manual_seed(5)
+    offsets = torch.tensor([40, 40, 96], dtype=torch.int32)  # an empty expert, and 8 tail rows
+    qa, sa = ops.quantize_rows(torch.randn(104, 64, generator=g), False)
+    w = torch.randn(3, 64, 48, generator=g)
+    b = ops.quantize_weight(w, False, "fwd")
+    want = torch.empty(104, 48, dtype=torch.bfloat16)
+    ops.gemm(qa, sa, False, b, offsets, want, 48, 64, fast=True)
+    assert_bitwise(ops.gemm_rows(qa, sa, b, offsets, 48, 64, torch.bfloat16, True)[:96], want[:96])
+    with (
+        ops.use_fp8_gemm_kernel("cutlass"),
+        pytest.raises(ValueError, match="needs a CUDA GPU; use 'auto' or 'triton'"),
+    ):
+        ops.gemm_rows(qa, sa, b, offsets, 48, 64, torch.bfloat16, True)
+    with pytest.raises(ValueError, match="unknown fp8 GEMM kernel 'cublas'"):
+        with ops.use_fp8_gemm_kernel("cublas"):
+            pass
+    assert ops.cutlass_layout_problem(qa, sa, b, 48, 64, torch.bfloat16, True) == ""
+    assert "fast accumulation" in ops.cutlass_layout_problem(qa, sa, b, 48, 64, torch.bfloat16, False)
+    assert "fast accumulation" in ops.cutlass_layout_problem(qa, sa, b, 48, 64, torch.float32, True)
+    k_by_n = ops.WeightOperand(b.q.transpose(1, 2).contiguous(), b.scales, (64 * 48, 48, 1), b.scale_strides)
+    assert "[E, N, K]" in ops.cutlass_layout_problem(qa, sa, k_by_n, 48, 64, torch.bfloat16, True)
+    q24, s24 = ops.quantize_rows(torch.randn(104, 24, generator=g), False)
+    b24 = ops.quantize_weight(torch.randn(3, 24, 48, generator=g), False, "fwd")
+    assert "multiples of 16" in ops.cutlass_layout_problem(q24, s24, b24, 48, 24, torch.bfloat16, True)
+    blocked = ops.quantize_weight(w, True, "fwd")
+    assert "one scale per row" in ops.cutlass_layout_problem(qa, sa[:, None], blocked, 48, 64, torch.bfloat16, True)
+
+
+@pytest.mark.parametrize("scales", ["real", "folded"])
+def test_the_cutlass_call_passes_torchs_argument_checks(scales):
+    """torch._scaled_grouped_mm's meta implementation runs its shape, stride and dtype checks on the CPU: the
+    routed layer's two CUTLASS GEMMs (down: real column scales or folded ones; dgrad up: folded) pass them."""
+    from nmoe.kernels import _lowprec_ops as ops
+
+    if getattr(torch, "_scaled_grouped_mm", None) is None:
+        pytest.skip("this torch has no torch._scaled_grouped_mm")
+    e, m, k, n = 4, 256, 64, 48
+    qa = torch.empty(m, k, dtype=torch.float8_e4m3fn, device="meta")
+    sa = torch.empty(m, device="meta")
+    q = torch.empty(e, n, k, dtype=torch.float8_e4m3fn, device="meta")
+    b = ops.WeightOperand(q, torch.empty(e, n, device="meta"), (n * k, 1, k), (n, 0, 1))
+    if scales == "folded":
+        b = ops.WeightOperand(q, torch.ones(1, device="meta"), (n * k, 1, k), (0, 0, 0))
+    assert ops.cutlass_layout_problem(qa, sa, b, n, k, torch.bfloat16, True) == ""
+    out = ops._cutlass_gemm(qa, sa, b, torch.empty(e, dtype=torch.int32, device="meta"), n)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16

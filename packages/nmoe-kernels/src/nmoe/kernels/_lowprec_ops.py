@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -635,6 +636,105 @@ def gemm(
         dw.add_(partials.sum(0))
 
 
+# The plain grouped GEMM (contiguous rows, rowwise scales, Hopper's fast accumulation, bf16 out) has a second kernel
+# on sm_90: torch's CUTLASS one (torch._scaled_grouped_mm). It is bit-identical to gmm_fp8_kernel (the same wgmma
+# accumulation order over K and the same epilogue; gpu_lowprec.py compares them) and faster at some shapes
+# (moonlet's down projection 680 against 554 TFLOP/s on an H100, bench/RESULTS.md). Under "auto" each shape
+# (N, K, E) runs whichever of the two measured faster the first time it was seen, as the autotuner picks
+# configs; since both give the same bits, the pick cannot change a result. "triton" or "cutlass" forces one.
+FP8_GEMM_KERNELS = ("auto", "triton", "cutlass")
+_fp8_gemm_kernel = os.environ.get("NMOE_KERNELS_FP8_GEMM", "auto")
+if _fp8_gemm_kernel not in FP8_GEMM_KERNELS:
+    raise ValueError(f"NMOE_KERNELS_FP8_GEMM={_fp8_gemm_kernel!r}: expected one of {FP8_GEMM_KERNELS}")
+CUTLASS_PICKS: dict[tuple, bool] = {}  # (N, K, E, device) -> the CUTLASS kernel measured faster
+_ONES: dict[tuple, torch.Tensor] = {}
+
+
+@contextlib.contextmanager
+def use_fp8_gemm_kernel(name: str):
+    """Run the plain grouped fp8 GEMMs of this block with the given kernel ("auto", "triton" or "cutlass")."""
+    global _fp8_gemm_kernel
+    if name not in FP8_GEMM_KERNELS:
+        raise ValueError(f"unknown fp8 GEMM kernel {name!r}; expected one of {FP8_GEMM_KERNELS}")
+    previous, _fp8_gemm_kernel = _fp8_gemm_kernel, name
+    try:
+        yield
+    finally:
+        _fp8_gemm_kernel = previous
+
+
+def cutlass_unavailable(qa: torch.Tensor, sa: torch.Tensor, b: WeightOperand, n: int, k: int, dtype, fast) -> str:
+    """Why torch's CUTLASS grouped GEMM cannot run this plain GEMM ('' when it can)."""
+    if INTERPRET or not qa.is_cuda:
+        return "it needs a CUDA GPU"
+    if torch.cuda.get_device_capability(qa.device) != (9, 0):
+        return "it is measured and checked on sm_90 (Hopper) only"
+    if getattr(torch, "_scaled_grouped_mm", None) is None:
+        return "this torch has no torch._scaled_grouped_mm"
+    return cutlass_layout_problem(qa, sa, b, n, k, dtype, fast)
+
+
+def cutlass_layout_problem(qa: torch.Tensor, sa: torch.Tensor, b: WeightOperand, n: int, k: int, dtype, fast) -> str:
+    """What in the operands torch's CUTLASS grouped GEMM does not take ('' when nothing)."""
+    if not fast or dtype != torch.bfloat16:
+        return "it runs fast accumulation into bf16 only"
+    e = b.q.shape[0]
+    if b.strides != (n * k, 1, k) or tuple(b.q.shape) != (e, n, k) or not b.q.is_contiguous():
+        return "the weight codes must be stored [E, N, K] contiguous"
+    if k % 16 or n % 16 or qa.stride(1) != 1 or qa.stride(0) % 16 or qa.data_ptr() % 16:
+        return "K, N and the row stride must be multiples of 16 bytes"
+    if tuple(sa.shape) != (qa.shape[0],) or not sa.is_contiguous() or b.scale_strides not in ((n, 0, 1), (0, 0, 0)):
+        return "it takes one scale per row and one per (expert, column)"
+    return ""
+
+
+def _cutlass_scales(b: WeightOperand, e: int, n: int) -> torch.Tensor:
+    """b's column scales as the contiguous float32 [E, N] torch's kernel reads (ones when they were folded away)."""
+    if b.scale_strides == (n, 0, 1):
+        return b.scales.view(e, n)
+    key = (b.scales.device, e, n)
+    if key not in _ONES:
+        _ONES[key] = torch.ones(e, n, dtype=torch.float32, device=b.scales.device)
+    return _ONES[key]
+
+
+def _cutlass_gemm(qa, sa, b: WeightOperand, offsets, n):
+    e = b.q.shape[0]
+    return torch._scaled_grouped_mm(
+        qa, b.q.transpose(1, 2), sa, _cutlass_scales(b, e, n), offs=offsets, out_dtype=torch.bfloat16,
+        use_fast_accum=True,
+    )  # fmt: skip
+
+
+def _pick_cutlass(qa, sa, b: WeightOperand, offsets, n, k) -> bool:
+    """Whether the CUTLASS kernel runs this shape under "auto": measured against ours once per (N, K, E, device);
+    ours while a CUDA graph is being captured before the shape was measured (nothing can be timed then)."""
+    key = (n, k, b.q.shape[0], qa.device)
+    if key not in CUTLASS_PICKS:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        out = torch.empty(qa.shape[0], n, dtype=torch.bfloat16, device=qa.device)
+        ours = triton.testing.do_bench(lambda: gemm(qa, sa, False, b, offsets, out, n, k, fast=True), rep=20)
+        theirs = triton.testing.do_bench(lambda: _cutlass_gemm(qa, sa, b, offsets, n), rep=20)
+        CUTLASS_PICKS[key] = theirs < ours
+    return CUTLASS_PICKS[key]
+
+
+def gemm_rows(qa, sa, b: WeightOperand, offsets, n: int, k: int, dtype, fast: bool) -> torch.Tensor:
+    """Plain grouped fp8 GEMM of contiguous rows qa[M,K] (rowwise scales sa[M]) with b -> new [M,n] in dtype; rows
+    past offsets[-1] are undefined (the routed layer never reads them). Runs `gemm` or, see FP8_GEMM_KERNELS,
+    torch's bit-identical CUTLASS kernel."""
+    if _fp8_gemm_kernel != "triton":
+        why = cutlass_unavailable(qa, sa, b, n, k, dtype, fast)
+        if _fp8_gemm_kernel == "cutlass" and why:
+            raise ValueError(f"NMOE_KERNELS_FP8_GEMM=cutlass cannot run this GEMM: {why}; use 'auto' or 'triton'")
+        if not why and (_fp8_gemm_kernel == "cutlass" or _pick_cutlass(qa, sa, b, offsets, n, k)):
+            return _cutlass_gemm(qa, sa, b, offsets, n)
+    out = torch.empty(qa.shape[0], n, dtype=dtype, device=qa.device)
+    gemm(qa, sa, False, b, offsets, out, n, k, fast=fast)
+    return out
+
+
 def _use_tma(qa: torch.Tensor, b: WeightOperand) -> bool:
     """TMA operands when the grouped GEMM variant is 'tma' and both are laid out for it (B stored [E, out, K])."""
     if _triton_ops._gemm_variant != "tma":
@@ -778,9 +878,12 @@ def _mlp_forward(qx, sx, offsets, w_up, w_down, r: _Recipe, m: int, dtype, token
         gemm(qx, sx, False, up, offsets, act, h, d, epilogue=K.EPILOGUE_SWIGLU_STORE, h=pre, fast=r.fast, a_idx=token)
     if isinstance(act, torch.Tensor):
         q_act, s_act = quantize_rows(act, False, fold=act_fold)
-    out = torch.empty(m, d, dtype=dtype, device=dev)
     down = weight_operand(None, qt_dn, s_dn, r.blockwise, "fwd", DOWN_FOLD)
-    gemm(q_act, s_act, r.blockwise, down, offsets, out, d, h, fast=r.fast)
+    if token is not None and not r.blockwise:  # routed: the combine reads no row past offsets[-1]
+        out = gemm_rows(q_act, s_act, down, offsets, d, h, dtype, r.fast)
+    else:
+        out = torch.empty(m, d, dtype=dtype, device=dev)
+        gemm(q_act, s_act, r.blockwise, down, offsets, out, d, h, fast=r.fast)
     return out, pre, act, (q_up, s_up, q_dn, s_dn)
 
 
@@ -815,9 +918,12 @@ def _mlp_backward(dy, x, offsets, w_up, w_down, codes, pre, act, r: _Recipe, rou
     dw_down = _dw_down(dy, qdy, sdy, pre, act, s_dn, offsets, w_down.dtype, r, route, amaxes[0])
     if r.blockwise:
         qdp, sdp = quantize_rows(d_pre, True)
-    d_rows = torch.empty(m, d, dtype=pre.dtype, device=pre.device)
     up = weight_operand(q_up, None, s_up, r.blockwise, "dgrad", UP_FOLD)
-    gemm(qdp, sdp, r.blockwise, up, offsets, d_rows, d, 2 * h, fast=r.fast)
+    if routing is not None and not r.blockwise:  # routed: the combine reads no row past offsets[-1]
+        d_rows = gemm_rows(qdp, sdp, up, offsets, d, 2 * h, pre.dtype, r.fast)
+    else:
+        d_rows = torch.empty(m, d, dtype=pre.dtype, device=pre.device)
+        gemm(qdp, sdp, r.blockwise, up, offsets, d_rows, d, 2 * h, fast=r.fast)
     dw_up = _dw_up(x, x_codes, d_pre, qdp, sdp, s_up, offsets, w_up.dtype, r, route[:2], amaxes[1])
     return d_rows, dw_up, dw_down, d_weights
 
