@@ -258,6 +258,51 @@ def check_cutlass_layer(name: str, tokens: int, top_k: int, d: int, h: int, n_ex
     record(f"moe_experts_fp8 cutlass = triton bitwise, {name}", not any(bad.values()), **bad)
 
 
+def check_cutlass_no_host_sync() -> None:
+    """The routed fp8 layer forced onto the CUTLASS kernel, fwd+bwd, after a warm-up: no host synchronisation."""
+    from nmoe.kernels import _lowprec_ops as ops
+
+    x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weights = torch.rand(1024, 6, device="cuda", requires_grad=True)
+    w_up = torch.randn(64, 256, 256, device="cuda", requires_grad=True)
+    w_down = torch.randn(64, 128, 256, device="cuda", requires_grad=True)
+    ids = torch.rand(1024, 64, device="cuda").topk(6, dim=1).indices
+
+    def run():
+        y = nk.moe_experts_fp8(x, ids, weights, w_up, w_down, "rowwise", **FP8_WGRAD_FAST)
+        torch.autograd.grad(y, (x, weights, w_up, w_down), torch.ones_like(y))
+
+    with ops.use_fp8_gemm_kernel("cutlass"):
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            run()
+            record("no host synchronisation in moe_experts_fp8 on the CUTLASS kernel", True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def check_auto_picks(tokens: int, top_k: int, d: int, h: int, n_experts: int) -> None:
+    """Under NMOE_KERNELS_FP8_GEMM=auto the routed layer's two plain GEMMs are timed once on each kernel and the
+    pick is kept (recorded here: which kernel won at moonlet's shapes)."""
+    from nmoe.kernels import _lowprec_ops as ops
+
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.rand(tokens, n_experts, device="cuda").topk(top_k, dim=1).indices
+    weights = torch.rand(tokens, top_k, device="cuda", requires_grad=True)
+    w_up = (torch.randn(n_experts, d, 2 * h, device="cuda") / d**0.5).requires_grad_()
+    w_down = (torch.randn(n_experts, h, d, device="cuda") / h**0.5).requires_grad_()
+    ops.CUTLASS_PICKS.clear()
+    with ops.use_fp8_gemm_kernel("auto"):
+        y = nk.moe_experts_fp8(x, ids, weights, w_up, w_down, "rowwise", **FP8_WGRAD_FAST)
+        torch.autograd.grad(y, (x, weights, w_up, w_down), torch.ones_like(y))
+    picks = {
+        f"N={k[0]} K={k[1]} E={k[2]} rows<={k[3]}": "cutlass" if v else "triton" for k, v in ops.CUTLASS_PICKS.items()
+    }
+    record("auto picks a kernel for both plain GEMMs of the routed layer, moonlet", len(picks) == 2, **picks)
+
+
 BF16_WGRAD_FAST = dict(wgrad_fp8=False, fast_accum=True)
 FP8_WGRAD_FAST = dict(wgrad_fp8=True, fast_accum=True)
 
@@ -442,6 +487,7 @@ def main() -> int:
     )
     parser.add_argument("--only-fp8-wgrad", action="store_true", help="the rowwise fp8 dW recipe's checks only")
     parser.add_argument("--only-quantisers", action="store_true", help="the quantiser and transpose checks only")
+    parser.add_argument("--only-cutlass", action="store_true", help="torch's CUTLASS fp8 GEMM against ours only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_lowprec.py needs a CUDA GPU")
@@ -485,14 +531,24 @@ def main() -> int:
         lambda: check_cutlass_layer("speedrun-256", 8192, 8, 1024, 512, 256),
     ]
     fp8_wgrad = checks[-9:]
+    cutlass = [  # torch's kernel picks other tiles for few rows per group, narrow N and large problems
+        *checks[-5:],
+        lambda: check_cutlass_gemm("~100 rows per group", 6400, 704, 1024, 64, "balanced"),
+        lambda: check_cutlass_gemm("N 128", moonlet_rows, 1024, 128, 64, "skewed"),
+        lambda: check_cutlass_gemm("large", 65536, 2048, 2816, 8, "balanced"),
+        check_cutlass_no_host_sync,
+        lambda: check_auto_picks(16384, 6, 1024, 704, 64),
+    ]
     recipes = checks[-15:]
-    checks += [check_every_config]
+    checks += [*cutlass[5:], check_every_config]
     checks += [lambda r=rule: check_nvfp4_adamw((64, 1024, 1408), r) for rule in R.RULES]
     checks += [check_no_host_sync, check_fp8_compile, check_refusals]
     if args.only_fp8_mlp:
         checks = [checks[0], *recipes, check_every_config, check_no_host_sync, check_fp8_compile]
     if args.only_fp8_wgrad:
         checks = [checks[0], *fp8_wgrad, lambda: _check_fp8_compile(FP8_WGRAD_FAST)]
+    if args.only_cutlass:
+        checks = cutlass
     if args.only_quantisers:
         checks = [checks[0]]
     if args.only_nvfp4:

@@ -571,21 +571,88 @@ def test_plain_fp8_gemm_runs_ours_off_hopper_and_a_forced_cutlass_kernel_says_wh
     assert "one scale per row" in ops.cutlass_layout_problem(qa, sa[:, None], blocked, 48, 64, torch.bfloat16, True)
 
 
-@pytest.mark.parametrize("scales", ["real", "folded"])
-def test_the_cutlass_call_passes_torchs_argument_checks(scales):
-    """torch._scaled_grouped_mm's meta implementation runs its shape, stride and dtype checks on the CPU: the
-    routed layer's two CUTLASS GEMMs (down: real column scales or folded ones; dgrad up: folded) pass them."""
+def _call_site_operands(call_site: str):
+    """(qa, sa, b, offsets, n, k) as the routed layer hands them to gemm_rows (CPU; a tail row, an empty expert)."""
     from nmoe.kernels import _lowprec_ops as ops
 
-    if getattr(torch, "_scaled_grouped_mm", None) is None:
+    g = torch.Generator().manual_seed(6)
+    e, d, h = 3, 64, 48
+    offsets = torch.tensor([40, 40, 96], dtype=torch.int32)
+    pre = torch.randn(104, 2 * h, generator=g).bfloat16()
+    w_up, w_down = torch.randn(e, d, 2 * h, generator=g), torch.randn(e, h, d, generator=g)
+    if call_site == "down":
+        _, qt_dn, s_dn = ops.quantize_weight_both(w_down, False, ops.DOWN_FOLD)
+        qa, sa = ops.quantize_rows(pre, False, swiglu_input=True, fold=(s_dn, offsets))
+        return qa, sa, ops.weight_operand(None, qt_dn, s_dn, False, "fwd", ops.DOWN_FOLD), offsets, d, h
+    q_up, _, s_up = ops.quantize_weight_both(w_up, False, ops.UP_FOLD)
+    _, qa, sa = ops._triton_ops.swiglu_backward_rows(
+        torch.randn(104, h, generator=g).bfloat16(), pre, offsets, quantize=True, fold=s_up, store=False
+    )
+    return qa, sa, ops.weight_operand(q_up, None, s_up, False, "dgrad", ops.UP_FOLD), offsets, d, 2 * h
+
+
+def _on_meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+@pytest.mark.parametrize("call_site", ["down", "dgrad up"])
+def test_the_cutlass_call_passes_torchs_argument_checks(call_site, monkeypatch):
+    """torch._scaled_grouped_mm's meta implementation runs its shape, stride and dtype checks on the CPU: the
+    routed layer's two CUTLASS GEMMs, on the operands its call sites build, pass them with fast accumulation."""
+    from nmoe.kernels import _lowprec_ops as ops
+
+    real = getattr(torch, "_scaled_grouped_mm", None)
+    if real is None:
         pytest.skip("this torch has no torch._scaled_grouped_mm")
-    e, m, k, n = 4, 256, 64, 48
-    qa = torch.empty(m, k, dtype=torch.float8_e4m3fn, device="meta")
-    sa = torch.empty(m, device="meta")
-    q = torch.empty(e, n, k, dtype=torch.float8_e4m3fn, device="meta")
-    b = ops.WeightOperand(q, torch.empty(e, n, device="meta"), (n * k, 1, k), (n, 0, 1))
-    if scales == "folded":
-        b = ops.WeightOperand(q, torch.ones(1, device="meta"), (n * k, 1, k), (0, 0, 0))
+    qa, sa, b, offsets, n, k = _call_site_operands(call_site)
     assert ops.cutlass_layout_problem(qa, sa, b, n, k, torch.bfloat16, True) == ""
-    out = ops._cutlass_gemm(qa, sa, b, torch.empty(e, dtype=torch.int32, device="meta"), n)
-    assert out.shape == (m, n) and out.dtype == torch.bfloat16
+    calls = []
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    meta_b = ops.WeightOperand(_on_meta(b.q), _on_meta(b.scales), b.strides, b.scale_strides)
+    out = ops._cutlass_gemm(_on_meta(qa), _on_meta(sa), meta_b, _on_meta(offsets), n)
+    assert out.shape == (qa.shape[0], n) and out.dtype == torch.bfloat16
+    assert calls == [dict(offs=calls[0]["offs"], out_dtype=torch.bfloat16, use_fast_accum=True)]
+    too_many = ops.WeightOperand(torch.empty(1024, n, k, dtype=b.q.dtype, device="meta"), b.scales, b.strides,
+                                 b.scale_strides)  # fmt: skip
+    assert "1 to 1023 experts" in ops.cutlass_layout_problem(qa, sa, too_many, n, k, torch.bfloat16, True)
+
+
+def test_the_routed_layer_reads_no_row_the_cutlass_path_leaves_unwritten(monkeypatch):
+    """Forced onto the CUTLASS path (here: our GEMM leaving NaN in the rows past offsets[-1], as torch's kernel
+    leaves them unwritten), the routed fp8 layer gives the same bits as with our GEMM alone: the down and
+    dgrad-up outputs' dropped-slot rows are never read. No rows: no GEMM at all."""
+    from nmoe.kernels import _lowprec_ops as ops
+
+    calls = []
+
+    def nan_tail_gemm(qa, sa, b, offsets, n):
+        out = torch.full((qa.shape[0], n), float("nan"), dtype=torch.bfloat16)
+        rows = int(offsets[-1])
+        ops.gemm(qa[:rows], sa[:rows], False, b, offsets, out[:rows], n, qa.shape[1], fast=True)
+        calls.append(n)
+        return out
+
+    monkeypatch.setattr(ops, "cutlass_unavailable", lambda *args: "")
+    monkeypatch.setattr(ops, "_cutlass_gemm", nan_tail_gemm)
+    g = torch.Generator().manual_seed(7)
+    n_tokens, top_k, n_experts, d, h = 21, 3, 4, 64, 48
+    ids = torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(n_tokens)])
+    ids[ids == 1] = 2
+    ids[0, 1] = ids[4, 2] = ids[9, 0] = -1  # dropped slots: rows past offsets[-1]
+    inputs = (torch.randn(n_tokens, d, generator=g).bfloat16(), torch.rand(n_tokens, top_k, generator=g),
+              torch.randn(n_experts, d, 2 * h, generator=g) / d**0.5, torch.randn(n_experts, h, d, generator=g) / h**0.5)  # fmt: skip
+    dy = torch.randn(n_tokens, d, generator=g).bfloat16()
+    results = {}
+    for kernel in ("cutlass", "triton"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with ops.use_fp8_gemm_kernel(kernel):
+            y = nk.moe_experts_fp8(leaves[0], ids, leaves[1], *leaves[2:], wgrad_fp8=True, fast_accum=True)
+            results[kernel] = (y, *torch.autograd.grad(y, leaves, dy))
+    assert calls == [d, d]  # the down GEMM, then the dgrad-up GEMM
+    for name, got, want in zip(("y", "dx", "d_weights", "dw_up", "dw_down"), *results.values()):
+        assert torch.isfinite(got).all(), name
+        assert_bitwise(got, want, name)
+    with ops.use_fp8_gemm_kernel("cutlass"):
+        qa, sa, b, offsets, n, k = _call_site_operands("down")
+        assert ops.gemm_rows(qa[:0], sa[:0], b, offsets, n, k, torch.bfloat16, True).shape == (0, n)
+    assert calls == [d, d]

@@ -640,13 +640,15 @@ def gemm(
 # on sm_90: torch's CUTLASS one (torch._scaled_grouped_mm). It is bit-identical to gmm_fp8_kernel (the same wgmma
 # accumulation order over K and the same epilogue; gpu_lowprec.py compares them) and faster at some shapes
 # (moonlet's down projection 680 against 554 TFLOP/s on an H100, bench/RESULTS.md). Under "auto" each shape
-# (N, K, E) runs whichever of the two measured faster the first time it was seen, as the autotuner picks
-# configs; since both give the same bits, the pick cannot change a result. "triton" or "cutlass" forces one.
+# (N, K, E, rows to the next power of two, device) runs whichever of the two measured faster the first time it
+# was seen, as the autotuner picks configs; since both give the same bits, the pick cannot change a result.
+# "triton" or "cutlass" forces one. The setting is process-wide: a backward runs under the one active then.
 FP8_GEMM_KERNELS = ("auto", "triton", "cutlass")
 _fp8_gemm_kernel = os.environ.get("NMOE_KERNELS_FP8_GEMM", "auto")
 if _fp8_gemm_kernel not in FP8_GEMM_KERNELS:
     raise ValueError(f"NMOE_KERNELS_FP8_GEMM={_fp8_gemm_kernel!r}: expected one of {FP8_GEMM_KERNELS}")
-CUTLASS_PICKS: dict[tuple, bool] = {}  # (N, K, E, device) -> the CUTLASS kernel measured faster
+CUTLASS_PICKS: dict[tuple, bool] = {}  # (N, K, E, rows bucket, device) -> the CUTLASS kernel measured faster
+MAX_CUTLASS_GROUPS = 1023  # torch's grouped GEMM prepares its problems with one thread per group, fewer than 1024
 _ONES: dict[tuple, torch.Tensor] = {}
 
 
@@ -671,6 +673,8 @@ def cutlass_unavailable(qa: torch.Tensor, sa: torch.Tensor, b: WeightOperand, n:
         return "it is measured and checked on sm_90 (Hopper) only"
     if getattr(torch, "_scaled_grouped_mm", None) is None:
         return "this torch has no torch._scaled_grouped_mm"
+    if b.scale_strides == (0, 0, 0) and _ones_key(b, n) not in _ONES and torch.cuda.is_current_stream_capturing():
+        return "its unit column scales are made outside CUDA graph capture (run one step before capturing)"
     return cutlass_layout_problem(qa, sa, b, n, k, dtype, fast)
 
 
@@ -679,6 +683,8 @@ def cutlass_layout_problem(qa: torch.Tensor, sa: torch.Tensor, b: WeightOperand,
     if not fast or dtype != torch.bfloat16:
         return "it runs fast accumulation into bf16 only"
     e = b.q.shape[0]
+    if not 0 < e <= MAX_CUTLASS_GROUPS:
+        return f"it takes 1 to {MAX_CUTLASS_GROUPS} experts, not {e}"
     if b.strides != (n * k, 1, k) or tuple(b.q.shape) != (e, n, k) or not b.q.is_contiguous():
         return "the weight codes must be stored [E, N, K] contiguous"
     if k % 16 or n % 16 or qa.stride(1) != 1 or qa.stride(0) % 16 or qa.data_ptr() % 16:
@@ -688,11 +694,15 @@ def cutlass_layout_problem(qa: torch.Tensor, sa: torch.Tensor, b: WeightOperand,
     return ""
 
 
+def _ones_key(b: WeightOperand, n: int) -> tuple:
+    return (b.scales.device, b.q.shape[0], n)
+
+
 def _cutlass_scales(b: WeightOperand, e: int, n: int) -> torch.Tensor:
     """b's column scales as the contiguous float32 [E, N] torch's kernel reads (ones when they were folded away)."""
     if b.scale_strides == (n, 0, 1):
         return b.scales.view(e, n)
-    key = (b.scales.device, e, n)
+    key = _ones_key(b, n)
     if key not in _ONES:
         _ONES[key] = torch.ones(e, n, dtype=torch.float32, device=b.scales.device)
     return _ONES[key]
@@ -706,16 +716,29 @@ def _cutlass_gemm(qa, sa, b: WeightOperand, offsets, n):
     )  # fmt: skip
 
 
+def _gpu_ms(fn, iters: int = 10) -> float:
+    """Mean GPU ms of fn over iters calls after three warm-up calls (no L2 flush: the pick needs no more)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def _pick_cutlass(qa, sa, b: WeightOperand, offsets, n, k) -> bool:
-    """Whether the CUTLASS kernel runs this shape under "auto": measured against ours once per (N, K, E, device);
+    """Whether the CUTLASS kernel runs this shape under "auto": measured against ours once per CUTLASS_PICKS key;
     ours while a CUDA graph is being captured before the shape was measured (nothing can be timed then)."""
-    key = (n, k, b.q.shape[0], qa.device)
+    key = (n, k, b.q.shape[0], triton.next_power_of_2(qa.shape[0]), qa.device)
     if key not in CUTLASS_PICKS:
         if torch.cuda.is_current_stream_capturing():
             return False
         out = torch.empty(qa.shape[0], n, dtype=torch.bfloat16, device=qa.device)
-        ours = triton.testing.do_bench(lambda: gemm(qa, sa, False, b, offsets, out, n, k, fast=True), rep=20)
-        theirs = triton.testing.do_bench(lambda: _cutlass_gemm(qa, sa, b, offsets, n), rep=20)
+        ours = _gpu_ms(lambda: gemm(qa, sa, False, b, offsets, out, n, k, fast=True))
+        theirs = _gpu_ms(lambda: _cutlass_gemm(qa, sa, b, offsets, n))
         CUTLASS_PICKS[key] = theirs < ours
     return CUTLASS_PICKS[key]
 
@@ -724,6 +747,8 @@ def gemm_rows(qa, sa, b: WeightOperand, offsets, n: int, k: int, dtype, fast: bo
     """Plain grouped fp8 GEMM of contiguous rows qa[M,K] (rowwise scales sa[M]) with b -> new [M,n] in dtype; rows
     past offsets[-1] are undefined (the routed layer never reads them). Runs `gemm` or, see FP8_GEMM_KERNELS,
     torch's bit-identical CUTLASS kernel."""
+    if qa.shape[0] == 0:
+        return torch.empty(0, n, dtype=dtype, device=qa.device)
     if _fp8_gemm_kernel != "triton":
         why = cutlass_unavailable(qa, sa, b, n, k, dtype, fast)
         if _fp8_gemm_kernel == "cutlass" and why:
