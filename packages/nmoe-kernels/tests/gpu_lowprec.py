@@ -273,14 +273,7 @@ def check_cutlass_no_host_sync() -> None:
         torch.autograd.grad(y, (x, weights, w_up, w_down), torch.ones_like(y))
 
     with ops.use_fp8_gemm_kernel("cutlass"):
-        run()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            run()
-            record("no host synchronisation in moe_experts_fp8 on the CUTLASS kernel", True)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        record_no_host_sync(run, "no host synchronisation in moe_experts_fp8 on the CUTLASS kernel")
 
 
 def check_auto_picks(tokens: int, top_k: int, d: int, h: int, n_experts: int) -> None:
@@ -405,12 +398,17 @@ def check_no_host_sync() -> None:
             )
         nk.dequantize_nvfp4(q)
 
-    run()  # warm up: autotuning synchronises
+    record_no_host_sync(run, "no host synchronisation in fp8 GEMMs fwd+bwd, nvfp4_adamw_, dequantize_nvfp4")
+
+
+def record_no_host_sync(run, name: str) -> None:
+    """Run once to warm up (autotuning and kernel picks synchronise), then again with host syncs made errors."""
+    run()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         run()
-        record("no host synchronisation in fp8 GEMMs fwd+bwd, nvfp4_adamw_, dequantize_nvfp4", True)
+        record(name, True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -656,3 +656,23 @@ def test_the_routed_layer_reads_no_row_the_cutlass_path_leaves_unwritten(monkeyp
         qa, sa, b, offsets, n, k = _call_site_operands("down")
         assert ops.gemm_rows(qa[:0], sa[:0], b, offsets, n, k, torch.bfloat16, True).shape == (0, n)
     assert calls == [d, d]
+
+
+def test_kernel_choices_are_checked_from_the_environment_and_switch_back_after_a_block(monkeypatch):
+    from nmoe.kernels import _lowprec_ops as ops
+    from nmoe.kernels import _triton_ops
+
+    monkeypatch.setenv("NMOE_KERNELS_FP8_GEMM", "cublas")
+    with pytest.raises(ValueError, match=r"NMOE_KERNELS_FP8_GEMM='cublas': expected one of \('auto', 'triton'"):
+        _triton_ops.env_choice("NMOE_KERNELS_FP8_GEMM", ops.FP8_GEMM_KERNELS, "auto")
+    monkeypatch.delenv("NMOE_KERNELS_FP8_GEMM")
+    assert _triton_ops.env_choice("NMOE_KERNELS_FP8_GEMM", ops.FP8_GEMM_KERNELS, "auto") == "auto"
+    before = (ops._fp8_gemm_kernel, _triton_ops._gemm_variant)
+    with pytest.raises(RuntimeError, match="inside"):
+        with ops.use_fp8_gemm_kernel("triton"), _triton_ops.use_gemm_variant("tma"):
+            assert (ops._fp8_gemm_kernel, _triton_ops._gemm_variant) == ("triton", "tma")
+            raise RuntimeError("inside")
+    assert (ops._fp8_gemm_kernel, _triton_ops._gemm_variant) == before
+    with pytest.raises(ValueError, match="unknown grouped GEMM variant 'wgmma'"):
+        with _triton_ops.use_gemm_variant("wgmma"):
+            pass

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -644,25 +644,15 @@ def gemm(
 # was seen, as the autotuner picks configs; since both give the same bits, the pick cannot change a result.
 # "triton" or "cutlass" forces one. The setting is process-wide: a backward runs under the one active then.
 FP8_GEMM_KERNELS = ("auto", "triton", "cutlass")
-_fp8_gemm_kernel = os.environ.get("NMOE_KERNELS_FP8_GEMM", "auto")
-if _fp8_gemm_kernel not in FP8_GEMM_KERNELS:
-    raise ValueError(f"NMOE_KERNELS_FP8_GEMM={_fp8_gemm_kernel!r}: expected one of {FP8_GEMM_KERNELS}")
+_fp8_gemm_kernel = _triton_ops.env_choice("NMOE_KERNELS_FP8_GEMM", FP8_GEMM_KERNELS, "auto")
 CUTLASS_PICKS: dict[tuple, bool] = {}  # (N, K, E, rows bucket, device) -> the CUTLASS kernel measured faster
 MAX_CUTLASS_GROUPS = 1023  # torch's grouped GEMM prepares its problems with one thread per group, fewer than 1024
 _ONES: dict[tuple, torch.Tensor] = {}
 
 
-@contextlib.contextmanager
 def use_fp8_gemm_kernel(name: str):
     """Run the plain grouped fp8 GEMMs of this block with the given kernel ("auto", "triton" or "cutlass")."""
-    global _fp8_gemm_kernel
-    if name not in FP8_GEMM_KERNELS:
-        raise ValueError(f"unknown fp8 GEMM kernel {name!r}; expected one of {FP8_GEMM_KERNELS}")
-    previous, _fp8_gemm_kernel = _fp8_gemm_kernel, name
-    try:
-        yield
-    finally:
-        _fp8_gemm_kernel = previous
+    return _triton_ops.switched(sys.modules[__name__], "_fp8_gemm_kernel", FP8_GEMM_KERNELS, "fp8 GEMM kernel", name)
 
 
 def cutlass_unavailable(qa: torch.Tensor, sa: torch.Tensor, b: WeightOperand, n: int, k: int, dtype, fast) -> str:

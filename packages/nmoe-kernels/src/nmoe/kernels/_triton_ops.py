@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 import triton
@@ -125,24 +126,37 @@ _GMM_DW = {wide: _dw_autotuner(configs) for wide, configs in _DW_CONFIGS.items()
 _GMM_DW_TMA = {wide: _dw_autotuner(_with_hook(c, _set_tma_blocks_dw)) for wide, c in _DW_TMA_CONFIGS.items()}
 
 GEMM_VARIANTS = ("pointer", "tma")
+
+
 # "pointer": masked pointer loads (the measured default); "tma": operands that are not row-gathered come in
 # through TMA tensor descriptors (Hopper+). Tests and benchmarks switch it with `use_gemm_variant`.
-_gemm_variant = os.environ.get("NMOE_KERNELS_GEMM", "pointer")
-if _gemm_variant not in GEMM_VARIANTS:
-    raise ValueError(f"NMOE_KERNELS_GEMM={_gemm_variant!r}: expected one of {GEMM_VARIANTS}")
+def env_choice(env: str, choices: tuple[str, ...], default: str) -> str:
+    """The process-wide kernel choice named by environment variable env (default when unset), checked."""
+    value = os.environ.get(env, default)
+    if value not in choices:
+        raise ValueError(f"{env}={value!r}: expected one of {choices}")
+    return value
 
 
 @contextlib.contextmanager
-def use_gemm_variant(name: str):
-    """Run the grouped GEMMs of this block with the given variant ("pointer" or "tma")."""
-    global _gemm_variant
-    if name not in GEMM_VARIANTS:
-        raise ValueError(f"unknown grouped GEMM variant {name!r}; expected one of {GEMM_VARIANTS}")
-    previous, _gemm_variant = _gemm_variant, name
+def switched(module, attr: str, choices: tuple[str, ...], what: str, name: str):
+    """Set the kernel choice module.attr to name (one of choices) for the block."""
+    if name not in choices:
+        raise ValueError(f"unknown {what} {name!r}; expected one of {choices}")
+    previous = getattr(module, attr)
+    setattr(module, attr, name)
     try:
         yield
     finally:
-        _gemm_variant = previous
+        setattr(module, attr, previous)
+
+
+_gemm_variant = env_choice("NMOE_KERNELS_GEMM", GEMM_VARIANTS, "pointer")
+
+
+def use_gemm_variant(name: str):
+    """Run the grouped GEMMs of this block with the given variant ("pointer" or "tma")."""
+    return switched(sys.modules[__name__], "_gemm_variant", GEMM_VARIANTS, "grouped GEMM variant", name)
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
