@@ -23,7 +23,7 @@ import triton
 
 import nmoe.kernels as nk
 from nmoe.kernels import _lowprec_ops as ops
-from nmoe.kernels import _triton_ops, reference
+from nmoe.kernels import _quack_gemm, _triton_ops, reference
 
 
 def bench_ms(fn) -> float:
@@ -100,8 +100,9 @@ MASTERS_BF16 = "bf16 moe_experts, float32 masters cast inside (the model's bf16 
 MASTERS_FP8 = "fp8 moe_experts_fp8, float32 masters quantised (the model's fp8 layer)"
 MASTERS_FP8_BF16_DW = "fp8 moe_experts_fp8 with bf16 dW (the default before 2026-11-25), float32 masters"
 MASTERS_FP8_TRITON = "fp8 moe_experts_fp8, Triton GEMMs only (no CUTLASS picks), float32 masters"
+MASTERS_FP8_NO_QUACK = "fp8 moe_experts_fp8, torch's CUTLASS picks but no quack (before 2026-11-25, sixth stop)"
 MOE_PROFILED = ("bf16 moe_experts", "fp8 moe_experts_fp8", MASTERS_BF16, MASTERS_FP8, MASTERS_FP8_TRITON)
-GRAPHED = (MASTERS_BF16, MASTERS_FP8, MASTERS_FP8_TRITON)  # timed from CUDA graphs, taking turns
+GRAPHED = (MASTERS_BF16, MASTERS_FP8, MASTERS_FP8_TRITON, MASTERS_FP8_NO_QUACK)  # from CUDA graphs, taking turns
 
 
 def expert_mlp_paths(tokens, top_k, n_experts, d, h):
@@ -170,6 +171,17 @@ def moe_paths(tokens, top_k, n_experts, d, h):
 
         return run
 
+    def without_quack(fn):
+        def run():
+            real = _quack_gemm.missing
+            _quack_gemm.missing = lambda: "left out of this row"
+            try:
+                return fn()
+            finally:
+                _quack_gemm.missing = real
+
+        return run
+
     return {
         "bf16 moe_experts": step(lambda: nk.moe_experts(x, ids, weights, w_up, w_down)),
         "fp8 moe_experts_fp8": step(lambda: nk.moe_experts_fp8(x, ids, weights, w_up, w_down, **DEFAULT_FP8)),
@@ -180,6 +192,9 @@ def moe_paths(tokens, top_k, n_experts, d, h):
             lambda: nk.moe_experts_fp8(x, ids, weights, *masters, **dict(DEFAULT_FP8, wgrad_fp8=False)), master_leaves
         ),
         MASTERS_FP8_TRITON: triton_only(
+            step(lambda: nk.moe_experts_fp8(x, ids, weights, *masters, **DEFAULT_FP8), master_leaves)
+        ),
+        MASTERS_FP8_NO_QUACK: without_quack(
             step(lambda: nk.moe_experts_fp8(x, ids, weights, *masters, **DEFAULT_FP8), master_leaves)
         ),
     }
@@ -395,7 +410,7 @@ def tuned_configs() -> dict:
         {f"gmm TMA epilogue {e}": {str(k): str(c) for k, c in t.cache.items()} for e, t in ops._GMM_TMA.items()}
     )
     picks["gmm_dw"] = {str(k): str(c) for k, c in ops._GMM_DW.cache.items()}
-    picks["cutlass picked (N, K, E)"] = {str(k[:3]): v for k, v in ops.CUTLASS_PICKS.items()}
+    picks["cutlass picked (N, K, E, gathered)"] = {str((*k[:3], k[5])): v for k, v in ops.CUTLASS_PICKS.items()}
     return picks
 
 
@@ -445,7 +460,7 @@ def main() -> int:
             print(shape, name, f"{ms:.3f} ms", flush=True)
             if shape == "moonlet" and name in MOE_PROFILED:
                 result["kernels"][name] = kernel_table(fn)
-            if shape == "moonlet" and name in GRAPHED:
+            if shape == "moonlet" and name in GRAPHED[:3]:
                 result.setdefault("launches", {})[name] = launch_sequence(fn)
         if shape == "moonlet":
             timed = interleaved_graph_ms({name: moe[name] for name in GRAPHED})
@@ -488,7 +503,7 @@ def main() -> int:
             "| --- | --- | --- | --- |",
         ]
         lines += [f"| {k} | {v['ms']:.3f} | {v['tflops']:.0f} | {base / v['ms']:.2f}x |" for k, v in paths.items()]
-        for name in (MASTERS_FP8, MASTERS_FP8_BF16_DW, MASTERS_FP8_TRITON):
+        for name in (MASTERS_FP8, MASTERS_FP8_BF16_DW, MASTERS_FP8_TRITON, MASTERS_FP8_NO_QUACK):
             if name in paths:
                 ratio = paths[MASTERS_BF16]["ms"] / paths[name]["ms"]
                 lines += ["", f"{shape}: {name} vs the model's bf16 layer: {ratio:.2f}x"]

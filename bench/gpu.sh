@@ -5,11 +5,16 @@
 #  --name corpus-32k --tokenizer .gpu/data/tok-32k.json --tokenizer-vocab-size 32768 --val-tokens 262144
 #  --shard-tokens 100000000 --max-docs 7000`, then MAX_DOCS=7000 here: 6.4M train tokens, 15 MB, enough for the
 #  300-step precision study; the whole corpus (28 MB) no longer fits beside the wheels in the 64 MiB carry).
+# Optional quack (the routed fp8 layer's gathering GEMMs): bench/quack_wheels.sh here, then bench/quack_carry.sh in two
+# calls carrying .quack1 and .quack2; later calls to the same warm machine find it in /tmp/quack-site.
 # Every stage logs to $OUT/<stage>.log; the summary of each stage is printed last. precision runs eager unless COMPILE=true.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site ${WHEELS:-.whl}/*.whl \
   >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
 export PYTHONPATH=/tmp/site:$(ls -d packages/*/src | paste -sd:) PYTHONUNBUFFERED=1
+if [ -d /tmp/quack-site ]; then  # optional quack, installed by bench/quack_carry.sh
+  export PYTHONPATH=/tmp/quack-site:/tmp/quack-site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
+fi
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export TRITON_CACHE_DIR=$PWD/.gpu/triton-cache TORCHINDUCTOR_CACHE_DIR=$PWD/.gpu/inductor-cache
 OUT=${OUT:-/tmp/out}

@@ -232,6 +232,36 @@ def check_cutlass_gemm(name: str, m_rows: int, k: int, n: int, n_experts: int, l
         record(f"cutlass gemm = ours bitwise, {scales} scales, {name}", bad == 0, mismatches=bad, m=m, k=k, n=n)
 
 
+def check_quack_gemm(name: str, tokens: int, top_k: int, k: int, n: int, n_experts: int, call_site: str) -> None:
+    """A gathering grouped GEMM (rows read through the routing, 5% of the slots dropped) through quack's kernel and
+    through ours: the same bits on every routed row, with real and unit (folded) column scales."""
+    from nmoe.kernels import _lowprec_ops as ops
+    from nmoe.kernels import _triton_ops
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    ids = torch.rand(tokens, n_experts, device="cuda", generator=g).topk(top_k, dim=1).indices
+    ids[torch.rand(tokens, top_k, device="cuda", generator=g) < 0.05] = -1
+    routing, token, _ = _triton_ops.route(ids, n_experts)
+    offsets, used = routing.offsets, int(routing.offsets[-1])
+    qa, sa = ops.quantize_rows(torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16), False)
+    if call_site == "up":
+        _, qt, s = ops.quantize_weight_both(torch.randn(n_experts, k, n, device="cuda") / k**0.5, False, ops.UP_FOLD)
+        b = ops.weight_operand(None, qt, s, False, "fwd", ops.UP_FOLD)
+    else:
+        q, _, s = ops.quantize_weight_both(torch.randn(n_experts, n, k, device="cuda") / n**0.5, False, ops.DOWN_FOLD)
+        b = ops.weight_operand(q, None, s, False, "dgrad", ops.DOWN_FOLD)
+    for scales in ("real", "folded"):
+        if scales == "folded":
+            b = ops.WeightOperand(b.q, ops._unit_scale(b.q.device), b.strides, (0, 0, 0))
+        poison_allocator(token.shape[0] * n * 4)
+        with ops.use_fp8_gemm_kernel("cutlass"):
+            theirs = ops.gemm_rows(qa, sa, b, offsets, n, k, torch.bfloat16, True, a_idx=token)
+        with ops.use_fp8_gemm_kernel("triton"):
+            ours = ops.gemm_rows(qa, sa, b, offsets, n, k, torch.bfloat16, True, a_idx=token)
+        bad = mismatches(theirs[:used], ours[:used])
+        record(f"quack gathered gemm = ours bitwise, {scales} scales, {name}", bad == 0, mismatches=bad, rows=used)
+
+
 def check_cutlass_layer(name: str, tokens: int, top_k: int, d: int, h: int, n_experts: int) -> None:
     """The routed fp8 layer (fp8 dW, fast accumulation) with the CUTLASS kernel forced and with ours only: the
     same output and gradients, bit for bit (skewed routing, every other expert empty, 5% of slots dropped)."""
@@ -291,9 +321,14 @@ def check_auto_picks(tokens: int, top_k: int, d: int, h: int, n_experts: int) ->
         y = nk.moe_experts_fp8(x, ids, weights, w_up, w_down, "rowwise", **FP8_WGRAD_FAST)
         torch.autograd.grad(y, (x, weights, w_up, w_down), torch.ones_like(y))
     picks = {
-        f"N={k[0]} K={k[1]} E={k[2]} rows<={k[3]}": "cutlass" if v else "triton" for k, v in ops.CUTLASS_PICKS.items()
+        f"N={k[0]} K={k[1]} E={k[2]} rows<={k[3]}{' gathered' if k[5] else ''}": "cutlass" if v else "triton"
+        for k, v in ops.CUTLASS_PICKS.items()
     }
-    record("auto picks a kernel for both plain GEMMs of the routed layer, moonlet", len(picks) == 2, **picks)
+    from nmoe.kernels import _quack_gemm
+
+    want = 2 if _quack_gemm.missing() else 4  # the gathering GEMMs have a second kernel only with quack
+    record(f"auto picks a kernel for the routed layer's {want} GEMMs that have two, moonlet", len(picks) == want,
+           **picks)  # fmt: skip
 
 
 BF16_WGRAD_FAST = dict(wgrad_fp8=False, fast_accum=True)
@@ -531,6 +566,9 @@ def main() -> int:
     fp8_wgrad = checks[-9:]
     cutlass = [  # torch's kernel picks other tiles for few rows per group, narrow N and large problems
         *checks[-5:],
+        lambda: check_quack_gemm("moonlet up", 16384, 6, 1024, 1408, 64, "up"),
+        lambda: check_quack_gemm("moonlet dgrad down", 16384, 6, 1024, 704, 64, "dgrad down"),
+        lambda: check_quack_gemm("speedrun-256 up", 8192, 8, 1024, 1024, 256, "up"),
         lambda: check_cutlass_gemm("~100 rows per group", 6400, 704, 1024, 64, "balanced"),
         lambda: check_cutlass_gemm("N 128", moonlet_rows, 1024, 128, 64, "skewed"),
         lambda: check_cutlass_gemm("large", 65536, 2048, 2816, 8, "balanced"),

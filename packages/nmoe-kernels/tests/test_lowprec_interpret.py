@@ -580,6 +580,14 @@ def _call_site_operands(call_site: str):
     offsets = torch.tensor([40, 40, 96], dtype=torch.int32)
     pre = torch.randn(104, 2 * h, generator=g).bfloat16()
     w_up, w_down = torch.randn(e, d, 2 * h, generator=g), torch.randn(e, h, d, generator=g)
+    if call_site in ("up", "dgrad down"):  # gathered: qa, sa are the token rows, a_idx picks them
+        x = torch.randn(35, d, generator=g).bfloat16()
+        qa, sa = ops.quantize_rows(x, False)
+        if call_site == "up":
+            _, qt_up, s_up = ops.quantize_weight_both(w_up, False, ops.UP_FOLD)
+            return qa, sa, ops.weight_operand(None, qt_up, s_up, False, "fwd", ops.UP_FOLD), offsets, 2 * h, d
+        q_dn, _, s_dn = ops.quantize_weight_both(w_down, False, ops.DOWN_FOLD)
+        return qa, sa, ops.weight_operand(q_dn, None, s_dn, False, "dgrad", ops.DOWN_FOLD), offsets, h, d
     if call_site == "down":
         _, qt_dn, s_dn = ops.quantize_weight_both(w_down, False, ops.DOWN_FOLD)
         qa, sa = ops.quantize_rows(pre, False, swiglu_input=True, fold=(s_dn, offsets))
@@ -618,9 +626,9 @@ def test_the_cutlass_call_passes_torchs_argument_checks(call_site, monkeypatch):
 
 
 def test_the_routed_layer_reads_no_row_the_cutlass_path_leaves_unwritten(monkeypatch):
-    """Forced onto the CUTLASS path (here: our GEMM leaving NaN in the rows past offsets[-1], as torch's kernel
-    leaves them unwritten), the routed fp8 layer gives the same bits as with our GEMM alone: the down and
-    dgrad-up outputs' dropped-slot rows are never read. No rows: no GEMM at all."""
+    """Forced onto the CUTLASS-built kernels (here: our GEMM leaving NaN in the rows past offsets[-1], as torch's and
+    quack's kernels leave them unwritten), the routed fp8 layer gives the same bits as with our GEMM alone: the
+    dropped-slot rows of all four GEMMs' outputs are never read. No rows: no GEMM at all."""
     from nmoe.kernels import _lowprec_ops as ops
 
     calls = []
@@ -632,8 +640,16 @@ def test_the_routed_layer_reads_no_row_the_cutlass_path_leaves_unwritten(monkeyp
         calls.append(n)
         return out
 
+    def nan_tail_gathered(qa, sa, b, offsets, n, k, a_idx, out):
+        out.fill_(float("nan"))
+        rows = int(offsets[-1])
+        ops.gemm(qa, sa, False, b, offsets, out[:rows], n, k, fast=True, a_idx=a_idx[:rows])
+        calls.append(("gathered", n))
+        return out
+
     monkeypatch.setattr(ops, "cutlass_unavailable", lambda *args: "")
     monkeypatch.setattr(ops, "_cutlass_gemm", nan_tail_gemm)
+    monkeypatch.setattr(ops, "_quack_gemm_into", nan_tail_gathered)
     g = torch.Generator().manual_seed(7)
     n_tokens, top_k, n_experts, d, h = 21, 3, 4, 64, 48
     ids = torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(n_tokens)])
@@ -648,14 +664,67 @@ def test_the_routed_layer_reads_no_row_the_cutlass_path_leaves_unwritten(monkeyp
         with ops.use_fp8_gemm_kernel(kernel):
             y = nk.moe_experts_fp8(leaves[0], ids, leaves[1], *leaves[2:], wgrad_fp8=True, fast_accum=True)
             results[kernel] = (y, *torch.autograd.grad(y, leaves, dy))
-    assert calls == [d, d]  # the down GEMM, then the dgrad-up GEMM
+    assert calls == [("gathered", 2 * h), d, ("gathered", h), d]  # up, down, dgrad down, dgrad up
     for name, got, want in zip(("y", "dx", "d_weights", "dw_up", "dw_down"), *results.values()):
         assert torch.isfinite(got).all(), name
         assert_bitwise(got, want, name)
     with ops.use_fp8_gemm_kernel("cutlass"):
         qa, sa, b, offsets, n, k = _call_site_operands("down")
         assert ops.gemm_rows(qa[:0], sa[:0], b, offsets, n, k, torch.bfloat16, True).shape == (0, n)
-    assert calls == [d, d]
+        token = torch.zeros(0, dtype=torch.int32)
+        assert ops.gemm_rows(qa, sa, b, offsets, n, k, torch.bfloat16, True, a_idx=token).shape == (0, n)
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("call_site", ["up", "dgrad down"])
+def test_the_gathering_gemms_hand_quack_the_layout_it_takes(call_site):
+    """The routed layer's up and dgrad-down operands are what quack's kernel takes (weights [E, N, K], K contiguous,
+    16-byte rows, a scale per row and per (expert, column)); its [E, K, N] view is the weight the GEMM multiplies."""
+    from nmoe.kernels import _lowprec_ops as ops
+
+    qa, sa, b, offsets, n, k = _call_site_operands(call_site)
+    assert ops.quack_layout_problem(qa, sa, b, n, k, torch.bfloat16, True) == ""
+    assert "fast accumulation" in ops.quack_layout_problem(qa, sa, b, n, k, torch.bfloat16, False)
+    assert "one scale per row" in ops.quack_layout_problem(qa, sa[:-1], b, n, k, torch.bfloat16, True)
+    b_kn = torch.as_strided(b.q, (b.q.shape[0], k, n), b.strides)
+    e = 2
+    token = torch.arange(8, dtype=torch.int32)
+    want = torch.zeros(8, n, dtype=torch.bfloat16)
+    ops.gemm(qa, sa, False, b, torch.tensor([0, 0, 8], dtype=torch.int32), want, n, k, fast=True, a_idx=token)
+    got = (qa[:8].float() @ b_kn[e].float()) * sa[:8, None] * ops._cutlass_scales(b, b.q.shape[0], n)[e]
+    assert rel_err(got, want.float()) < 1e-2  # the view multiplies as the weight (bf16 rounding apart)
+
+
+def test_quack_is_optional_and_its_fast_accumulation_reaches_only_its_own_kernels(monkeypatch):
+    """Without quack the gathering GEMMs stay ours ("auto") or are refused with the install line ("cutlass"); the
+    __init__ wrapper turns fast accumulation on for the kernel classes minted from nmoe's epilogue only."""
+    from nmoe.kernels import _lowprec_ops as ops
+    from nmoe.kernels import _quack_gemm
+
+    monkeypatch.setattr(_quack_gemm, "missing", lambda: "quack is not installed; " + _quack_gemm.INSTALL)
+    qa, sa, b, offsets, n, k = _call_site_operands("up")
+    token = torch.randint(0, qa.shape[0], (104,), dtype=torch.int32)
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert "pip install 'quack-kernels" in ops.cutlass_unavailable(qa, sa, b, n, k, torch.bfloat16, True, True)
+    with ops.use_fp8_gemm_kernel("cutlass"), pytest.raises(ValueError, match="cutlass cannot run.*quack is not inst"):
+        ops.gemm_rows(qa, sa, b, offsets, n, k, torch.bfloat16, True, a_idx=token)
+
+    class Kernel:
+        def __init__(self, acc_dtype, a_dtype, tile, cluster, pingpong=False, is_persistent=True,
+                     fp8_fast_accum=False, gather_A=False):  # fmt: skip
+            self.fast, self.gather = fp8_fast_accum, gather_A
+
+    def ours(acc, row_scale, col_scale):
+        return {"D": acc}
+
+    Kernel.__init__ = _quack_gemm.fast_accumulation_init(Kernel.__init__, ours)
+    minted = type("GemmMod_x", (Kernel,), {"_epi_mod_fn": staticmethod(ours)})
+    other = type("GemmMod_y", (Kernel,), {"_epi_mod_fn": staticmethod(lambda acc: {"D": acc})})
+    assert minted(1, 2, 3, 4, gather_A=True).fast and minted(1, 2, 3, 4, True, True, False, True).gather
+    assert minted(1, 2, 3, 4, True, True, False, True).fast
+    assert not other(1, 2, 3, 4).fast and not Kernel(1, 2, 3, 4).fast
 
 
 def test_kernel_choices_are_checked_from_the_environment_and_switch_back_after_a_block(monkeypatch):

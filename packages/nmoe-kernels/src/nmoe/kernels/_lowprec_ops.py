@@ -11,7 +11,7 @@ import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from nmoe.kernels import _lowprec_kernels as K
-from nmoe.kernels import _triton_ops
+from nmoe.kernels import _quack_gemm, _triton_ops
 from nmoe.kernels import reference_lowprec as R
 from nmoe.kernels._triton_ops import _prev_power_of_2, pow2_parts
 
@@ -636,16 +636,19 @@ def gemm(
         dw.add_(partials.sum(0))
 
 
-# The plain grouped GEMM (contiguous rows, rowwise scales, Hopper's fast accumulation, bf16 out) has a second kernel
-# on sm_90: torch's CUTLASS one (torch._scaled_grouped_mm). It is bit-identical to gmm_fp8_kernel (the same wgmma
-# accumulation order over K and the same epilogue; gpu_lowprec.py compares them) and faster at some shapes
-# (moonlet's down projection 680 against 554 TFLOP/s on an H100, bench/RESULTS.md). Under "auto" each shape
-# (N, K, E, rows to the next power of two, device) runs whichever of the two measured faster the first time it
-# was seen, as the autotuner picks configs; since both give the same bits, the pick cannot change a result.
-# "triton" or "cutlass" forces one. The setting is process-wide: a backward runs under the one active then.
+# The rowwise grouped GEMMs of the routed layer (Hopper's fast accumulation, bf16 out) have a second kernel on
+# sm_90, bit-identical to gmm_fp8_kernel (the same wgmma accumulation order over K and the same epilogue products;
+# gpu_lowprec.py compares them) and faster at some shapes (bench/RESULTS.md):
+# - contiguous rows (the down and dgrad-up GEMMs): torch's CUTLASS grouped GEMM (torch._scaled_grouped_mm);
+# - gathered rows (the up and dgrad-down GEMMs, row r read at token[r]): quack's warp-specialised CuTe DSL GEMM, when
+#   quack is installed (`_quack_gemm`).
+# Under "auto" each shape (N, K, E, rows to the next power of two, device, gathered) runs whichever of the two
+# measured faster the first time it was seen, as the autotuner picks configs; since both give the same bits, the pick
+# cannot change a result. "triton" or "cutlass" (the CUTLASS-built kernel for each GEMM) forces one. The setting is
+# process-wide: a backward runs under the one active then.
 FP8_GEMM_KERNELS = ("auto", "triton", "cutlass")
 _fp8_gemm_kernel = _triton_ops.env_choice("NMOE_KERNELS_FP8_GEMM", FP8_GEMM_KERNELS, "auto")
-CUTLASS_PICKS: dict[tuple, bool] = {}  # (N, K, E, rows bucket, device) -> the CUTLASS kernel measured faster
+CUTLASS_PICKS: dict[tuple, bool] = {}  # (N, K, E, rows bucket, device, gathered) -> the CUTLASS kernel was faster
 MAX_CUTLASS_GROUPS = 1023  # torch's grouped GEMM prepares its problems with one thread per group, fewer than 1024
 _ONES: dict[tuple, torch.Tensor] = {}
 
@@ -655,16 +658,23 @@ def use_fp8_gemm_kernel(name: str):
     return _triton_ops.switched(sys.modules[__name__], "_fp8_gemm_kernel", FP8_GEMM_KERNELS, "fp8 GEMM kernel", name)
 
 
-def cutlass_unavailable(qa: torch.Tensor, sa: torch.Tensor, b: WeightOperand, n: int, k: int, dtype, fast) -> str:
-    """Why torch's CUTLASS grouped GEMM cannot run this plain GEMM ('' when it can)."""
+def cutlass_unavailable(
+    qa: torch.Tensor, sa: torch.Tensor, b: WeightOperand, n: int, k: int, dtype, fast, gathered: bool = False
+) -> str:
+    """Why the CUTLASS-built kernel cannot run this GEMM ('' when it can): torch's grouped GEMM for contiguous rows,
+    quack's for gathered ones."""
     if INTERPRET or not qa.is_cuda:
         return "it needs a CUDA GPU"
     if torch.cuda.get_device_capability(qa.device) != (9, 0):
         return "it is measured and checked on sm_90 (Hopper) only"
-    if getattr(torch, "_scaled_grouped_mm", None) is None:
+    if gathered and _quack_gemm.missing():
+        return _quack_gemm.missing()
+    if not gathered and getattr(torch, "_scaled_grouped_mm", None) is None:
         return "this torch has no torch._scaled_grouped_mm"
     if b.scale_strides == (0, 0, 0) and _ones_key(b, n) not in _ONES and torch.cuda.is_current_stream_capturing():
         return "its unit column scales are made outside CUDA graph capture (run one step before capturing)"
+    if gathered:
+        return quack_layout_problem(qa, sa, b, n, k, dtype, fast)
     return cutlass_layout_problem(qa, sa, b, n, k, dtype, fast)
 
 
@@ -677,6 +687,20 @@ def cutlass_layout_problem(qa: torch.Tensor, sa: torch.Tensor, b: WeightOperand,
         return f"it takes 1 to {MAX_CUTLASS_GROUPS} experts, not {e}"
     if b.strides != (n * k, 1, k) or tuple(b.q.shape) != (e, n, k) or not b.q.is_contiguous():
         return "the weight codes must be stored [E, N, K] contiguous"
+    if k % 16 or n % 16 or qa.stride(1) != 1 or qa.stride(0) % 16 or qa.data_ptr() % 16:
+        return "K, N and the row stride must be multiples of 16 bytes"
+    if tuple(sa.shape) != (qa.shape[0],) or not sa.is_contiguous() or b.scale_strides not in ((n, 0, 1), (0, 0, 0)):
+        return "it takes one scale per row and one per (expert, column)"
+    return ""
+
+
+def quack_layout_problem(qa: torch.Tensor, sa: torch.Tensor, b: WeightOperand, n: int, k: int, dtype, fast) -> str:
+    """What in the operands of a gathering GEMM quack's kernel does not take ('' when nothing)."""
+    if not fast or dtype != torch.bfloat16:
+        return "it runs fast accumulation into bf16 only"
+    e = b.q.shape[0]
+    if b.strides != (n * k, 1, k) or tuple(b.q.shape) != (e, n, k):
+        return "the weight codes must be stored [E, N, K], K contiguous"
     if k % 16 or n % 16 or qa.stride(1) != 1 or qa.stride(0) % 16 or qa.data_ptr() % 16:
         return "K, N and the row stride must be multiples of 16 bytes"
     if tuple(sa.shape) != (qa.shape[0],) or not sa.is_contiguous() or b.scale_strides not in ((n, 0, 1), (0, 0, 0)):
@@ -719,34 +743,49 @@ def _gpu_ms(fn, iters: int = 10) -> float:
     return start.elapsed_time(end) / iters
 
 
-def _pick_cutlass(qa, sa, b: WeightOperand, offsets, n, k) -> bool:
-    """Whether the CUTLASS kernel runs this shape under "auto": measured against ours once per CUTLASS_PICKS key;
+def _quack_gemm_into(qa, sa, b: WeightOperand, offsets, n, k, a_idx, out):
+    b_kn = torch.as_strided(b.q, (b.q.shape[0], k, n), b.strides)  # [E, K, N] view, K contiguous
+    _quack_gemm.gathered_gemm(qa, sa, a_idx, b_kn, _cutlass_scales(b, b.q.shape[0], n), offsets, out)
+    return out
+
+
+def _pick_cutlass(qa, sa, b: WeightOperand, offsets, n, k, a_idx=None) -> bool:
+    """Whether the CUTLASS-built kernel runs this shape under "auto": measured against ours once per CUTLASS_PICKS key;
     ours while a CUDA graph is being captured before the shape was measured (nothing can be timed then)."""
-    key = (n, k, b.q.shape[0], triton.next_power_of_2(qa.shape[0]), qa.device)
+    m = qa.shape[0] if a_idx is None else a_idx.shape[0]
+    key = (n, k, b.q.shape[0], triton.next_power_of_2(m), qa.device, a_idx is not None)
     if key not in CUTLASS_PICKS:
         if torch.cuda.is_current_stream_capturing():
             return False
-        out = torch.empty(qa.shape[0], n, dtype=torch.bfloat16, device=qa.device)
-        ours = _gpu_ms(lambda: gemm(qa, sa, False, b, offsets, out, n, k, fast=True))
-        theirs = _gpu_ms(lambda: _cutlass_gemm(qa, sa, b, offsets, n))
+        out = torch.empty(m, n, dtype=torch.bfloat16, device=qa.device)
+        ours = _gpu_ms(lambda: gemm(qa, sa, False, b, offsets, out, n, k, fast=True, a_idx=a_idx))
+        if a_idx is None:
+            theirs = _gpu_ms(lambda: _cutlass_gemm(qa, sa, b, offsets, n))
+        else:
+            theirs = _gpu_ms(lambda: _quack_gemm_into(qa, sa, b, offsets, n, k, a_idx, out))
         CUTLASS_PICKS[key] = theirs < ours
     return CUTLASS_PICKS[key]
 
 
-def gemm_rows(qa, sa, b: WeightOperand, offsets, n: int, k: int, dtype, fast: bool) -> torch.Tensor:
-    """Plain grouped fp8 GEMM of contiguous rows qa[M,K] (rowwise scales sa[M]) with b -> new [M,n] in dtype; rows
-    past offsets[-1] are undefined (the routed layer never reads them). Runs `gemm` or, see FP8_GEMM_KERNELS,
-    torch's bit-identical CUTLASS kernel."""
-    if qa.shape[0] == 0:
+def gemm_rows(qa, sa, b: WeightOperand, offsets, n: int, k: int, dtype, fast: bool, a_idx=None) -> torch.Tensor:
+    """Plain grouped fp8 GEMM of the rows qa[M,K] (rowwise scales sa[M]; grouped row r is qa[a_idx[r]] when a_idx
+    [R] int32 is given) with b -> new [M or R, n] in dtype; rows past offsets[-1] are undefined (the routed layer never
+    reads them). Runs `gemm` or, see FP8_GEMM_KERNELS, a bit-identical CUTLASS-built kernel."""
+    m = qa.shape[0] if a_idx is None else a_idx.shape[0]
+    gathered = a_idx is not None
+    if m == 0:
         return torch.empty(0, n, dtype=dtype, device=qa.device)
     if _fp8_gemm_kernel != "triton":
-        why = cutlass_unavailable(qa, sa, b, n, k, dtype, fast)
+        why = cutlass_unavailable(qa, sa, b, n, k, dtype, fast, gathered)
         if _fp8_gemm_kernel == "cutlass" and why:
             raise ValueError(f"NMOE_KERNELS_FP8_GEMM=cutlass cannot run this GEMM: {why}; use 'auto' or 'triton'")
-        if not why and (_fp8_gemm_kernel == "cutlass" or _pick_cutlass(qa, sa, b, offsets, n, k)):
-            return _cutlass_gemm(qa, sa, b, offsets, n)
-    out = torch.empty(qa.shape[0], n, dtype=dtype, device=qa.device)
-    gemm(qa, sa, False, b, offsets, out, n, k, fast=fast)
+        if not why and (_fp8_gemm_kernel == "cutlass" or _pick_cutlass(qa, sa, b, offsets, n, k, a_idx)):
+            if not gathered:
+                return _cutlass_gemm(qa, sa, b, offsets, n)
+            out = torch.empty(m, n, dtype=dtype, device=qa.device)
+            return _quack_gemm_into(qa, sa, b, offsets, n, k, a_idx, out)
+    out = torch.empty(m, n, dtype=dtype, device=qa.device)
+    gemm(qa, sa, False, b, offsets, out, n, k, fast=fast, a_idx=a_idx)
     return out
 
 
@@ -877,7 +916,8 @@ def _mlp_forward(qx, sx, offsets, w_up, w_down, r: _Recipe, m: int, dtype, token
     q_dn, qt_dn, s_dn = quantize_weight_both(w_down, r.blockwise, DOWN_FOLD)
     up = weight_operand(None, qt_up, s_up, r.blockwise, "fwd", UP_FOLD)
     act_fold = None if r.blockwise else (s_dn, offsets)
-    pre = torch.empty(m, 2 * h, dtype=dtype, device=dev)
+    routed_plain = token is not None and r.wgrad_fp8 and not r.blockwise  # the up GEMM is gemm_rows' to allocate
+    pre = None if routed_plain else torch.empty(m, 2 * h, dtype=dtype, device=dev)
     act = None
     if r.blockwise:
         q_act = torch.empty(m, h, dtype=FP8, device=dev)
@@ -885,7 +925,10 @@ def _mlp_forward(qx, sx, offsets, w_up, w_down, r: _Recipe, m: int, dtype, token
         gemm(qx, sx, True, up, offsets, pre, h, d, epilogue=K.EPILOGUE_SWIGLU_QUANT, h=pre, q_out=(q_act, s_act),
              a_idx=token)  # fmt: skip
     elif r.wgrad_fp8:  # the fp8 dW reads act's codes: no bf16 act
-        gemm(qx, sx, False, up, offsets, pre, 2 * h, d, fast=r.fast, a_idx=token)
+        if routed_plain:  # no row past offsets[-1] is read
+            pre = gemm_rows(qx, sx, up, offsets, 2 * h, d, dtype, r.fast, a_idx=token)
+        else:
+            gemm(qx, sx, False, up, offsets, pre, 2 * h, d, fast=r.fast)
         q_act, s_act = quantize_rows(pre, False, swiglu_input=True, fold=act_fold)
         act = (q_act, s_act)
     else:  # the bf16 dW of the down projection reads act: the up GEMM's epilogue writes it beside pre
@@ -924,8 +967,11 @@ def _mlp_backward(dy, x, offsets, w_up, w_down, codes, pre, act, r: _Recipe, rou
              wts=weights, w_idx=order, dw=d_weights)  # fmt: skip
     else:  # a plain dgrad GEMM into d_act in pre's dtype (d_pre is rounded to e4m3 after it), then the SwiGLU
         # backward fused with d_pre's rowwise quantiser
-        d_act = torch.empty(m, h, dtype=pre.dtype, device=dy.device)
-        gemm(qdy, sdy, False, down, offsets, d_act, h, d, fast=r.fast, a_idx=token)
+        if token is not None:  # routed: the SwiGLU backward reads no row past offsets[-1]
+            d_act = gemm_rows(qdy, sdy, down, offsets, h, d, pre.dtype, r.fast, a_idx=token)
+        else:
+            d_act = torch.empty(m, h, dtype=pre.dtype, device=dy.device)
+            gemm(qdy, sdy, False, down, offsets, d_act, h, d, fast=r.fast)
         d_pre, qdp, sdp = _triton_ops.swiglu_backward_rows(
             d_act, pre, offsets, weights, order, d_weights, quantize=True, fold=s_up, store=not r.wgrad_fp8
         )
