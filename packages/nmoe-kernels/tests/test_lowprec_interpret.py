@@ -683,9 +683,9 @@ def test_the_gathering_gemms_hand_quack_the_layout_it_takes(call_site):
     from nmoe.kernels import _lowprec_ops as ops
 
     qa, sa, b, offsets, n, k = _call_site_operands(call_site)
-    assert ops.quack_layout_problem(qa, sa, b, n, k, torch.bfloat16, True) == ""
-    assert "fast accumulation" in ops.quack_layout_problem(qa, sa, b, n, k, torch.bfloat16, False)
-    assert "one scale per row" in ops.quack_layout_problem(qa, sa[:-1], b, n, k, torch.bfloat16, True)
+    assert ops.cutlass_layout_problem(qa, sa, b, n, k, torch.bfloat16, True, True) == ""
+    assert "fast accumulation" in ops.cutlass_layout_problem(qa, sa, b, n, k, torch.bfloat16, False, True)
+    assert "one scale per row" in ops.cutlass_layout_problem(qa, sa[:-1], b, n, k, torch.bfloat16, True, True)
     b_kn = torch.as_strided(b.q, (b.q.shape[0], k, n), b.strides)
     e = 2
     token = torch.arange(8, dtype=torch.int32)

@@ -654,7 +654,7 @@ _ONES: dict[tuple, torch.Tensor] = {}
 
 
 def use_fp8_gemm_kernel(name: str):
-    """Run the plain grouped fp8 GEMMs of this block with the given kernel ("auto", "triton" or "cutlass")."""
+    """Run the routed layer's rowwise fp8 GEMMs of this block on the given kernel ("auto", "triton" or "cutlass")."""
     return _triton_ops.switched(sys.modules[__name__], "_fp8_gemm_kernel", FP8_GEMM_KERNELS, "fp8 GEMM kernel", name)
 
 
@@ -673,34 +673,21 @@ def cutlass_unavailable(
         return "this torch has no torch._scaled_grouped_mm"
     if b.scale_strides == (0, 0, 0) and _ones_key(b, n) not in _ONES and torch.cuda.is_current_stream_capturing():
         return "its unit column scales are made outside CUDA graph capture (run one step before capturing)"
-    if gathered:
-        return quack_layout_problem(qa, sa, b, n, k, dtype, fast)
-    return cutlass_layout_problem(qa, sa, b, n, k, dtype, fast)
+    return cutlass_layout_problem(qa, sa, b, n, k, dtype, fast, gathered)
 
 
-def cutlass_layout_problem(qa: torch.Tensor, sa: torch.Tensor, b: WeightOperand, n: int, k: int, dtype, fast) -> str:
-    """What in the operands torch's CUTLASS grouped GEMM does not take ('' when nothing)."""
+def cutlass_layout_problem(
+    qa: torch.Tensor, sa: torch.Tensor, b: WeightOperand, n: int, k: int, dtype, fast, gathered: bool = False
+) -> str:
+    """What in the operands the CUTLASS-built kernel does not take ('' when nothing): torch's grouped GEMM, or quack's
+    for gathered rows (no limit on the experts)."""
     if not fast or dtype != torch.bfloat16:
         return "it runs fast accumulation into bf16 only"
     e = b.q.shape[0]
-    if not 0 < e <= MAX_CUTLASS_GROUPS:
+    if not gathered and not 0 < e <= MAX_CUTLASS_GROUPS:
         return f"it takes 1 to {MAX_CUTLASS_GROUPS} experts, not {e}"
     if b.strides != (n * k, 1, k) or tuple(b.q.shape) != (e, n, k) or not b.q.is_contiguous():
         return "the weight codes must be stored [E, N, K] contiguous"
-    if k % 16 or n % 16 or qa.stride(1) != 1 or qa.stride(0) % 16 or qa.data_ptr() % 16:
-        return "K, N and the row stride must be multiples of 16 bytes"
-    if tuple(sa.shape) != (qa.shape[0],) or not sa.is_contiguous() or b.scale_strides not in ((n, 0, 1), (0, 0, 0)):
-        return "it takes one scale per row and one per (expert, column)"
-    return ""
-
-
-def quack_layout_problem(qa: torch.Tensor, sa: torch.Tensor, b: WeightOperand, n: int, k: int, dtype, fast) -> str:
-    """What in the operands of a gathering GEMM quack's kernel does not take ('' when nothing)."""
-    if not fast or dtype != torch.bfloat16:
-        return "it runs fast accumulation into bf16 only"
-    e = b.q.shape[0]
-    if b.strides != (n * k, 1, k) or tuple(b.q.shape) != (e, n, k):
-        return "the weight codes must be stored [E, N, K], K contiguous"
     if k % 16 or n % 16 or qa.stride(1) != 1 or qa.stride(0) % 16 or qa.data_ptr() % 16:
         return "K, N and the row stride must be multiples of 16 bytes"
     if tuple(sa.shape) != (qa.shape[0],) or not sa.is_contiguous() or b.scale_strides not in ((n, 0, 1), (0, 0, 0)):
