@@ -80,13 +80,29 @@ def test_data_and_metrics_are_torch_free(pkg):
         assert banned not in declared(pkg)
 
 
+KERNELS_OPTIONAL = {"quack": {"_quack_gemm.py", "_quack_epilogue.py"}}  # import -> the only modules that may use it
+
+
 def test_kernels_depend_on_torch_and_triton_only():
+    """torch and triton (and numpy) are nmoe-kernels' dependencies; quack, its optional `quack` extra, is imported only
+    by the two modules that wrap it, and those only when the fp8 layer asks for it (no import at package import)."""
     deps = declared("kernels")
     assert {"torch", "triton"} <= deps
     assert not {d for d in deps if d.startswith("nmoe")}
-    third_party = {m for m in imported("kernels") if not m.startswith("nmoe")}
-    stdlib_ok = set(sys.stdlib_module_names)
-    assert third_party - stdlib_ok <= {"torch", "triton", "numpy"}, third_party - stdlib_ok
+    imports = imported("kernels")
+    third_party = {m for m in imports if not m.startswith("nmoe")} - set(sys.stdlib_module_names)
+    assert third_party <= {"torch", "triton", "numpy", *KERNELS_OPTIONAL}, third_party
+    meta = tomllib.loads((ROOT / "packages" / "nmoe-kernels" / "pyproject.toml").read_text())["project"]
+    extra = {re.split(r"[\s<>=!~;\[]", d, maxsplit=1)[0] for d in meta["optional-dependencies"]["quack"]}
+    assert "quack-kernels" in extra and "quack-kernels" not in deps
+    for module, users in KERNELS_OPTIONAL.items():
+        assert {Path(f).name for f in imports.get(module, set())} <= users
+    src = ROOT / "packages" / "nmoe-kernels" / "src" / "nmoe" / "kernels"
+    for path in src.glob("*.py"):  # module-level imports of the wrappers would import quack with the package
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nmoe.kernels"):
+                assert "_quack_epilogue" not in (node.module, *(a.name for a in node.names)), path.name
+    assert "import quack" not in (src / "_quack_gemm.py").read_text().split("def load")[0]
 
 
 def test_no_namespace_init():
