@@ -520,7 +520,9 @@ def main() -> int:
     )
     parser.add_argument("--only-fp8-wgrad", action="store_true", help="the rowwise fp8 dW recipe's checks only")
     parser.add_argument("--only-quantisers", action="store_true", help="the quantiser and transpose checks only")
-    parser.add_argument("--only-cutlass", action="store_true", help="torch's CUTLASS fp8 GEMM against ours only")
+    parser.add_argument(
+        "--only-cutlass", action="store_true", help="torch's and quack's fp8 GEMMs against ours only (needs quack)"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_lowprec.py needs a CUDA GPU")

@@ -679,20 +679,38 @@ def test_the_routed_layer_reads_no_row_the_cutlass_path_leaves_unwritten(monkeyp
 @pytest.mark.parametrize("call_site", ["up", "dgrad down"])
 def test_the_gathering_gemms_hand_quack_the_layout_it_takes(call_site):
     """The routed layer's up and dgrad-down operands are what quack's kernel takes (weights [E, N, K], K contiguous,
-    16-byte rows, a scale per row and per (expert, column)); its [E, K, N] view is the weight the GEMM multiplies."""
+    16-byte rows, a scale per row and per (expert, column))."""
     from nmoe.kernels import _lowprec_ops as ops
 
     qa, sa, b, offsets, n, k = _call_site_operands(call_site)
     assert ops.cutlass_layout_problem(qa, sa, b, n, k, torch.bfloat16, True, True) == ""
     assert "fast accumulation" in ops.cutlass_layout_problem(qa, sa, b, n, k, torch.bfloat16, False, True)
     assert "one scale per row" in ops.cutlass_layout_problem(qa, sa[:-1], b, n, k, torch.bfloat16, True, True)
-    b_kn = torch.as_strided(b.q, (b.q.shape[0], k, n), b.strides)
-    e = 2
-    token = torch.arange(8, dtype=torch.int32)
-    want = torch.zeros(8, n, dtype=torch.bfloat16)
-    ops.gemm(qa, sa, False, b, torch.tensor([0, 0, 8], dtype=torch.int32), want, n, k, fast=True, a_idx=token)
-    got = (qa[:8].float() @ b_kn[e].float()) * sa[:8, None] * ops._cutlass_scales(b, b.q.shape[0], n)[e]
-    assert rel_err(got, want.float()) < 1e-2  # the view multiplies as the weight (bf16 rounding apart)
+
+
+def test_the_quack_call_gets_the_gathered_rows_scales_and_weight_view(monkeypatch):
+    """What `_quack_gemm_into` hands quack's kernel, evaluated as that kernel's contract says (out[r] =
+    (qa[token[r]] @ b_kn[e]) * sa[token[r]] * col_scales[e] for the rows of each expert e), is our GEMM's result."""
+    from nmoe.kernels import _lowprec_ops as ops
+    from nmoe.kernels import _quack_gemm
+
+    def contract(qa, sa, token, b_kn, col_scales, offsets, out):
+        start = 0
+        for e, end in enumerate(offsets.tolist()):
+            rows = token[start:end].long()
+            out[start:end] = ((qa[rows].float() @ b_kn[e].float()) * sa[rows, None] * col_scales[e]).bfloat16()
+            start = end
+
+    monkeypatch.setattr(_quack_gemm, "gathered_gemm", contract)
+    for call_site in ("up", "dgrad down"):
+        qa, sa, b, offsets, n, k = _call_site_operands(call_site)
+        token = torch.randint(0, qa.shape[0], (104,), dtype=torch.int32, generator=torch.Generator().manual_seed(2))
+        got = torch.zeros(104, n, dtype=torch.bfloat16)
+        ops._quack_gemm_into(qa, sa, b, offsets, n, k, token, got)
+        want = torch.zeros(104, n, dtype=torch.bfloat16)
+        ops.gemm(qa, sa, False, b, offsets, want, n, k, fast=True, a_idx=token)
+        used = int(offsets[-1])
+        assert rel_err(got[:used].float(), want[:used].float()) < 1e-2, call_site  # bf16 rounding apart
 
 
 def test_quack_is_optional_and_its_fast_accumulation_reaches_only_its_own_kernels(monkeypatch):
@@ -700,6 +718,7 @@ def test_quack_is_optional_and_its_fast_accumulation_reaches_only_its_own_kernel
     __init__ wrapper turns fast accumulation on for the kernel classes minted from nmoe's epilogue only."""
     from nmoe.kernels import _lowprec_ops as ops
     from nmoe.kernels import _quack_gemm
+    from nmoe.kernels._quack_fast_accum import fast_accumulation_init
 
     monkeypatch.setattr(_quack_gemm, "missing", lambda: "quack is not installed; " + _quack_gemm.INSTALL)
     qa, sa, b, offsets, n, k = _call_site_operands("up")
@@ -710,6 +729,12 @@ def test_quack_is_optional_and_its_fast_accumulation_reaches_only_its_own_kernel
     assert "pip install 'quack-kernels" in ops.cutlass_unavailable(qa, sa, b, n, k, torch.bfloat16, True, True)
     with ops.use_fp8_gemm_kernel("cutlass"), pytest.raises(ValueError, match="cutlass cannot run.*quack is not inst"):
         ops.gemm_rows(qa, sa, b, offsets, n, k, torch.bfloat16, True, a_idx=token)
+    ours = []
+    monkeypatch.setattr(ops, "gemm", lambda *args, **kwargs: ours.append(kwargs["a_idx"]))
+    monkeypatch.setattr(ops, "_pick_cutlass", lambda *args: pytest.fail("nothing to pick without quack"))
+    with ops.use_fp8_gemm_kernel("auto"):
+        ops.gemm_rows(qa, sa, b, offsets, n, k, torch.bfloat16, True, a_idx=token)
+    assert len(ours) == 1 and ours[0] is token  # "auto" ran ours
 
     class Kernel:
         def __init__(self, acc_dtype, a_dtype, tile, cluster, pingpong=False, is_persistent=True,
@@ -719,7 +744,7 @@ def test_quack_is_optional_and_its_fast_accumulation_reaches_only_its_own_kernel
     def ours(acc, row_scale, col_scale):
         return {"D": acc}
 
-    Kernel.__init__ = _quack_gemm.fast_accumulation_init(Kernel.__init__, ours)
+    Kernel.__init__ = fast_accumulation_init(Kernel.__init__, ours)
     minted = type("GemmMod_x", (Kernel,), {"_epi_mod_fn": staticmethod(ours)})
     other = type("GemmMod_y", (Kernel,), {"_epi_mod_fn": staticmethod(lambda acc: {"D": acc})})
     assert minted(1, 2, 3, 4, gather_A=True).fast and minted(1, 2, 3, 4, True, True, False, True).gather

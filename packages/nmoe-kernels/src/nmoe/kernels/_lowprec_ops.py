@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -667,13 +668,11 @@ def cutlass_unavailable(
         return "it needs a CUDA GPU"
     if torch.cuda.get_device_capability(qa.device) != (9, 0):
         return "it is measured and checked on sm_90 (Hopper) only"
-    if gathered and _quack_gemm.missing():
-        return _quack_gemm.missing()
     if not gathered and getattr(torch, "_scaled_grouped_mm", None) is None:
         return "this torch has no torch._scaled_grouped_mm"
     if b.scale_strides == (0, 0, 0) and _ones_key(b, n) not in _ONES and torch.cuda.is_current_stream_capturing():
         return "its unit column scales are made outside CUDA graph capture (run one step before capturing)"
-    return cutlass_layout_problem(qa, sa, b, n, k, dtype, fast, gathered)
+    return cutlass_layout_problem(qa, sa, b, n, k, dtype, fast, gathered) or (gathered and _quack_gemm.missing()) or ""
 
 
 def cutlass_layout_problem(
@@ -730,10 +729,28 @@ def _gpu_ms(fn, iters: int = 10) -> float:
     return start.elapsed_time(end) / iters
 
 
+_QUACK_SHAPES: set[tuple] = set()  # (N, K, E, rows, device) quack has run outside graph capture (compiled, planned)
+
+
+def _quack_key(qa, b: WeightOperand, n, k, a_idx) -> tuple:
+    return (n, k, b.q.shape[0], a_idx.shape[0], qa.device)
+
+
 def _quack_gemm_into(qa, sa, b: WeightOperand, offsets, n, k, a_idx, out):
     b_kn = torch.as_strided(b.q, (b.q.shape[0], k, n), b.strides)  # [E, K, N] view, K contiguous
     _quack_gemm.gathered_gemm(qa, sa, a_idx, b_kn, _cutlass_scales(b, b.q.shape[0], n), offsets, out)
+    if qa.is_cuda and not torch.cuda.is_current_stream_capturing():
+        _QUACK_SHAPES.add(_quack_key(qa, b, n, k, a_idx))
     return out
+
+
+def _quack_ms(qa, sa, b: WeightOperand, offsets, n, k, a_idx, out) -> float:
+    """GPU ms of quack's kernel on this shape; inf, with a warning, when it fails (the pick then keeps ours)."""
+    try:
+        return _gpu_ms(lambda: _quack_gemm_into(qa, sa, b, offsets, n, k, a_idx, out))
+    except Exception as err:  # an installed quack that cannot run this shape must not stop the layer
+        warnings.warn(f"quack's gathered fp8 GEMM failed at N={n} K={k}, so ours runs it: {err}", stacklevel=2)
+        return float("inf")
 
 
 def _pick_cutlass(qa, sa, b: WeightOperand, offsets, n, k, a_idx=None) -> bool:
@@ -749,7 +766,7 @@ def _pick_cutlass(qa, sa, b: WeightOperand, offsets, n, k, a_idx=None) -> bool:
         if a_idx is None:
             theirs = _gpu_ms(lambda: _cutlass_gemm(qa, sa, b, offsets, n))
         else:
-            theirs = _gpu_ms(lambda: _quack_gemm_into(qa, sa, b, offsets, n, k, a_idx, out))
+            theirs = _quack_ms(qa, sa, b, offsets, n, k, a_idx, out)
         CUTLASS_PICKS[key] = theirs < ours
     return CUTLASS_PICKS[key]
 
@@ -764,6 +781,9 @@ def gemm_rows(qa, sa, b: WeightOperand, offsets, n: int, k: int, dtype, fast: bo
         return torch.empty(0, n, dtype=dtype, device=qa.device)
     if _fp8_gemm_kernel != "triton":
         why = cutlass_unavailable(qa, sa, b, n, k, dtype, fast, gathered)
+        if not why and gathered and qa.is_cuda and torch.cuda.is_current_stream_capturing():
+            if _quack_key(qa, b, n, k, a_idx) not in _QUACK_SHAPES:  # it would compile and plan while capturing
+                why = "its first call at this shape is made outside CUDA graph capture (run one step before capturing)"
         if _fp8_gemm_kernel == "cutlass" and why:
             raise ValueError(f"NMOE_KERNELS_FP8_GEMM=cutlass cannot run this GEMM: {why}; use 'auto' or 'triton'")
         if not why and (_fp8_gemm_kernel == "cutlass" or _pick_cutlass(qa, sa, b, offsets, n, k, a_idx)):

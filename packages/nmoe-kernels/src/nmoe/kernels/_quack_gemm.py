@@ -23,43 +23,27 @@ INSTALL = (
 CONFIG = dict(tile_m=128, tile_n=256, pingpong=False, cluster_m=2, cluster_n=1, is_dynamic_persistent=False)
 
 
-def fast_accumulation_init(init, epilogue_fn):
-    """GemmSm90.__init__ that turns on fp8 fast accumulation (which quack's interface does not expose) for the kernel
-    classes quack mints from epilogue_fn, and leaves every other quack GEMM as it was."""
-    signature = inspect.signature(init)
-
-    @functools.wraps(init)
-    def wrapped(self, *args, **kwargs):
-        if getattr(type(self), "_epi_mod_fn", None) is not epilogue_fn:
-            return init(self, *args, **kwargs)
-        bound = signature.bind(self, *args, **kwargs)
-        bound.arguments["fp8_fast_accum"] = True
-        return init(*bound.args, **bound.kwargs)
-
-    wrapped.nmoe_fast_accumulation_for = epilogue_fn
-    return wrapped
-
-
 @functools.cache
 def load():
-    """(quack's epilogue mod, its GemmConfig), fast accumulation installed; ImportError when quack is missing."""
+    """(quack's epilogue mod, its GemmConfig) with fast accumulation installed (see `_quack_epilogue`); ImportError
+    when quack is missing or is not the version whose GemmSm90 takes fp8_fast_accum."""
     import quack.gemm_sm90 as sm90
     from quack.gemm_config import GemmConfig
 
+    if "fp8_fast_accum" not in inspect.signature(sm90.GemmSm90.__init__).parameters:
+        raise ImportError("this quack's GemmSm90 takes no fp8_fast_accum (nmoe is built against quack-kernels 0.6.5)")
     from nmoe.kernels._quack_epilogue import rowwise_scaled
 
-    if getattr(sm90.GemmSm90.__init__, "nmoe_fast_accumulation_for", None) is not rowwise_scaled.fn:
-        sm90.GemmSm90.__init__ = fast_accumulation_init(sm90.GemmSm90.__init__, rowwise_scaled.fn)
     return rowwise_scaled, GemmConfig(**CONFIG)
 
 
 @functools.cache
 def missing() -> str:
-    """Why quack cannot be imported here ('' when it can)."""
+    """Why quack cannot be used here ('' when it can): not installed, or an install that fails to load."""
     try:
         load()
-    except ImportError as err:
-        return f"quack is not installed ({err}); {INSTALL}"
+    except Exception as err:  # a broken install (DSL, driver, another version) must not stop the layer: say why
+        return f"quack does not load ({type(err).__name__}: {err}); {INSTALL}"
     return ""
 
 
